@@ -1,0 +1,5 @@
+import sys
+
+from oisp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,36 @@
+"""Build the compiled hot paths: every `_native/*.pyx` becomes `oisp._native.<name>`,
+and `_native/divert_cffi_build.py` generates the cffi (ABI mode) divert binding."""
+
+import sys
+from pathlib import Path
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+HERE = Path(__file__).parent
+
+if sys.platform == "win32":
+    COMPILE_ARGS = ["/O2"]
+else:
+    COMPILE_ARGS = ["-O3", "-fno-strict-aliasing"]
+
+extensions = [
+    Extension(
+        f"oisp._native.{pyx.stem}",
+        [str(pyx.relative_to(HERE).as_posix())],
+        include_dirs=[numpy.get_include(), "_native"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=COMPILE_ARGS,
+    )
+    for pyx in sorted((HERE / "_native").glob("*.pyx"))
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+    ),
+    cffi_modules=["_native/divert_cffi_build.py:ffibuilder"],
+)
