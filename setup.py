@@ -1,6 +1,7 @@
 """Build the compiled hot paths: every `_native/*.pyx` becomes `oisp._native.<name>`,
 and `_native/divert_cffi_build.py` generates the cffi (ABI mode) divert binding."""
 
+import runpy
 import sys
 from pathlib import Path
 
@@ -14,6 +15,17 @@ if sys.platform == "win32":
     COMPILE_ARGS = ["/O2"]
 else:
     COMPILE_ARGS = ["-O3", "-fno-strict-aliasing"]
+
+
+def emit_divert_binding() -> None:
+    """Write the out-of-line ABI-mode cffi module into the package tree, so regular
+    and editable installs both carry it (cffi's own setuptools hook skips editable
+    installs in ABI mode)."""
+    ffibuilder = runpy.run_path(str(HERE / "_native" / "divert_cffi_build.py"))["ffibuilder"]
+    ffibuilder.emit_python_code(str(HERE / "oisp" / "_native" / "_divert_cffi.py"))
+
+
+emit_divert_binding()
 
 extensions = [
     Extension(
@@ -32,5 +44,4 @@ setup(
         language_level=3,
         compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
     ),
-    cffi_modules=["_native/divert_cffi_build.py:ffibuilder"],
 )

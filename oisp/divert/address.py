@@ -1,0 +1,87 @@
+"""WINDIVERT_ADDRESS as a numpy dtype, so a batch's addresses are one array.
+
+Layout (80 bytes, WinDivert 2.2 and eBPFDivert alike): Timestamp i64 at 0; a
+u32 of bitfields at 8 (Layer 0–7, Event 8–15, then the flag bits below); the
+layer's union at 16. The union's views overlap, as in C.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import numpy as np
+
+from oisp.divert.constants import ADDRESS_SIZE
+
+SNIFFED = 1 << 16
+OUTBOUND = 1 << 17
+LOOPBACK = 1 << 18
+IMPOSTOR = 1 << 19
+IPV6 = 1 << 20
+IP_CHECKSUM = 1 << 21
+TCP_CHECKSUM = 1 << 22
+UDP_CHECKSUM = 1 << 23
+
+_FIELDS = {
+    "timestamp": ("<i8", 0),
+    "bits": ("<u4", 8),
+    # NETWORK / NETWORK_FORWARD
+    "if_idx": ("<u4", 16),
+    "sub_if_idx": ("<u4", 20),
+    # FLOW / SOCKET
+    "endpoint_id": ("<u8", 16),
+    "parent_endpoint_id": ("<u8", 24),
+    "process_id": ("<u4", 32),
+    "local_addr": (("<u4", 4), 36),
+    "remote_addr": (("<u4", 4), 52),
+    "local_port": ("<u2", 68),
+    "remote_port": ("<u2", 70),
+    "protocol": ("u1", 72),
+    # REFLECT
+    "reflect_timestamp": ("<i8", 16),
+    "reflect_process_id": ("<u4", 24),
+    "reflect_layer": ("<u4", 28),
+    "reflect_flags": ("<u8", 32),
+    "reflect_priority": ("<i2", 40),
+}
+
+ADDRESS_DTYPE = np.dtype({
+    "names": list(_FIELDS),
+    "formats": [fmt for fmt, _ in _FIELDS.values()],
+    "offsets": [off for _, off in _FIELDS.values()],
+    "itemsize": ADDRESS_SIZE,
+})
+
+
+def new_addresses(count: int) -> np.ndarray:
+    """A zeroed array of `count` addresses, ready to pass to recv/send."""
+    return np.zeros(count, dtype=ADDRESS_DTYPE)
+
+
+def layer_of(bits):
+    return bits & 0xFF
+
+
+def event_of(bits):
+    return (bits >> 8) & 0xFF
+
+
+def is_outbound(bits):
+    return (bits & OUTBOUND) != 0
+
+
+def set_flag(addresses: np.ndarray, flag: int, on) -> None:
+    """Set or clear one flag bit on all (or, with a boolean array `on`, some) addresses."""
+    bits = addresses["bits"]
+    on = np.asarray(on, dtype=bool)
+    addresses["bits"] = np.where(on, bits | np.uint32(flag), bits & np.uint32(~flag & 0xFFFFFFFF))
+
+
+def flow_address(words) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A FLOW/SOCKET address: a host-order IPv6 address as u32[4], least significant
+    word first; IPv4 comes IPv4-mapped (::ffff:a.b.c.d) and is returned as IPv4."""
+    value = 0
+    for i, word in enumerate(words):
+        value |= int(word) << (32 * i)
+    address = ipaddress.IPv6Address(value)
+    return address.ipv4_mapped or address

@@ -1,0 +1,297 @@
+"""The divert backends behind one interface.
+
+`Backend` is the only place that knows the two libraries differ: function
+names, error reporting (GetLastError vs negative errno), timeouts (overlapped
+I/O vs a timeout argument), and — the trap — the unit of the batch
+address-length argument: WinDivertRecvEx/SendEx take BYTES (N × 80),
+ebpfdivert_recv_ex/send_ex take a COUNT of addresses. Callers always pass and
+get counts.
+
+Buffers may be cffi pointers (the engine precomputes them for its ring) or any
+Python buffer (bytearray, memoryview, numpy array).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import functools
+import os
+
+from oisp._native._divert_cffi import ffi
+from oisp.divert import errors
+from oisp.divert.constants import ADDRESS_SIZE, MAX_BATCH, Layer, Shutdown
+from oisp.divert.library import WINDOWS, LibraryLocation, load, locate
+
+# Kernel-side counters of eBPFDivert (ebpfdivert_shared.h STAT_*), in order.
+EBPF_STAT_NAMES = ("diverted", "dropped", "sniffed", "parsing_errors", "ringbuf_full", "queue_full", "too_big")
+
+INFINITE = -1
+
+
+def as_pointer(buf, ctype: str = "char[]"):
+    """A cffi pointer to `buf`, which may already be one."""
+    if isinstance(buf, ffi.CData):
+        return buf
+    return ffi.from_buffer(ctype, buf, require_writable=False)
+
+
+class Backend:
+    """One loaded divert library. Use `get_backend()`."""
+
+    name = "abstract"
+
+    def __init__(self, location: LibraryLocation):
+        self.location = location
+        self.lib = load(str(location.path))
+
+    # -- to implement -------------------------------------------------------------
+    def version(self) -> str: ...
+    def open(self, filter: str, layer: int, priority: int, flags: int): ...
+    def recv_ex(self, handle, buf, buf_len: int, addrs, max_addrs: int, timeout_ms: int = INFINITE) -> tuple[int, int]: ...
+    def send_ex(self, handle, buf, buf_len: int, addrs, count: int) -> int: ...
+    def shutdown(self, handle, how: int = Shutdown.BOTH) -> None: ...
+    def close(self, handle) -> None: ...
+    def set_param(self, handle, param: int, value: int) -> None: ...
+    def get_param(self, handle, param: int) -> int: ...
+    def compile_filter(self, filter: str, layer: int = Layer.NETWORK) -> tuple[bool, int, str]: ...
+    def format_filter(self, filter: str, layer: int = Layer.NETWORK) -> str: ...
+    def eval_filter(self, filter: str, packet, length: int, addr) -> bool: ...
+    def calc_checksums(self, packet, length: int, addr, flags: int = 0) -> bool: ...
+    def hash_packet(self, packet, length: int, seed: int = 0) -> int: ...
+
+    # -- shared -------------------------------------------------------------------
+    def recv(self, handle, buf, buf_len: int, addr, timeout_ms: int = INFINITE) -> int:
+        """One packet; a batch of one through recv_ex keeps a single code path."""
+        nbytes, _ = self.recv_ex(handle, buf, buf_len, addr, 1, timeout_ms)
+        return nbytes
+
+    def send(self, handle, buf, buf_len: int, addr) -> int:
+        return self.send_ex(handle, buf, buf_len, addr, 1)
+
+    def event_fd(self, handle) -> int | None:
+        """A pollable fd that is readable while packets wait (Linux only)."""
+        return None
+
+    def handle_stats(self, handle) -> dict[str, int]:
+        """Kernel-side counters, where the backend has them."""
+        return {}
+
+    @staticmethod
+    def _check_batch(count: int) -> None:
+        if not 1 <= count <= MAX_BATCH:
+            raise ValueError(f"a batch holds 1..{MAX_BATCH} addresses, not {count}")
+
+
+class EBPFDivertBackend(Backend):
+    name = "ebpfdivert"
+
+    def version(self) -> str:
+        return ffi.string(self.lib.ebpfdivert_version()).decode()
+
+    def _fail(self, ret: int, action: str, **kw) -> errors.DivertError:
+        reason = ffi.string(self.lib.ebpfdivert_strerror(ret)).decode(errors="replace")
+        return errors.from_errno(-ret, action, reason=reason, **kw)
+
+    def open(self, filter: str, layer: int, priority: int, flags: int):
+        ffi.errno = 0
+        handle = self.lib.ebpfdivert_open(filter.encode(), int(layer), int(priority), int(flags), ffi.NULL)
+        if handle == ffi.NULL:
+            err = ffi.errno or _errno.EIO
+            raise errors.from_errno(err, "cannot open divert handle", filter=filter, layer=int(layer))
+        return handle
+
+    def recv_ex(self, handle, buf, buf_len, addrs, max_addrs, timeout_ms=INFINITE):
+        self._check_batch(max_addrs)
+        recv_len = ffi.new("uint32_t *")
+        addr_count = ffi.new("uint32_t *", max_addrs)  # a COUNT, reset on every call
+        ret = self.lib.ebpfdivert_recv_ex(handle, as_pointer(buf), buf_len, recv_len,
+                                          as_pointer(addrs, "WINDIVERT_ADDRESS[]"), addr_count, timeout_ms)
+        if ret < 0:
+            raise self._fail(ret, "receive")
+        return recv_len[0], addr_count[0]
+
+    def send_ex(self, handle, buf, buf_len, addrs, count):
+        self._check_batch(count)
+        send_len = ffi.new("uint32_t *")
+        ret = self.lib.ebpfdivert_send_ex(handle, as_pointer(buf), buf_len, send_len,
+                                          as_pointer(addrs, "WINDIVERT_ADDRESS[]"), count)
+        if ret < 0:
+            raise self._fail(ret, "inject")
+        return send_len[0]
+
+    def shutdown(self, handle, how=Shutdown.BOTH):
+        ret = self.lib.ebpfdivert_shutdown(handle, int(how))
+        if ret < 0:
+            raise self._fail(ret, "shutdown")
+
+    def close(self, handle):
+        ret = self.lib.ebpfdivert_close(handle)
+        if ret < 0:
+            raise self._fail(ret, "close")
+
+    def set_param(self, handle, param, value):
+        ret = self.lib.ebpfdivert_set_param(handle, int(param), int(value))
+        if ret < 0:
+            raise self._fail(ret, f"set parameter {param}")
+
+    def get_param(self, handle, param):
+        value = ffi.new("uint64_t *")
+        ret = self.lib.ebpfdivert_get_param(handle, int(param), value)
+        if ret < 0:
+            raise self._fail(ret, f"get parameter {param}")
+        return value[0]
+
+    def compile_filter(self, filter, layer=Layer.NETWORK):
+        message = ffi.new("const char **")
+        position = ffi.new("uint32_t *")
+        ret = self.lib.ebpfdivert_helper_compile_filter(filter.encode(), int(layer), message, position)
+        if ret >= 0:
+            return True, 0, ""
+        reason = ffi.string(message[0]).decode() if message[0] != ffi.NULL else os.strerror(-ret)
+        return False, position[0], reason
+
+    def format_filter(self, filter, layer=Layer.NETWORK):
+        out = ffi.new("char[]", 4 * len(filter) + 256)
+        ret = self.lib.ebpfdivert_helper_format_filter(filter.encode(), int(layer), out, len(out))
+        if ret < 0:
+            raise self._fail(ret, "format filter", filter=filter, layer=int(layer))
+        return ffi.string(out).decode()
+
+    def eval_filter(self, filter, packet, length, addr):
+        ret = self.lib.ebpfdivert_helper_eval_filter(filter.encode(), as_pointer(packet), length,
+                                                     as_pointer(addr, "WINDIVERT_ADDRESS[]"))
+        if ret < 0:
+            raise self._fail(ret, "evaluate filter", filter=filter)
+        return ret > 0
+
+    def calc_checksums(self, packet, length, addr, flags=0):
+        address = ffi.NULL if addr is None else as_pointer(addr, "WINDIVERT_ADDRESS[]")
+        return self.lib.ebpfdivert_helper_calc_checksums(as_pointer(packet), length, address, flags) >= 0
+
+    def hash_packet(self, packet, length, seed=0):
+        return self.lib.ebpfdivert_helper_hash_packet(as_pointer(packet), length, seed)
+
+    def event_fd(self, handle):
+        fd = self.lib.ebpfdivert_get_event_fd(handle)
+        return fd if fd >= 0 else None
+
+    def handle_stats(self, handle):
+        values = ffi.new("uint64_t[]", len(EBPF_STAT_NAMES))
+        n = self.lib.ebpfdivert_get_handle_stats(handle, values, len(EBPF_STAT_NAMES))
+        return {EBPF_STAT_NAMES[i]: values[i] for i in range(max(0, n))}
+
+
+class WinDivertBackend(Backend):
+    """WinDivert 2.2: BOOL returns with GetLastError, lengths in bytes."""
+
+    name = "windivert"
+    ERROR_IO_PENDING = 997
+    WAIT_TIMEOUT = 0x102
+
+    def __init__(self, location):
+        super().__init__(location)
+        self.kernel32 = ffi.dlopen("kernel32.dll")
+
+    def version(self) -> str:
+        return "2.2"  # WinDivert reports its version only through an open handle (Param 3/4)
+
+    def _fail(self, action: str, **kw) -> errors.DivertError:
+        code, _ = ffi.getwinerror()
+        return errors.from_winerror(code, action, **kw)
+
+    def open(self, filter, layer, priority, flags):
+        handle = self.lib.WinDivertOpen(filter.encode(), int(layer), int(priority), int(flags))
+        if handle == ffi.NULL or int(ffi.cast("intptr_t", handle)) == -1:
+            raise self._fail("cannot open divert handle", filter=filter, layer=int(layer))
+        return handle
+
+    def recv_ex(self, handle, buf, buf_len, addrs, max_addrs, timeout_ms=INFINITE):
+        self._check_batch(max_addrs)
+        recv_len = ffi.new("unsigned int *")
+        addr_len = ffi.new("unsigned int *", max_addrs * ADDRESS_SIZE)  # BYTES, reset on every call
+        args = (handle, as_pointer(buf), buf_len, recv_len, 0, as_pointer(addrs, "WINDIVERT_ADDRESS[]"), addr_len)
+        if timeout_ms < 0:
+            if not self.lib.WinDivertRecvEx(*args, ffi.NULL):
+                raise self._fail("receive")
+            return recv_len[0], addr_len[0] // ADDRESS_SIZE
+        return self._recv_overlapped(args, timeout_ms, addr_len)
+
+    def _recv_overlapped(self, args, timeout_ms, addr_len):
+        k32 = self.kernel32
+        overlapped = ffi.new("OVERLAPPED *")
+        overlapped.hEvent = k32.CreateEventW(ffi.NULL, 1, 0, ffi.NULL)
+        try:
+            if not self.lib.WinDivertRecvEx(*args, overlapped):
+                code, _ = ffi.getwinerror()
+                if code != self.ERROR_IO_PENDING:
+                    raise errors.from_winerror(code, "receive")
+                if k32.WaitForSingleObject(overlapped.hEvent, timeout_ms) == self.WAIT_TIMEOUT:
+                    k32.CancelIoEx(args[0], overlapped)
+                    k32.GetOverlappedResult(args[0], overlapped, ffi.new("uint32_t *"), 1)
+                    raise errors.DivertTimeoutError("receive: timed out")
+                done = ffi.new("uint32_t *")
+                if not k32.GetOverlappedResult(args[0], overlapped, done, 1):
+                    raise self._fail("receive")
+                return done[0], addr_len[0] // ADDRESS_SIZE
+            return args[3][0], addr_len[0] // ADDRESS_SIZE
+        finally:
+            k32.CloseHandle(overlapped.hEvent)
+
+    def send_ex(self, handle, buf, buf_len, addrs, count):
+        self._check_batch(count)
+        send_len = ffi.new("unsigned int *")
+        ok = self.lib.WinDivertSendEx(handle, as_pointer(buf), buf_len, send_len, 0,
+                                      as_pointer(addrs, "WINDIVERT_ADDRESS[]"), count * ADDRESS_SIZE, ffi.NULL)
+        if not ok:
+            raise self._fail("inject")
+        return send_len[0]
+
+    def shutdown(self, handle, how=Shutdown.BOTH):
+        if not self.lib.WinDivertShutdown(handle, int(how)):
+            raise self._fail("shutdown")
+
+    def close(self, handle):
+        if not self.lib.WinDivertClose(handle):
+            raise self._fail("close")
+
+    def set_param(self, handle, param, value):
+        if not self.lib.WinDivertSetParam(handle, int(param), int(value)):
+            raise self._fail(f"set parameter {param}")
+
+    def get_param(self, handle, param):
+        value = ffi.new("uint64_t *")
+        if not self.lib.WinDivertGetParam(handle, int(param), value):
+            raise self._fail(f"get parameter {param}")
+        return value[0]
+
+    def compile_filter(self, filter, layer=Layer.NETWORK):
+        message = ffi.new("const char **")
+        position = ffi.new("unsigned int *")
+        if self.lib.WinDivertHelperCompileFilter(filter.encode(), int(layer), ffi.NULL, 0, message, position):
+            return True, 0, ""
+        reason = ffi.string(message[0]).decode() if message[0] != ffi.NULL else "invalid filter"
+        return False, position[0], reason
+
+    def format_filter(self, filter, layer=Layer.NETWORK):
+        out = ffi.new("char[]", 4 * len(filter) + 256)
+        if not self.lib.WinDivertHelperFormatFilter(filter.encode(), int(layer), out, len(out)):
+            raise self._fail("format filter", filter=filter, layer=int(layer))
+        return ffi.string(out).decode()
+
+    def eval_filter(self, filter, packet, length, addr):
+        return bool(self.lib.WinDivertHelperEvalFilter(filter.encode(), as_pointer(packet), length,
+                                                        as_pointer(addr, "WINDIVERT_ADDRESS[]")))
+
+    def calc_checksums(self, packet, length, addr, flags=0):
+        address = ffi.NULL if addr is None else as_pointer(addr, "WINDIVERT_ADDRESS[]")
+        return bool(self.lib.WinDivertHelperCalcChecksums(as_pointer(packet), length, address, flags))
+
+    def hash_packet(self, packet, length, seed=0):
+        return self.lib.WinDivertHelperHashPacket(as_pointer(packet), length, seed)
+
+
+@functools.lru_cache(maxsize=1)
+def get_backend() -> Backend:
+    """The backend for this platform, loaded from the installed pydivert."""
+    location = locate()
+    return (WinDivertBackend if WINDOWS else EBPFDivertBackend)(location)
