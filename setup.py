@@ -2,6 +2,7 @@
 and `_native/divert_cffi_build.py` generates the cffi (ABI mode) divert binding."""
 
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,7 +26,13 @@ def emit_divert_binding() -> None:
     ffibuilder.emit_python_code(str(HERE / "oisp" / "_native" / "_divert_cffi.py"))
 
 
+def copy_pinned_backends() -> None:
+    """Ship deps/backends.json (the one list of backend hashes) inside the package."""
+    shutil.copyfile(HERE / "deps" / "backends.json", HERE / "oisp" / "divert" / "pinned_backends.json")
+
+
 emit_divert_binding()
+copy_pinned_backends()
 
 extensions = [
     Extension(
