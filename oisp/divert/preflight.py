@@ -94,8 +94,8 @@ def check_privileges() -> list[Problem]:
         problems.append(Problem(
             "privileges",
             f"{who} {', '.join(missing)}",
-            f"run as root (sudo {Path(sys.argv[0]).name or 'oisp'} …), or grant the capabilities: "
-            f"sudo setcap cap_net_admin,cap_bpf,cap_perfmon,cap_net_raw+ep {exe}",
+            "run as root (sudo oisp …), or grant the capabilities to the interpreter that runs oisp "
+            f"(every script it runs gets them): sudo setcap cap_net_admin,cap_bpf,cap_perfmon,cap_net_raw+ep {exe}",
         ))
     if not btf_available():
         problems.append(Problem(

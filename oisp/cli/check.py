@@ -1,0 +1,148 @@
+"""`oisp check`: what backend is here, which versions, which privileges, what is missing."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+
+from oisp import __version__
+
+LIBRARIES = ["pydivert", "numpy", "cffi", "cryptography", "psutil"]
+COMPILED = ["oisp._native.packet_core", "oisp._native._divert_cffi"]
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("check", help="show the backend, versions, privileges and what is missing")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.set_defaults(func=run)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def gather() -> dict:
+    """Everything `oisp check` reports, as data."""
+    from oisp.divert import preflight
+
+    report: dict = {
+        "oisp": __version__,
+        "python": platform.python_version(),
+        "platform": f"{sys.platform} {platform.machine()} {platform.release()}",
+        "libraries": {name: _version(name) for name in LIBRARIES},
+        "compiled": {},
+        "backend": {},
+        "privileges": {},
+        "missing": [],
+        "notes": [],
+    }
+    for module in COMPILED:
+        try:
+            importlib.import_module(module)
+            report["compiled"][module] = "ok"
+        except ImportError as exc:
+            report["compiled"][module] = f"missing ({exc})"
+            report["missing"].append({"what": module, "message": f"compiled module {module} is missing",
+                                      "fix": "reinstall oisp: pip install --force-reinstall oisp"})
+    _check_backend(report)
+    if sys.platform == "win32":
+        report["privileges"]["administrator"] = not preflight.check_privileges()
+    else:
+        report["privileges"]["euid"] = os.geteuid()
+        report["privileges"]["capabilities"] = preflight.held_capabilities()
+        report["privileges"]["btf"] = preflight.btf_available()
+        report["privileges"]["cgroup2"] = preflight.cgroup2_mounted()
+    for problem in preflight.check_privileges():
+        report["missing"].append(vars(problem))
+    for problem in preflight.check_layer(2):
+        report["notes"].append(vars(problem))
+    if not report["missing"]:
+        _try_open(report)
+    report["ready"] = not report["missing"]
+    return report
+
+
+def _check_backend(report: dict) -> None:
+    from oisp.divert import pinned
+    from oisp.divert.errors import DivertError
+
+    backend = report["backend"]
+    backend["name"] = pinned.backend_name()
+    try:
+        from oisp.divert.backend import get_backend
+
+        loaded = get_backend()
+        backend["library"] = str(loaded.location.path)
+        backend["version"] = loaded.version()
+    except (DivertError, OSError) as exc:
+        report["missing"].append({"what": "backend", "message": str(exc), "fix": getattr(exc, "hint", "")})
+        return
+    try:
+        expected_version, files = pinned.check_installed()
+    except LookupError as exc:
+        report["notes"].append({"what": "untested platform", "message": str(exc), "fix": ""})
+        return
+    backend["tested_version"] = expected_version
+    backend["files"] = {str(f.path): "ok" if f.ok else f"sha256 {f.actual or 'missing'} != tested {f.expected}"
+                        for f in files}
+    if not all(f.ok for f in files):
+        report["missing"].append({
+            "what": "tested backend",
+            "message": "the installed pydivert does not carry the backend files this oisp release was tested with",
+            "fix": "pip install --force-reinstall 'pydivert==4.0.1'",
+        })
+
+
+def _try_open(report: dict) -> None:
+    """With the privileges in place, prove a handle really opens (it matches nothing)."""
+    from oisp.divert import DivertError, Handle
+
+    try:
+        Handle("false").close()
+        report["backend"]["open"] = "ok"
+    except DivertError as exc:
+        report["backend"]["open"] = "failed"
+        report["missing"].append({"what": "open", "message": exc.message, "fix": exc.hint})
+
+
+def _print_text(report: dict) -> None:
+    ok = lambda flag: "ok" if flag else "MISSING"  # noqa: E731
+    print(f"oisp {report['oisp']}  Python {report['python']}  {report['platform']}")
+    backend = report["backend"]
+    print(f"backend      {backend.get('name')} {backend.get('version', '?')} (tested: {backend.get('tested_version', '?')})")
+    if "library" in backend:
+        print(f"  library    {backend['library']}")
+    for path, state in backend.get("files", {}).items():
+        print(f"  sha256     {state}  {os.path.basename(path)}")
+    if "open" in backend:
+        print(f"  open       {backend['open']}")
+    print("libraries    " + "  ".join(f"{k} {v or 'MISSING'}" for k, v in report["libraries"].items()))
+    print("compiled     " + "  ".join(f"{k.rsplit('.', 1)[1]} {v}" for k, v in report["compiled"].items()))
+    privileges = report["privileges"]
+    if "euid" in privileges:
+        caps = ", ".join(privileges["capabilities"]) or "none"
+        print(f"privileges   euid {privileges['euid']}; capabilities: {caps}")
+        print(f"kernel       BTF {ok(privileges['btf'])}; cgroup2 at /sys/fs/cgroup {ok(privileges['cgroup2'])}")
+    else:
+        print(f"privileges   Administrator {ok(privileges['administrator'])}")
+    for problem in report["missing"]:
+        print(f"MISSING      {problem['message']}\n  fix:       {problem['fix']}")
+    for note in report["notes"]:
+        print(f"note         {note['message']}\n  fix:       {note['fix']}")
+    print("ready" if report["ready"] else "NOT READY: fix what is MISSING above")
+
+
+def run(args) -> int:
+    report = gather()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_text(report)
+    return 0 if report["ready"] else 1
