@@ -16,7 +16,12 @@ REQUIRE_PRIVILEGED = os.environ.get("OISP_REQUIRE_PRIVILEGED") == "1"
 
 
 def _privilege_problem() -> str | None:
+    import sys
+
     from oisp.divert.preflight import check_privileges
+
+    if not sys.platform.startswith("linux"):
+        return "these tests build Linux network namespaces (ip netns)"
 
     problems = check_privileges()
     return "; ".join(p.message for p in problems) if problems else None
@@ -42,3 +47,27 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped under OISP_REQUIRE_PRIVILEGED=1, which counts as a failure: {reason}"
+
+
+@pytest.fixture
+def netns():
+    """One fresh network namespace with loopback up."""
+    from tests.netns import NetNS
+
+    ns = NetNS.create()
+    try:
+        yield ns
+    finally:
+        ns.delete()
+
+
+@pytest.fixture
+def veth_pair():
+    """Two fresh namespaces joined by a veth pair (IPv4 and IPv6)."""
+    from tests.netns import VethPair
+
+    pair = VethPair.create()
+    try:
+        yield pair
+    finally:
+        pair.delete()

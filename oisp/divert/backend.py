@@ -160,6 +160,9 @@ class EBPFDivertBackend(Backend):
     def eval_filter(self, filter, packet, length, addr):
         ret = self.lib.ebpfdivert_helper_eval_filter(filter.encode(), as_pointer(packet), length,
                                                      as_pointer(addr, "WINDIVERT_ADDRESS[]"))
+        if ret == -_errno.EINVAL:
+            raise ValueError("the backend cannot evaluate this packet: it does not parse, or the "
+                             "address's IPv6 bit disagrees with the IP version")
         if ret < 0:
             raise self._fail(ret, "evaluate filter", filter=filter)
         return ret > 0
