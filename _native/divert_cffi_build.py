@@ -92,20 +92,6 @@ int WinDivertHelperEvalFilter(const char *filter, const void *pPacket, unsigned 
                               const WINDIVERT_ADDRESS *pAddr);
 int WinDivertHelperFormatFilter(const char *filter, int layer, char *buffer, unsigned int bufLen);
 
-/* kernel32, for overlapped (timed) receives on Windows */
-typedef struct {
-    uintptr_t Internal;
-    uintptr_t InternalHigh;
-    uint32_t Offset;
-    uint32_t OffsetHigh;
-    void *hEvent;
-} OVERLAPPED;
-void *CreateEventW(void *attributes, int manualReset, int initialState, const wchar_t *name);
-uint32_t WaitForSingleObject(void *handle, uint32_t milliseconds);
-int GetOverlappedResult(void *handle, OVERLAPPED *overlapped, uint32_t *transferred, int wait);
-int CancelIoEx(void *handle, OVERLAPPED *overlapped);
-int CloseHandle(void *handle);
-
 /* ---- eBPFDivert 0.0.5 (Linux): the same API, negative errno returns ---- */
 struct ebpfdivert_open_opts {
     size_t sz;

@@ -1,14 +1,14 @@
 """The divert backends behind one interface.
 
-`Backend` is the only place that knows the two libraries differ: function
-names, error reporting (GetLastError vs negative errno), timeouts (overlapped
-I/O vs a timeout argument), and — the trap — the unit of the batch
-address-length argument: WinDivertRecvEx/SendEx take BYTES (N × 80),
-ebpfdivert_recv_ex/send_ex take a COUNT of addresses. Callers always pass and
-get counts.
+`Backend` hides how the two libraries differ: function names and error
+reporting (GetLastError vs negative errno). Batched receive and inject go
+through `_native/divert_calls.h` (via oisp._native.ring), the one place that
+knows the batch address-length argument is BYTES for WinDivertRecvEx/SendEx
+(N × 80) and a COUNT for ebpfdivert_recv_ex/send_ex, and that does timed
+receives (overlapped I/O on Windows). Callers always pass and get counts.
 
-Buffers may be cffi pointers (the engine precomputes them for its ring) or any
-Python buffer (bytearray, memoryview, numpy array).
+Packet and address buffers are any contiguous Python buffer (bytearray,
+memoryview, numpy array).
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ import errno as _errno
 import functools
 import os
 
+import numpy as np
+
+from oisp._native import ring
 from oisp._native._divert_cffi import ffi
 from oisp.divert import errors
-from oisp.divert.constants import ADDRESS_SIZE, MAX_BATCH, Layer, Shutdown
+from oisp.divert.constants import MAX_BATCH, Layer, Shutdown
 from oisp.divert.library import WINDOWS, LibraryLocation, load, locate
 
 # Kernel-side counters of eBPFDivert (ebpfdivert_shared.h STAT_*), in order.
@@ -35,6 +38,18 @@ def as_pointer(buf, ctype: str = "char[]"):
     return ffi.from_buffer(ctype, buf, require_writable=False)
 
 
+def address_of(cdata) -> int:
+    """A function or handle pointer as an integer, for the compiled ring."""
+    return int(ffi.cast("uintptr_t", cdata))
+
+
+def as_bytes(buf) -> memoryview:
+    """A flat byte view of a packet buffer or an ADDRESS_DTYPE array."""
+    if isinstance(buf, np.ndarray):
+        return memoryview(buf.reshape(-1).view(np.uint8))
+    return memoryview(buf).cast("B")
+
+
 class Backend:
     """One loaded divert library. Use `get_backend()`."""
 
@@ -44,11 +59,14 @@ class Backend:
         self.location = location
         self.lib = load(str(location.path))
 
+    kind: int  # OISP_KIND_* in divert_calls.h
+    recv_ex_fn: int  # address of the batched receive function
+    send_ex_fn: int
+
     # -- to implement -------------------------------------------------------------
     def version(self) -> str: ...
     def open(self, filter: str, layer: int, priority: int, flags: int): ...
-    def recv_ex(self, handle, buf, buf_len: int, addrs, max_addrs: int, timeout_ms: int = INFINITE) -> tuple[int, int]: ...
-    def send_ex(self, handle, buf, buf_len: int, addrs, count: int) -> int: ...
+    def error(self, code: int, action: str) -> errors.DivertError: ...
     def shutdown(self, handle, how: int = Shutdown.BOTH) -> None: ...
     def close(self, handle) -> None: ...
     def set_param(self, handle, param: int, value: int) -> None: ...
@@ -60,6 +78,27 @@ class Backend:
     def hash_packet(self, packet, length: int, seed: int = 0) -> int: ...
 
     # -- shared -------------------------------------------------------------------
+    def recv_ex(self, handle, buf, buf_len: int, addrs, max_addrs: int, timeout_ms: int = INFINITE) -> tuple[int, int]:
+        """Receive up to `max_addrs` packets into the first `buf_len` bytes of `buf`: (bytes, count)."""
+        self._check_batch(max_addrs)
+        data = as_bytes(buf)[:buf_len]
+        err, nbytes, count = ring.recv_batch(self.kind, self.recv_ex_fn, address_of(handle), data,
+                                             as_bytes(addrs), max_addrs, timeout_ms)
+        if err == ring.TIMEOUT:
+            raise errors.DivertTimeoutError("receive: timed out")
+        if err:
+            raise self.error(err, "receive")
+        return nbytes, count
+
+    def send_ex(self, handle, buf, buf_len: int, addrs, count: int) -> int:
+        """Inject `count` packets packed in the first `buf_len` bytes of `buf`: bytes sent."""
+        self._check_batch(count)
+        err, sent = ring.send_batch(self.kind, self.send_ex_fn, address_of(handle), as_bytes(buf), buf_len,
+                                    as_bytes(addrs), count)
+        if err:
+            raise self.error(err, "inject")
+        return sent
+
     def recv(self, handle, buf, buf_len: int, addr, timeout_ms: int = INFINITE) -> int:
         """One packet; a batch of one through recv_ex keeps a single code path."""
         nbytes, _ = self.recv_ex(handle, buf, buf_len, addr, 1, timeout_ms)
@@ -84,6 +123,12 @@ class Backend:
 
 class EBPFDivertBackend(Backend):
     name = "ebpfdivert"
+    kind = 0
+
+    def __init__(self, location):
+        super().__init__(location)
+        self.recv_ex_fn = address_of(self.lib.ebpfdivert_recv_ex)
+        self.send_ex_fn = address_of(self.lib.ebpfdivert_send_ex)
 
     def version(self) -> str:
         return ffi.string(self.lib.ebpfdivert_version()).decode()
@@ -92,6 +137,9 @@ class EBPFDivertBackend(Backend):
         reason = ffi.string(self.lib.ebpfdivert_strerror(ret)).decode(errors="replace")
         return errors.from_errno(-ret, action, reason=reason, **kw)
 
+    def error(self, code, action):
+        return self._fail(-abs(code), action)
+
     def open(self, filter: str, layer: int, priority: int, flags: int):
         ffi.errno = 0
         handle = self.lib.ebpfdivert_open(filter.encode(), int(layer), int(priority), int(flags), ffi.NULL)
@@ -99,25 +147,6 @@ class EBPFDivertBackend(Backend):
             err = ffi.errno or _errno.EIO
             raise errors.from_errno(err, "cannot open divert handle", filter=filter, layer=int(layer))
         return handle
-
-    def recv_ex(self, handle, buf, buf_len, addrs, max_addrs, timeout_ms=INFINITE):
-        self._check_batch(max_addrs)
-        recv_len = ffi.new("uint32_t *")
-        addr_count = ffi.new("uint32_t *", max_addrs)  # a COUNT, reset on every call
-        ret = self.lib.ebpfdivert_recv_ex(handle, as_pointer(buf), buf_len, recv_len,
-                                          as_pointer(addrs, "WINDIVERT_ADDRESS[]"), addr_count, timeout_ms)
-        if ret < 0:
-            raise self._fail(ret, "receive")
-        return recv_len[0], addr_count[0]
-
-    def send_ex(self, handle, buf, buf_len, addrs, count):
-        self._check_batch(count)
-        send_len = ffi.new("uint32_t *")
-        ret = self.lib.ebpfdivert_send_ex(handle, as_pointer(buf), buf_len, send_len,
-                                          as_pointer(addrs, "WINDIVERT_ADDRESS[]"), count)
-        if ret < 0:
-            raise self._fail(ret, "inject")
-        return send_len[0]
 
     def shutdown(self, handle, how=Shutdown.BOTH):
         ret = self.lib.ebpfdivert_shutdown(handle, int(how))
@@ -188,12 +217,12 @@ class WinDivertBackend(Backend):
     """WinDivert 2.2: BOOL returns with GetLastError, lengths in bytes."""
 
     name = "windivert"
-    ERROR_IO_PENDING = 997
-    WAIT_TIMEOUT = 0x102
+    kind = 1
 
     def __init__(self, location):
         super().__init__(location)
-        self.kernel32 = ffi.dlopen("kernel32.dll")
+        self.recv_ex_fn = address_of(self.lib.WinDivertRecvEx)
+        self.send_ex_fn = address_of(self.lib.WinDivertSendEx)
 
     def version(self) -> str:
         return "2.2"  # WinDivert reports its version only through an open handle (Param 3/4)
@@ -202,52 +231,14 @@ class WinDivertBackend(Backend):
         code, _ = ffi.getwinerror()
         return errors.from_winerror(code, action, **kw)
 
+    def error(self, code, action):
+        return errors.from_winerror(code, action)
+
     def open(self, filter, layer, priority, flags):
         handle = self.lib.WinDivertOpen(filter.encode(), int(layer), int(priority), int(flags))
         if handle == ffi.NULL or int(ffi.cast("intptr_t", handle)) == -1:
             raise self._fail("cannot open divert handle", filter=filter, layer=int(layer))
         return handle
-
-    def recv_ex(self, handle, buf, buf_len, addrs, max_addrs, timeout_ms=INFINITE):
-        self._check_batch(max_addrs)
-        recv_len = ffi.new("unsigned int *")
-        addr_len = ffi.new("unsigned int *", max_addrs * ADDRESS_SIZE)  # BYTES, reset on every call
-        args = (handle, as_pointer(buf), buf_len, recv_len, 0, as_pointer(addrs, "WINDIVERT_ADDRESS[]"), addr_len)
-        if timeout_ms < 0:
-            if not self.lib.WinDivertRecvEx(*args, ffi.NULL):
-                raise self._fail("receive")
-            return recv_len[0], addr_len[0] // ADDRESS_SIZE
-        return self._recv_overlapped(args, timeout_ms, addr_len)
-
-    def _recv_overlapped(self, args, timeout_ms, addr_len):
-        k32 = self.kernel32
-        overlapped = ffi.new("OVERLAPPED *")
-        overlapped.hEvent = k32.CreateEventW(ffi.NULL, 1, 0, ffi.NULL)
-        try:
-            if not self.lib.WinDivertRecvEx(*args, overlapped):
-                code, _ = ffi.getwinerror()
-                if code != self.ERROR_IO_PENDING:
-                    raise errors.from_winerror(code, "receive")
-                if k32.WaitForSingleObject(overlapped.hEvent, timeout_ms) == self.WAIT_TIMEOUT:
-                    k32.CancelIoEx(args[0], overlapped)
-                    k32.GetOverlappedResult(args[0], overlapped, ffi.new("uint32_t *"), 1)
-                    raise errors.DivertTimeoutError("receive: timed out")
-                done = ffi.new("uint32_t *")
-                if not k32.GetOverlappedResult(args[0], overlapped, done, 1):
-                    raise self._fail("receive")
-                return done[0], addr_len[0] // ADDRESS_SIZE
-            return args[3][0], addr_len[0] // ADDRESS_SIZE
-        finally:
-            k32.CloseHandle(overlapped.hEvent)
-
-    def send_ex(self, handle, buf, buf_len, addrs, count):
-        self._check_batch(count)
-        send_len = ffi.new("unsigned int *")
-        ok = self.lib.WinDivertSendEx(handle, as_pointer(buf), buf_len, send_len, 0,
-                                      as_pointer(addrs, "WINDIVERT_ADDRESS[]"), count * ADDRESS_SIZE, ffi.NULL)
-        if not ok:
-            raise self._fail("inject")
-        return send_len[0]
 
     def shutdown(self, handle, how=Shutdown.BOTH):
         if not self.lib.WinDivertShutdown(handle, int(how)):

@@ -1,0 +1,391 @@
+# cython: language_level=3
+"""The receive ring: a thread that receives batches from a divert handle into
+preallocated slots without holding the GIL, and hands them to one consumer.
+
+Slots cycle FREE -> (receiver fills) -> READY -> (consumer takes) -> HELD ->
+(consumer commits or releases) -> FREE. The receiver runs entirely in C
+(`run()` drops the GIL for its whole life); Python only touches a slot while
+the consumer holds it. One mutex + condition variable guard the two queues.
+
+When no slot is free the policy decides: BLOCK waits (the kernel queue absorbs
+the burst, then the kernel drops), DROP receives into a scratch slot and
+counts what it throws away.
+"""
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.string cimport memmove
+
+import numpy as np
+
+cdef extern from "divert_calls.h" nogil:
+    int OISP_DIVERT_TIMEOUT
+    int OISP_ADDRESS_SIZE
+    int oisp_divert_recv(int kind, void *fn, void *handle, void *buf, uint32_t buf_len,
+                         void *addrs, uint32_t max_addrs, int timeout_ms,
+                         uint32_t *out_bytes, uint32_t *out_count)
+    int oisp_divert_send(int kind, void *fn, void *handle, const void *buf, uint32_t buf_len,
+                         const void *addrs, uint32_t count, uint32_t *out_bytes)
+
+cdef extern from "ring_sync.h" nogil:
+    ctypedef struct oisp_sync:
+        pass
+    void oisp_sync_init(oisp_sync *s)
+    void oisp_sync_destroy(oisp_sync *s)
+    void oisp_lock(oisp_sync *s)
+    void oisp_unlock(oisp_sync *s)
+    void oisp_broadcast(oisp_sync *s)
+    void oisp_wait(oisp_sync *s, int ms)
+
+cdef enum:
+    C_POLICY_BLOCK = 0
+    C_POLICY_DROP = 1
+    C_VERDICT_PASS = 0
+    C_VERDICT_DROP = 1
+    C_VERDICT_MODIFIED = 2
+    # How long one blocking receive may wait before the loop looks at its stop flag.
+    POLL_MS = 100
+
+POLICY_BLOCK = C_POLICY_BLOCK
+POLICY_DROP = C_POLICY_DROP
+VERDICT_PASS = C_VERDICT_PASS
+VERDICT_DROP = C_VERDICT_DROP
+VERDICT_MODIFIED = C_VERDICT_MODIFIED
+TIMEOUT = OISP_DIVERT_TIMEOUT
+
+
+cdef void split_packets(const unsigned char *buf, uint32_t nbytes, uint32_t count,
+                        uint32_t *offsets, uint32_t *lengths) noexcept nogil:
+    """Packet boundaries from each IP header's length. A packet whose length
+    cannot be trusted takes the rest of the buffer; those after it are empty."""
+    cdef uint32_t i, offset = 0, length, remaining
+    for i in range(count):
+        remaining = nbytes - offset if offset < nbytes else 0
+        length = 0
+        if remaining >= 20 and buf[offset] >> 4 == 4:
+            length = (<uint32_t>buf[offset + 2] << 8) | buf[offset + 3]
+        elif remaining >= 40 and buf[offset] >> 4 == 6:
+            length = 40 + ((<uint32_t>buf[offset + 4] << 8) | buf[offset + 5])
+        if length < 20 or length > remaining:
+            length = remaining
+        offsets[i] = offset
+        lengths[i] = length
+        offset += length
+
+
+def recv_batch(int kind, uintptr_t fn, uintptr_t handle, unsigned char[::1] buf, unsigned char[::1] addrs,
+               uint32_t max_addrs, int timeout_ms):
+    """One batched receive, GIL released: (error, bytes, count). error is 0, TIMEOUT or a code."""
+    if <size_t>max_addrs * OISP_ADDRESS_SIZE > <size_t>addrs.shape[0]:
+        raise ValueError("the address array is smaller than the batch")
+    cdef uint32_t nbytes = 0, count = 0
+    cdef int err
+    with nogil:
+        err = oisp_divert_recv(kind, <void *>fn, <void *>handle, &buf[0], <uint32_t>buf.shape[0],
+                               &addrs[0], max_addrs, timeout_ms, &nbytes, &count)
+    return err, nbytes, count
+
+
+def send_batch(int kind, uintptr_t fn, uintptr_t handle, const unsigned char[::1] buf, uint32_t nbytes,
+               const unsigned char[::1] addrs, uint32_t count):
+    """One batched inject, GIL released: (error, bytes sent)."""
+    if nbytes > buf.shape[0] or <size_t>count * OISP_ADDRESS_SIZE > <size_t>addrs.shape[0]:
+        raise ValueError("the batch is larger than its buffers")
+    cdef uint32_t sent = 0
+    cdef int err
+    with nogil:
+        err = oisp_divert_send(kind, <void *>fn, <void *>handle, &buf[0], nbytes, &addrs[0], count, &sent)
+    return err, sent
+
+
+cdef class ReceiveRing:
+    cdef:
+        int kind
+        void *recv_fn
+        void *send_fn
+        void *handle
+        readonly int nslots, batch, policy
+        readonly uint32_t slot_bytes
+        readonly object data, addresses, offsets, lengths, nbytes, counts, verdicts
+        unsigned char *data_p
+        unsigned char *addr_p
+        uint32_t *offsets_p
+        uint32_t *lengths_p
+        uint32_t *nbytes_p
+        uint32_t *counts_p
+        uint8_t *verdicts_p
+        unsigned char[::1] scratch
+        unsigned char[::1] scratch_addresses
+        oisp_sync sync
+        int *free_stack
+        int free_top
+        int *ready
+        int ready_head, ready_len
+        int held
+        bint stopping, draining, running
+        readonly int error
+        readonly uint64_t received, dropped_overflow, dropped_drain, drained, sent, dropped_verdict, \
+            send_errors, consumed, high_water, batches, releases
+        object _free_stack_arr, _ready_arr
+
+    def __cinit__(self, int kind, uintptr_t recv_fn, uintptr_t send_fn, uintptr_t handle, *, int nslots=16,
+                  int batch=255, uint32_t slot_bytes=0, int policy=C_POLICY_BLOCK):
+        if not 1 <= batch <= 255:
+            raise ValueError("batch must be 1..255")
+        if nslots < 2:
+            raise ValueError("a ring needs at least 2 slots")
+        if slot_bytes == 0:
+            slot_bytes = 65575 * 4  # several full-size packets, or a full batch of small ones
+        self.kind, self.recv_fn, self.send_fn, self.handle = kind, <void *>recv_fn, <void *>send_fn, <void *>handle
+        self.nslots, self.batch, self.slot_bytes, self.policy = nslots, batch, slot_bytes, policy
+        self.data = np.zeros((nslots, slot_bytes), dtype=np.uint8)
+        self.addresses = np.zeros((nslots, batch * OISP_ADDRESS_SIZE), dtype=np.uint8)
+        self.offsets = np.zeros((nslots, batch), dtype=np.uint32)
+        self.lengths = np.zeros((nslots, batch), dtype=np.uint32)
+        self.nbytes = np.zeros(nslots, dtype=np.uint32)
+        self.counts = np.zeros(nslots, dtype=np.uint32)
+        self.verdicts = np.zeros((nslots, batch), dtype=np.uint8)
+        self.scratch = np.zeros(slot_bytes, dtype=np.uint8)
+        self.scratch_addresses = np.zeros(batch * OISP_ADDRESS_SIZE, dtype=np.uint8)
+        self._free_stack_arr = np.arange(nslots, dtype=np.intc)[::-1].copy()
+        self._ready_arr = np.zeros(nslots, dtype=np.intc)
+        cdef unsigned char[:, ::1] d = self.data
+        cdef unsigned char[:, ::1] a = self.addresses
+        cdef uint32_t[:, ::1] o = self.offsets
+        cdef uint32_t[:, ::1] l = self.lengths
+        cdef uint32_t[::1] nb = self.nbytes
+        cdef uint32_t[::1] c = self.counts
+        cdef uint8_t[:, ::1] v = self.verdicts
+        cdef int[::1] fs = self._free_stack_arr
+        cdef int[::1] rq = self._ready_arr
+        self.data_p, self.addr_p, self.offsets_p, self.lengths_p = &d[0, 0], &a[0, 0], &o[0, 0], &l[0, 0]
+        self.nbytes_p, self.counts_p, self.verdicts_p = &nb[0], &c[0], &v[0, 0]
+        self.free_stack, self.ready = &fs[0], &rq[0]
+        self.free_top = nslots
+        oisp_sync_init(&self.sync)
+
+    def __dealloc__(self):
+        oisp_sync_destroy(&self.sync)
+
+    # -- receiver side (its own thread) ------------------------------------------
+    def run(self):
+        """The receive loop. Returns when stopped, or on a backend error (see `error`)."""
+        cdef int slot, err
+        cdef uint32_t nbytes, count, sent
+        cdef unsigned char *buf
+        cdef unsigned char *addrs
+        with nogil:
+            oisp_lock(&self.sync)
+            self.running = True
+            oisp_unlock(&self.sync)
+            while True:
+                oisp_lock(&self.sync)
+                if self.stopping:
+                    oisp_unlock(&self.sync)
+                    break
+                while self.free_top == 0 and self.policy == C_POLICY_BLOCK and not self.stopping \
+                        and not self.draining:
+                    oisp_wait(&self.sync, POLL_MS)
+                if self.stopping:
+                    oisp_unlock(&self.sync)
+                    break
+                slot = -1
+                if self.free_top > 0 and not self.draining:
+                    self.free_top -= 1
+                    slot = self.free_stack[self.free_top]
+                oisp_unlock(&self.sync)
+
+                if slot >= 0:
+                    buf = self.data_p + <size_t>slot * self.slot_bytes
+                    addrs = self.addr_p + <size_t>slot * self.batch * OISP_ADDRESS_SIZE
+                else:  # ring full under DROP, or draining: receive into the scratch slot
+                    buf = &self.scratch[0]
+                    addrs = &self.scratch_addresses[0]
+                err = oisp_divert_recv(self.kind, self.recv_fn, self.handle, buf, self.slot_bytes,
+                                       addrs, self.batch, POLL_MS, &nbytes, &count)
+
+                oisp_lock(&self.sync)
+                if err != 0 or count == 0:
+                    if slot >= 0:
+                        self.free_stack[self.free_top] = slot
+                        self.free_top += 1
+                    if err != 0 and err != OISP_DIVERT_TIMEOUT:
+                        self.error = err
+                        oisp_broadcast(&self.sync)
+                        oisp_unlock(&self.sync)
+                        break
+                    if err == OISP_DIVERT_TIMEOUT and self.draining:
+                        oisp_broadcast(&self.sync)
+                        oisp_unlock(&self.sync)
+                        break  # drained: the kernel queue is empty
+                    oisp_unlock(&self.sync)
+                    continue
+                self.received += count
+                self.batches += 1
+                if slot < 0:
+                    if self.draining and self.send_fn != NULL:
+                        # Stopping: pass what was still queued straight through.
+                        oisp_unlock(&self.sync)
+                        err = oisp_divert_send(self.kind, self.send_fn, self.handle, buf, nbytes, addrs, count, &sent)
+                        oisp_lock(&self.sync)
+                        if err == 0:
+                            self.drained += count
+                        else:
+                            self.dropped_drain += count
+                    elif self.draining:
+                        self.dropped_drain += count
+                    else:
+                        self.dropped_overflow += count
+                    oisp_unlock(&self.sync)
+                    continue
+                split_packets(buf, nbytes, count, self.offsets_p + <size_t>slot * self.batch,
+                              self.lengths_p + <size_t>slot * self.batch)
+                self.nbytes_p[slot] = nbytes
+                self.counts_p[slot] = count
+                self.ready[(self.ready_head + self.ready_len) % self.nslots] = slot
+                self.ready_len += 1
+                if <uint64_t>(self.ready_len + self.held) > self.high_water:
+                    self.high_water = self.ready_len + self.held
+                oisp_broadcast(&self.sync)
+                oisp_unlock(&self.sync)
+            oisp_lock(&self.sync)
+            self.running = False
+            oisp_broadcast(&self.sync)
+            oisp_unlock(&self.sync)
+
+    # -- consumer side ----------------------------------------------------------
+    def take(self, int timeout_ms=-1):
+        """The next ready slot, or -1 on timeout or when the ring has stopped and is empty."""
+        cdef int slot = -1
+        with nogil:
+            oisp_lock(&self.sync)
+            while self.ready_len == 0 and self.running and not self.stopping and timeout_ms != 0:
+                oisp_wait(&self.sync, timeout_ms if timeout_ms > 0 else POLL_MS)
+                if timeout_ms > 0:
+                    break
+            if self.ready_len > 0:
+                slot = self.ready[self.ready_head]
+                self.ready_head = (self.ready_head + 1) % self.nslots
+                self.ready_len -= 1
+                self.held += 1
+                memset_verdicts(self.verdicts_p + <size_t>slot * self.batch, self.batch)
+            oisp_unlock(&self.sync)
+        return slot
+
+    def release_consumed(self, int slot):
+        """A sniffed batch the consumer is done with."""
+        self._check_slot(slot)
+        with nogil:
+            oisp_lock(&self.sync)
+            self.consumed += self.counts_p[slot]
+            self._give_back(slot)
+            oisp_unlock(&self.sync)
+
+    def release_dropped(self, int slot):
+        """A diverted batch the consumer decided not to re-inject."""
+        self._check_slot(slot)
+        with nogil:
+            oisp_lock(&self.sync)
+            self.dropped_verdict += self.counts_p[slot]
+            self._give_back(slot)
+            oisp_unlock(&self.sync)
+
+    def commit(self, int slot):
+        """Inject the slot's packets whose verdict is not DROP (in order), then free the slot.
+        Returns the number of packets injected; a failed inject is counted in send_errors."""
+        self._check_slot(slot)
+        cdef uint32_t count = self.counts_p[slot], i, kept = 0, write = 0, sent = 0, length
+        cdef uint32_t *offsets = self.offsets_p + <size_t>slot * self.batch
+        cdef uint32_t *lengths = self.lengths_p + <size_t>slot * self.batch
+        cdef uint8_t *verdicts = self.verdicts_p + <size_t>slot * self.batch
+        cdef unsigned char *buf = self.data_p + <size_t>slot * self.slot_bytes
+        cdef unsigned char *addrs = self.addr_p + <size_t>slot * self.batch * OISP_ADDRESS_SIZE
+        cdef int err = 0
+        with nogil:
+            for i in range(count):
+                if verdicts[i] == C_VERDICT_DROP:
+                    continue
+                length = lengths[i]
+                if offsets[i] != write:  # compact the kept packets to the front, in place
+                    memmove(buf + write, buf + offsets[i], length)
+                if kept != i:
+                    memmove(addrs + kept * OISP_ADDRESS_SIZE, addrs + i * OISP_ADDRESS_SIZE, OISP_ADDRESS_SIZE)
+                write += length
+                kept += 1
+            if kept > 0:
+                err = oisp_divert_send(self.kind, self.send_fn, self.handle, buf, write, addrs, kept, &sent)
+            oisp_lock(&self.sync)
+            if err == 0:
+                self.sent += kept
+            else:
+                self.send_errors += kept
+            self.dropped_verdict += count - kept
+            self._give_back(slot)
+            oisp_unlock(&self.sync)
+        if err != 0:
+            return -err
+        return kept
+
+    cdef void _give_back(self, int slot) noexcept nogil:
+        self.free_stack[self.free_top] = slot
+        self.free_top += 1
+        self.held -= 1
+        self.releases += 1
+        oisp_broadcast(&self.sync)
+
+    cdef int _check_slot(self, int slot) except -1:
+        if not 0 <= slot < self.nslots:
+            raise ValueError(f"no slot {slot}")
+        return 0
+
+    # -- control -----------------------------------------------------------------
+    def drain(self):
+        """Stop filling slots: pass what is still queued in the kernel straight
+        through (divert) until a receive times out, then stop."""
+        with nogil:
+            oisp_lock(&self.sync)
+            self.draining = True
+            oisp_broadcast(&self.sync)
+            oisp_unlock(&self.sync)
+
+    def stop(self):
+        with nogil:
+            oisp_lock(&self.sync)
+            self.stopping = True
+            oisp_broadcast(&self.sync)
+            oisp_unlock(&self.sync)
+
+    def wait_stopped(self, int timeout_ms):
+        """Wait for the receive loop to exit; True if it has."""
+        cdef bint running
+        with nogil:
+            oisp_lock(&self.sync)
+            if self.running:
+                oisp_wait(&self.sync, timeout_ms)
+            running = self.running
+            oisp_unlock(&self.sync)
+        return not running
+
+    def occupancy(self):
+        """(ready, held) slot counts."""
+        cdef int ready, held
+        with nogil:
+            oisp_lock(&self.sync)
+            ready, held = self.ready_len, self.held
+            oisp_unlock(&self.sync)
+        return ready, held
+
+    def held_packets(self):
+        """Packets in READY or HELD slots."""
+        cdef uint64_t total = 0
+        with nogil:
+            oisp_lock(&self.sync)
+            total = self.received - self.sent - self.send_errors - self.dropped_verdict - self.consumed \
+                - self.dropped_overflow - self.dropped_drain - self.drained
+            oisp_unlock(&self.sync)
+        return total
+
+
+cdef inline void memset_verdicts(uint8_t *v, int n) noexcept nogil:
+    cdef int i
+    for i in range(n):
+        v[i] = C_VERDICT_PASS
