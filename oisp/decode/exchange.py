@@ -51,7 +51,7 @@ class _Live:
     assembler: ResponseAssembler | None = None
     # Turns decoded response bytes into assembler calls; None until the response can be parsed.
     framer: Callable[[bytes, float], list[dict[str, Any]]] | None = None
-    closer: Callable[[float], list[dict[str, Any]]] | None = None
+    closer: Callable[[bytes, float], list[dict[str, Any]]] | None = None
     whole_body: bool = False
     chunks: int = 0
 
@@ -143,7 +143,7 @@ class ExchangeTracker:
         elif "ndjson" in ctype or "jsonl" in ctype or api.startswith("ollama."):
             nd = NDJSONSplitter()
             live.framer = lambda data, t: [d for line in nd.feed(data) for d in self._on_json(asm, line, t)]
-            live.closer = lambda t: [d for line in nd.close() for d in self._on_json(asm, line, t)]
+            live.closer = lambda _unused, t: [d for line in nd.close() for d in self._on_json(asm, line, t)]
         elif api == "gemini.generate" and ex.match is not None and ex.match.streaming_path:
             arr = JSONArraySplitter()
             live.framer = lambda data, t: [d for el in arr.feed(data) for d in self._on_json(asm, el, t)]

@@ -95,3 +95,9 @@ class GenerateAssembler(ResponseAssembler):
             if delta or cand.get("finishReason"):
                 deltas.append({"delta": delta, "finish_reason": cand.get("finishReason"), "index": idx})
         return deltas
+
+    def finish(self):
+        # Gemini ends a function-calling turn with STOP; clients treat it as a tool-call turn.
+        if self.info.tool_calls and self.info.finish_reason == "STOP":
+            self.info.finish_reason = "tool_calls"
+        return self.info
