@@ -1,0 +1,52 @@
+"""JSON Lines file sink, rotated by size: events.jsonl → events.jsonl.1 → … .N."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from oisp.sinks.base import SinkStats
+from oisp.sinks.paths import default_events_path
+
+
+class JsonlSink:
+    name = "jsonl"
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, max_bytes: int = 64 * 1024 * 1024, backups: int = 5) -> None:
+        self.path = Path(path) if path else default_events_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.stats = SinkStats()
+        self._fh = self.path.open("ab")
+        self._size = self._fh.tell()
+
+    def emit(self, event: dict[str, Any]) -> None:
+        line = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        if self._size and self._size + len(line) > self.max_bytes:
+            self._rotate()
+        self._fh.write(line)
+        self._size += len(line)
+        self.stats.emitted += 1
+
+    def _rotate(self) -> None:
+        self._fh.close()
+        for i in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        if self.backups:
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink()
+        self._fh = self.path.open("ab")
+        self._size = 0
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()

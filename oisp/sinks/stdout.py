@@ -1,0 +1,55 @@
+"""Events to a terminal: one JSON object per line, or a short human-readable line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, TextIO
+
+from oisp.sinks.base import SinkStats
+
+
+def summary(event: dict[str, Any]) -> str:
+    data, proc = event.get("data", {}), event.get("process") or {}
+    who = f"{proc.get('name', '?')}[{proc.get('pid', '?')}]"
+    head = f"{event.get('ts', '')[11:23]} {event.get('event_type', ''):<18} {who}"
+    et = event.get("event_type")
+    if et == "ai.request":
+        n = data.get("messages_count", 0)
+        return f"{head} → {data.get('provider', {}).get('id')} {data.get('model', {}).get('id', '?')} {n} msg{'s' if n != 1 else ''}{' stream' if data.get('streaming') else ''}"
+    if et == "ai.response":
+        u = data.get("usage", {})
+        text = (data.get("choices") or [{}])[0].get("message", {}).get("content", "")
+        text = text if isinstance(text, str) else "[redacted]"
+        return (
+            f"{head} ← {data.get('status_code')} {data.get('finish_reason', '-')} "
+            f"in={u.get('prompt_tokens', '-')} out={u.get('completion_tokens', '-')} "
+            f"{data.get('latency_ms', '-')}ms ttft={data.get('time_to_first_token_ms', '-')}ms {text[:60]!r}"
+        )
+    if et == "network.flow":
+        h = data.get("http", {})
+        return f"{head} {h.get('method')} {h.get('host', '')}{h.get('path', '')} {h.get('status_code', '-')} ↑{data.get('bytes_sent')} ↓{data.get('bytes_received')}"
+    if et == "network.connect":
+        d = data.get("dest", {})
+        return f"{head} {d.get('domain') or d.get('ip')}:{d.get('port')}"
+    return f"{head} {json.dumps(data, ensure_ascii=False)[:100]}"
+
+
+class StdoutSink:
+    name = "stdout"
+
+    def __init__(self, stream: TextIO | None = None, *, pretty: bool = False) -> None:
+        self._stream = stream
+        self.pretty = pretty
+        self.stats = SinkStats()
+
+    def emit(self, event: dict[str, Any]) -> None:
+        stream = self._stream or sys.stdout
+        stream.write((summary(event) if self.pretty else json.dumps(event, ensure_ascii=False)) + "\n")
+        self.stats.emitted += 1
+
+    def flush(self) -> None:
+        (self._stream or sys.stdout).flush()
+
+    def close(self) -> None:
+        self.flush()

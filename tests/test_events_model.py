@@ -1,0 +1,62 @@
+"""Envelope, schemas and process attribution."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import jsonschema
+import pytest
+
+from oisp.events import EVENT_TYPES, ProcessAttributor, load_schema, make_event, rfc3339
+from oisp.events.ulid import new_ulid
+
+
+def test_ulid_shape_and_time_order() -> None:
+    a, b = new_ulid(1000.0), new_ulid(2000.0)
+    assert re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{26}", a) and a[:10] < b[:10]
+    assert len({new_ulid(1.0) for _ in range(1000)}) == 1000
+
+
+def test_rfc3339_utc() -> None:
+    assert rfc3339(0.5) == "1970-01-01T00:00:00.500000Z"
+
+
+@pytest.mark.parametrize("event_type", EVENT_TYPES)
+def test_schemas_are_valid_and_reject_bad_envelopes(event_type: str) -> None:
+    schema = load_schema(event_type)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    bad = make_event(event_type, {}, time.time())
+    bad["event_id"] = "not-a-ulid"
+    assert not jsonschema.Draft202012Validator(schema).is_valid(bad)
+
+
+def test_attribution_of_a_live_child_then_after_exit() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "--marker"])
+    try:
+        att = ProcessAttributor(revalidate_after_s=0)
+        info = att.process(child.pid)
+        assert info["pid"] == child.pid and info["ppid"] == os.getpid()
+        assert "--marker" in info["cmdline_args"] and "--marker" in info["cmdline"]
+        assert info["exe"] and info["name"] and info["user"]
+        assert att.process(child.pid) == info and att.lookups == 1  # cached, same creation time
+    finally:
+        child.kill()
+        child.wait()
+    assert att.process(child.pid)["cmdline_args"] == info["cmdline_args"]  # exited: what we knew
+
+
+def test_attribution_unknown_pid_and_pid_reuse(monkeypatch) -> None:
+    att = ProcessAttributor(revalidate_after_s=0)
+    assert att.process(2**22 + 12345) == {"pid": 2**22 + 12345}
+    me = att.process(os.getpid())
+    # Simulate the pid being reused: same pid, different creation time → fresh lookup.
+    import psutil
+
+    real = psutil.Process.create_time
+    monkeypatch.setattr(psutil.Process, "create_time", lambda self: real(self) + 1000)
+    again = att.process(os.getpid())
+    assert att.lookups == 2 and again["start_time"] != me["start_time"]

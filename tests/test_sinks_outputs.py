@@ -1,0 +1,132 @@
+"""Sinks: rotated JSONL under the data dir, stdout, a webhook against a real local HTTP server."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from oisp.sinks import FanOut, JsonlSink, StdoutSink, WebhookSink, default_events_path
+
+
+def ev(i: int) -> dict:
+    return {"event_type": "network.connect", "ts": "2025-01-01T00:00:00.000000Z", "event_id": f"E{i}", "data": {"dest": {"ip": "1.1.1.1", "port": 443}, "i": i}}
+
+
+def test_default_path_follows_xdg(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert default_events_path() == tmp_path / "oisp" / "events.jsonl"
+    sink = JsonlSink()
+    sink.emit(ev(1))
+    sink.close()
+    assert json.loads((tmp_path / "oisp" / "events.jsonl").read_text())["event_id"] == "E1"
+
+
+def test_jsonl_rotates_by_size(tmp_path) -> None:
+    path = tmp_path / "e.jsonl"
+    sink = JsonlSink(path, max_bytes=500, backups=2)
+    for i in range(40):
+        sink.emit(ev(i))
+    sink.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["e.jsonl", "e.jsonl.1", "e.jsonl.2"]
+    assert all(p.stat().st_size <= 500 for p in tmp_path.iterdir())
+    lines = [json.loads(ln) for name in ("e.jsonl.2", "e.jsonl.1", "e.jsonl") for ln in (tmp_path / name).read_text().splitlines()]
+    ids = [e["data"]["i"] for e in lines]
+    assert ids == sorted(ids) and ids[-1] == 39
+
+
+def test_stdout_json_and_pretty() -> None:
+    buf = io.StringIO()
+    StdoutSink(buf).emit(ev(1))
+    assert json.loads(buf.getvalue())["event_id"] == "E1"
+    buf = io.StringIO()
+    StdoutSink(buf, pretty=True).emit(ev(2))
+    assert "network.connect" in buf.getvalue() and "1.1.1.1:443" in buf.getvalue()
+
+
+class _Collector(BaseHTTPRequestHandler):
+    received: list = []
+    fail_first = 0
+    calls = 0
+
+    def do_POST(self) -> None:  # noqa: N802
+        cls = type(self)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        cls.calls += 1
+        if cls.calls <= cls.fail_first:
+            self.send_response(503)
+            self.end_headers()
+            return
+        cls.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture()
+def server():
+    handler = type("H", (_Collector,), {"received": [], "fail_first": 0, "calls": 0})
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv, handler
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_webhook_batches_and_retries(server) -> None:
+    srv, handler = server
+    handler.fail_first = 2
+    sink = WebhookSink(f"http://127.0.0.1:{srv.server_port}/events", batch_size=10, flush_interval=0.2, backoff=0.05)
+    for i in range(25):
+        sink.emit(ev(i))
+    sink.close(timeout=10)
+    got = [e["data"]["i"] for batch in handler.received for e in batch]
+    assert got == list(range(25))
+    assert all(len(b) <= 10 for b in handler.received)
+    assert sink.stats.emitted == 25 and sink.stats.lost == 0 and sink.stats.errors == 2
+
+
+def test_webhook_down_counts_losses_without_blocking_capture() -> None:
+    sink = WebhookSink("http://127.0.0.1:9/never", batch_size=5, flush_interval=0.05, max_retries=2, backoff=0.01, timeout=0.5)
+    t0 = time.monotonic()
+    for i in range(12):
+        sink.emit(ev(i))
+    assert time.monotonic() - t0 < 0.5  # emit does not wait for the network
+    sink.close(timeout=20)
+    assert sink.stats.lost == 12 and sink.stats.emitted == 0 and sink.stats.errors >= 3
+
+
+def test_fanout_isolates_a_failing_sink(tmp_path) -> None:
+    class Broken:
+        name = "broken"
+
+        def __init__(self) -> None:
+            from oisp.sinks import SinkStats
+
+            self.stats = SinkStats()
+
+        def emit(self, event):
+            raise OSError("disk full")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            raise OSError("still full")
+
+    good = JsonlSink(tmp_path / "ok.jsonl")
+    fan = FanOut([Broken(), good])
+    for i in range(3):
+        fan.emit(ev(i))
+    fan.close()
+    report = fan.report()
+    assert report["broken"]["lost"] == 3 and report["jsonl"]["emitted"] == 3
+    assert len((tmp_path / "ok.jsonl").read_text().splitlines()) == 3
