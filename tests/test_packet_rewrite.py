@@ -155,7 +155,7 @@ def test_address_family_mismatch_is_refused_before_any_change():
 
 def test_bad_arguments_are_clear_errors():
     data = raw(IP(src="10.0.0.1", dst="10.0.0.2") / TCP())
-    buf = bytearray(data * 2)
+    buf = bytearray(data * 3)
     rows = parse_batch(buf)
     with pytest.raises(ValueError, match="port"):
         rewrite(buf, rows, None, dst_port=70000)
