@@ -1,2 +1,6 @@
-"""pcapng files: write a capture, read one back."""
-from oisp.pcapng.writer import PcapngWriter  # noqa: F401
+"""Reading captures: pcapng/pcap files → TCP byte streams for ``oisp decode``."""
+
+from oisp.pcapng.reader import CaptureFormatError, Packet, read_packets
+from oisp.pcapng.tcp import FlowClosed, FlowData, Segment, TcpFlow, TcpReassembler, parse_segment
+
+__all__ = ["CaptureFormatError", "FlowClosed", "FlowData", "Packet", "Segment", "TcpFlow", "TcpReassembler", "parse_segment", "read_packets"]

@@ -1,0 +1,31 @@
+"""Command-line options shared by every command that writes events, and the sinks they build."""
+
+from __future__ import annotations
+
+import argparse
+
+from oisp.sinks.base import FanOut, Sink
+from oisp.sinks.jsonl import JsonlSink
+from oisp.sinks.stdout import StdoutSink
+from oisp.sinks.webhook import WebhookSink
+
+
+def add_sink_arguments(parser: argparse.ArgumentParser, *, default_stdout: bool) -> None:
+    g = parser.add_argument_group("output")
+    g.add_argument("--jsonl", metavar="PATH", nargs="?", const="", help="append events to a JSONL file (no PATH: the default file in the data directory)")
+    g.add_argument("--jsonl-max-mb", type=float, default=64.0, help="rotate the JSONL file at this size (default 64)")
+    g.add_argument("--webhook", metavar="URL", help="POST batches of events to this URL")
+    g.add_argument("--stdout", action="store_true", default=default_stdout, help="print events as JSON lines" + (" (default)" if default_stdout else ""))
+    g.add_argument("--pretty", action="store_true", help="print one readable line per event instead of JSON")
+    g.add_argument("--quiet", action="store_true", help="print nothing to stdout")
+
+
+def sinks_from_args(args: argparse.Namespace) -> FanOut:
+    sinks: list[Sink] = []
+    if args.jsonl is not None:
+        sinks.append(JsonlSink(args.jsonl or None, max_bytes=int(args.jsonl_max_mb * 1024 * 1024)))
+    if args.webhook:
+        sinks.append(WebhookSink(args.webhook))
+    if (args.stdout or args.pretty) and not args.quiet:
+        sinks.append(StdoutSink(pretty=args.pretty))
+    return FanOut(sinks)

@@ -1,0 +1,162 @@
+"""`oisp decode`: TCP reassembly from pcapng, and the same events the live recorder emits.
+
+Two independent capture producers: scapy's pcapng writer over crafted segments
+(reordered, retransmitted, with overlap), and dumpcap recording a real HTTP
+exchange with a local Ollama-compatible server on 127.0.0.1:11434.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
+from provider_cases import Case, http1_request, http1_response, load_cases, validate  # noqa: E402
+
+from oisp.cli import main  # noqa: E402
+from oisp.cli.decode import decode_capture  # noqa: E402
+from oisp.decode import Direction, FlowContext  # noqa: E402
+from oisp.events import FlowRecorder  # noqa: E402
+
+scapy_all = pytest.importorskip("scapy.all")
+
+
+def comparable(events: list[dict]) -> list[tuple]:
+    out = []
+    for e in events:
+        data = {k: v for k, v in e["data"].items() if k not in ("request_id", "latency_ms", "time_to_first_token_ms", "duration_ms", "start_time", "end_time")}
+        out.append((e["event_type"], json.dumps(data, sort_keys=True)))
+    return out
+
+
+def segments_for(case: Case, client=("10.1.1.2", 40001), server=("10.1.1.9", 11434)) -> list:
+    IP, TCP, Ether = scapy_all.IP, scapy_all.TCP, scapy_all.Ether
+    c_isn, s_isn = 1000, 500000
+    req, resp = http1_request(case), http1_response(case)
+    mk = lambda src, dst, flags, seq, payload=b"": Ether() / IP(src=src[0], dst=dst[0]) / TCP(sport=src[1], dport=dst[1], flags=flags, seq=seq) / payload
+    pkts = [mk(client, server, "S", c_isn), mk(server, client, "SA", s_isn), mk(client, server, "A", c_isn + 1)]
+    for data, src, dst, isn in ((req, client, server, c_isn + 1), (resp, server, client, s_isn + 1)):
+        pieces = [(isn + i, data[i : i + 40]) for i in range(0, len(data), 40)]
+        rng = random.Random(len(data))
+        shuffled = pieces[:]
+        for i in range(0, len(shuffled) - 1, 3):  # swap neighbours: out-of-order delivery
+            shuffled[i], shuffled[i + 1] = shuffled[i + 1], shuffled[i]
+        extra = [rng.choice(pieces) for _ in range(3)]  # duplicates: retransmissions
+        overlap = [(pieces[1][0] - 10, data[30:70])] if len(pieces) > 2 else []
+        for seq, chunk in shuffled + extra + overlap:
+            pkts.append(mk(src, dst, "PA", seq, chunk))
+    pkts += [mk(client, server, "FA", c_isn + 1 + len(req)), mk(server, client, "FA", s_isn + 1 + len(resp))]
+    for i, p in enumerate(pkts):
+        p.time = 1700000000 + i * 0.001
+    return pkts
+
+
+def direct_events(case: Case, server_port: int) -> list[dict]:
+    rec = FlowRecorder(FlowContext(("10.1.1.2", 40001), ("10.1.1.9", server_port), 0.0), capture_method="other")
+    return rec.feed(Direction.REQUEST, http1_request(case), 1.0) + rec.feed(Direction.RESPONSE, http1_response(case), 2.0) + rec.close(3.0)
+
+
+@pytest.mark.parametrize("name", ["ollama_chat_ndjson", "ollama_generate_json"])
+def test_scapy_pcapng_decodes_like_live(tmp_path, name: str) -> None:
+    case = next(c for c in load_cases() if c.name == name)
+    path = tmp_path / "cap.pcapng"
+    scapy_all.wrpcapng(str(path), segments_for(case))
+    events: list[dict] = []
+    counts = decode_capture(str(path), events.append)
+    validate(events)
+    assert counts["connections"] == 1 and counts["decode_errors"] == 0
+    assert comparable(events) == comparable(direct_events(case, 11434))
+    resp = next(e for e in events if e["event_type"] == "ai.response")["data"]
+    assert resp["choices"][0]["message"]["content"] == case.expected["text"]
+
+
+def test_classic_pcap_and_port_filter(tmp_path) -> None:
+    case = next(c for c in load_cases() if c.name == "ollama_chat_ndjson")
+    path = tmp_path / "cap.pcap"
+    scapy_all.wrpcap(str(path), segments_for(case))
+    events: list[dict] = []
+    decode_capture(str(path), events.append)
+    assert [e["event_type"] for e in events] == ["network.connect", "ai.request", "ai.response", "network.flow"]
+    none: list[dict] = []
+    decode_capture(str(path), none.append, ports=[80])
+    assert none == []
+
+
+class _FakeOllama(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        lines = [{"model": body["model"], "message": {"role": "assistant", "content": w}, "done": False} for w in ("Sky ", "is ", "blue.")]
+        lines.append({"model": body["model"], "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop", "prompt_eval_count": 9, "eval_count": 3})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for line in lines:
+            data = json.dumps(line).encode() + b"\n"
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+            time.sleep(0.02)
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.skipif(shutil.which("dumpcap") is None, reason="dumpcap not installed (apt-get install tshark)")
+@pytest.mark.skipif(not _port_free(11434), reason="port 11434 is in use (a real Ollama?)")
+def test_dumpcap_capture_of_real_loopback_exchange(tmp_path, capsys) -> None:
+    pcap = tmp_path / "ollama.pcapng"
+    srv = ThreadingHTTPServer(("127.0.0.1", 11434), _FakeOllama)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    cap = subprocess.Popen(["dumpcap", "-q", "-i", "lo", "-f", "tcp port 11434", "-w", str(pcap)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 10
+        while not pcap.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        for prompt in ("why is the sky blue?", "and the sea?"):
+            req = urllib.request.Request("http://127.0.0.1:11434/api/chat", data=json.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": prompt}]}).encode(), headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req) as r:
+                assert r.read().count(b"\n") == 4
+        time.sleep(0.5)
+    finally:
+        cap.terminate()
+        cap.wait(10)
+        srv.shutdown()
+        srv.server_close()
+    assert main(["decode", str(pcap)]) == 0
+    out = capsys.readouterr().out
+    events = [json.loads(line) for line in out.splitlines()]
+    validate(events)
+    reqs = [e["data"] for e in events if e["event_type"] == "ai.request"]
+    resps = [e["data"] for e in events if e["event_type"] == "ai.response"]
+    assert [r["messages"][0]["content"] for r in reqs] == ["why is the sky blue?", "and the sea?"]
+    assert all(r["provider"]["name"] == "ollama" and r["streaming"] for r in reqs)
+    for r in resps:
+        assert r["choices"][0]["message"]["content"] == "Sky is blue."
+        assert r["usage"] == {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+        assert r["finish_reason"] == "stop" and 0 < r["time_to_first_token_ms"] < r["latency_ms"]
+
+
+def test_not_a_capture_is_a_clean_error(tmp_path, capsys) -> None:
+    bad = tmp_path / "x.pcapng"
+    bad.write_bytes(b"hello world")
+    assert main(["decode", str(bad)]) == 2
