@@ -1,0 +1,1 @@
+"""Capture tools: packets to pcapng with process attribution, and the live flow table."""
