@@ -550,10 +550,11 @@ cdef PacketRow *rows_pointer(object rows) except NULL:
 
 cdef cnp.ndarray selection(object rows, object select):
     """Row indices as contiguous intp, with numpy's indexing rules and errors."""
-    every = np.arange(len(rows), dtype=np.intp)
     if select is None:
-        return every
-    return np.ascontiguousarray(every[select])
+        return np.arange(len(rows), dtype=np.intp)
+    if isinstance(select, np.ndarray) and select.dtype == np.bool_ and select.shape == (len(rows),):
+        return np.flatnonzero(select)  # the common case, without the arange
+    return np.ascontiguousarray(np.arange(len(rows), dtype=np.intp)[select])
 
 
 def parse_batch(const unsigned char[::1] buf, nbytes=None, *, Py_ssize_t max_packets=255,
@@ -674,14 +675,13 @@ def rewrite(unsigned char[::1] buf, rows, select, *, bint swap_addresses=False,
     w.swap_addresses = swap_addresses
     w.src_port = check_port(src_port, "src_port")
     w.dst_port = check_port(dst_port, "dst_port")
-    versions = rows["ip_version"][idx_arr]
-    valid = rows["status"][idx_arr] == 0
     for name, addr in (("src_addr", src_addr), ("dst_addr", dst_addr)):
         if addr is None:
             continue
         packed = address_bytes(addr)
         version = 4 if len(packed) == 4 else 6
-        if np.any(valid & (versions != version)):
+        chosen = rows[idx_arr]
+        if np.any((chosen["status"] == 0) & (chosen["ip_version"] != version)):
             raise ValueError(f"{name} is IPv{version} but some selected rows are not")
         if name == "src_addr":
             w.set_src = True
