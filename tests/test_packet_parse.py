@@ -164,3 +164,14 @@ def test_ipv6_upper_layers_we_do_not_parse(nh):
     assert int(row["status"]) == OK
     assert (int(row["protocol"]), int(row["l4_header_len"]), int(row["payload_len"])) == (nh, 0, 9)
     assert int(row["l4_checksum_ok"]) == -1
+
+
+def test_ipv6_authentication_header_length_counts_4_octet_units():
+    # RFC 4302: AH length is in 4-octet units minus 2 (unlike the other extension headers).
+    udp = raw(UDP(sport=500, dport=4500, len=8, chksum=0))
+    ah = bytes([17, 4, 0, 0]) + b"\x11" * 4 + b"\x22" * 4 + b"\x33" * 12  # (4 + 2) * 4 = 24 bytes
+    data = raw(IPv6(src="::1", dst="::2", nh=51, plen=len(ah) + len(udp))) + ah + udp
+    row = parse_batch(data)[0]
+    assert int(row["status"]) == OK
+    assert (int(row["protocol"]), int(row["ip_header_len"])) == (17, 64)
+    assert (int(row["src_port"]), int(row["dst_port"])) == (500, 4500)
