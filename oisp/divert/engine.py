@@ -172,6 +172,7 @@ class Engine:
         self._io_lock = threading.Lock()  # no inject may race the handle's close
         self._closed = False
         self._stalled: EngineStalled | None = None
+        self._last_send_error: str | None = None
         self._receiver = threading.Thread(target=self._ring.run, name="oisp-receiver", daemon=True)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._receiver.start()
@@ -219,7 +220,9 @@ class Engine:
 
     def commit(self, batch: Batch) -> int:
         """Inject the batch's packets whose verdict is PASS or MODIFIED (none in sniff mode),
-        then hand the slot back. Returns the number injected."""
+        then hand the slot back. Returns the number injected. A failed inject does not
+        raise: it is counted in `send_errors` and described in `last_send_error`, so one
+        bad packet never stops the consumer."""
         self._finish(batch)
         if self.sniff:
             self._ring.release_consumed(batch.slot)
@@ -230,7 +233,8 @@ class Engine:
                 raise errors.HandleClosedError("inject: the engine has stopped", hint="commit before stop()")
             result = self._ring.commit(batch.slot)
         if result < 0:
-            raise self.handle.backend.error(-result, "inject")
+            self._last_send_error = str(self.handle.backend.error(-result, "inject"))
+            return 0
         return result
 
     def release(self, batch: Batch) -> None:
@@ -266,6 +270,7 @@ class Engine:
             "dropped_overflow": ring.dropped_overflow,
             "dropped_verdict": ring.dropped_verdict,
             "send_errors": ring.send_errors,
+            "last_send_error": self._last_send_error,
             "consumed": ring.consumed,
             "drained": ring.drained,
             "held": ring.held_packets(),
