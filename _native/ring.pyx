@@ -26,6 +26,11 @@ cdef extern from "divert_calls.h" nogil:
     int oisp_divert_send(int kind, void *fn, void *handle, const void *buf, uint32_t buf_len,
                          const void *addrs, uint32_t count, uint32_t *out_bytes)
 
+cdef extern from "tcp_segment.h" nogil:
+    uint32_t oisp_segmented_size(const unsigned char *pkt, uint32_t len, uint32_t mtu, uint32_t *pieces)
+    uint32_t oisp_tcp_segment(const unsigned char *pkt, uint32_t len, uint32_t mtu, unsigned char *out,
+                              uint32_t *lengths)
+
 cdef extern from "ring_sync.h" nogil:
     ctypedef struct oisp_sync:
         pass
@@ -44,6 +49,7 @@ cdef enum:
     C_VERDICT_MODIFIED = 2
     # How long one blocking receive may wait before the loop looks at its stop flag.
     POLL_MS = 100
+    MAX_IFIDX = 1024
 
 POLICY_BLOCK = C_POLICY_BLOCK
 POLICY_DROP = C_POLICY_DROP
@@ -115,6 +121,10 @@ cdef class ReceiveRing:
         uint8_t *verdicts_p
         unsigned char[::1] scratch
         unsigned char[::1] scratch_addresses
+        unsigned char[::1] send_buf
+        unsigned char[::1] send_addresses
+        uint32_t[::1] piece_lengths
+        uint32_t mtu_by_ifidx[MAX_IFIDX]
         oisp_sync sync
         int *free_stack
         int free_top
@@ -123,6 +133,7 @@ cdef class ReceiveRing:
         int held
         bint stopping, draining, running
         readonly int error
+        readonly uint64_t segmented
         readonly uint64_t received, dropped_overflow, dropped_drain, drained, sent, dropped_verdict, \
             send_errors, consumed, high_water, batches, releases
         object _free_stack_arr, _ready_arr
@@ -146,6 +157,12 @@ cdef class ReceiveRing:
         self.verdicts = np.zeros((nslots, batch), dtype=np.uint8)
         self.scratch = np.zeros(slot_bytes, dtype=np.uint8)
         self.scratch_addresses = np.zeros(batch * OISP_ADDRESS_SIZE, dtype=np.uint8)
+        self.send_buf = np.zeros(65575 * 2, dtype=np.uint8)
+        self.send_addresses = np.zeros(255 * OISP_ADDRESS_SIZE, dtype=np.uint8)
+        self.piece_lengths = np.zeros(65536, dtype=np.uint32)
+        cdef int k
+        for k in range(MAX_IFIDX):
+            self.mtu_by_ifidx[k] = 0
         self._free_stack_arr = np.arange(nslots, dtype=np.intc)[::-1].copy()
         self._ready_arr = np.zeros(nslots, dtype=np.intc)
         cdef unsigned char[:, ::1] d = self.data
@@ -289,29 +306,49 @@ cdef class ReceiveRing:
             self._give_back(slot)
             oisp_unlock(&self.sync)
 
+    def set_mtu(self, uint32_t ifidx, uint32_t mtu):
+        """Packets leaving through `ifidx` larger than `mtu` are TCP-segmented before injection.
+        An interface with no MTU set is never segmented."""
+        if ifidx >= MAX_IFIDX:
+            raise ValueError(f"interface index {ifidx} is beyond {MAX_IFIDX - 1}")
+        self.mtu_by_ifidx[ifidx] = mtu
+
+    cdef inline uint32_t _mtu_of(self, const unsigned char *address) noexcept nogil:
+        cdef uint32_t ifidx = (<const uint32_t *>(address + 16))[0]  # Network.IfIdx
+        return self.mtu_by_ifidx[ifidx] if ifidx < MAX_IFIDX else 0
+
     def commit(self, int slot):
         """Inject the slot's packets whose verdict is not DROP (in order), then free the slot.
-        Returns the number of packets injected; a failed inject is counted in send_errors."""
+        Returns the number of packets injected, or -error; a failed inject is counted in
+        send_errors."""
         self._check_slot(slot)
-        cdef uint32_t count = self.counts_p[slot], i, kept = 0, write = 0, sent = 0, length
+        cdef uint32_t count = self.counts_p[slot], i, kept = 0, write = 0, sent = 0, length, mtu, pieces
         cdef uint32_t *offsets = self.offsets_p + <size_t>slot * self.batch
         cdef uint32_t *lengths = self.lengths_p + <size_t>slot * self.batch
         cdef uint8_t *verdicts = self.verdicts_p + <size_t>slot * self.batch
         cdef unsigned char *buf = self.data_p + <size_t>slot * self.slot_bytes
         cdef unsigned char *addrs = self.addr_p + <size_t>slot * self.batch * OISP_ADDRESS_SIZE
         cdef int err = 0
+        cdef bint oversize = False
         with nogil:
             for i in range(count):
                 if verdicts[i] == C_VERDICT_DROP:
                     continue
+                mtu = self._mtu_of(addrs + i * OISP_ADDRESS_SIZE)
+                if mtu and lengths[i] > mtu:
+                    oversize = True
                 length = lengths[i]
                 if offsets[i] != write:  # compact the kept packets to the front, in place
                     memmove(buf + write, buf + offsets[i], length)
+                    offsets[kept] = write
                 if kept != i:
                     memmove(addrs + kept * OISP_ADDRESS_SIZE, addrs + i * OISP_ADDRESS_SIZE, OISP_ADDRESS_SIZE)
+                lengths[kept] = length
                 write += length
                 kept += 1
-            if kept > 0:
+            if oversize:
+                err = self._send_segmented(buf, offsets, lengths, addrs, kept)
+            elif kept > 0:
                 err = oisp_divert_send(self.kind, self.send_fn, self.handle, buf, write, addrs, kept, &sent)
             oisp_lock(&self.sync)
             if err == 0:
@@ -324,6 +361,48 @@ cdef class ReceiveRing:
         if err != 0:
             return -err
         return kept
+
+    cdef int _send_segmented(self, unsigned char *buf, uint32_t *offsets, uint32_t *lengths,
+                             unsigned char *addrs, uint32_t count) noexcept nogil:
+        """Inject `count` packets, splitting those larger than their interface's MTU;
+        pieces are gathered in the send buffer and injected up to 255 at a time."""
+        cdef uint32_t i, j, mtu, pieces, size, used = 0, naddr = 0, sent
+        cdef uint32_t capacity = <uint32_t>self.send_buf.shape[0]
+        cdef unsigned char *out = &self.send_buf[0]
+        cdef unsigned char *out_addrs = &self.send_addresses[0]
+        cdef const unsigned char *pkt
+        cdef int err = 0, first_err = 0
+        for i in range(count):
+            pkt = buf + offsets[i]
+            mtu = self._mtu_of(addrs + i * OISP_ADDRESS_SIZE)
+            size = lengths[i]
+            pieces = 1
+            if mtu and size > mtu:
+                size = oisp_segmented_size(pkt, lengths[i], mtu, &pieces)
+                if pieces > 255:  # an absurdly small MTU: inject whole and let the backend say no
+                    size, pieces = lengths[i], 1
+            if naddr + pieces > 255 or used + size > capacity:
+                if naddr > 0:
+                    err = oisp_divert_send(self.kind, self.send_fn, self.handle, out, used, out_addrs, naddr, &sent)
+                    if err and not first_err:
+                        first_err = err
+                used, naddr = 0, 0
+            if pieces > 1:
+                pieces = oisp_tcp_segment(pkt, lengths[i], mtu, out + used, &self.piece_lengths[0])
+                self.segmented += 1
+                for j in range(pieces):
+                    memmove(out_addrs + (naddr + j) * OISP_ADDRESS_SIZE, addrs + i * OISP_ADDRESS_SIZE,
+                            OISP_ADDRESS_SIZE)
+            else:
+                memmove(out + used, pkt, size)
+                memmove(out_addrs + naddr * OISP_ADDRESS_SIZE, addrs + i * OISP_ADDRESS_SIZE, OISP_ADDRESS_SIZE)
+            used += size
+            naddr += pieces
+        if naddr > 0:
+            err = oisp_divert_send(self.kind, self.send_fn, self.handle, out, used, out_addrs, naddr, &sent)
+            if err and not first_err:
+                first_err = err
+        return first_err
 
     cdef void _give_back(self, int slot) noexcept nogil:
         self.free_stack[self.free_top] = slot

@@ -33,6 +33,23 @@ from oisp.divert.address import ADDRESS_DTYPE, OUTBOUND, event_of, flow_address
 from oisp.divert.backend import address_of
 from oisp.divert.constants import MAX_BATCH, Event, Flag, Layer, Param, Shutdown
 from oisp.divert.handle import Handle
+from oisp.divert.library import WINDOWS
+
+
+def interface_mtus() -> dict[int, int]:
+    """{ifindex: MTU} of this network namespace (Linux). The ring TCP-segments
+    diverted packets larger than their interface's MTU before re-injecting
+    them: Linux diverts before GSO splits them."""
+    import socket
+    from pathlib import Path
+
+    mtus = {}
+    for ifidx, name in socket.if_nameindex():
+        try:
+            mtus[ifidx] = int(Path(f"/sys/class/net/{name}/mtu").read_text())
+        except (OSError, ValueError):
+            pass
+    return mtus
 
 
 class Verdict(IntEnum):
@@ -168,11 +185,16 @@ class Engine:
             policy=POLICIES[policy])
         self.policy = policy
         self.watchdog = watchdog
+        if not self.sniff and not WINDOWS:
+            for ifidx, mtu in interface_mtus().items():
+                if ifidx < 1024:
+                    self._ring.set_mtu(ifidx, mtu)
         self._rows: np.ndarray | None = None
         self._io_lock = threading.Lock()  # no inject may race the handle's close
         self._closed = False
         self._stalled: EngineStalled | None = None
         self._last_send_error: str | None = None
+        self._final_kernel_stats: dict[str, int] = {}
         self._receiver = threading.Thread(target=self._ring.run, name="oisp-receiver", daemon=True)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._receiver.start()
@@ -270,6 +292,7 @@ class Engine:
             "dropped_overflow": ring.dropped_overflow,
             "dropped_verdict": ring.dropped_verdict,
             "send_errors": ring.send_errors,
+            "segmented": ring.segmented,
             "last_send_error": self._last_send_error,
             "consumed": ring.consumed,
             "drained": ring.drained,
@@ -281,8 +304,7 @@ class Engine:
             "kernel": {},
         }
         with self._io_lock:
-            if not self._closed:
-                counters["kernel"] = self.handle.stats()
+            counters["kernel"] = self._final_kernel_stats if self._closed else self.handle.stats()
         return counters
 
     def _raise_if_failed(self) -> None:
@@ -333,6 +355,10 @@ class Engine:
                 pass  # closing below is what matters
             finally:
                 self._receiver.join(timeout)
+                try:
+                    self._final_kernel_stats = self.handle.stats()
+                except errors.DivertError:
+                    pass
                 self._closed = True
                 self.handle.close()
         if self._executor is not None:

@@ -6,6 +6,7 @@ engine builds its ring and threads on top of it.
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import numpy as np
@@ -15,6 +16,7 @@ from oisp.divert.address import new_addresses
 from oisp.divert.backend import INFINITE, Backend, get_backend
 from oisp.divert.constants import MAX_BATCH, MTU_MAX, PARAM_LIMITS, Flag, Layer, Param, Shutdown
 from oisp.divert.filter import check_filter
+from oisp.divert.guardian import Guardian, owned_prog_ids
 from oisp.divert.preflight import check_layer, check_privileges
 
 
@@ -40,8 +42,13 @@ class Handle:
         self.flags = Flag(flags)
         self.backend = backend or get_backend()
         self._preflight()
-        self._handle = self.backend.open(filter, self.layer, priority, self.flags)
         self._lock = threading.Lock()  # close() must not race a concurrent close()
+        self._guardian = None
+        diverts = self.backend.name == "ebpfdivert" and not self.flags & (Flag.SNIFF | Flag.RECV_ONLY)
+        before = owned_prog_ids() if diverts else set()
+        self._handle = self.backend.open(filter, self.layer, priority, self.flags)
+        if diverts and shutil.which("tc"):
+            self._guardian = Guardian(owned_prog_ids() - before)
         self._scratch: tuple[bytearray, np.ndarray] | None = None
 
     def _preflight(self) -> None:
@@ -121,6 +128,9 @@ class Handle:
             handle, self._handle = self._handle, None
         if handle is not None:
             self.backend.close(handle)
+        if self._guardian is not None:
+            self._guardian.close()
+            self._guardian = None
 
     def __enter__(self) -> Handle:
         return self

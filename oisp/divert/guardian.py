@@ -1,0 +1,93 @@
+"""Fail open on Linux when the process holding a divert handle dies.
+
+eBPFDivert 0.0.5 attaches its BPF programs as classic TC filters, which
+outlive the process: after a SIGKILL they keep diverting into a queue nobody
+reads, and the matching traffic is black-holed (measured: no packet passes
+until the filters are removed; `ebpfdivert_unregister()` does not remove
+them). So each diverting handle gets a guardian: a small child process, in
+the same network namespace, that waits for its parent's pipe to close. If
+the parent is gone by then, it deletes the TC filters that run the parent's
+programs, and traffic flows again within milliseconds.
+
+This file runs as a script with the standard library only, so it starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def owned_prog_ids(pid: str | int = "self") -> set[int]:
+    """BPF program ids whose file descriptors this process holds."""
+    ids = set()
+    fdinfo = Path(f"/proc/{pid}/fdinfo")
+    try:
+        entries = list(fdinfo.iterdir())
+    except OSError:
+        return ids
+    for entry in entries:
+        try:
+            for line in entry.read_text().splitlines():
+                if line.startswith("prog_id:"):
+                    ids.add(int(line.split()[1]))
+        except (OSError, ValueError):
+            continue
+    return ids
+
+
+def remove_filters(prog_ids: set[int]) -> int:
+    """Delete every TC filter, on every interface of this namespace, that runs one of `prog_ids`."""
+    removed = 0
+    for _, name in socket.if_nameindex():
+        for direction in ("egress", "ingress"):
+            shown = subprocess.run(["tc", "-j", "filter", "show", "dev", name, direction],
+                                   capture_output=True, text=True)
+            try:
+                filters = json.loads(shown.stdout or "[]")
+            except ValueError:
+                continue
+            for entry in filters:
+                options = entry.get("options") or {}
+                if options.get("prog", {}).get("id") in prog_ids:
+                    done = subprocess.run(
+                        ["tc", "filter", "del", "dev", name, direction, "pref", str(entry["pref"]),
+                         "handle", str(options["handle"]), "bpf"], capture_output=True)
+                    removed += done.returncode == 0
+    return removed
+
+
+class Guardian:
+    """The parent's end: start one per diverting handle, close it after the handle."""
+
+    def __init__(self, prog_ids: set[int]):
+        self.process = subprocess.Popen(
+            [sys.executable, "-S", __file__, str(os.getpid()), *map(str, sorted(prog_ids))],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C for the parent must not take the guardian first
+            close_fds=True,
+        )
+
+    def close(self) -> None:
+        """The handle closed normally: release the guardian without cleanup."""
+        if self.process.stdin:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _main(parent: int, prog_ids: set[int]) -> None:
+    sys.stdin.buffer.read()  # returns at EOF: the parent closed the pipe, or died
+    if os.getppid() == parent and Path(f"/proc/{parent}").exists():
+        return  # a normal close: the handle already detached its programs
+    remove_filters(prog_ids)
+
+
+if __name__ == "__main__":
+    _main(int(sys.argv[1]), {int(x) for x in sys.argv[2:]})
