@@ -6,7 +6,7 @@ reads, and the matching traffic is black-holed (measured: no packet passes
 until the filters are removed; `ebpfdivert_unregister()` does not remove
 them). So each diverting handle gets a guardian: a small child process, in
 the same network namespace, that waits for its parent's pipe to close. If
-the parent is gone by then, it deletes the TC filters that run the parent's
+the pipe closes without the parent saying it closed cleanly, it deletes the TC filters that run the parent's
 programs, and traffic flows again within milliseconds.
 
 This file runs as a script with the standard library only, so it starts fast.
@@ -15,7 +15,6 @@ This file runs as a script with the standard library only, so it starts fast.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -61,33 +60,41 @@ def remove_filters(prog_ids: set[int]) -> int:
     return removed
 
 
+CLOSED_CLEANLY = b"closed"
+
+
 class Guardian:
     """The parent's end: start one per diverting handle, close it after the handle."""
 
     def __init__(self, prog_ids: set[int]):
         self.process = subprocess.Popen(
-            [sys.executable, "-S", __file__, str(os.getpid()), *map(str, sorted(prog_ids))],
+            [sys.executable, "-S", __file__, *map(str, sorted(prog_ids))],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C for the parent must not take the guardian first
             close_fds=True,
         )
 
     def close(self) -> None:
-        """The handle closed normally: release the guardian without cleanup."""
+        """The handle closed normally: release the guardian without cleanup. (A parent that
+        dies closes the pipe without saying so, and the guardian cleans up.)"""
         if self.process.stdin:
-            self.process.stdin.close()
+            try:
+                self.process.stdin.write(CLOSED_CLEANLY)
+                self.process.stdin.close()
+            except OSError:
+                pass
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.process.kill()
 
 
-def _main(parent: int, prog_ids: set[int]) -> None:
-    sys.stdin.buffer.read()  # returns at EOF: the parent closed the pipe, or died
-    if os.getppid() == parent and Path(f"/proc/{parent}").exists():
-        return  # a normal close: the handle already detached its programs
+def _main(prog_ids: set[int]) -> None:
+    said = sys.stdin.buffer.read()  # returns at EOF: the parent closed the pipe, or died
+    if said == CLOSED_CLEANLY:
+        return  # the handle already detached its programs
     remove_filters(prog_ids)
 
 
 if __name__ == "__main__":
-    _main(int(sys.argv[1]), {int(x) for x in sys.argv[2:]})
+    _main({int(x) for x in sys.argv[1:]})
