@@ -27,16 +27,7 @@ typedef struct {
     uint8_t  Protocol;
 } WINDIVERT_DATA_FLOW;
 
-typedef struct {
-    uint64_t EndpointId;
-    uint64_t ParentEndpointId;
-    uint32_t ProcessId;
-    uint32_t LocalAddr[4];
-    uint32_t RemoteAddr[4];
-    uint16_t LocalPort;
-    uint16_t RemotePort;
-    uint8_t  Protocol;
-} WINDIVERT_DATA_SOCKET;
+typedef WINDIVERT_DATA_FLOW WINDIVERT_DATA_SOCKET;  /* the same layout in windivert.h */
 
 typedef struct {
     int64_t  Timestamp;
