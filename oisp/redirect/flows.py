@@ -1,0 +1,140 @@
+"""The flow table: which reflected connection came from which client, to which server.
+
+After reflection the proxy accepts a socket whose peer is (original server
+address, client port) and whose local address is (client address, proxy
+port). That is the key here: (server address, client port, proxy port). The
+proxy port is part of it because each redirected server port has its own
+proxy port, and Linux may reuse one ephemeral client port towards different
+server ports.
+
+The engine loop writes and the proxy (another thread) reads, so every method
+takes the lock. An entry ends when FIN has been seen in both directions or
+RST in either (after `linger`, so the last ACKs are still reflected), or when
+it has been idle for `idle_timeout`. The table holds at most `max_flows`;
+inserting into a full table evicts the least recently seen entry, counted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+FlowKey = tuple[bytes, int, int]  # (server address as 16 bytes, client port, proxy port)
+
+
+def address_key(address) -> bytes:
+    """16 bytes as in a parsed packet row: IPv4 in the first 4, the rest zero."""
+    if isinstance(address, (bytes, bytearray)):
+        return bytes(address).ljust(16, b"\0")
+    return ipaddress.ip_address(address).packed.ljust(16, b"\0")
+
+
+def key_address(key: bytes, ip_version: int) -> Address:
+    return ipaddress.IPv4Address(key[:4]) if ip_version == 4 else ipaddress.IPv6Address(key)
+
+
+@dataclass
+class FlowEntry:
+    client_addr: Address
+    client_port: int
+    server_addr: Address
+    server_port: int
+    proxy_port: int
+    pid: int | None = None
+    process_name: str | None = None
+    created: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)
+    fin_from_client: bool = False
+    fin_from_proxy: bool = False
+    closed_at: float | None = None  # monotonic time the flow ended (FIN both ways or RST)
+
+    @property
+    def key(self) -> FlowKey:
+        return address_key(self.server_addr), self.client_port, self.proxy_port
+
+
+class FlowTable:
+    """Reflected flows by (server address, client port, proxy port); thread-safe."""
+
+    def __init__(self, *, max_flows: int = 65536, idle_timeout: float = 300.0, linger: float = 2.0,
+                 owner: Callable[[Address, int], tuple[int | None, str | None]] | None = None):
+        self.max_flows = max_flows
+        self.idle_timeout = idle_timeout
+        self.linger = linger
+        self.owner = owner  # fills pid/name on lookup when the reflector could not name them in time
+        self._lock = threading.Lock()
+        self._flows: OrderedDict[FlowKey, FlowEntry] = OrderedDict()  # least recently seen first
+        self.counts = {"created": 0, "closed": 0, "expired_idle": 0, "evicted": 0}
+
+    # -- for the proxy --------------------------------------------------------------------
+    def lookup(self, peer_addr, peer_port: int, proxy_port: int) -> FlowEntry | None:
+        """The flow behind an accepted socket: `peer_addr, peer_port = sock.getpeername()[:2]`,
+        `proxy_port = sock.getsockname()[1]`."""
+        key = (address_key(peer_addr), peer_port, proxy_port)
+        with self._lock:
+            entry = self._flows.get(key)
+        if entry is not None and entry.pid is None and self.owner is not None:
+            entry.pid, entry.process_name = self.owner(entry.client_addr, entry.client_port)
+        return entry
+
+    # -- for the reflector ----------------------------------------------------------------
+    def get(self, key: FlowKey) -> FlowEntry | None:
+        with self._lock:
+            return self._flows.get(key)
+
+    def open(self, entry: FlowEntry) -> FlowEntry:
+        """A new flow (its SYN was seen); replaces a finished one with the same key."""
+        with self._lock:
+            self._flows.pop(entry.key, None)
+            while len(self._flows) >= self.max_flows:
+                self._flows.popitem(last=False)
+                self.counts["evicted"] += 1
+            self._flows[entry.key] = entry
+            self.counts["created"] += 1
+        return entry
+
+    def seen(self, key: FlowKey, tcp_flags: int, from_client: bool, now: float | None = None) -> FlowEntry | None:
+        """Packets of a known flow went by (flags OR-ed over them): refresh it, note FIN/RST."""
+        from oisp.packet import TCP_FIN, TCP_RST
+
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            entry = self._flows.get(key)
+            if entry is None:
+                return None
+            entry.last_seen = now
+            self._flows.move_to_end(key)
+            if tcp_flags & TCP_FIN:
+                if from_client:
+                    entry.fin_from_client = True
+                else:
+                    entry.fin_from_proxy = True
+            if entry.closed_at is None and (tcp_flags & TCP_RST or (entry.fin_from_client and entry.fin_from_proxy)):
+                entry.closed_at = now
+        return entry
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop flows that ended more than `linger` ago or have been idle too long."""
+        now = time.monotonic() if now is None else now
+        idle_before, closed_before = now - self.idle_timeout, now - self.linger
+        removed = 0
+        with self._lock:
+            for key in [k for k, e in self._flows.items()
+                        if (e.closed_at is not None and e.closed_at <= closed_before) or e.last_seen <= idle_before]:
+                entry = self._flows.pop(key)
+                self.counts["closed" if entry.closed_at is not None else "expired_idle"] += 1
+                removed += 1
+        return removed
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._flows)
+
+    def entries(self) -> list[FlowEntry]:
+        with self._lock:
+            return list(self._flows.values())
