@@ -1,0 +1,138 @@
+"""Which process opened a flow, and whether its flows are taken (`--process`, `--exclude`).
+
+The reflector must decide on a flow's first SYN, and a packet carries no pid.
+Sources, cheapest first:
+1. SOCKET/FLOW events (a sniff handle; on Linux it needs cgroup v2): a bound
+   socket's CONNECT and every FLOW_ESTABLISHED name the owner of a local port.
+2. A CONNECT from a socket not yet bound carries no local port, only the
+   remote end: when every recent CONNECT to that server came from one pid,
+   that is the owner.
+3. psutil, for sockets that predate the handle, events that arrive after the
+   SYN (they travel on their own handle), or when SOCKET is unavailable.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import socket
+import threading
+import time
+
+from oisp.capture.owners import EventFeed, ProcessNames, SocketOwners
+from oisp.divert.constants import Event
+from oisp.divert.errors import DivertError
+from oisp.redirect.flows import address_key
+
+CONNECT_WINDOW = 2.0  # seconds a portless CONNECT may explain a SYN to the same server
+
+
+class ProcessFilter:
+    """Include/exclude by pid or name. With an include list only those are taken;
+    an exclusion always wins."""
+
+    def __init__(self, include: str | list = (), exclude: str | list = ()):
+        self.include_pids, self.include_names = self._parse(include)
+        self.exclude_pids, self.exclude_names = self._parse(exclude)
+
+    @staticmethod
+    def _parse(spec) -> tuple[set[int], set[str]]:
+        items = spec.split(",") if isinstance(spec, str) else list(spec)
+        items = [str(i).strip() for i in items if str(i).strip()]
+        return {int(i) for i in items if i.isdigit()}, {i.lower() for i in items if not i.isdigit()}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.include_pids or self.include_names or self.exclude_pids or self.exclude_names)
+
+    def allows(self, pid: int | None, name: str | None) -> bool:
+        name = (name or "").lower()
+        if pid in self.exclude_pids or name in self.exclude_names:
+            return False
+        if self.include_pids or self.include_names:
+            return pid in self.include_pids or name in self.include_names
+        return True
+
+
+class ProcessResolver:
+    """Client (address, port) → (pid, name). Call `start_events()` to use SOCKET/FLOW
+    events; without them (or until they arrive) psutil answers."""
+
+    def __init__(self):
+        self.names = ProcessNames()
+        self.owners = SocketOwners(self.names)
+        self.feed: EventFeed | None = None
+        self.events_error: str | None = None
+        self._lock = threading.Lock()
+        self._connects: dict[tuple[bytes, int], collections.deque] = {}
+        self.counts = {"by_event": 0, "by_connect": 0, "by_psutil": 0, "unknown": 0}
+
+    def start_events(self) -> bool:
+        """Open the SOCKET/FLOW sniff handles; False (reason in `events_error`) when the
+        layers are unavailable, e.g. no cgroup v2 on Linux."""
+        try:
+            self.feed = EventFeed(self.owners, on_events=self._note_connects)
+        except DivertError as e:
+            self.events_error = str(e)
+            return False
+        return True
+
+    def stop(self) -> None:
+        if self.feed is not None:
+            self.feed.stop()
+
+    def _note_connects(self, events) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for e in events:
+                if e.event == Event.SOCKET_CONNECT and e.pid and not e.local_port:
+                    self.names.remember(e.pid)
+                    key = (address_key(e.remote), e.remote_port)
+                    self._connects.setdefault(key, collections.deque(maxlen=64)).append((now, e.pid))
+            for key in [k for k, q in self._connects.items() if q[-1][0] < now - CONNECT_WINDOW]:
+                del self._connects[key]
+
+    def owner(self, client_addr, client_port: int, server_addr=None, server_port: int | None = None,
+              *, guess: bool = False, use_psutil: bool = True) -> tuple[int | None, str | None]:
+        """The owner of a client socket. `guess` allows source 2, good for attribution but
+        not for a filter decision (another process's CONNECT may still be on its way)."""
+        pid = self.owners.owner(socket.IPPROTO_TCP, address_key(client_addr), client_port)
+        if pid:
+            self.counts["by_event"] += 1
+        elif guess and server_addr is not None and (pid := self._only_connector(server_addr, server_port)):
+            self.counts["by_connect"] += 1
+        elif use_psutil and (pid := self._psutil_owner(client_addr, client_port)):
+            self.counts["by_psutil"] += 1
+            self.owners.own(socket.IPPROTO_TCP, client_addr, client_port, pid)
+        if not pid:
+            self.counts["unknown"] += 1
+            return None, None
+        return pid, self.names(pid)
+
+    def _only_connector(self, server_addr, server_port) -> int | None:
+        cutoff = time.monotonic() - CONNECT_WINDOW
+        with self._lock:
+            queue = self._connects.get((address_key(server_addr), server_port), ())
+            pids = {pid for t, pid in queue if t >= cutoff}
+        return pids.pop() if len(pids) == 1 else None
+
+    @staticmethod
+    def _psutil_owner(client_addr, client_port: int) -> int | None:
+        import psutil
+
+        wanted = ipaddress.ip_address(client_addr)
+        try:
+            connections = psutil.net_connections(kind="tcp")
+        except (psutil.Error, OSError):
+            return None
+        for c in connections:
+            if c.pid and c.laddr and c.laddr.port == client_port and _same_address(c.laddr.ip, wanted):
+                return c.pid
+        return None
+
+
+def _same_address(text: str, wanted) -> bool:
+    address = ipaddress.ip_address(text.split("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address == wanted

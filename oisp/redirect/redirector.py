@@ -1,0 +1,88 @@
+"""Everything the redirector needs, wired together for `oisp record`.
+
+    redirector = Redirector(proxy_ports={443: 8443}, exclude="chrome").start()
+    ...                                     # the proxy, on an accepted socket:
+    entry = redirector.flows.lookup(*sock.getpeername()[:2], sock.getsockname()[1])
+    upstream = await open_upstream(str(entry.server_addr), entry.server_port, redirector.own_ports)
+    ...
+    redirector.stop()
+
+Start order matters: the DNS sniffer and the process events first, so the
+answers and connects that follow are not missed; the start-up resolution
+next; the reflector last.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from oisp.divert.errors import DivertError
+from oisp.redirect.flows import FlowTable
+from oisp.redirect.own_ports import OwnPorts
+from oisp.redirect.processes import ProcessFilter, ProcessResolver
+from oisp.redirect.reflector import DEFAULT_PORTS, Reflector
+from oisp.redirect.targets import DnsSniffer, TargetSet, resolve_hosts
+
+
+class Redirector:
+    def __init__(self, spec=None, *, proxy_ports: dict[int, int] | None = None, include: str | list = (),
+                 exclude: str | list = (), addresses: Iterable = (), resolve: bool = True,
+                 resolve_timeout: float = 5.0, sniff_dns: bool = True, process_events: bool = True,
+                 max_flows: int = 65536, idle_timeout: float = 300.0, watchdog: float | None = 5.0):
+        if spec is None:
+            from oisp.spec import default_spec
+
+            spec = default_spec()
+        self.spec = spec
+        self.targets = TargetSet(addresses)
+        self.own_ports = OwnPorts()
+        self.processes = ProcessResolver()
+        self.process_filter = ProcessFilter(include, exclude)
+        self.flows = FlowTable(max_flows=max_flows, idle_timeout=idle_timeout, owner=self.processes.owner)
+        self.proxy_ports = dict(proxy_ports or DEFAULT_PORTS)
+        self.resolve, self.resolve_timeout = resolve, resolve_timeout
+        self.sniff_dns, self.process_events, self.watchdog = sniff_dns, process_events, watchdog
+        self.dns: DnsSniffer | None = None
+        self.reflector: Reflector | None = None
+        self.resolution: dict = {}
+        self.notes: list[str] = []  # what runs degraded, and why
+
+    def start(self) -> Redirector:
+        try:
+            if self.sniff_dns:
+                try:
+                    self.dns = DnsSniffer(self.targets, self.spec.matches_host)
+                except DivertError as e:
+                    self.notes.append(f"DNS answers are not watched: {e}")
+            if self.process_events and not self.processes.start_events():
+                self.notes.append(f"processes are named by psutil only: {self.processes.events_error}")
+            if self.resolve:
+                self.resolution = resolve_hosts(self.spec.hosts(), self.targets, timeout=self.resolve_timeout)
+            self.reflector = Reflector(self.targets, self.flows, self.own_ports, ports=self.proxy_ports,
+                                       processes=self.processes, process_filter=self.process_filter,
+                                       watchdog=self.watchdog).start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """The reflector first, so no flow is left half-redirected behind a stopped sniffer."""
+        for part in (self.reflector, self.dns, self.processes):
+            if part is not None:
+                part.stop()
+
+    def __enter__(self) -> Redirector:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def counters(self) -> dict:
+        return {
+            "reflector": self.reflector.counters() if self.reflector else {},
+            "targets": {"addresses": len(self.targets), **self.targets.counts},
+            "dns": dict(self.dns.counts) if self.dns else {},
+            "processes": dict(self.processes.counts),
+            "resolution": dict(self.resolution),
+        }

@@ -1,0 +1,172 @@
+"""The client side of the redirect tests, run in the client namespace; prints one JSON object.
+
+usage: redirect_client.py e2e SERVER_IP OTHER_IP [exclude-child] [events]
+    the reflector (targets = {SERVER_IP}) and a small transparent proxy on :8443 that
+    looks each accepted socket up in the flow table and dials the original destination
+    through connect_upstream; then: an AI connection (data round trip, clean close),
+    one ended by RST, one to OTHER_IP:443 and one to SERVER_IP:444 (both not AI), and
+    optionally a connection from an excluded child process.
+usage: redirect_client.py dns SERVER_IP
+    a DnsSniffer; hand-built queries to SERVER_IP:53; which addresses were learned
+"""
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+from oisp.redirect import FlowTable, OwnPorts, ProcessFilter, ProcessResolver, Reflector, TargetSet
+from oisp.redirect import connect_upstream
+
+PROXY_PORT = 8443
+CHILD = """
+import socket, sys
+sys.stdin.readline()
+c = socket.create_connection((sys.argv[1], 443), timeout=5)
+print(c.makefile().readline().strip(), c.getsockname()[1], flush=True)
+c.close()
+"""
+
+
+def wait_until(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return predicate()
+
+
+class Proxy:
+    """Accepts reflected connections, records what it saw, relays to the original server."""
+
+    def __init__(self, flows, own_ports):
+        self.flows, self.own_ports = flows, own_ports
+        self.accepted = []
+        self.server = socket.create_server(("::", PROXY_PORT), family=socket.AF_INET6, dualstack_ipv6=True)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            conn, peer = self.server.accept()
+            threading.Thread(target=self._handle, args=(conn, peer), daemon=True).start()
+
+    def _handle(self, conn, peer):
+        entry = self.flows.lookup(peer[0], peer[1], conn.getsockname()[1])
+        seen = {"peer": [peer[0].removeprefix("::ffff:"), peer[1]], "entry": None}
+        self.accepted.append(seen)
+        if entry is None:
+            conn.close()
+            return
+        seen["entry"] = {"server": str(entry.server_addr), "server_port": entry.server_port,
+                         "client": str(entry.client_addr), "client_port": entry.client_port, "pid": entry.pid}
+        upstream = connect_upstream(str(entry.server_addr), entry.server_port, self.own_ports)
+        seen["upstream_port"] = upstream.getsockname()[1]
+        pump = threading.Thread(target=relay, args=(upstream, conn), daemon=True)
+        pump.start()
+        relay(conn, upstream)
+        pump.join(10)
+        conn.close()
+        self.own_ports.close(upstream)
+
+
+def relay(src, dst):
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass  # a reset: pass the end on all the same
+    try:
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def exchange(host, port, payload=b""):
+    c = socket.create_connection((host, port), timeout=5)
+    client_port = c.getsockname()[1]
+    reader = c.makefile("rb")
+    peer_line = reader.readline().decode().split()
+    c.sendall(payload)
+    c.shutdown(socket.SHUT_WR)
+    echoed = reader.read()
+    reader.close()
+    c.close()
+    return {"client_port": client_port, "server_saw": [peer_line[1], int(peer_line[2])],
+            "intact": echoed == payload, "echoed": len(echoed)}
+
+
+def scenario_e2e(server_ip, other_ip, options):
+    targets = TargetSet([server_ip])
+    resolver = ProcessResolver()
+    events = "events" in options and resolver.start_events()
+    flows = FlowTable(linger=0.3, owner=resolver.owner)
+    own_ports = OwnPorts()
+    child = None
+    exclude = []
+    if "exclude-child" in options:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, server_ip], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        exclude = [child.pid]
+    proxy = Proxy(flows, own_ports)
+    out = {"me": os.getpid(), "events": events, "events_error": resolver.events_error}
+    with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}, processes=resolver,
+                   process_filter=ProcessFilter(exclude=exclude)) as reflector:
+        payload = os.urandom(300_000)
+        out["ai"] = exchange(server_ip, 443, payload)
+        out["flows_after_ai"] = len(flows)
+        out["flows_empty_after_fin"] = wait_until(lambda: len(flows) == 0, 3.0)
+
+        c = socket.create_connection((server_ip, 443), timeout=5)
+        c.makefile("rb").readline()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        out["rst_client_port"] = c.getsockname()[1]
+        out["flows_before_rst"] = len(flows)
+        c.close()  # SO_LINGER 0: an RST, not a FIN
+        out["flows_empty_after_rst"] = wait_until(lambda: len(flows) == 0, 3.0)
+
+        out["other_address"] = exchange(other_ip, 443, b"hello other")
+        out["other_port"] = exchange(server_ip, 444, b"hello 444")
+        if child is not None:
+            line, _ = child.communicate("go\n", timeout=10)
+            saw_host, saw_port, child_port = line.split()[1:]
+            out["child"] = {"pid": child.pid, "server_saw": [saw_host, int(saw_port)], "client_port": int(child_port)}
+        time.sleep(0.3)
+        out["accepted"] = proxy.accepted
+        out["counters"] = reflector.counters()
+        out["own_ports_left"] = len(own_ports)
+        out["named_by"] = dict(resolver.counts)
+        out["reflector_error"] = repr(reflector.error) if reflector.error else None
+    resolver.stop()
+    json.dump(out, sys.stdout)
+
+
+def scenario_dns(server_ip):
+    from oisp.redirect import DnsSniffer
+    from oisp.redirect.dns import TYPE_A, TYPE_AAAA, build_query
+    from oisp.spec import default_spec
+
+    targets = TargetSet()
+    sniffer = DnsSniffer(targets, default_spec().matches_host)
+    family = socket.AF_INET6 if ":" in server_ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.settimeout(3)
+    replies = 0
+    for i, (name, qtype) in enumerate([("api.openai.com", TYPE_A), ("api.openai.com", TYPE_AAAA),
+                                       ("example.com", TYPE_A), ("bad.test", TYPE_A)]):
+        sock.sendto(build_query(name, qtype, query_id=i + 1), (server_ip, 53))
+        sock.recvfrom(2048)
+        replies += 1
+    wait_until(lambda: sniffer.counts["responses"] >= 4, 3.0)
+    sniffer.stop()
+    json.dump({"replies": replies, "learned": sorted(map(str, targets.addresses())), "counts": sniffer.counts},
+              sys.stdout)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "e2e":
+        scenario_e2e(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
+    else:
+        scenario_dns(sys.argv[2])

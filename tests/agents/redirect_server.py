@@ -1,0 +1,77 @@
+"""The far side of the redirect tests, run in the server namespace.
+
+usage: redirect_server.py tcp PORT [PORT...]   echo servers; each connection first gets
+                                               "PEER ip port\\n" (what this server saw), then
+                                               its bytes back; every accept is printed
+       redirect_server.py dns                  answers A/AAAA for api.openai.com (via a CNAME)
+                                               and example.com, a broken reply for bad.test
+"""
+
+import socket
+import struct
+import sys
+import threading
+
+from oisp.redirect.dns import TYPE_A, TYPE_AAAA, TYPE_CNAME, read_name
+
+ANSWERS = {("api.openai.com", TYPE_A): "10.77.0.1", ("api.openai.com", TYPE_AAAA): "fd77::1",
+           ("example.com", TYPE_A): "10.88.0.1"}
+
+
+def echo(conn, peer):
+    with conn:
+        conn.sendall(f"PEER {peer[0]} {peer[1]}\n".encode())
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+
+def serve_tcp(port):
+    server = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
+    while True:
+        conn, peer = server.accept()
+        host = peer[0].removeprefix("::ffff:")
+        print(f"conn {port} {host} {peer[1]}", flush=True)
+        threading.Thread(target=echo, args=(conn, (host, peer[1])), daemon=True).start()
+
+
+def dns_answer(query):
+    qname, end = read_name(query, 12)
+    qtype = struct.unpack_from("!H", query, end)[0]
+    question = query[12:end + 4]
+    if qname == "bad.test":
+        return query[:2] + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0) + question + b"\xc0"  # answer cut short
+    records = b""
+    count = 0
+    address = ANSWERS.get((qname, qtype))
+    if address:
+        owner = b"\xc0\x0c"
+        if qname == "api.openai.com":  # answer through a CNAME, as the real one does
+            target = b"\x04edge\x07example\x03net\x00"
+            records += owner + struct.pack("!HHIH", TYPE_CNAME, 1, 60, len(target)) + target
+            owner, count = struct.pack("!H", 0xC000 | (12 + len(question) + 12)), 1
+        import ipaddress
+
+        packed = ipaddress.ip_address(address).packed
+        records += owner + struct.pack("!HHIH", qtype, 1, 60, len(packed)) + packed
+        count += 1
+    return query[:2] + struct.pack("!HHHHH", 0x8180, 1, count, 0, 0) + question + records
+
+
+def serve_dns():
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", 53))
+    print("ready", flush=True)
+    while True:
+        query, peer = sock.recvfrom(2048)
+        sock.sendto(dns_answer(query), peer)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "dns":
+        serve_dns()
+    else:
+        for p in sys.argv[2:]:
+            threading.Thread(target=serve_tcp, args=(int(p),), daemon=True).start()
+        print("ready", flush=True)
+        threading.Event().wait()

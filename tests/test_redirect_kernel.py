@@ -1,0 +1,119 @@
+"""The redirector on the real kernel path: a client namespace dials a server namespace
+over a veth; the reflector sends AI-bound flows into a local proxy, which dials out again
+through connect_upstream. IPv4 and IPv6; non-AI traffic untouched; DNS answers learned."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.privileged
+
+AGENTS = Path(__file__).parent / "agents"
+CGROUP2 = "mount --make-rprivate / && mount -t cgroup2 none /sys/fs/cgroup && exec \"$0\" \"$@\""
+
+
+@pytest.fixture
+def lab(veth_pair):
+    """The pair, a second address on b (not an AI endpoint), and echo servers on b:443 and b:444."""
+    ifname = veth_pair.b.run("ip", "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0]
+    extra4 = veth_pair.b_ip4.rsplit(".", 1)[0] + ".3"
+    extra6 = veth_pair.b_ip6.rsplit(":", 1)[0] + ":3"
+    veth_pair.b.run("ip", "addr", "add", f"{extra4}/24", "dev", ifname)
+    veth_pair.b.run("ip", "addr", "add", f"{extra6}/64", "dev", ifname, "nodad")
+    server = veth_pair.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), "tcp", "443", "444",
+                               stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "ready"
+    veth_pair.extra = {4: extra4, 6: extra6}
+    veth_pair.server = server
+    yield veth_pair
+    server.kill()
+    server.wait()
+
+
+def server_log(server) -> list[tuple[int, str, int]]:
+    server.kill()
+    lines = server.stdout.read().split("\n")
+    return [(int(p), host, int(port)) for _, p, host, port in (line.split() for line in lines if line)]
+
+
+def run_client(ns, *args, cgroup2=False):
+    argv = [sys.executable, str(AGENTS / "redirect_client.py"), *args]
+    if cgroup2:
+        argv = ["unshare", "-m", "sh", "-c", CGROUP2, *argv]
+    done = subprocess.run(ns.cmd(*argv), capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+def check_redirected(out, server_ip, client_ip, log):
+    ai = out["ai"]
+    assert out["reflector_error"] is None
+    # The proxy accepted the reflected socket with the peer (server, client port) ...
+    first = out["accepted"][0]
+    assert first["peer"] == [server_ip, ai["client_port"]]
+    # ... and the table gave back the original destination and the client's pid.
+    assert first["entry"] == {"server": server_ip, "server_port": 443, "client": client_ip,
+                              "client_port": ai["client_port"], "pid": out["me"]}
+    assert ai["intact"] and ai["echoed"] == 300_000
+    # The server saw the proxy's upstream port, once, never the client's own port: no loop.
+    assert ai["server_saw"] == [client_ip, first["upstream_port"]] and first["upstream_port"] != ai["client_port"]
+    ai_conns = [c for c in log if c[0] == 443 and c[2] in (first["upstream_port"], ai["client_port"])]
+    assert ai_conns == [(443, client_ip, first["upstream_port"])]
+    assert out["counters"]["own_upstream"] > 0 and out["own_ports_left"] == 0
+    # FIN both ways, then RST: each flow leaves the table after its linger.
+    assert out["flows_after_ai"] == 1 and out["flows_empty_after_fin"]
+    assert out["flows_before_rst"] == 1 and out["flows_empty_after_rst"]
+    assert out["counters"]["flow_table"]["closed"] == 2
+    assert out["counters"]["engine"]["dropped"] == 0
+
+
+def check_untouched(out, client_ip, log, accepted=2):
+    for name, port in (("other_address", 443), ("other_port", 444)):
+        conn = out[name]
+        assert conn["intact"] and conn["server_saw"] == [client_ip, conn["client_port"]]
+        assert (port, client_ip, conn["client_port"]) in log
+    assert len(out["accepted"]) == accepted  # the AI and RST connections only
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_ai_flows_reach_the_proxy_and_the_rest_is_untouched(lab, family):
+    server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
+    out = run_client(lab.a, "e2e", server_ip, lab.extra[family])
+    log = server_log(lab.server)
+    check_redirected(out, server_ip, client_ip, log)
+    check_untouched(out, client_ip, log)
+
+
+@pytest.mark.parametrize("family,events", [(4, False), (6, True)])
+def test_an_excluded_process_is_never_reflected(lab, family, events):
+    """psutil names the child without SOCKET events; with cgroup2 the events feed runs too."""
+    server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
+    out = run_client(lab.a, "e2e", server_ip, lab.extra[family], "exclude-child",
+                     *(["events"] if events else []), cgroup2=events)
+    assert out["events"] == events
+    log = server_log(lab.server)
+    check_redirected(out, server_ip, client_ip, log)
+    child = out["child"]
+    assert child["server_saw"] == [client_ip, child["client_port"]]  # straight to the server
+    assert (443, client_ip, child["client_port"]) in log
+    assert out["counters"]["excluded"] >= 1
+    check_untouched(out, client_ip, log)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_dns_answers_on_the_wire_teach_the_address_set(veth_pair, family):
+    server = veth_pair.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), "dns",
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        out = run_client(veth_pair.a, "dns", veth_pair.b_ip4 if family == 4 else veth_pair.b_ip6)
+    finally:
+        server.kill()
+        server.wait()
+    assert out["replies"] == 4
+    # api.openai.com (through a CNAME) is learned in both families; example.com is not.
+    assert out["learned"] == ["10.77.0.1", "fd77::1"]
+    assert out["counts"]["malformed"] == 1 and out["counts"]["responses"] == 4
