@@ -117,3 +117,22 @@ def test_dns_answers_on_the_wire_teach_the_address_set(veth_pair, family):
     # api.openai.com (through a CNAME) is learned in both families; example.com is not.
     assert out["learned"] == ["10.77.0.1", "fd77::1"]
     assert out["counts"]["malformed"] == 1 and out["counts"]["responses"] == 4
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_whole_redirector_takes_a_server_once_dns_names_it_an_ai_endpoint(lab, family):
+    server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
+    dns = lab.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), "dns", lab.b_ip4, lab.b_ip6,
+                      stdout=subprocess.PIPE, text=True)
+    try:
+        assert dns.stdout.readline().strip() == "ready"
+        out = run_client(lab.a, "learned", server_ip)
+    finally:
+        dns.kill()
+        dns.wait()
+    before, after = out["before"], out["after"]
+    assert before["server_saw"] == [client_ip, before["client_port"]]  # not known yet: untouched
+    assert out["learned"]
+    assert [a["peer"] for a in out["accepted"]] == [[server_ip, after["client_port"]]]
+    assert after["intact"] and after["server_saw"] == [client_ip, out["accepted"][0]["upstream_port"]]
+    assert out["counters"]["dns"]["learned"] >= 1

@@ -8,6 +8,9 @@ usage: redirect_client.py e2e SERVER_IP OTHER_IP [exclude-child] [events]
     optionally a connection from an excluded child process.
 usage: redirect_client.py dns SERVER_IP
     a DnsSniffer; hand-built queries to SERVER_IP:53; which addresses were learned
+usage: redirect_client.py learned SERVER_IP
+    a whole Redirector knowing no address: a connection to SERVER_IP:443 before and after
+    SERVER_IP:53 answers api.openai.com with SERVER_IP
 """
 
 import json
@@ -143,6 +146,24 @@ def scenario_e2e(server_ip, other_ip, options):
     json.dump(out, sys.stdout)
 
 
+def scenario_learned(server_ip):
+    from oisp.redirect import Redirector
+    from oisp.redirect.dns import TYPE_A, TYPE_AAAA, build_query
+
+    with Redirector(proxy_ports={443: PROXY_PORT}, resolve=False) as redirector:
+        proxy = Proxy(redirector.flows, redirector.own_ports)
+        before = exchange(server_ip, 443, b"before")
+        sock = socket.socket(socket.AF_INET6 if ":" in server_ip else socket.AF_INET, socket.SOCK_DGRAM)
+        sock.settimeout(3)
+        sock.sendto(build_query("api.openai.com", TYPE_AAAA if ":" in server_ip else TYPE_A), (server_ip, 53))
+        sock.recvfrom(2048)
+        learned = wait_until(lambda: server_ip in redirector.targets, 3.0)
+        after = exchange(server_ip, 443, b"after")
+        time.sleep(0.2)
+        json.dump({"before": before, "learned": learned, "after": after, "accepted": proxy.accepted,
+                   "notes": redirector.notes, "counters": redirector.counters()}, sys.stdout, default=str)
+
+
 def scenario_dns(server_ip):
     from oisp.redirect import DnsSniffer
     from oisp.redirect.dns import TYPE_A, TYPE_AAAA, build_query
@@ -168,5 +189,7 @@ def scenario_dns(server_ip):
 if __name__ == "__main__":
     if sys.argv[1] == "e2e":
         scenario_e2e(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
+    elif sys.argv[1] == "learned":
+        scenario_learned(sys.argv[2])
     else:
         scenario_dns(sys.argv[2])

@@ -3,8 +3,9 @@
 usage: redirect_server.py tcp PORT [PORT...]   echo servers; each connection first gets
                                                "PEER ip port\\n" (what this server saw), then
                                                its bytes back; every accept is printed
-       redirect_server.py dns                  answers A/AAAA for api.openai.com (via a CNAME)
-                                               and example.com, a broken reply for bad.test
+       redirect_server.py dns [A AAAA]         answers A/AAAA for api.openai.com (via a CNAME;
+                                               10.77.0.1 / fd77::1 unless given) and example.com,
+                                               a broken reply for bad.test
 """
 
 import socket
@@ -69,6 +70,8 @@ def serve_dns():
 
 if __name__ == "__main__":
     if sys.argv[1] == "dns":
+        if len(sys.argv) > 3:
+            ANSWERS[("api.openai.com", TYPE_A)], ANSWERS[("api.openai.com", TYPE_AAAA)] = sys.argv[2:4]
         serve_dns()
     else:
         for p in sys.argv[2:]:
