@@ -51,8 +51,8 @@ class FlowEntry:
     proxy_port: int
     pid: int | None = None
     process_name: str | None = None
-    created: float = field(default_factory=time.time)
-    last_seen: float = field(default_factory=time.monotonic)
+    created: float = field(default_factory=time.time)  # wall clock, for events
+    last_seen: float = field(default_factory=time.monotonic)  # monotonic, for expiry
     fin_from_client: bool = False
     fin_from_proxy: bool = False
     closed_at: float | None = None  # monotonic time the flow ended (FIN both ways or RST)

@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from oisp.divert.address import OUTBOUND
+from oisp.divert.engine import Engine, Verdict
 from oisp.divert.errors import DivertError
 from oisp.packet import OK, TCP_ACK, TCP_SYN, reflect
 from oisp.redirect.flows import FlowEntry, FlowTable, key_address
@@ -67,8 +68,10 @@ class Reflector:
         self.priority, self.watchdog = priority, watchdog
         self._server_port = np.zeros(65536, dtype=bool)
         self._proxy_port = np.zeros(65536, dtype=bool)
+        self._proxy_for = np.zeros(65536, dtype=np.uint16)  # server port → its proxy port
         self._server_port[list(self.ports)] = True
         self._proxy_port[list(self.ports.values())] = True
+        self._proxy_for[list(self.ports)] = list(self.ports.values())
         self.engine = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -78,8 +81,6 @@ class Reflector:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> Reflector:
-        from oisp.divert.engine import Engine
-
         self.engine = Engine(reflector_filter(self.ports), priority=self.priority, policy="block",
                              watchdog=self.watchdog)
         self._thread = threading.Thread(target=self._run, name="oisp-reflector", daemon=True)
@@ -125,8 +126,6 @@ class Reflector:
     # -- one batch ------------------------------------------------------------------------
     def process(self, batch) -> None:
         """Decide, rewrite and set verdicts for one batch (the caller commits it)."""
-        from oisp.divert.engine import Verdict
-
         rows = batch.rows
         if not len(rows):
             return
@@ -138,6 +137,7 @@ class Reflector:
         self.counts["own_upstream"] += int(own.sum())
         to_server_rows = np.flatnonzero(to_server & ~own)
         to_server_rows = to_server_rows[self.targets.contains(rows["dst_addr"][to_server_rows])]
+        # A row to a server port was judged as a client's above, whatever its source port.
         from_proxy_rows = np.flatnonzero(valid & self._proxy_port[src_port] & ~self._server_port[dst_port])
 
         taken = np.zeros(len(rows), dtype=bool)
@@ -158,8 +158,7 @@ class Reflector:
     def _take_to_server(self, rows, index: np.ndarray) -> np.ndarray:
         if not len(index):
             return index
-        proxy_ports = np.array([self.ports[int(p)] for p in rows["dst_port"][index]], dtype=np.uint16) \
-            if len(self.ports) > 1 else np.full(len(index), next(iter(self.ports.values())), dtype=np.uint16)
+        proxy_ports = self._proxy_for[rows["dst_port"][index]]
         first, inverse = _group(rows["dst_addr"][index], rows["src_port"][index], proxy_ports)
         flags = np.zeros(len(first), dtype=np.uint8)
         np.bitwise_or.at(flags, inverse, rows["tcp_flags"][index])

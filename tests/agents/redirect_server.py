@@ -8,6 +8,7 @@ usage: redirect_server.py tcp PORT [PORT...]   echo servers; each connection fir
                                                a broken reply for bad.test
 """
 
+import ipaddress
 import socket
 import struct
 import sys
@@ -50,8 +51,6 @@ def dns_answer(query):
             target = b"\x04edge\x07example\x03net\x00"
             records += owner + struct.pack("!HHIH", TYPE_CNAME, 1, 60, len(target)) + target
             owner, count = struct.pack("!H", 0xC000 | (12 + len(question) + 12)), 1
-        import ipaddress
-
         packed = ipaddress.ip_address(address).packed
         records += owner + struct.pack("!HHIH", qtype, 1, 60, len(packed)) + packed
         count += 1
