@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # Subcommand modules under oisp.cli, in the order `oisp --help` lists them.
-COMMANDS = ["check", "decode", "replay", "capture", "flows"]
+COMMANDS = ["check", "decode", "replay", "capture", "flows", "ca"]
 
 
 def build_parser() -> argparse.ArgumentParser:
