@@ -310,3 +310,13 @@ def test_httpx_with_our_ca(issuer, ca):
             response = client.get(f"https://127.0.0.1:{server.port}/", headers={"Host": HOST},
                                   extensions={"sni_hostname": HOST})
         assert response.status_code == 200 and response.text == "ok"
+
+
+def test_keylog_lines_for_the_client_side(ca, tmp_path):
+    keylog = tmp_path / "keys.log"
+    issuer = LeafIssuer(ca, keylog_filename=str(keylog))
+    with TLSServer(issuer.server_context(HOST, ["h2"])) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as raw, \
+                strict_client(ca.cert_path).wrap_socket(raw, server_hostname=HOST):
+            pass
+    assert "CLIENT_HANDSHAKE_TRAFFIC_SECRET" in keylog.read_text() or "CLIENT_RANDOM" in keylog.read_text()

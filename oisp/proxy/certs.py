@@ -85,8 +85,9 @@ class BoundedLRU(Generic[K, V]):
 
 
 class LeafIssuer:
-    def __init__(self, ca: CertificateAuthority, cache_size: int = 1024) -> None:
+    def __init__(self, ca: CertificateAuthority, cache_size: int = 1024, keylog_filename: str | None = None) -> None:
         self.ca = ca
+        self.keylog_filename = keylog_filename  # SSLKEYLOGFILE lines for the client side, for Wireshark
         self.key = ec.generate_private_key(ec.SECP256R1())
         self._key_pem = self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption())
@@ -133,6 +134,8 @@ class LeafIssuer:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         if alpn:
             context.set_alpn_protocols(list(alpn))
+        if self.keylog_filename:
+            context.keylog_filename = self.keylog_filename
         chain = self.certificate(name).public_bytes(serialization.Encoding.PEM) + self.ca.cert_pem.encode("ascii")
         # ssl loads a certificate and key only from a file: a 0700 directory that lives for this call alone.
         with tempfile.TemporaryDirectory(prefix="oisp-leaf-") as private_dir:
