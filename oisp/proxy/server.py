@@ -1,0 +1,324 @@
+"""The transparent proxy: accepts reflected connections, decrypts the AI ones.
+
+For each accepted connection:
+1. look up where the client meant to go (the redirector's flow table);
+2. peek at the ClientHello (SNI, ALPN) without consuming it;
+3. connect upstream from a port registered with the redirector, so our own
+   connection is never reflected back to us;
+4. if the SNI names an AI host and the client has not shown it pins
+   certificates: TLS to upstream offering the client's ALPN list, then TLS to
+   the client with a leaf for that SNI offering exactly what upstream chose;
+   the plaintext both ways goes to a FlowRecorder;
+5. otherwise relay the bytes untouched, so the client sees the real server.
+
+Every chunk read from one side is written to the other at once (an SSE stream
+is never buffered), and `drain()` carries back-pressure across.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+from oisp.decode import Direction, FlowContext
+from oisp.events import FlowRecorder, make_event
+from oisp.proxy.clienthello import MAX_HELLO, ClientHello, NotTLS, hello_complete, parse_client_hello
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 1 << 16
+HANDSHAKE_TIMEOUT = 15.0
+HALF_CLOSE_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where an accepted connection was going, from the flow table."""
+
+    client: tuple[str, int]
+    server: tuple[str, int]
+    pid: int | None = None
+    process_name: str | None = None
+
+
+class PinnedHosts:
+    """SNIs whose clients rejected our certificate: later connections pass through."""
+
+    def __init__(self, limit: int = 4096):
+        self._hosts: OrderedDict[str, float] = OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def add(self, sni: str) -> None:
+        with self._lock:
+            self._hosts[sni] = time.time()
+            self._hosts.move_to_end(sni)
+            while len(self._hosts) > self._limit:
+                self._hosts.popitem(last=False)
+
+    def __contains__(self, sni: object) -> bool:
+        with self._lock:
+            return sni in self._hosts
+
+
+def _plain(address: str) -> str:
+    """An IPv4-mapped IPv6 address (from a dual-stack listener) as IPv4."""
+    parsed = ipaddress.ip_address(address.split("%")[0])
+    return str(getattr(parsed, "ipv4_mapped", None) or parsed)
+
+
+class TransparentProxy:
+    def __init__(self, *, lookup: Callable[[str, int], Target | None], issuer, spec=None,
+                 register_port: Callable[[int], None] = lambda port: None,
+                 unregister_port: Callable[[int], None] = lambda port: None,
+                 upstream_verify: bool = True, upstream_cafile: str | None = None, keylog: str | None = None,
+                 on_events: Callable[[list[dict]], None] = lambda events: None,
+                 recorder_options: dict | None = None, pinned: PinnedHosts | None = None):
+        from oisp.spec import default_spec
+
+        self.lookup = lookup
+        self.issuer = issuer
+        self.spec = spec or default_spec()
+        self.register_port = register_port
+        self.unregister_port = unregister_port
+        self.on_events = on_events
+        self.recorder_options = recorder_options or {}
+        self.pinned = pinned or PinnedHosts()
+        self.keylog = keylog
+        self._verify, self._cafile = upstream_verify, upstream_cafile
+        self._alpn_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
+        self.upstream_context = self._upstream_context()
+        self.stats = dict.fromkeys(("connections", "intercepted", "passed_through", "pinned", "no_flow",
+                                    "not_tls", "upstream_errors", "client_tls_errors", "bytes_up", "bytes_down"), 0)
+        self._owned_by_transport: set[socket.socket] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    def _upstream_context(self, alpn: list[str] | None = None) -> ssl.SSLContext:
+        context = ssl.create_default_context()  # the system trust store
+        if self._cafile:
+            context.load_verify_locations(self._cafile)
+        if alpn:
+            context.set_alpn_protocols(alpn)
+        if not self._verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if self.keylog:
+            context.keylog_filename = self.keylog
+        return context
+
+    # -- listening ----------------------------------------------------------------
+    async def start(self, port: int, host: str = "::") -> int:
+        """Listen on `port` (dual-stack by default); returns the bound port."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listener.bind((host, port))
+        listener.listen(1024)
+        listener.setblocking(False)
+        self._listener = listener
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(listener))
+        return listener.getsockname()[1]
+
+    async def stop(self) -> None:
+        self._accept_task.cancel()
+        self._listener.close()
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            task = loop.create_task(self._serve(conn))
+            self._tasks.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self._tasks.discard)
+
+    # -- one connection -----------------------------------------------------------
+    async def _serve(self, conn: socket.socket) -> None:
+        self.stats["connections"] += 1
+        upstream, upstream_port = None, None
+        try:
+            peer_addr, peer_port = conn.getpeername()[:2]
+            target = self.lookup(_plain(peer_addr), peer_port)
+            if target is None:
+                self.stats["no_flow"] += 1
+                return
+            try:
+                hello = await self._peek_hello(conn)
+            except (NotTLS, TimeoutError, asyncio.TimeoutError, ConnectionError):
+                hello = None
+                self.stats["not_tls"] += 1
+            upstream = await self._connect_upstream(target.server)
+            upstream_port = upstream.getsockname()[1]
+            sni = hello.sni if hello else None
+            if sni and self.spec.matches_host(sni) and sni not in self.pinned:
+                await self._intercept(conn, upstream, target, hello)
+            else:
+                self.stats["passed_through"] += 1
+                await self._pass_through(conn, upstream)
+        except OSError as exc:
+            self.stats["upstream_errors"] += 1
+            log.debug("connection failed: %s", exc)
+        finally:
+            # A socket handed to a transport is closed by it (closing it here would free
+            # its fd while the event loop still watches it).
+            for sock in (conn, upstream):
+                if sock is not None and sock not in self._owned_by_transport:
+                    sock.close()
+                self._owned_by_transport.discard(sock)
+            if upstream_port is not None:
+                self.unregister_port(upstream_port)
+
+    async def _peek_hello(self, conn: socket.socket, timeout: float = HANDSHAKE_TIMEOUT) -> ClientHello:
+        """Wait until the whole ClientHello is in the socket, and read it without consuming it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        seen = 0
+        while True:
+            readable = loop.create_future()
+            loop.add_reader(conn.fileno(), lambda: readable.done() or readable.set_result(None))
+            try:
+                await asyncio.wait_for(readable, max(0.0, deadline - loop.time()))
+            finally:
+                loop.remove_reader(conn.fileno())
+            data = conn.recv(MAX_HELLO + 5, socket.MSG_PEEK)
+            if not data:
+                raise ConnectionError("the client closed before its ClientHello")
+            complete = hello_complete(data)
+            if complete:
+                return parse_client_hello(data[:complete])
+            if len(data) == seen:  # still partial: the socket stays readable, so wait a little
+                await asyncio.sleep(0.005)
+            seen = len(data)
+            if loop.time() > deadline:
+                raise TimeoutError("no complete ClientHello")
+
+    async def _connect_upstream(self, server: tuple[str, int]) -> socket.socket:
+        """Connect to the original destination from a port registered first, so the
+        redirector knows this connection is ours and leaves it alone."""
+        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        self.register_port(sock.getsockname()[1])
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, server), HANDSHAKE_TIMEOUT)
+        except BaseException:
+            self.unregister_port(sock.getsockname()[1])
+            sock.close()
+            raise
+        return sock
+
+    async def _streams(self, sock: socket.socket, **tls) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_SIZE * 4)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        self._owned_by_transport.add(sock)
+        transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=sock, **tls)
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+    async def _pass_through(self, conn: socket.socket, upstream: socket.socket) -> None:
+        client_r, client_w = await self._streams(conn)
+        up_r, up_w = await self._streams(upstream)
+        await self._relay(client_r, client_w, up_r, up_w, None)
+
+    async def _intercept(self, conn, upstream, target: Target, hello: ClientHello) -> None:
+        context = self.upstream_context
+        if hello.alpn:
+            context = self._with_alpn(hello.alpn)
+        self._owned_by_transport.add(upstream)
+        up_r, up_w = await asyncio.wait_for(
+            asyncio.open_connection(sock=upstream, ssl=context, server_hostname=hello.sni,
+                                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT), HANDSHAKE_TIMEOUT)
+        upstream_tls = up_w.get_extra_info("ssl_object")
+        chosen = upstream_tls.selected_alpn_protocol()
+        server_context = self.issuer.server_context(hello.sni, [chosen] if chosen else None)
+        try:
+            client_r, client_w = await self._streams(conn, ssl=server_context,
+                                                     ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except (ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
+            self._client_rejected(hello.sni, target, exc)
+            up_w.close()
+            return
+        log.debug("intercepting %s (alpn %s)", hello.sni, chosen)
+        self.stats["intercepted"] += 1
+        client_tls = client_w.get_extra_info("ssl_object")
+        ctx = FlowContext(client=target.client, server=target.server, start_ts=time.time(), pid=target.pid,
+                          process_name=target.process_name, sni=hello.sni, alpn=chosen,
+                          tls_version=client_tls.version(), cipher=(client_tls.cipher() or (None,))[0])
+        recorder = FlowRecorder(ctx, spec=self.spec, **self.recorder_options)
+        self._emit(recorder.start())
+        await self._relay(client_r, client_w, up_r, up_w, recorder)
+        self._emit(recorder.close(time.time()))
+
+    def _with_alpn(self, protocols: list[str]) -> ssl.SSLContext:
+        """An upstream context offering the client's ALPN list (one per distinct list)."""
+        key = tuple(protocols)
+        if key not in self._alpn_contexts:
+            self._alpn_contexts[key] = self._upstream_context(protocols)
+        return self._alpn_contexts[key]
+
+    def _client_rejected(self, sni: str, target: Target, exc: BaseException) -> None:
+        """A client that refuses our certificate pins its server: remember, and say so."""
+        self.stats["client_tls_errors"] += 1
+        self.stats["pinned"] += 1
+        self.pinned.add(sni)
+        data = {"dest": {"ip": target.server[0], "port": target.server[1], "domain": sni},
+                "src": {"ip": target.client[0], "port": target.client[1]},
+                "protocol": "tcp", "success": False, "tls": {"sni": sni}}
+        process = {"pid": target.pid, **({"name": target.process_name} if target.process_name else {})} \
+            if target.pid else None
+        self._emit([make_event("network.connect", data, time.time(), process=process, completeness="partial",
+                               reasons=[f"client rejected the interception certificate ({type(exc).__name__}); "
+                                        f"later connections to {sni} pass through undecrypted"])])
+
+    def _emit(self, events: list[dict]) -> None:
+        if events:
+            try:
+                self.on_events(events)
+            except Exception:  # a sink problem must never break the relay
+                log.exception("event sink failed")
+
+    async def _relay(self, client_r, client_w, up_r, up_w, recorder: FlowRecorder | None) -> None:
+        async def pump(reader, writer, direction: Direction, counter: str) -> None:
+            try:
+                while data := await reader.read(READ_SIZE):
+                    writer.write(data)  # forward first: decoding never delays the client
+                    self.stats[counter] += len(data)
+                    if recorder is not None:
+                        try:
+                            self._emit(recorder.feed(direction, data, time.time()))
+                        except Exception:
+                            log.exception("decoder failed")
+                    await writer.drain()
+            except (ConnectionError, ssl.SSLError, OSError):
+                pass
+            finally:
+                if writer.can_write_eof():
+                    try:
+                        writer.write_eof()
+                    except OSError:
+                        pass
+
+        tasks = [asyncio.ensure_future(pump(client_r, up_w, Direction.REQUEST, "bytes_up")),
+                 asyncio.ensure_future(pump(up_r, client_w, Direction.RESPONSE, "bytes_down"))]
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if pending:
+            await asyncio.wait(pending, timeout=HALF_CLOSE_GRACE)
+        for task in tasks:
+            task.cancel()
+        for writer in (client_w, up_w):
+            writer.close()
+        for writer in (client_w, up_w):
+            try:
+                await asyncio.wait_for(writer.wait_closed(), HALF_CLOSE_GRACE)
+            except (OSError, ssl.SSLError, asyncio.TimeoutError):
+                pass

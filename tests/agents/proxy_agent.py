@@ -1,0 +1,44 @@
+"""Run the transparent proxy in a test namespace, without the redirector: every
+accepted connection is treated as going to UPSTREAM (the fake provider).
+
+usage: proxy_agent.py DATA_DIR PORT UPSTREAM_HOST UPSTREAM_PORT UPSTREAM_CA EVENTS_JSONL
+Prints "ready PORT" once listening; SIGTERM stops it and prints its stats as JSON.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import sys
+
+from oisp.proxy.ca import CertificateAuthority
+from oisp.proxy.certs import LeafIssuer
+from oisp.proxy.server import Target, TransparentProxy
+
+
+async def main(data_dir, port, upstream_host, upstream_port, upstream_ca, events_path):
+    os.environ["XDG_DATA_HOME"] = data_dir
+    issuer = LeafIssuer(CertificateAuthority.load_or_create())
+    out = open(events_path, "a")
+
+    def write(events):
+        for event in events:
+            out.write(json.dumps(event) + "\n")
+        out.flush()
+
+    proxy = TransparentProxy(
+        lookup=lambda addr, port_: Target(client=(addr, port_), server=(upstream_host, upstream_port), pid=os.getpid(),
+                                          process_name="test-client"),
+        issuer=issuer, upstream_cafile=upstream_ca, on_events=write)
+    bound = await proxy.start(port)
+    print("ready", bound, flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await proxy.stop()
+    print(json.dumps(proxy.stats), flush=True)
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    asyncio.run(main(a[0], int(a[1]), a[2], int(a[3]), a[4], a[5]))
