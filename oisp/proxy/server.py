@@ -130,8 +130,16 @@ class TransparentProxy:
         return listener.getsockname()[1]
 
     async def stop(self) -> None:
+        """Stop accepting; connections in flight go on (see drain)."""
         self._accept_task.cancel()
         self._listener.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Give connections in flight up to `timeout` seconds to finish, then cut them."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        for task in list(self._tasks):
+            task.cancel()
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,129 @@
+"""`oisp record` end to end on the real kernel path.
+
+Two namespaces joined by a veth: `b` runs the fake AI provider on :443; in
+`a`, the hosts file names it api.openai.com / api.anthropic.com /
+example.test, `oisp record` runs as the sensor, and unmodified clients (the
+openai and anthropic SDKs, curl) talk to https://api.openai.com as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fakeprovider import make_test_pki
+from tests.netns import VethPair
+
+HERE = Path(__file__).parent
+
+pytestmark = pytest.mark.privileged
+
+
+@pytest.fixture
+def lab(tmp_path):
+    pair = VethPair.create()
+    hosts_dir = Path("/etc/netns") / pair.a.name
+    hosts_dir.mkdir(parents=True, exist_ok=True)
+    (hosts_dir / "hosts").write_text(f"127.0.0.1 localhost\n{pair.b_ip4} api.openai.com api.anthropic.com example.test\n")
+    upstream_ca, cert, key = make_test_pki(tmp_path)
+    provider = pair.b.popen(sys.executable, str(HERE / "fakeprovider.py"), "--host", pair.b_ip4, "--port", "443",
+                            "--cert", cert, "--key", key, stdout=subprocess.DEVNULL)
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
+    processes = [provider]
+
+    def start_sensor() -> subprocess.Popen:
+        sensor = pair.a.popen(sys.executable, "-m", "oisp", "record", "-o", str(tmp_path / "events.jsonl"),
+                              "--upstream-ca", upstream_ca, stderr=subprocess.PIPE, text=True, env=env)
+        processes.append(sensor)
+        for line in sensor.stderr:
+            if "recording" in line:
+                return sensor
+        raise AssertionError(f"the sensor did not start: {sensor.wait()}")
+
+    try:
+        time.sleep(1.0)  # hypercorn binding
+        sensor = start_sensor()
+        our_ca = tmp_path / "data" / "oisp" / "oisp-ca.pem"
+        both = tmp_path / "both.pem"  # for clients that must also work once the sensor is gone
+        both.write_text(our_ca.read_text() + Path(upstream_ca).read_text())
+        yield {"pair": pair, "tmp": tmp_path, "sensor": sensor, "our_ca": str(our_ca), "both": str(both),
+               "upstream_ca": upstream_ca, "events": tmp_path / "events.jsonl", "env": env}
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        pair.delete()
+        shutil.rmtree(hosts_dir, ignore_errors=True)
+
+
+def run_client(lab, name, base="https://api.openai.com", n=0, ca=None, timeout=60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SSL_CERT_FILE": ca or lab["our_ca"]}
+    return subprocess.run(lab["pair"].a.cmd(sys.executable, str(HERE / "agents" / "ai_clients.py"), name, base, str(n)),
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def read_events(lab) -> list[dict]:
+    return [json.loads(line) for line in lab["events"].read_text().splitlines()] if lab["events"].exists() else []
+
+
+def stop_sensor(lab) -> int:
+    lab["sensor"].send_signal(signal.SIGINT)
+    return lab["sensor"].wait(15)
+
+
+def test_sdk_calls_are_recorded_with_the_clients_process(lab):
+    openai_done = run_client(lab, "openai_stream", n=20)
+    anthropic_done = run_client(lab, "anthropic", base="https://api.anthropic.com")
+    assert openai_done.returncode == 0, openai_done.stderr[-2000:]
+    assert anthropic_done.returncode == 0, anthropic_done.stderr[-2000:]
+    assert json.loads(openai_done.stdout)["text"] == "echo: hello there" + "".join(f"w{i} " for i in range(20))
+    assert json.loads(anthropic_done.stdout) == {"text": "echo: hello there", "usage": 5}
+    assert stop_sensor(lab) == 0  # SIGINT: clean stop, files flushed
+    events = read_events(lab)
+    requests = [e for e in events if e["event_type"] == "ai.request"]
+    responses = [e for e in events if e["event_type"] == "ai.response"]
+    assert [r["data"]["provider"]["name"] for r in requests] == ["openai", "anthropic"]
+    assert [r["data"]["model"]["id"] for r in requests] == ["gpt-4o-mini", "claude-sonnet-4-5"]
+    assert len(responses) == 2 and responses[1]["data"]["usage"]["completion_tokens"] == 5
+    for event in requests + responses:
+        assert event["process"]["pid"] > 0 and "python" in event["process"]["name"]
+    assert "TESTKEY" not in lab["events"].read_text()
+
+
+def test_non_ai_https_passes_through_with_the_real_certificate(lab):
+    done = lab["pair"].a.run("curl", "-sS", "--cacert", lab["upstream_ca"], "https://example.test/plain")
+    assert done.stdout == "plain upstream reply\n"
+
+
+def test_killing_the_sensor_mid_stream_fails_open(lab):
+    stream = subprocess.Popen(lab["pair"].a.cmd(sys.executable, str(HERE / "agents" / "ai_clients.py"),
+                                                "openai_stream", "https://api.openai.com", "3000"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "SSL_CERT_FILE": lab["both"]})
+    time.sleep(1.0)
+    lab["sensor"].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    lab["sensor"].wait()
+    recovered = None
+    while time.monotonic() - killed < 5:
+        done = lab["pair"].a.run("curl", "-sS", "-m", "2", "--cacert", lab["both"], "https://api.openai.com/plain",
+                                 check=False)
+        if done.returncode == 0 and done.stdout == "plain upstream reply\n":
+            recovered = time.monotonic() - killed
+            break
+        time.sleep(0.02)
+    assert recovered is not None and recovered < 1.0, recovered
+    stream.wait(20)  # the cut stream ends (with an error), it does not hang
