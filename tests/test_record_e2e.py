@@ -126,4 +126,6 @@ def test_killing_the_sensor_mid_stream_fails_open(lab):
             break
         time.sleep(0.02)
     assert recovered is not None and recovered < 1.0, recovered
-    stream.wait(20)  # the cut stream ends (with an error), it does not hang
+    # The cut stream ends with an error by the client's own read timeout (20 s in
+    # ai_clients.py): nothing tells it sooner that the proxy died (see the issue note).
+    assert stream.wait(40) != 0
