@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import NameOID
 
 # The data directory is shared with the event sinks; paths.py is a leaf module with no side effects.
-from oisp.sinks.paths import data_dir
+from oisp.paths import data_dir, give_to_invoking_user
 
 CERT_FILE = "oisp-ca.pem"
 KEY_FILE = "oisp-ca-key.pem"
@@ -88,6 +88,7 @@ class CertificateAuthority:
         _write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                    serialization.NoEncryption()))
         write_replacing(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
+        give_to_invoking_user(cert_path.parent, key_path, cert_path)
         return cls(certificate, key, cert_path, key_path)
 
     @classmethod

@@ -6,7 +6,7 @@ Every sink has ``emit(event)``, ``flush()``, ``close()`` and ``stats``
 
 from oisp.sinks.base import FanOut, Sink, SinkStats
 from oisp.sinks.jsonl import JsonlSink
-from oisp.sinks.paths import data_dir, default_events_path
+from oisp.paths import data_dir, default_events_path
 from oisp.sinks.stdout import StdoutSink
 from oisp.sinks.webhook import WebhookSink
 

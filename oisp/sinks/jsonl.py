@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from oisp.sinks.base import SinkStats
-from oisp.sinks.paths import default_events_path
+from oisp.paths import default_events_path
 
 
 class JsonlSink:
