@@ -28,6 +28,7 @@ class JsonlSink:
         if self._size and self._size + len(line) > self.max_bytes:
             self._rotate()
         self._fh.write(line)
+        self._fh.flush()  # write-through: `tail -f` sees it, and a killed sensor loses nothing written
         self._size += len(line)
         self.stats.emitted += 1
 
