@@ -60,8 +60,23 @@ CLIENT = HERE / "interception" / "client.py"
 MITM_VENV = Path("/tmp/mitm-venv")
 MITM_PORT = 18080
 PATHS = ("direct", "oisp", "mitmproxy")
+DIAGNOSTIC = "oisp+nodelay"
+# Diagnostic only (--nodelay-diagnostic): `oisp record` unmodified, but started with asyncio's
+# _set_nodelay patched to also accept sockets made as socket(AF_INET*, SOCK_STREAM) with proto 0,
+# which is how oisp/proxy/server.py makes its listener and upstream sockets (asyncio sets
+# TCP_NODELAY only when sock.proto == IPPROTO_TCP, so oisp's sockets keep Nagle on).
+NODELAY_PRELUDE = """
+import socket, sys, runpy, asyncio.base_events as b
+def _set_nodelay(sock):
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+b._set_nodelay = _set_nodelay
+sys.argv = ["oisp"] + sys.argv[1:]
+runpy.run_module("oisp", run_name="__main__", alter_sys=True)
+"""
 RATE_WORKLOADS = ("seq", "newconn", "conc")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+RATE = 200  # py-spy samples/s
 
 
 def log(msg: str) -> None:
@@ -159,8 +174,9 @@ class Lab:
         raise RuntimeError(f"nothing listening on {host}:{port} after {timeout} s")
 
     # -- oisp record: only during its own turn ---------------------------------------
-    def start_oisp(self) -> int:
-        process = self._start(self.pair.a, sys.executable, "-m", "oisp", "record", "-o", str(self.tmp / "events.jsonl"),
+    def start_oisp(self, nodelay: bool = False) -> int:
+        launcher = ["-c", NODELAY_PRELUDE] if nodelay else ["-m", "oisp"]
+        process = self._start(self.pair.a, sys.executable, *launcher, "record", "-o", str(self.tmp / "events.jsonl"),
                               "--upstream-ca", self.upstream_ca, "--quiet", stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         lines = []
@@ -213,11 +229,12 @@ class Lab:
         argv = [sys.executable, str(CLIENT), workload, "--seconds", str(seconds), "--n", str(n)]
         if path == "direct":
             argv += ["--ca", self.upstream_ca]
-        elif path == "oisp":
+        elif path in ("oisp", DIAGNOSTIC):
             argv += ["--ca", str(self.oisp_ca)]
         else:
             argv += ["--ca", str(self.mitm_ca), "--proxy", f"http://127.0.0.1:{MITM_PORT}"]
-        proxy_pid = {"direct": None, "oisp": self.oisp and self.oisp.pid, "mitmproxy": self.mitm and self.mitm.pid}[path]
+        proxy_pid = {"direct": None, "oisp": self.oisp and self.oisp.pid, DIAGNOSTIC: self.oisp and self.oisp.pid,
+                     "mitmproxy": self.mitm and self.mitm.pid}[path]
         provider0 = cpu_seconds(self.provider.pid)
         proxy0 = cpu_seconds(proxy_pid) if proxy_pid else 0.0
         done = subprocess.run(self.pair.a.cmd(*argv), capture_output=True, text=True, env=self.env,
@@ -294,7 +311,7 @@ def profile_oisp(lab: Lab, seconds: float, pyspy: Path, tmp: Path) -> dict:
     for label, workloads in (("request-rate (seq + newconn + conc)", RATE_WORKLOADS), ("ttfc streams", ("ttfc",))):
         pid = lab.start_oisp()
         raw = tmp / f"pyspy-{len(profiles)}.txt"
-        spy = subprocess.Popen([str(pyspy), "record", "--pid", str(pid), "--nonblocking", "--rate", "200",
+        spy = subprocess.Popen([str(pyspy), "record", "--pid", str(pid), "--nonblocking", "--rate", str(RATE),
                                 "--format", "raw", "--full-filenames", "-o", str(raw)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         lab.processes.append(spy)
@@ -332,7 +349,8 @@ def run(args) -> dict:
     ensure_mitm_venv()
     tmp = Path(tempfile.mkdtemp(prefix="oisp-icpt-"))
     lab = None
-    results: dict = {path: collections.defaultdict(list) for path in PATHS}
+    paths = PATHS + ((DIAGNOSTIC,) if args.nodelay_diagnostic else ())
+    results: dict = {path: collections.defaultdict(list) for path in paths}
     ttfc_per_round = math.ceil(args.ttfc / args.rounds)
 
     def on_term(signum, frame):
@@ -344,9 +362,9 @@ def run(args) -> dict:
         lab.start_mitm()
         log(f"lab up: provider {lab.pair.b_ip4}:443 in {lab.pair.b.name}, client/proxies in {lab.pair.a.name}")
         for rnd in range(args.rounds):
-            for path in PATHS:
-                if path == "oisp":
-                    lab.start_oisp()
+            for path in paths:
+                if path in ("oisp", DIAGNOSTIC):
+                    lab.start_oisp(nodelay=path == DIAGNOSTIC)
                 try:
                     for workload in (*RATE_WORKLOADS, "ttfc"):
                         r = lab.client(path, workload, args.seconds, ttfc_per_round)
@@ -359,7 +377,7 @@ def run(args) -> dict:
                                 f"p50 {pctl(r['latencies'], .5) * 1000:.2f} ms  proxy CPU "
                                 f"{r['proxy_cpu_ms_per_req']:.2f} ms/req")
                 finally:
-                    if path == "oisp":
+                    if path in ("oisp", DIAGNOSTIC):
                         lab.stop_oisp()
         profiles = {} if args.no_profile else profile_oisp(lab, args.seconds, MITM_VENV / "bin" / "py-spy", tmp)
         events = lab.tmp / "events.jsonl"
@@ -380,7 +398,7 @@ def run(args) -> dict:
 
 def summarize(data: dict) -> dict:
     s: dict = {}
-    for path in PATHS:
+    for path in data["results"]:
         row = {}
         for workload in RATE_WORKLOADS:
             rounds = data["results"][path][workload]
@@ -406,6 +424,7 @@ def summarize(data: dict) -> dict:
 
 def report(data: dict, args) -> str:
     s = summarize(data)
+    paths = list(s)
     out = []
     p = out.append
     p(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  {machine()}")
@@ -414,7 +433,7 @@ def report(data: dict, args) -> str:
     p("")
     p(f"{'path':10} {'seq req/s':>9} {'p50 ms':>7} {'p99 ms':>7} | {'newconn/s':>9} {'p50 ms':>7} {'p99 ms':>7} | "
       f"{'conc16/s':>8} {'p50 ms':>7} {'p99 ms':>7} | {'TTFC ms':>7} {'p90':>6}")
-    for path in PATHS:
+    for path in paths:
         r = s[path]
         p(f"{path:10} {r['seq']['rps']:9.0f} {r['seq']['p50']:7.2f} {r['seq']['p99']:7.2f} | "
           f"{r['newconn']['rps']:9.0f} {r['newconn']['p50']:7.2f} {r['newconn']['p99']:7.2f} | "
@@ -422,16 +441,16 @@ def report(data: dict, args) -> str:
           f"{r['ttfc']['median']:7.2f} {r['ttfc']['p90']:6.2f}")
     p("")
     p("CPU ms per request (median of rounds): proxy process (all threads) / client / provider")
-    for path in PATHS:
+    for path in paths:
         r = s[path]
         p(f"{path:10} " + "  ".join(f"{w} {r[w]['proxy_cpu']:.2f}/{r[w]['client_cpu']:.2f}/{r[w]['provider_cpu']:.2f}"
                                     for w in RATE_WORKLOADS)
           + f"  ttfc-stream proxy {r['ttfc']['proxy_cpu_per_stream']:.1f}")
     p("")
     p("req/s per round: " + "; ".join(f"{path} " + " ".join(
-        f"{w}=" + "/".join(f"{x:.0f}" for x in s[path][w]['rps_rounds']) for w in RATE_WORKLOADS) for path in PATHS))
+        f"{w}=" + "/".join(f"{x:.0f}" for x in s[path][w]['rps_rounds']) for w in RATE_WORKLOADS) for path in paths))
     p("TTFC median per round (ms): " + "; ".join(
-        f"{path} " + "/".join(f"{x:.2f}" for x in s[path]['ttfc']['rounds']) for path in PATHS))
+        f"{path} " + "/".join(f"{x:.2f}" for x in s[path]['ttfc']['rounds']) for path in paths))
     p("")
     d, o, m = s["direct"], s["oisp"], s["mitmproxy"]
     ok = lambda cond: "met" if cond else "MISSED"  # noqa: E731
@@ -453,18 +472,29 @@ def report(data: dict, args) -> str:
     added_ttfc = o["ttfc"]["median"] - d["ttfc"]["median"]
     p(f"added TTFC (oisp - direct):              {added_ttfc:6.2f} ms   target <= 1 ms: {ok(added_ttfc <= 1)}"
       f"   (mitmproxy: {m['ttfc']['median'] - d['ttfc']['median']:.2f} ms)")
+    if DIAGNOSTIC in s:
+        x = s[DIAGNOSTIC]
+        p(f"diagnostic {DIAGNOSTIC} (TCP_NODELAY forced from outside): added p50 keep-alive "
+          f"{x['seq']['p50'] - d['seq']['p50']:.2f} ms, p99 {x['seq']['p99'] - d['seq']['p99']:.2f} ms; req/s / mitmproxy "
+          + ", ".join(f"{w} {x[w]['rps'] / m[w]['rps']:.2f}x" for w in RATE_WORKLOADS)
+          + f"; added TTFC {x['ttfc']['median'] - d['ttfc']['median']:.2f} ms")
     p(f"events written by oisp over the run: {data['events']}")
     for label, prof in data["profiles"].items():
         total = prof["total"] or 1
         p("")
         p(f"py-spy of `oisp record`, {label}: {prof['requests']} requests, {prof['total']} non-idle samples "
-          f"at 200 Hz over {prof['wall_s']:.1f} s; process CPU {prof['cpu_s']:.2f} s "
+          f"at {RATE} Hz over {prof['wall_s']:.1f} s; process CPU {prof['cpu_s']:.2f} s "
           f"({prof['cpu_s'] * 1000 / max(prof['requests'], 1):.2f} ms/request); idle before: "
           f"{prof['idle_cpu'] * 100:.1f} % of a core")
         p("  CPU s by thread: " + ", ".join(f"{name} {c:.2f}" for name, c in prof["threads"]))
         dec = prof["by_pkg"].get("decode", 0) / total
         ev = prof["by_pkg"].get("events", 0) / total
-        p(f"  decoder share (oisp/decode, incl. h11 etc.): {dec * 100:5.1f} %;  events (oisp/events: build, "
+        dec_s, ev_s = prof["by_pkg"].get("decode", 0) / RATE, prof["by_pkg"].get("events", 0) / RATE
+        p(f"  time in oisp/decode {dec_s:.2f} s, oisp/events {ev_s:.2f} s (samples / {RATE} Hz) = "
+          f"{dec_s / prof['cpu_s'] * 100:.1f} % and {ev_s / prof['cpu_s'] * 100:.1f} % of the process CPU "
+          f"({prof['cpu_s']:.2f} s); py-spy counts native waits (epoll, the ring) as busy, so per-sample shares "
+          f"below understate them")
+        p(f"  decoder share of samples (oisp/decode, incl. h11 etc.): {dec * 100:5.1f} %;  events (oisp/events: build, "
           f"redact, attribution): {ev * 100:5.1f} %;  together {(dec + ev) * 100:5.1f} %")
         p("  by innermost oisp package on the stack (inclusive):")
         for pkg, n in prof["by_pkg"].items():
@@ -484,6 +514,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per request-rate workload, per path, per round")
     parser.add_argument("--ttfc", type=int, default=50, help="SSE streams per path in all, spread over the rounds")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy turn")
+    parser.add_argument("--nodelay-diagnostic", action="store_true",
+                        help=f"add a 4th path, {DIAGNOSTIC}: oisp record with TCP_NODELAY forced on its sockets "
+                             "from outside (diagnostic; oisp itself is not changed)")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--keep-tmp", action="store_true")
     args = parser.parse_args()
