@@ -155,7 +155,12 @@ class TransparentProxy:
         upstream, upstream_port = None, None
         try:
             peer_addr, peer_port = conn.getpeername()[:2]
-            target = self.lookup(_plain(peer_addr), peer_port)
+            # Small writes (headers, one SSE event) must leave at once: without this, Nagle
+            # holds them for the peer's delayed ACK (measured: ~40 ms on every other request).
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # The lookup may fall back to a psutil scan of /proc: never on the event loop.
+            target = await asyncio.get_running_loop().run_in_executor(
+                None, self.lookup, _plain(peer_addr), peer_port)
             if target is None:
                 self.stats["no_flow"] += 1
                 return
@@ -215,6 +220,7 @@ class TransparentProxy:
         family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         self.register_port(sock.getsockname()[1])
         try:
