@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from oisp.capture.owners import ProcessNames, SocketOwners
+from oisp.divert.owners import ProcessNames, SocketOwners
 from oisp.divert.address import OUTBOUND
 from oisp.divert.constants import Event
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from oisp.capture.clock import KernelClock
-from oisp.capture.owners import SETTLE, ProcessNames, SocketOwners
+from oisp.divert.owners import SETTLE, ProcessNames, SocketOwners
 from oisp.capture.progress import Progress
 from oisp.divert.address import LOOPBACK, OUTBOUND
 from oisp.divert.constants import Flag, Layer
@@ -106,7 +106,7 @@ class Capture:
     def __init__(self, writer: PcapngWriter, filter: str = "true", *, count: int | None = None,
                  duration: float | None = None, process: str | None = None, attribute: bool = True,
                  progress: Progress | None = None, on_note=None):
-        from oisp.capture.owners import EventFeed
+        from oisp.divert.owners import EventFeed
         from oisp.divert.engine import Engine
 
         self.writer = writer

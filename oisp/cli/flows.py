@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from oisp.capture.flows import FlowTable, render
-    from oisp.capture.owners import EventFeed, ProcessNames, SocketOwners
+    from oisp.divert.owners import EventFeed, ProcessNames, SocketOwners
     from oisp.capture.session import ProcessMatcher
     from oisp.divert.constants import Flag
     from oisp.divert.engine import Engine
