@@ -85,22 +85,36 @@ def stop_sensor(lab) -> int:
     return lab["sensor"].wait(15)
 
 
+def start_client(lab, name, base, n=0) -> subprocess.Popen:
+    """`ip netns exec` execs the client, so the Popen pid is the client's own."""
+    return subprocess.Popen(lab["pair"].a.cmd(sys.executable, str(HERE / "agents" / "ai_clients.py"), name, base, str(n)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SSL_CERT_FILE": lab["our_ca"]})
+
+
 def test_sdk_calls_are_recorded_with_the_clients_process(lab):
-    openai_done = run_client(lab, "openai_stream", n=20)
-    anthropic_done = run_client(lab, "anthropic", base="https://api.anthropic.com")
-    assert openai_done.returncode == 0, openai_done.stderr[-2000:]
-    assert anthropic_done.returncode == 0, anthropic_done.stderr[-2000:]
-    assert json.loads(openai_done.stdout)["text"] == "echo: hello there" + "".join(f"w{i} " for i in range(20))
-    assert json.loads(anthropic_done.stdout) == {"text": "echo: hello there", "usage": 5}
+    clients = [start_client(lab, "openai_stream", "https://api.openai.com", 20)]
+    clients[0].wait(60)
+    clients.append(start_client(lab, "anthropic", "https://api.anthropic.com"))
+    outputs = [c.communicate(timeout=60) for c in clients]
+    assert [c.returncode for c in clients] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert json.loads(outputs[0][0])["text"] == "echo: hello there" + "".join(f"w{i} " for i in range(20))
+    assert json.loads(outputs[1][0]) == {"text": "echo: hello there", "usage": 5}
     assert stop_sensor(lab) == 0  # SIGINT: clean stop, files flushed
     events = read_events(lab)
     requests = [e for e in events if e["event_type"] == "ai.request"]
     responses = [e for e in events if e["event_type"] == "ai.response"]
+    # Exactly one request and one response per SDK call, from that client's process.
     assert [r["data"]["provider"]["name"] for r in requests] == ["openai", "anthropic"]
     assert [r["data"]["model"]["id"] for r in requests] == ["gpt-4o-mini", "claude-sonnet-4-5"]
-    assert len(responses) == 2 and responses[1]["data"]["usage"]["completion_tokens"] == 5
-    for event in requests + responses:
-        assert event["process"]["pid"] > 0 and "python" in event["process"]["name"]
+    assert all(r["data"]["messages"][-1]["content"] == "hello there" for r in requests)
+    assert len(responses) == 2
+    assert responses[0]["data"]["usage"]["total_tokens"] == 18
+    assert responses[1]["data"]["usage"]["completion_tokens"] == 5
+    for client, request, response in zip(clients, requests, responses):
+        for event in (request, response):
+            assert event["process"]["pid"] == client.pid
+            assert event["process"]["name"].startswith("python")
     assert "TESTKEY" not in lab["events"].read_text()
 
 
