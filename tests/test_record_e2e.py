@@ -146,7 +146,8 @@ def test_killing_the_sensor_mid_stream_fails_open(lab):
             break
         time.sleep(0.02)
     assert recovered is not None and recovered < 1.0, recovered
-    # The cut stream ends with an error by the client's own read timeout (20 s in
-    # ai_clients.py): nothing tells it sooner that the proxy died (see the issue note).
+    # The cut stream ends with an error at once: the guardian aborts the client's redirected
+    # socket (its read timeout, 20 s in ai_clients.py, would otherwise be what ends it).
     out, err = stream.communicate(timeout=40)
-    assert stream.returncode != 0, (out[-100:], err[-300:], time.monotonic() - killed, read_events(lab))
+    ended = time.monotonic() - killed
+    assert stream.returncode != 0 and ended < 5, (ended, err[-300:])

@@ -9,6 +9,12 @@ the same network namespace, that waits for its parent's pipe to close. If
 the pipe closes without the parent saying it closed cleanly, it deletes the TC filters that run the parent's
 programs, and traffic flows again within milliseconds.
 
+A connection that was being redirected when the parent died would wait for
+data that never comes (the proxy's FIN is lost in the dead handle's queue), so
+the parent also tells the guardian, line by line, which local TCP ports carry
+such connections; on the parent's death the guardian aborts those sockets
+(`ss -K`), and their programs see the error at once.
+
 This file runs as a script with the standard library only, so it starts fast.
 """
 
@@ -18,6 +24,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 
@@ -61,6 +68,14 @@ def remove_filters(prog_ids: set[int]) -> int:
 
 
 CLOSED_CLEANLY = b"closed"
+ABORT_BATCH = 64  # ports per `ss -K` filter expression
+
+
+def abort_sockets(ports: list[int]) -> None:
+    """Abort the local TCP sockets bound to `ports` (needs CONFIG_INET_DIAG_DESTROY)."""
+    for i in range(0, len(ports), ABORT_BATCH):
+        expression = " or ".join(f"sport = :{port}" for port in ports[i:i + ABORT_BATCH])
+        subprocess.run(["ss", "-K", "-t", f"( {expression} )"], capture_output=True)
 
 
 class Guardian:
@@ -73,16 +88,34 @@ class Guardian:
             start_new_session=True,  # a Ctrl-C for the parent must not take the guardian first
             close_fds=True,
         )
+        self._lock = threading.Lock()
+
+    def protect(self, port: int) -> None:
+        """Abort the local TCP socket on `port` if the parent dies (a redirected connection)."""
+        self._say(b"+%d\n" % port)
+
+    def forget(self, port: int) -> None:
+        self._say(b"-%d\n" % port)
+
+    def _say(self, line: bytes) -> None:
+        with self._lock:
+            if self.process.stdin and not self.process.stdin.closed:
+                try:
+                    self.process.stdin.write(line)
+                    self.process.stdin.flush()
+                except OSError:
+                    pass  # the guardian is gone: nothing to tell
 
     def close(self) -> None:
         """The handle closed normally: release the guardian without cleanup. (A parent that
         dies closes the pipe without saying so, and the guardian cleans up.)"""
-        if self.process.stdin:
-            try:
-                self.process.stdin.write(CLOSED_CLEANLY)
-                self.process.stdin.close()
-            except OSError:
-                pass
+        with self._lock:
+            if self.process.stdin and not self.process.stdin.closed:
+                try:
+                    self.process.stdin.write(CLOSED_CLEANLY + b"\n")
+                    self.process.stdin.close()
+                except OSError:
+                    pass
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -90,10 +123,17 @@ class Guardian:
 
 
 def _main(prog_ids: set[int]) -> None:
-    said = sys.stdin.buffer.read()  # returns at EOF: the parent closed the pipe, or died
-    if said == CLOSED_CLEANLY:
-        return  # the handle already detached its programs
+    ports: set[int] = set()
+    for line in sys.stdin.buffer:  # ends at EOF: the parent closed the pipe, or died
+        line = line.strip()
+        if line == CLOSED_CLEANLY:
+            return  # the handle already detached its programs
+        if line[:1] == b"+":
+            ports.add(int(line[1:]))
+        elif line[:1] == b"-":
+            ports.discard(int(line[1:]))
     remove_filters(prog_ids)
+    abort_sockets(sorted(ports))
 
 
 if __name__ == "__main__":

@@ -101,6 +101,17 @@ class Handle:
         addresses[0] = address
         return self.backend.send(self._live(), bytes(packet), len(packet), addresses)
 
+    # -- fail open --------------------------------------------------------------------
+    def abort_on_death(self, port: int) -> None:
+        """If this process dies, abort the local TCP socket on `port` (a connection this
+        handle redirects, which would otherwise wait forever). Linux; a no-op elsewhere."""
+        if self._guardian is not None:
+            self._guardian.protect(port)
+
+    def forget_on_death(self, port: int) -> None:
+        if self._guardian is not None:
+            self._guardian.forget(port)
+
     # -- control --------------------------------------------------------------------
     def set_param(self, param: Param, value: int) -> None:
         low, _, high = PARAM_LIMITS[Param(param)]

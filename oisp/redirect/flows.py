@@ -74,6 +74,8 @@ class FlowTable:
         self._lock = threading.Lock()
         self._flows: OrderedDict[FlowKey, FlowEntry] = OrderedDict()  # least recently seen first
         self.counts = {"created": 0, "closed": 0, "expired_idle": 0, "evicted": 0}
+        self.on_open: Callable[[FlowEntry], None] | None = None  # called outside the lock
+        self.on_remove: Callable[[FlowEntry], None] | None = None
 
     # -- for the proxy --------------------------------------------------------------------
     def lookup(self, peer_addr, peer_port: int, proxy_port: int) -> FlowEntry | None:
@@ -93,14 +95,25 @@ class FlowTable:
 
     def open(self, entry: FlowEntry) -> FlowEntry:
         """A new flow (its SYN was seen); replaces a finished one with the same key."""
+        gone = []
         with self._lock:
-            self._flows.pop(entry.key, None)
+            replaced = self._flows.pop(entry.key, None)
+            if replaced is not None:
+                gone.append(replaced)
             while len(self._flows) >= self.max_flows:
-                self._flows.popitem(last=False)
+                gone.append(self._flows.popitem(last=False)[1])
                 self.counts["evicted"] += 1
             self._flows[entry.key] = entry
             self.counts["created"] += 1
+        self._notify(gone, entry)
         return entry
+
+    def _notify(self, removed: list[FlowEntry], opened: FlowEntry | None = None) -> None:
+        if self.on_remove is not None:
+            for entry in removed:
+                self.on_remove(entry)
+        if opened is not None and self.on_open is not None:
+            self.on_open(opened)
 
     def seen(self, key: FlowKey, tcp_flags: int, from_client: bool, now: float | None = None) -> FlowEntry | None:
         """Packets of a known flow went by (flags OR-ed over them): refresh it, note FIN/RST."""
@@ -126,14 +139,15 @@ class FlowTable:
         """Drop flows that ended more than `linger` ago or have been idle too long."""
         now = time.monotonic() if now is None else now
         idle_before, closed_before = now - self.idle_timeout, now - self.linger
-        removed = 0
+        removed = []
         with self._lock:
             for key in [k for k, e in self._flows.items()
                         if (e.closed_at is not None and e.closed_at <= closed_before) or e.last_seen <= idle_before]:
                 entry = self._flows.pop(key)
                 self.counts["closed" if entry.closed_at is not None else "expired_idle"] += 1
-                removed += 1
-        return removed
+                removed.append(entry)
+        self._notify(removed)
+        return len(removed)
 
     def __len__(self) -> int:
         with self._lock:

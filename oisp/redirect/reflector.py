@@ -83,6 +83,10 @@ class Reflector:
     def start(self) -> Reflector:
         self.engine = Engine(reflector_filter(self.ports), priority=self.priority, policy="block",
                              watchdog=self.watchdog)
+        # Should this process die, the guardian aborts the clients' redirected sockets.
+        handle = self.engine.handle
+        self.flows.on_open = lambda entry: handle.abort_on_death(entry.client_port)
+        self.flows.on_remove = lambda entry: handle.forget_on_death(entry.client_port)
         self._thread = threading.Thread(target=self._run, name="oisp-reflector", daemon=True)
         self._thread.start()
         return self
