@@ -20,7 +20,6 @@ against it is a lower bound. Target: (b)/(a) >= 5.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import struct
 import sys

@@ -89,3 +89,16 @@ class VethPair:
     def delete(self) -> None:
         self.a.delete()
         self.b.delete()
+
+
+def stop_all(processes: list[subprocess.Popen], timeout: float = 10) -> None:
+    """SIGTERM every process still running, then wait; kill what does not stop."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakeprovider import make_test_pki
-from tests.netns import NetNS
+from tests.netns import NetNS, stop_all
 
 HERE = Path(__file__).parent
 PROXY_PORT, UPSTREAM_PORT = 8443, 9443
@@ -64,13 +64,7 @@ def lab(tmp_path_factory):
         yield {"ns": ns, "tmp": tmp, "events": events, "upstream_ca": upstream_ca, "our_ca": str(our_ca),
                "base": f"https://api.openai.com:{PROXY_PORT}", "proxy": proxy}
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes)
         ns.delete()
         shutil.rmtree(hosts_dir, ignore_errors=True)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakeprovider import make_test_pki
-from tests.netns import VethPair
+from tests.netns import VethPair, stop_all
 
 HERE = Path(__file__).parent
 
@@ -58,14 +58,7 @@ def lab(tmp_path, request):
         yield {"family": request.param, "pair": pair, "tmp": tmp_path, "sensor": sensor, "our_ca": str(our_ca), "both": str(both),
                "upstream_ca": upstream_ca, "events": tmp_path / "events.jsonl", "env": env}
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes)
         pair.delete()
         shutil.rmtree(hosts_dir, ignore_errors=True)
 

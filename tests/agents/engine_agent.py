@@ -66,7 +66,7 @@ def scenario_udp(count, policy, slots, stall_at, stall_s):
     engine = Engine(f"udp.DstPort == {PORT}", policy=policy, slots=slots, queue_length=16384,
                     queue_size=32 * 1024 * 1024, watchdog=None)
     sender = paced_sender(count, PORT)
-    seen, stalled, high_water = 0, False, 0
+    seen, stalled = 0, False
     while True:
         batch = engine.next_batch(timeout=2)
         if batch is None:
@@ -147,7 +147,7 @@ def scenario_verdicts():
         drop = [n % 3 == 0 for n in numbers]
         move = [n % 3 == 1 for n in numbers]
         batch.verdicts[drop] = Verdict.DROP
-        select = [i for i, m in enumerate(move) if m] and [i for i, m in enumerate(move) if m]
+        select = [i for i, m in enumerate(move) if m]
         if select:
             assert (rows["status"][select] == OK).all()
             rewrite(batch.data, rows, select, dst_port=PORT + 1)
@@ -256,7 +256,7 @@ def scenario_kill9():
 def scenario_events(layer_name):
     import subprocess
 
-    from oisp.divert.constants import Event, Flag, Layer
+    from oisp.divert.constants import Flag, Layer
 
     layer = Layer[layer_name]
     server = socket.create_server(("127.0.0.1", 0))
