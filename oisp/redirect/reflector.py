@@ -37,6 +37,9 @@ DEFAULT_PORTS = {443: 8443}  # server port → proxy port
 _NOT_OUTBOUND = np.uint32(~OUTBOUND & 0xFFFFFFFF)
 
 
+SMALL_BATCH = 8  # up to this many rows, decide row by row (see _process_small)
+
+
 def reflector_filter(ports: dict[int, int]) -> str:
     servers = " or ".join(f"tcp.DstPort == {p}" for p in sorted(ports))
     proxies = " or ".join(f"tcp.SrcPort == {p}" for p in sorted(ports.values()))
@@ -72,6 +75,7 @@ class Reflector:
         self._server_port[list(self.ports)] = True
         self._proxy_port[list(self.ports.values())] = True
         self._proxy_for[list(self.ports)] = list(self.ports.values())
+        self._server_for_proxy = {proxy: server for server, proxy in self.ports.items()}
         self.engine = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -133,6 +137,8 @@ class Reflector:
         rows = batch.rows
         if not len(rows):
             return
+        if len(rows) <= SMALL_BATCH:
+            return self._process_small(batch, rows)
         valid = (rows["status"] == OK) & batch.outbound()
         src_port, dst_port = rows["src_port"], rows["dst_port"]
 
@@ -155,6 +161,47 @@ class Reflector:
                                                          dst_port=proxy_port)
             self.counts["reflected_to_client"] += reflect(batch.data, rows, taken & (src_port == proxy_port),
                                                           src_port=server_port)
+        bits = batch.addresses["bits"]
+        bits[taken] &= _NOT_OUTBOUND  # re-injected as arriving, so the local stack accepts it
+        batch.verdicts[taken] = Verdict.MODIFIED
+
+    def _process_small(self, batch, rows) -> None:
+        """The same decisions row by row with Python scalars: at interactive rates batches
+        hold 1–3 packets, where numpy's per-call cost (~150 µs a batch) would dominate."""
+        outbound = batch.outbound().tolist()
+        status, flags = rows["status"].tolist(), rows["tcp_flags"].tolist()
+        src_ports, dst_ports = rows["src_port"].tolist(), rows["dst_port"].tolist()
+        to_proxy: dict[int, list[int]] = {}  # proxy port → rows
+        to_client: dict[int, list[int]] = {}  # server port → rows
+        for i, (ok, out, sport, dport, f) in enumerate(zip(status, outbound, src_ports, dst_ports, flags)):
+            if ok != OK or not out:
+                continue
+            if dport in self.ports:
+                if self.own_ports.mask[sport]:
+                    self.counts["own_upstream"] += 1
+                    continue
+                address = rows["dst_addr"][i].tobytes()
+                if address not in self.targets:
+                    continue
+                proxy_port = self.ports[dport]
+                key = (address, sport, proxy_port)
+                if f & TCP_SYN and not f & TCP_ACK:
+                    entry = self.flows.get(key)
+                    if (entry is None or entry.closed_at is not None) and not self._open(rows, i, key):
+                        continue
+                if self.flows.seen(key, f, from_client=True) is not None:
+                    to_proxy.setdefault(proxy_port, []).append(i)
+            elif sport in self._server_for_proxy:
+                key = (rows["dst_addr"][i].tobytes(), dport, sport)
+                if self.flows.seen(key, f, from_client=False) is not None:
+                    to_client.setdefault(self._server_for_proxy[sport], []).append(i)
+        if not to_proxy and not to_client:
+            return
+        for proxy_port, selected in to_proxy.items():
+            self.counts["reflected_to_proxy"] += reflect(batch.data, rows, selected, dst_port=proxy_port)
+        for server_port, selected in to_client.items():
+            self.counts["reflected_to_client"] += reflect(batch.data, rows, selected, src_port=server_port)
+        taken = [i for selected in (*to_proxy.values(), *to_client.values()) for i in selected]
         bits = batch.addresses["bits"]
         bits[taken] &= _NOT_OUTBOUND  # re-injected as arriving, so the local stack accepts it
         batch.verdicts[taken] = Verdict.MODIFIED
