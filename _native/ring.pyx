@@ -178,6 +178,9 @@ cdef class ReceiveRing:
         self.nbytes_p, self.counts_p, self.verdicts_p = &nb[0], &c[0], &v[0, 0]
         self.free_stack, self.ready = &fs[0], &rq[0]
         self.free_top = nslots
+        # Running from birth: a consumer that asks before the receiver thread is scheduled
+        # must wait for it, not conclude the ring has already stopped.
+        self.running = True
         oisp_sync_init(&self.sync)
 
     def __dealloc__(self):
@@ -191,9 +194,6 @@ cdef class ReceiveRing:
         cdef unsigned char *buf
         cdef unsigned char *addrs
         with nogil:
-            oisp_lock(&self.sync)
-            self.running = True
-            oisp_unlock(&self.sync)
             while True:
                 oisp_lock(&self.sync)
                 if self.stopping:

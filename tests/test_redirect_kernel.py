@@ -132,7 +132,7 @@ def test_a_whole_redirector_takes_a_server_once_dns_names_it_an_ai_endpoint(lab,
         dns.wait()
     before, after = out["before"], out["after"]
     assert before["server_saw"] == [client_ip, before["client_port"]]  # not known yet: untouched
-    assert out["learned"]
+    assert out["learned"], (out["counters"], out["notes"])  # the counters say what the sniffer saw
     assert [a["peer"] for a in out["accepted"]] == [[server_ip, after["client_port"]]]
     assert after["intact"] and after["server_saw"] == [client_ip, out["accepted"][0]["upstream_port"]]
     assert out["counters"]["dns"]["learned"] >= 1

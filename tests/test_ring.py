@@ -1,0 +1,24 @@
+"""The receive ring's consumer side, without a handle."""
+
+from __future__ import annotations
+
+import time
+
+from oisp._native.ring import ReceiveRing
+
+
+def test_a_consumer_that_asks_before_the_receiver_runs_waits():
+    """Regression: take() used to return 'stopped' at once when the receiver thread had
+    not been scheduled yet, which ended an `for batch in engine` loop before it began."""
+    ring = ReceiveRing(0, 0, 0, 0, nslots=2)
+    started = time.monotonic()
+    assert ring.take(200) == -1
+    assert time.monotonic() - started >= 0.15  # it waited for data, as asked
+
+
+def test_a_stopped_ring_returns_at_once():
+    ring = ReceiveRing(0, 0, 0, 0, nslots=2)
+    ring.stop()
+    started = time.monotonic()
+    assert ring.take(-1) == -1
+    assert time.monotonic() - started < 0.1
