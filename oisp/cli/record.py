@@ -103,7 +103,7 @@ async def _record(args) -> int:
 
     proxy = TransparentProxy(
         lookup=lookup, issuer=LeafIssuer(ca, keylog_filename=args.keylog), spec=spec,
-        register_port=redirector.own_ports.register, unregister_port=redirector.own_ports.unregister,
+        own_ports=redirector.own_ports,
         upstream_verify=not args.no_upstream_verify, upstream_cafile=args.upstream_ca, keylog=args.keylog,
         on_events=emit, recorder_options={"redactor": Redactor(args.redaction),
                                           "streaming_chunks": args.streaming_chunks})

@@ -30,6 +30,7 @@ from typing import Callable
 
 from oisp.decode import Direction, FlowContext
 from oisp.events import FlowRecorder, make_event
+from oisp.redirect.own_ports import OwnPorts, upstream_socket
 from oisp.proxy.clienthello import MAX_HELLO, ClientHello, NotTLS, hello_complete, parse_client_hello
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,7 @@ def _plain(address: str) -> str:
 
 class TransparentProxy:
     def __init__(self, *, lookup: Callable[[str, int], Target | None], issuer, spec=None,
-                 register_port: Callable[[int], None] = lambda port: None,
-                 unregister_port: Callable[[int], None] = lambda port: None,
+                 own_ports: OwnPorts | None = None,
                  upstream_verify: bool = True, upstream_cafile: str | None = None, keylog: str | None = None,
                  on_events: Callable[[list[dict]], None] = lambda events: None,
                  recorder_options: dict | None = None, pinned: PinnedHosts | None = None):
@@ -87,8 +87,8 @@ class TransparentProxy:
         self.lookup = lookup
         self.issuer = issuer
         self.spec = spec or default_spec()
-        self.register_port = register_port
-        self.unregister_port = unregister_port
+        # The redirector's registry, so it never takes our upstreams (an empty one is falsy: no `or`).
+        self.own_ports = own_ports if own_ports is not None else OwnPorts()
         self.on_events = on_events
         self.recorder_options = recorder_options or {}
         self.pinned = pinned or PinnedHosts()
@@ -188,7 +188,7 @@ class TransparentProxy:
                     sock.close()
                 self._owned_by_transport.discard(sock)
             if upstream_port is not None:
-                self.unregister_port(upstream_port)
+                self.own_ports.unregister(upstream_port)
 
     async def _peek_hello(self, conn: socket.socket, timeout: float = HANDSHAKE_TIMEOUT) -> ClientHello:
         """Wait until the whole ClientHello is in the socket, and read it without consuming it."""
@@ -217,17 +217,13 @@ class TransparentProxy:
     async def _connect_upstream(self, server: tuple[str, int]) -> socket.socket:
         """Connect to the original destination from a port registered first, so the
         redirector knows this connection is ours and leaves it alone."""
-        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = upstream_socket(socket.AF_INET6 if ":" in server[0] else socket.AF_INET, self.own_ports)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
-        self.register_port(sock.getsockname()[1])
         try:
             await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, server), HANDSHAKE_TIMEOUT)
         except BaseException:
-            self.unregister_port(sock.getsockname()[1])
-            sock.close()
+            self.own_ports.close(sock)
             raise
         return sock
 
