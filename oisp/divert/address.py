@@ -77,6 +77,18 @@ def set_flag(addresses: np.ndarray, flag: int, on) -> None:
     addresses["bits"] = np.where(on, bits | np.uint32(flag), bits & np.uint32(~flag & 0xFFFFFFFF))
 
 
+def row_key(address) -> bytes:
+    """An address as the 16 bytes of a parsed packet row: IPv4 in the first 4, the rest
+    zero. Takes 4- or 16-byte keys, strings and ipaddress objects; an IPv4-mapped IPv6
+    address (a dual-stack socket's view of an IPv4 peer) counts as IPv4."""
+    if isinstance(address, (bytes, bytearray)):
+        return bytes(address).ljust(16, b"\0")
+    address = ipaddress.ip_address(address.split("%")[0] if isinstance(address, str) else address)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.packed.ljust(16, b"\0")
+
+
 def flow_address(words) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """A FLOW/SOCKET address: a host-order IPv6 address as u32[4], least significant
     word first; IPv4 comes IPv4-mapped (::ffff:a.b.c.d) and is returned as IPv4."""

@@ -11,11 +11,11 @@ explain; callers hold packets for a moment (`SETTLE`) before asking.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import threading
 import time
 
+from oisp.divert.address import row_key
 from oisp.divert.constants import Event, Flag, Layer
 from oisp.divert.errors import DivertError
 
@@ -29,10 +29,8 @@ _ENDING = {Event.SOCKET_CLOSE, Event.FLOW_DELETED}
 
 def address_key(address) -> bytes | None:
     """16 bytes as in a parsed packet row (IPv4 in the first 4), None for a wildcard."""
-    address = ipaddress.ip_address(address)
-    if address.is_unspecified:
-        return None
-    return address.packed.ljust(16, b"\0")
+    key = row_key(address)
+    return key if any(key) else None
 
 
 class ProcessNames:

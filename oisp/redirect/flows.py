@@ -23,19 +23,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
+from oisp.divert.address import row_key as address_key  # re-exported: the key every table here uses
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 FlowKey = tuple[bytes, int, int]  # (server address as 16 bytes, client port, proxy port)
-
-
-def address_key(address) -> bytes:
-    """16 bytes as in a parsed packet row: IPv4 in the first 4, the rest zero. An
-    IPv4-mapped IPv6 address (a dual-stack listener's peer) counts as IPv4."""
-    if isinstance(address, (bytes, bytearray)):
-        return bytes(address).ljust(16, b"\0")
-    address = ipaddress.ip_address(address.split("%")[0] if isinstance(address, str) else address)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return address.packed.ljust(16, b"\0")
 
 
 def key_address(key: bytes, ip_version: int) -> Address:
