@@ -12,7 +12,7 @@ the burst, then the kernel drops), DROP receives into a scratch slot and
 counts what it throws away.
 """
 
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memmove
 
 import numpy as np
@@ -30,6 +30,33 @@ cdef extern from "tcp_segment.h" nogil:
     uint32_t oisp_segmented_size(const unsigned char *pkt, uint32_t len, uint32_t mtu, uint32_t *pieces)
     uint32_t oisp_tcp_segment(const unsigned char *pkt, uint32_t len, uint32_t mtu, unsigned char *out,
                               uint32_t *lengths)
+
+cdef extern from "reflect_fast.h" nogil:
+    enum:
+        OISP_FAST_SLOW
+        OISP_FAST_PASS
+        OISP_FAST_TO_PROXY
+        OISP_FAST_TO_CLIENT
+    ctypedef struct oisp_fast_flow:
+        uint8_t addr[16]
+        uint16_t client_port
+        uint16_t proxy_port
+        uint8_t used
+        uint8_t touched
+    ctypedef struct oisp_fast_table:
+        const uint8_t *own_port
+        uint16_t proxy_for[65536]
+        uint16_t server_for[65536]
+        oisp_fast_flow *slots
+        uint32_t mask
+        uint32_t count
+    oisp_fast_table *oisp_fast_new(uint32_t max_flows)
+    void oisp_fast_free(oisp_fast_table *t)
+    int oisp_fast_add(oisp_fast_table *t, const uint8_t *addr, uint16_t client_port, uint16_t proxy_port)
+    int oisp_fast_remove(oisp_fast_table *t, const uint8_t *addr, uint16_t client_port, uint16_t proxy_port)
+    int oisp_fast_classify(oisp_fast_table *t, const unsigned char *p, uint32_t len, const unsigned char *address,
+                           uint16_t *port_out)
+    void oisp_fast_reflect(unsigned char *p, uint32_t len, unsigned char *address, int action, uint16_t port)
 
 cdef extern from "ring_sync.h" nogil:
     ctypedef struct oisp_sync:
@@ -137,6 +164,9 @@ cdef class ReceiveRing:
         readonly uint64_t received, dropped_overflow, dropped_drain, drained, sent, dropped_verdict, \
             send_errors, consumed, high_water, batches, releases
         object _free_stack_arr, _ready_arr
+        oisp_fast_table *fast
+        object _fast_own_ports
+        readonly uint64_t fast_to_proxy, fast_to_client, fast_passed, fast_batches
 
     def __cinit__(self, int kind, uintptr_t recv_fn, uintptr_t send_fn, uintptr_t handle, *, int nslots=16,
                   int batch=255, uint32_t slot_bytes=0, int policy=C_POLICY_BLOCK):
@@ -184,7 +214,148 @@ cdef class ReceiveRing:
         oisp_sync_init(&self.sync)
 
     def __dealloc__(self):
+        oisp_fast_free(self.fast)
         oisp_sync_destroy(&self.sync)
+
+    # -- the reflector's fast path (see reflect_fast.h) -----------------------------
+    def fast_enable(self, ports, own_ports, uint32_t max_flows):
+        """Let the receiver reflect packets of known flows itself. `ports` maps server
+        port -> proxy port; `own_ports` is a 65536-byte array (bool/uint8), nonzero for
+        the proxy's upstream ports, read live (kept alive here)."""
+        own = np.ascontiguousarray(own_ports).view(np.uint8)
+        if own.shape != (65536,):
+            raise ValueError("own_ports must hold 65536 entries")
+        if self.fast != NULL:
+            raise ValueError("the fast path is already enabled")
+        cdef oisp_fast_table *t = oisp_fast_new(max_flows)
+        if t == NULL:
+            raise MemoryError()
+        cdef const uint8_t[::1] own_view = own
+        t.own_port = &own_view[0]
+        for server, proxy in ports.items():
+            if not (0 < server < 65536 and 0 < proxy < 65536):
+                oisp_fast_free(t)
+                raise ValueError(f"bad port pair {server} -> {proxy}")
+            t.proxy_for[server] = proxy
+            t.server_for[proxy] = server
+        self._fast_own_ports = own
+        with nogil:
+            oisp_lock(&self.sync)
+            self.fast = t
+            oisp_unlock(&self.sync)
+
+    def fast_add(self, const uint8_t[::1] key, uint16_t client_port, uint16_t proxy_port):
+        """Known flow: (server address as 16 bytes, client port, proxy port). False if full."""
+        self._fast_key(key)
+        cdef int added
+        with nogil:
+            oisp_lock(&self.sync)
+            added = oisp_fast_add(self.fast, &key[0], client_port, proxy_port)
+            oisp_unlock(&self.sync)
+        return added >= 0
+
+    def fast_remove(self, const uint8_t[::1] key, uint16_t client_port, uint16_t proxy_port):
+        self._fast_key(key)
+        cdef int removed
+        with nogil:
+            oisp_lock(&self.sync)
+            removed = oisp_fast_remove(self.fast, &key[0], client_port, proxy_port)
+            oisp_unlock(&self.sync)
+        return bool(removed)
+
+    def fast_take_touched(self):
+        """Keys of the flows that had packets through the fast path since the last call."""
+        if self.fast == NULL:
+            return []
+        touched = []
+        cdef uint32_t i
+        oisp_lock(&self.sync)
+        try:
+            for i in range(self.fast.mask + 1):
+                if self.fast.slots[i].used and self.fast.slots[i].touched:
+                    self.fast.slots[i].touched = 0
+                    touched.append((bytes(self.fast.slots[i].addr[:16]), self.fast.slots[i].client_port,
+                                    self.fast.slots[i].proxy_port))
+        finally:
+            oisp_unlock(&self.sync)
+        return touched
+
+    def fast_decide(self, packet, address):
+        """What the fast path does with one packet: (action, packet after, address after).
+        Action: 0 slow (to Python), 1 pass, 2 reflect to the proxy, 3 reflect to the client."""
+        if self.fast == NULL:
+            raise ValueError("the fast path is not enabled")
+        cdef bytearray p = bytearray(packet), a = bytearray(address)
+        if len(a) != OISP_ADDRESS_SIZE:
+            raise ValueError(f"an address is {OISP_ADDRESS_SIZE} bytes")
+        cdef unsigned char *pp = p
+        cdef unsigned char *ap = a
+        cdef uint16_t port = 0
+        cdef int action
+        oisp_lock(&self.sync)
+        action = oisp_fast_classify(self.fast, pp, <uint32_t>len(p), ap, &port)
+        oisp_unlock(&self.sync)
+        if action == OISP_FAST_TO_PROXY or action == OISP_FAST_TO_CLIENT:
+            oisp_fast_reflect(pp, <uint32_t>len(p), ap, action, port)
+        return action, bytes(p), bytes(a)
+
+    def fast_flows(self):
+        return 0 if self.fast == NULL else self.fast.count
+
+    cdef int _fast_key(self, const uint8_t[::1] key) except -1:
+        if self.fast == NULL:
+            raise ValueError("the fast path is not enabled")
+        if key.shape[0] != 16:
+            raise ValueError("a flow key address is 16 bytes")
+        return 0
+
+    cdef bint _fast_batch(self, int slot, uint32_t nbytes, uint32_t count) noexcept nogil:
+        """With the lock held: if every packet of the slot is decided here, rewrite and
+        inject them (the lock is released meanwhile), free the slot and return True."""
+        cdef uint32_t *offsets = self.offsets_p + <size_t>slot * self.batch
+        cdef uint32_t *lengths = self.lengths_p + <size_t>slot * self.batch
+        cdef unsigned char *buf = self.data_p + <size_t>slot * self.slot_bytes
+        cdef unsigned char *addrs = self.addr_p + <size_t>slot * self.batch * OISP_ADDRESS_SIZE
+        cdef uint8_t actions[255]
+        cdef uint16_t ports[255]
+        cdef uint32_t i, to_proxy = 0, to_client = 0, passed = 0, sent = 0, mtu
+        cdef bint oversize = False
+        cdef int err
+        for i in range(count):
+            actions[i] = oisp_fast_classify(self.fast, buf + offsets[i], lengths[i],
+                                            addrs + i * OISP_ADDRESS_SIZE, &ports[i])
+            if actions[i] == OISP_FAST_SLOW:
+                return False
+        oisp_unlock(&self.sync)
+        for i in range(count):
+            if actions[i] == OISP_FAST_PASS:
+                passed += 1
+            else:
+                oisp_fast_reflect(buf + offsets[i], lengths[i], addrs + i * OISP_ADDRESS_SIZE, actions[i], ports[i])
+                if actions[i] == OISP_FAST_TO_PROXY:
+                    to_proxy += 1
+                else:
+                    to_client += 1
+            mtu = self._mtu_of(addrs + i * OISP_ADDRESS_SIZE)
+            if mtu and lengths[i] > mtu:
+                oversize = True
+        if oversize:
+            err = self._send_segmented(buf, offsets, lengths, addrs, count)
+        else:
+            err = oisp_divert_send(self.kind, self.send_fn, self.handle, buf, nbytes, addrs, count, &sent)
+        oisp_lock(&self.sync)
+        if err == 0:
+            self.sent += count
+        else:
+            self.send_errors += count
+        self.fast_to_proxy += to_proxy
+        self.fast_to_client += to_client
+        self.fast_passed += passed
+        self.fast_batches += 1
+        self.free_stack[self.free_top] = slot
+        self.free_top += 1
+        oisp_broadcast(&self.sync)
+        return True
 
     # -- receiver side (its own thread) ------------------------------------------
     def run(self):
@@ -256,6 +427,9 @@ cdef class ReceiveRing:
                     continue
                 split_packets(buf, nbytes, count, self.offsets_p + <size_t>slot * self.batch,
                               self.lengths_p + <size_t>slot * self.batch)
+                if self.fast != NULL and self._fast_batch(slot, nbytes, count):
+                    oisp_unlock(&self.sync)
+                    continue
                 self.nbytes_p[slot] = nbytes
                 self.counts_p[slot] = count
                 self.ready[(self.ready_head + self.ready_len) % self.nslots] = slot

@@ -68,6 +68,10 @@ def check_redirected(out, server_ip, client_ip, log):
     assert out["flows_before_rst"] == 1 and out["flows_empty_after_rst"]
     assert out["counters"]["flow_table"]["closed"] == 2
     assert out["counters"]["engine"]["dropped"] == 0
+    fast = out["counters"]["fast_path"]
+    if fast:  # the ring reflected the established flow's packets itself, Python the rest
+        assert fast["to_proxy"] > 0 and fast["to_client"] > 0 and fast["own_upstream"] > 0
+        assert fast["flows"] == 0  # removed with the flow table's entries
 
 
 def check_untouched(out, client_ip, log, accepted=2):
@@ -78,10 +82,11 @@ def check_untouched(out, client_ip, log, accepted=2):
     assert len(out["accepted"]) == accepted  # the AI and RST connections only
 
 
-@pytest.mark.parametrize("family", [4, 6])
-def test_ai_flows_reach_the_proxy_and_the_rest_is_untouched(lab, family):
+@pytest.mark.parametrize("family,path", [(4, "fast"), (6, "fast"), (4, "python"), (6, "python")])
+def test_ai_flows_reach_the_proxy_and_the_rest_is_untouched(lab, family, path):
     server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
-    out = run_client(lab.a, "e2e", server_ip, lab.extra[family])
+    out = run_client(lab.a, "e2e", server_ip, lab.extra[family], *(["python-path"] if path == "python" else []))
+    assert bool(out["counters"]["fast_path"]) == (path == "fast")
     log = server_log(lab.server)
     check_redirected(out, server_ip, client_ip, log)
     check_untouched(out, client_ip, log)

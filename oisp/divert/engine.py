@@ -282,6 +282,11 @@ class Engine:
         return self._rows[slot]
 
     # -- state ------------------------------------------------------------------
+    @property
+    def ring(self):
+        """The native receive ring, for work that runs inside it (the reflector's fast path)."""
+        return self._ring
+
     def counters(self) -> dict:
         ring = self._ring
         ready, held_slots = ring.occupancy()

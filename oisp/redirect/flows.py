@@ -126,6 +126,16 @@ class FlowTable:
                 entry.closed_at = now
         return entry
 
+    def touch(self, keys, now: float | None = None) -> None:
+        """Flows whose packets went by elsewhere (the ring's fast path): refresh them."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            for key in keys:
+                entry = self._flows.get(key)
+                if entry is not None:
+                    entry.last_seen = now
+                    self._flows.move_to_end(key)
+
     def expire(self, now: float | None = None) -> int:
         """Drop flows that ended more than `linger` ago or have been idle too long."""
         now = time.monotonic() if now is None else now

@@ -15,6 +15,13 @@ numpy and one native call per direction:
 Everything else passes untouched: unknown destinations, the proxy's own
 upstream connections (loop-free: see own_ports.py), excluded processes, and
 flows that began before the reflector (no SYN seen, so no entry).
+
+The fast path (on by default): once a flow is open, the receive ring itself
+reflects its packets and passes the proxy's upstream packets, in C without the
+GIL (_native/reflect_fast.h). Only batches holding a SYN, FIN, RST or a packet
+of an unknown flow reach `process` here. The table mirrors the flow table
+through its open/remove hooks, and the flows it carried are marked seen once a
+second for the idle expiry.
 """
 
 from __future__ import annotations
@@ -61,14 +68,15 @@ class Reflector:
 
     def __init__(self, targets: TargetSet, flows: FlowTable, own_ports: OwnPorts, *,
                  ports: dict[int, int] | None = None, processes: ProcessResolver | None = None,
-                 process_filter: ProcessFilter | None = None, priority: int = 0, watchdog: float | None = 5.0):
+                 process_filter: ProcessFilter | None = None, priority: int = 0, watchdog: float | None = 5.0,
+                 fast_path: bool = True):
         self.targets, self.flows, self.own_ports = targets, flows, own_ports
         self.ports = dict(ports or DEFAULT_PORTS)
         self.processes = processes
         self.process_filter = process_filter if process_filter and process_filter.active else None
         if self.process_filter and processes is None:
             raise ValueError("a process filter needs a ProcessResolver")
-        self.priority, self.watchdog = priority, watchdog
+        self.priority, self.watchdog, self.fast_path = priority, watchdog, fast_path
         self._server_port = np.zeros(65536, dtype=bool)
         self._proxy_port = np.zeros(65536, dtype=bool)
         self._proxy_for = np.zeros(65536, dtype=np.uint16)  # server port → its proxy port
@@ -88,9 +96,21 @@ class Reflector:
         self.engine = Engine(reflector_filter(self.ports), priority=self.priority, policy="block",
                              watchdog=self.watchdog)
         # Should this process die, the guardian aborts the clients' redirected sockets.
-        handle = self.engine.handle
-        self.flows.on_open = lambda entry: handle.abort_on_death(entry.client_port)
-        self.flows.on_remove = lambda entry: handle.forget_on_death(entry.client_port)
+        handle, ring = self.engine.handle, self.engine.ring
+        if self.fast_path:
+            ring.fast_enable(self.ports, self.own_ports.mask, self.flows.max_flows)
+
+        def opened(entry: FlowEntry) -> None:
+            handle.abort_on_death(entry.client_port)
+            if self.fast_path:
+                ring.fast_add(*entry.key)
+
+        def removed(entry: FlowEntry) -> None:
+            if self.fast_path:
+                ring.fast_remove(*entry.key)
+            handle.forget_on_death(entry.client_port)
+
+        self.flows.on_open, self.flows.on_remove = opened, removed
         self._thread = threading.Thread(target=self._run, name="oisp-reflector", daemon=True)
         self._thread.start()
         return self
@@ -109,7 +129,17 @@ class Reflector:
         self.stop()
 
     def counters(self) -> dict:
-        return {**self.counts, "flows": len(self.flows), "flow_table": dict(self.flows.counts),
+        """Reflected/own counts include the fast path's; `fast_path` has its share alone."""
+        counts = dict(self.counts)
+        fast = {}
+        if self.engine is not None and self.fast_path:
+            ring = self.engine.ring
+            fast = {"to_proxy": ring.fast_to_proxy, "to_client": ring.fast_to_client,
+                    "own_upstream": ring.fast_passed, "batches": ring.fast_batches, "flows": ring.fast_flows()}
+            counts["reflected_to_proxy"] += fast["to_proxy"]
+            counts["reflected_to_client"] += fast["to_client"]
+            counts["own_upstream"] += fast["own_upstream"]
+        return {**counts, "fast_path": fast, "flows": len(self.flows), "flow_table": dict(self.flows.counts),
                 "engine": self.engine.counters() if self.engine else {}}
 
     def _run(self) -> None:
@@ -125,6 +155,8 @@ class Reflector:
                         self.error = e
                     self.engine.commit(batch)
                 if time.monotonic() >= next_expiry:
+                    if self.fast_path:
+                        self.flows.touch(self.engine.ring.fast_take_touched())
                     self.flows.expire()
                     next_expiry = time.monotonic() + 1.0
         except DivertError as e:

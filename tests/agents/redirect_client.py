@@ -1,11 +1,12 @@
 """The client side of the redirect tests, run in the client namespace; prints one JSON object.
 
-usage: redirect_client.py e2e SERVER_IP OTHER_IP [exclude-child] [events]
+usage: redirect_client.py e2e SERVER_IP OTHER_IP [exclude-child] [events] [python-path]
     the reflector (targets = {SERVER_IP}) and a small transparent proxy on :8443 that
     looks each accepted socket up in the flow table and dials the original destination
     through connect_upstream; then: an AI connection (data round trip, clean close),
     one ended by RST, one to OTHER_IP:443 and one to SERVER_IP:444 (both not AI), and
-    optionally a connection from an excluded child process.
+    optionally a connection from an excluded child process; python-path turns the ring's
+    fast path off, so every packet is decided in Python.
 usage: redirect_client.py dns SERVER_IP
     a DnsSniffer; hand-built queries to SERVER_IP:53; which addresses were learned
 usage: redirect_client.py learned SERVER_IP
@@ -116,7 +117,8 @@ def scenario_e2e(server_ip, other_ip, options):
     proxy = Proxy(flows, own_ports)
     out = {"me": os.getpid(), "events": events, "events_error": resolver.events_error}
     with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}, processes=resolver,
-                   process_filter=ProcessFilter(exclude=exclude)) as reflector:
+                   process_filter=ProcessFilter(exclude=exclude),
+                   fast_path="python-path" not in options) as reflector:
         payload = os.urandom(300_000)
         out["ai"] = exchange(server_ip, 443, payload)
         out["flows_after_ai"] = len(flows)

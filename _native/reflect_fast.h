@@ -1,0 +1,261 @@
+/* The reflector's fast path, run by the receive thread without the GIL.
+ *
+ * Why: at interactive rates every packet of a redirected connection used to
+ * wake Python (receive thread -> consumer -> verdict -> inject), twice per
+ * round trip, plus every packet of the proxy's own upstream connection. Once
+ * Python has opened a flow (it saw the SYN and applied the process filter),
+ * the decision for the flow's other packets is mechanical, so it is made here:
+ *
+ *   to a server port, from one of the proxy's own ports   -> pass unchanged
+ *   to a server port, of a known flow                      -> reflect to the proxy
+ *   from a proxy port, of a known flow                     -> reflect to the client
+ *
+ * Packets with SYN, FIN or RST, of unknown flows, fragments, IPv6 extension
+ * headers or anything malformed are "slow": the batch goes to Python, which
+ * keeps the flow table's state (opens, FIN/RST, process filter) as before.
+ *
+ * Flows live in an open-addressing hash table (linear probing, backward-shift
+ * deletion) keyed like the Python flow table: (server address as 16 bytes,
+ * IPv4 in the first 4; client port; proxy port). `touched` records that a
+ * packet went by since Python last asked, for its idle expiry.
+ * The caller serialises all access (the ring's mutex).
+ */
+#ifndef OISP_REFLECT_FAST_H
+#define OISP_REFLECT_FAST_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { OISP_FAST_SLOW = 0, OISP_FAST_PASS = 1, OISP_FAST_TO_PROXY = 2, OISP_FAST_TO_CLIENT = 3 };
+
+#define OISP_FAST_OUTBOUND_BIT (1u << 17)
+
+typedef struct {
+    uint8_t addr[16];
+    uint16_t client_port;
+    uint16_t proxy_port;
+    uint8_t used;
+    uint8_t touched;
+} oisp_fast_flow;
+
+typedef struct {
+    const uint8_t *own_port;     /* 65536 bytes, nonzero = the proxy's upstream port (owned by Python) */
+    uint16_t proxy_for[65536];   /* server port -> proxy port, 0 = not redirected */
+    uint16_t server_for[65536];  /* proxy port -> server port, 0 = not a proxy port */
+    oisp_fast_flow *slots;
+    uint32_t mask;               /* capacity - 1, capacity a power of two */
+    uint32_t count;
+} oisp_fast_table;
+
+static inline uint16_t oisp_be16(const unsigned char *p) { return (uint16_t)((p[0] << 8) | p[1]); }
+
+static inline void oisp_put_be16(unsigned char *p, uint16_t v)
+{
+    p[0] = (unsigned char)(v >> 8);
+    p[1] = (unsigned char)v;
+}
+
+static inline oisp_fast_table *oisp_fast_new(uint32_t max_flows)
+{
+    uint32_t capacity = 16;
+    oisp_fast_table *t;
+    while (capacity < max_flows * 2u && capacity < (1u << 30))
+        capacity <<= 1;
+    t = (oisp_fast_table *)calloc(1, sizeof(oisp_fast_table));
+    if (!t)
+        return NULL;
+    t->slots = (oisp_fast_flow *)calloc(capacity, sizeof(oisp_fast_flow));
+    if (!t->slots) {
+        free(t);
+        return NULL;
+    }
+    t->mask = capacity - 1;
+    return t;
+}
+
+static inline void oisp_fast_free(oisp_fast_table *t)
+{
+    if (t) {
+        free(t->slots);
+        free(t);
+    }
+}
+
+static inline uint32_t oisp_fast_hash(const uint8_t *addr, uint16_t client_port, uint16_t proxy_port)
+{
+    uint32_t h = 2166136261u; /* FNV-1a */
+    int i;
+    for (i = 0; i < 16; i++)
+        h = (h ^ addr[i]) * 16777619u;
+    h = (h ^ client_port) * 16777619u;
+    h = (h ^ proxy_port) * 16777619u;
+    return h ^ (h >> 15);
+}
+
+static inline oisp_fast_flow *oisp_fast_find(oisp_fast_table *t, const uint8_t *addr, uint16_t client_port,
+                                             uint16_t proxy_port)
+{
+    uint32_t i = oisp_fast_hash(addr, client_port, proxy_port) & t->mask;
+    while (t->slots[i].used) {
+        oisp_fast_flow *f = &t->slots[i];
+        if (f->client_port == client_port && f->proxy_port == proxy_port && memcmp(f->addr, addr, 16) == 0)
+            return f;
+        i = (i + 1) & t->mask;
+    }
+    return NULL;
+}
+
+/* 1 added, 0 already there, -1 full (the table holds at most half its capacity). */
+static inline int oisp_fast_add(oisp_fast_table *t, const uint8_t *addr, uint16_t client_port, uint16_t proxy_port)
+{
+    uint32_t i;
+    if (oisp_fast_find(t, addr, client_port, proxy_port))
+        return 0;
+    if (t->count >= (t->mask + 1) / 2)
+        return -1;
+    i = oisp_fast_hash(addr, client_port, proxy_port) & t->mask;
+    while (t->slots[i].used)
+        i = (i + 1) & t->mask;
+    memcpy(t->slots[i].addr, addr, 16);
+    t->slots[i].client_port = client_port;
+    t->slots[i].proxy_port = proxy_port;
+    t->slots[i].touched = 0;
+    t->slots[i].used = 1;
+    t->count++;
+    return 1;
+}
+
+static inline int oisp_fast_remove(oisp_fast_table *t, const uint8_t *addr, uint16_t client_port, uint16_t proxy_port)
+{
+    oisp_fast_flow *f = oisp_fast_find(t, addr, client_port, proxy_port);
+    uint32_t hole, j, home;
+    if (!f)
+        return 0;
+    hole = (uint32_t)(f - t->slots);
+    t->slots[hole].used = 0;
+    t->count--;
+    /* Backward-shift deletion: move later members of the probe run into the hole
+     * when their home slot does not lie (cyclically) between the hole and them. */
+    j = hole;
+    for (;;) {
+        j = (j + 1) & t->mask;
+        if (!t->slots[j].used)
+            break;
+        home = oisp_fast_hash(t->slots[j].addr, t->slots[j].client_port, t->slots[j].proxy_port) & t->mask;
+        if (((j - home) & t->mask) >= ((j - hole) & t->mask)) {
+            t->slots[hole] = t->slots[j];
+            t->slots[j].used = 0;
+            hole = j;
+        }
+    }
+    return 1;
+}
+
+/* Locate the TCP header of an IPv4/IPv6 packet without options that need
+ * Python: returns the TCP offset, or 0 for "slow". */
+static inline uint32_t oisp_fast_tcp_offset(const unsigned char *p, uint32_t len, int *v6)
+{
+    uint32_t ihl, total, tcp, doff;
+    if (len < 20)
+        return 0;
+    if ((p[0] >> 4) == 4) {
+        ihl = (uint32_t)(p[0] & 0x0f) * 4;
+        total = oisp_be16(p + 2);
+        if (ihl < 20 || total != len || p[9] != 6 || (oisp_be16(p + 6) & 0x3fff) != 0)
+            return 0; /* wrong length, not TCP, or a fragment */
+        tcp = ihl;
+        *v6 = 0;
+    } else if ((p[0] >> 4) == 6) {
+        if (len < 40 || p[6] != 6 || (uint32_t)oisp_be16(p + 4) + 40 != len)
+            return 0; /* not TCP right after the fixed header (extension headers), or wrong length */
+        tcp = 40;
+        *v6 = 1;
+    } else {
+        return 0;
+    }
+    if (len < tcp + 20)
+        return 0;
+    doff = (uint32_t)(p[tcp + 12] >> 4) * 4;
+    if (doff < 20 || len < tcp + doff)
+        return 0;
+    return tcp;
+}
+
+/* Decide one packet (marks its flow touched); *port_out gets the port to write. */
+static inline int oisp_fast_classify(oisp_fast_table *t, const unsigned char *p, uint32_t len,
+                                     const unsigned char *address, uint16_t *port_out)
+{
+    int v6 = 0;
+    uint32_t bits, tcp = oisp_fast_tcp_offset(p, len, &v6);
+    uint16_t sport, dport;
+    uint8_t key[16];
+    oisp_fast_flow *f;
+    if (!tcp)
+        return OISP_FAST_SLOW;
+    memcpy(&bits, address + 8, 4);
+    if (!(bits & OISP_FAST_OUTBOUND_BIT))
+        return OISP_FAST_SLOW;
+    if (p[tcp + 13] & 0x07) /* FIN, SYN, RST: Python keeps the flow state */
+        return OISP_FAST_SLOW;
+    sport = oisp_be16(p + tcp);
+    dport = oisp_be16(p + tcp + 2);
+    memset(key, 0, sizeof key);
+    memcpy(key, v6 ? p + 24 : p + 16, v6 ? 16 : 4); /* the destination address */
+    if (t->proxy_for[dport]) {
+        if (t->own_port && t->own_port[sport])
+            return OISP_FAST_PASS;
+        f = oisp_fast_find(t, key, sport, t->proxy_for[dport]);
+        if (!f)
+            return OISP_FAST_SLOW;
+        f->touched = 1;
+        *port_out = t->proxy_for[dport];
+        return OISP_FAST_TO_PROXY;
+    }
+    if (t->server_for[sport]) {
+        f = oisp_fast_find(t, key, dport, sport);
+        if (!f)
+            return OISP_FAST_SLOW;
+        f->touched = 1;
+        *port_out = t->server_for[sport];
+        return OISP_FAST_TO_CLIENT;
+    }
+    return OISP_FAST_SLOW;
+}
+
+/* Swap the addresses, set one port, fix the TCP checksum (RFC 1624: swapping
+ * addresses leaves both checksums' sums unchanged), and mark it inbound. */
+static inline void oisp_fast_reflect(unsigned char *p, uint32_t len, unsigned char *address, int action,
+                                     uint16_t port)
+{
+    int v6 = 0;
+    uint32_t tcp = oisp_fast_tcp_offset(p, len, &v6), bits, sum;
+    unsigned char tmp[16];
+    unsigned char *at, *ck;
+    uint16_t old;
+    if (!tcp)
+        return;
+    if (v6) {
+        memcpy(tmp, p + 8, 16);
+        memmove(p + 8, p + 24, 16);
+        memcpy(p + 24, tmp, 16);
+    } else {
+        memcpy(tmp, p + 12, 4);
+        memmove(p + 12, p + 16, 4);
+        memcpy(p + 16, tmp, 4);
+    }
+    at = p + tcp + (action == OISP_FAST_TO_PROXY ? 2 : 0);
+    old = oisp_be16(at);
+    oisp_put_be16(at, port);
+    ck = p + tcp + 16;
+    /* HC' = ~(~HC + ~m + m') */
+    sum = (uint32_t)(~oisp_be16(ck) & 0xffff) + (uint32_t)(~old & 0xffff) + port;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    oisp_put_be16(ck, (uint16_t)~sum);
+    memcpy(&bits, address + 8, 4);
+    bits &= ~OISP_FAST_OUTBOUND_BIT;
+    memcpy(address + 8, &bits, 4);
+}
+
+#endif

@@ -1,0 +1,214 @@
+"""The ring's reflect fast path (_native/reflect_fast.h) decides and rewrites exactly
+as the Python reflector does, leaves to Python every packet that changes flow
+state, and its flow table behaves like a set."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt
+
+from oisp._native.ring import ReceiveRing
+from oisp.divert.address import IPV6, OUTBOUND, new_addresses, row_key
+from oisp.redirect import FlowTable, OwnPorts, TargetSet
+from oisp.redirect.reflector import Reflector
+from tests.test_redirect_small_batch import SERVERS, Batch
+
+SLOW, PASS, TO_PROXY, TO_CLIENT = 0, 1, 2, 3
+CLIENT = {4: "10.200.1.1", 6: "fd00:1::1"}
+OWN_PORT = 50000
+
+
+def address(outbound: bool = True, v6: bool = False) -> bytes:
+    a = new_addresses(1)
+    a["bits"] = (OUTBOUND if outbound else 0) | (IPV6 if v6 else 0)
+    return a.tobytes()
+
+
+def fast_ring(flows=(), max_flows: int = 64) -> tuple[ReceiveRing, OwnPorts]:
+    own = OwnPorts()
+    ring = ReceiveRing(0, 0, 0, 0, nslots=2)
+    ring.fast_enable({443: 8443}, own.mask, max_flows)
+    own.register(OWN_PORT)  # registered after enabling: the ring reads the live array
+    for server, client_port in flows:
+        assert ring.fast_add(row_key(server), client_port, 8443)
+    return ring, own
+
+
+def layer(family):
+    return IP if family == 4 else IPv6
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_reflects_both_ways_with_valid_checksums(family):
+    server, client = SERVERS[family][0], CLIENT[family]
+    ring, _ = fast_ring([(server, 40000)])
+    L = layer(family)
+    # The client's data to the server lands on the proxy, from (server, client port).
+    sent = L(src=client, dst=server) / TCP(sport=40000, dport=443, flags="PA", seq=7) / (b"hello" * 51)
+    action, out, addr = ring.fast_decide(bytes(sent), address(v6=family == 6))
+    assert action == TO_PROXY
+    got = L(out)
+    assert (got.src, got.dst, got[TCP].sport, got[TCP].dport) == (server, client, 40000, 8443)
+    assert bytes(got[TCP].payload) == b"hello" * 51 and got[TCP].seq == 7
+    recomputed = L(out)
+    del recomputed[TCP].chksum
+    if family == 4:
+        del recomputed.chksum
+    assert L(bytes(recomputed))[TCP].chksum == got[TCP].chksum
+    if family == 4:
+        assert L(bytes(recomputed)).chksum == got.chksum
+    assert np.frombuffer(addr, dtype=new_addresses(1).dtype)["bits"][0] & OUTBOUND == 0  # now inbound
+
+    # The proxy's reply (to its peer, the server address + client port) goes back as the server's.
+    reply = L(src=client, dst=server) / TCP(sport=8443, dport=40000, flags="A") / b"world"
+    action, out, _ = ring.fast_decide(bytes(reply), address(v6=family == 6))
+    assert action == TO_CLIENT
+    got = L(out)
+    assert (got.src, got.dst, got[TCP].sport, got[TCP].dport) == (server, client, 443, 40000)
+    recomputed = L(out)
+    del recomputed[TCP].chksum
+    assert L(bytes(recomputed))[TCP].chksum == got[TCP].chksum
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_leaves_state_changes_unknown_flows_and_odd_packets_to_python(family):
+    server, other, client = SERVERS[family][0], SERVERS[family][1], CLIENT[family]
+    ring, _ = fast_ring([(server, 40000)])
+    L, v6 = layer(family), family == 6
+    for flags in ("S", "SA", "FA", "R", "RA", "F"):
+        packet = bytes(L(src=client, dst=server) / TCP(sport=40000, dport=443, flags=flags))
+        assert ring.fast_decide(packet, address(v6=v6))[0] == SLOW, flags
+    known = L(src=client, dst=server) / TCP(sport=40000, dport=443, flags="A")
+    assert ring.fast_decide(bytes(known), address(outbound=False, v6=v6))[0] == SLOW  # inbound
+    for packet in (L(src=client, dst=other) / TCP(sport=40000, dport=443, flags="A"),  # unknown server
+                   L(src=client, dst=server) / TCP(sport=40001, dport=443, flags="A"),  # unknown port
+                   L(src=client, dst=server) / TCP(sport=40000, dport=80, flags="A"),  # not redirected
+                   L(src=client, dst=server) / TCP(sport=8443, dport=40001, flags="A")):  # reply, no flow
+        assert ring.fast_decide(bytes(packet), address(v6=v6))[0] == SLOW
+    raw = bytes(known)
+    assert ring.fast_decide(raw[:-1], address(v6=v6))[0] == SLOW  # length disagrees with the header
+    assert ring.fast_decide(raw + b"\0", address(v6=v6))[0] == SLOW
+    if family == 4:
+        fragment = IP(src=client, dst=server, flags="MF") / TCP(sport=40000, dport=443, flags="A")
+        assert ring.fast_decide(bytes(fragment), address())[0] == SLOW
+    else:
+        extension = IPv6(src=client, dst=server) / IPv6ExtHdrDestOpt() / TCP(sport=40000, dport=443, flags="A")
+        assert ring.fast_decide(bytes(extension), address(v6=True))[0] == SLOW
+
+
+def test_passes_the_proxys_own_upstream_unchanged():
+    ring, own = fast_ring()
+    packet = bytes(IP(src="10.200.1.1", dst="10.200.1.2") / TCP(sport=OWN_PORT, dport=443, flags="PA") / b"x")
+    addr = address()
+    assert ring.fast_decide(packet, addr) == (PASS, packet, addr)
+    own.unregister(OWN_PORT)
+    assert ring.fast_decide(packet, addr)[0] == SLOW  # the ring reads the registry live
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_same_bytes_as_the_python_reflector(seed):
+    """Random traffic over flows the Python reflector opened: every packet the fast path
+    takes comes out byte for byte as the Python path makes it, address bits included."""
+    rng = random.Random(seed)
+    own = OwnPorts()
+    own.register(OWN_PORT)
+    python = Reflector(TargetSet([SERVERS[4][0], SERVERS[6][0]]), FlowTable(), own)
+    ring = ReceiveRing(0, 0, 0, 0, nslots=2)
+    ring.fast_enable({443: 8443}, own.mask, 64)
+    python.flows.on_open = lambda entry: ring.fast_add(*entry.key)
+    python.flows.on_remove = lambda entry: ring.fast_remove(*entry.key)
+    for family in (4, 6):  # open the flows the Python way: a SYN each
+        for port in (40000, 40001):
+            syn = layer(family)(src=CLIENT[family], dst=SERVERS[family][0]) / TCP(sport=port, dport=443, flags="S")
+            python.process(Batch([bytes(syn)], [True]))
+    assert len(python.flows) == 4 and ring.fast_flows() == 4
+    taken = 0
+    for _ in range(400):
+        family = rng.choice((4, 6))
+        server = rng.choice(SERVERS[family])
+        port = rng.choice((40000, 40001, 40002, OWN_PORT))
+        flags = rng.choice(("A", "PA", "A", "PA", "FA", "R"))
+        payload = b"y" * rng.randrange(0, 300)
+        if rng.random() < 0.5:
+            packet = layer(family)(src=CLIENT[family], dst=server) / TCP(sport=port, dport=443, flags=flags) / payload
+        else:
+            packet = layer(family)(src=CLIENT[family], dst=server) / TCP(sport=8443, dport=port, flags=flags) / payload
+        raw, v6 = bytes(packet), family == 6
+        action, fast_bytes, fast_addr = ring.fast_decide(raw, address(v6=v6))
+        if action == SLOW:
+            continue
+        taken += 1
+        batch = Batch([raw], [True])
+        batch.addresses["bits"] |= IPV6 if v6 else 0
+        python.process(batch)
+        assert fast_bytes == batch.data.tobytes()
+        assert fast_addr == batch.addresses.tobytes()
+    assert taken > 50  # the test exercised the fast path
+
+
+def test_flow_table_is_a_set_under_collisions():
+    """A small table (16 slots, 8 flows) with adds and removes in random order answers
+    like a Python set; backward-shift deletion keeps every other member findable."""
+    rng = random.Random(3)
+    ring = ReceiveRing(0, 0, 0, 0, nslots=2)
+    ring.fast_enable({443: 8443}, np.zeros(65536, dtype=bool), 8)
+    members: set = set()
+    keys = [(row_key(f"10.0.0.{i}"), 40000 + j, 8443) for i in range(4) for j in range(6)]
+    for _ in range(5000):
+        key = rng.choice(keys)
+        if rng.random() < 0.5:
+            added = ring.fast_add(*key)
+            if key in members or len(members) < 8:
+                assert added
+                members.add(key)
+            else:
+                assert not added  # full: the flow stays with Python
+        else:
+            assert ring.fast_remove(*key) == (key in members)
+            members.discard(key)
+        assert ring.fast_flows() == len(members)
+    for key in keys:  # membership as seen by a packet lookup
+        server = ".".join(str(b) for b in key[0][:4])
+        packet = bytes(IP(src="10.9.9.9", dst=server) / TCP(sport=key[1], dport=443, flags="A"))
+        assert (ring.fast_decide(packet, address())[0] == TO_PROXY) == (key in members)
+
+
+def test_touched_flows_are_reported_once():
+    ring, _ = fast_ring([("10.200.1.2", 40000), ("10.200.1.2", 40001)])
+    assert ring.fast_take_touched() == []
+    packet = bytes(IP(src="10.200.1.1", dst="10.200.1.2") / TCP(sport=40001, dport=443, flags="A"))
+    ring.fast_decide(packet, address())
+    assert ring.fast_take_touched() == [(row_key("10.200.1.2"), 40001, 8443)]
+    assert ring.fast_take_touched() == []
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.binary(min_size=0, max_size=200), st.booleans())
+def test_any_bytes_are_decided_without_harm(data, v6):
+    ring, _ = fast_ring([("10.200.1.2", 40000)])
+    action, out, _ = ring.fast_decide(data, address(v6=v6))
+    assert action in (SLOW, PASS, TO_PROXY, TO_CLIENT)
+    assert len(out) == len(data)
+    if action == SLOW:
+        assert out == data
+
+
+def test_api_errors_are_clear():
+    ring = ReceiveRing(0, 0, 0, 0, nslots=2)
+    with pytest.raises(ValueError, match="not enabled"):
+        ring.fast_add(row_key("10.0.0.1"), 1, 8443)
+    with pytest.raises(ValueError, match="65536"):
+        ring.fast_enable({443: 8443}, np.zeros(10, dtype=bool), 8)
+    with pytest.raises(ValueError, match="port pair"):
+        ring.fast_enable({443: 0}, np.zeros(65536, dtype=bool), 8)
+    ring.fast_enable({443: 8443}, np.zeros(65536, dtype=bool), 8)
+    with pytest.raises(ValueError, match="16 bytes"):
+        ring.fast_add(b"\1\2\3\4", 1, 8443)
+    with pytest.raises(ValueError, match="already"):
+        ring.fast_enable({443: 8443}, np.zeros(65536, dtype=bool), 8)
