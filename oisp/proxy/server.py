@@ -12,7 +12,7 @@ For each accepted connection:
 5. otherwise relay the bytes untouched, so the client sees the real server.
 
 Every chunk read from one side is written to the other at once (an SSE stream
-is never buffered), and `drain()` carries back-pressure across.
+is never buffered), with back-pressure across (see relay.py).
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ from oisp.decode import Direction, FlowContext
 from oisp.events import FlowRecorder, make_event
 from oisp.redirect.own_ports import OwnPorts, upstream_socket
 from oisp.proxy.clienthello import MAX_HELLO, ClientHello, NotTLS, hello_complete, parse_client_hello
+from oisp.proxy.relay import Relay
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 1 << 16
 HANDSHAKE_TIMEOUT = 15.0
-HALF_CLOSE_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -227,47 +226,71 @@ class TransparentProxy:
             raise
         return sock
 
-    async def _streams(self, sock: socket.socket, **tls) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=READ_SIZE * 4)
-        protocol = asyncio.StreamReaderProtocol(reader)
-        self._owned_by_transport.add(sock)
-        transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=sock, **tls)
-        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
-
     async def _pass_through(self, conn: socket.socket, upstream: socket.socket) -> None:
-        client_r, client_w = await self._streams(conn)
-        up_r, up_w = await self._streams(upstream)
-        await self._relay(client_r, client_w, up_r, up_w, None)
+        relay = Relay(on_data=self._counter())
+        await self._attach(relay, "client", conn)
+        await self._attach(relay, "upstream", upstream)
+        await self._run(relay)
 
     async def _intercept(self, conn, upstream, target: Target, hello: ClientHello) -> None:
         context = self.upstream_context
         if hello.alpn:
             context = self._with_alpn(hello.alpn)
-        self._owned_by_transport.add(upstream)
-        up_r, up_w = await asyncio.wait_for(
-            asyncio.open_connection(sock=upstream, ssl=context, server_hostname=hello.sni,
-                                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT), HANDSHAKE_TIMEOUT)
-        upstream_tls = up_w.get_extra_info("ssl_object")
-        chosen = upstream_tls.selected_alpn_protocol()
-        server_context = self.issuer.server_context(hello.sni, [chosen] if chosen else None)
+        relay = Relay()
         try:
-            client_r, client_w = await self._streams(conn, ssl=server_context,
-                                                     ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-        except (ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
-            self._client_rejected(hello.sni, target, exc)
-            up_w.close()
-            return
+            up = await self._attach(relay, "upstream", upstream, context, server_hostname=hello.sni)
+            await up.handshake(HANDSHAKE_TIMEOUT)
+            chosen = up.tls.selected_alpn_protocol()
+            server_context = self.issuer.server_context(hello.sni, [chosen] if chosen else None)
+            client = await self._attach(relay, "client", conn, server_context, server_side=True)
+            try:
+                await client.handshake(HANDSHAKE_TIMEOUT)
+            except (ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
+                self._client_rejected(hello.sni, target, exc)
+                relay.close()
+                return
+        except BaseException:
+            relay.close(abort=True)
+            raise
         log.debug("intercepting %s (alpn %s)", hello.sni, chosen)
         self.stats["intercepted"] += 1
-        client_tls = client_w.get_extra_info("ssl_object")
         ctx = FlowContext(client=target.client, server=target.server, start_ts=time.time(), pid=target.pid,
                           process_name=target.process_name, sni=hello.sni, alpn=chosen,
-                          tls_version=client_tls.version(), cipher=(client_tls.cipher() or (None,))[0])
+                          tls_version=client.tls.version(), cipher=(client.tls.cipher() or (None,))[0])
         recorder = FlowRecorder(ctx, spec=self.spec, **self.recorder_options)
         self._emit(recorder.start())
-        await self._relay(client_r, client_w, up_r, up_w, recorder)
-        self._emit(recorder.close(time.time()))
+        count = self._counter()
+
+        def record(side: str, data: bytes) -> None:
+            count(side, data)
+            self._emit(recorder.feed(Direction.REQUEST if side == "client" else Direction.RESPONSE, data, time.time()))
+
+        relay.on_data = record
+        try:
+            await self._run(relay)
+        finally:
+            self._emit(recorder.close(time.time()))
+
+    async def _attach(self, relay: Relay, name: str, sock: socket.socket, context=None, **tls):
+        self._owned_by_transport.add(sock)  # the transport closes it from now on
+        return await relay.attach(name, sock, context, **tls)
+
+    def _counter(self):
+        stats = self.stats
+
+        def count(side: str, data: bytes) -> None:
+            stats["bytes_up" if side == "client" else "bytes_down"] += len(data)
+        return count
+
+    @staticmethod
+    async def _run(relay: Relay) -> None:
+        """Relay until both sockets close; cancelled (drain), cut them."""
+        relay.start()
+        try:
+            await asyncio.shield(relay.done)
+        finally:
+            if not relay.done.done():
+                relay.close(abort=True)
 
     def _with_alpn(self, protocols: list[str]) -> ssl.SSLContext:
         """An upstream context offering the client's ALPN list (one per distinct list)."""
@@ -296,39 +319,3 @@ class TransparentProxy:
                 self.on_events(events)
             except Exception:  # a sink problem must never break the relay
                 log.exception("event sink failed")
-
-    async def _relay(self, client_r, client_w, up_r, up_w, recorder: FlowRecorder | None) -> None:
-        async def pump(reader, writer, direction: Direction, counter: str) -> None:
-            try:
-                while data := await reader.read(READ_SIZE):
-                    writer.write(data)  # forward first: decoding never delays the client
-                    self.stats[counter] += len(data)
-                    if recorder is not None:
-                        try:
-                            self._emit(recorder.feed(direction, data, time.time()))
-                        except Exception:
-                            log.exception("decoder failed")
-                    await writer.drain()
-            except (ConnectionError, ssl.SSLError, OSError):
-                pass
-            finally:
-                if writer.can_write_eof():
-                    try:
-                        writer.write_eof()
-                    except OSError:
-                        pass
-
-        tasks = [asyncio.ensure_future(pump(client_r, up_w, Direction.REQUEST, "bytes_up")),
-                 asyncio.ensure_future(pump(up_r, client_w, Direction.RESPONSE, "bytes_down"))]
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        if pending:
-            await asyncio.wait(pending, timeout=HALF_CLOSE_GRACE)
-        for task in tasks:
-            task.cancel()
-        for writer in (client_w, up_w):
-            writer.close()
-        for writer in (client_w, up_w):
-            try:
-                await asyncio.wait_for(writer.wait_closed(), HALF_CLOSE_GRACE)
-            except (OSError, ssl.SSLError, asyncio.TimeoutError):
-                pass

@@ -1,0 +1,247 @@
+"""Relaying one proxied connection: two sockets, each with its TLS done in memory.
+
+Why not asyncio's streams and SSL transports: per chunk they cost a task
+wake-up, a StreamReader buffer and sslproto's state machine on both sides —
+most of the proxy's CPU at request rate. Here each socket is a plain asyncio
+transport with a Protocol (`Side`), and TLS runs on an `ssl.SSLObject` over two
+`MemoryBIO`s. A chunk read from one side is decrypted, handed to the other,
+encrypted and written within one callback; decoding comes after the write, so
+it never delays the client.
+
+Back-pressure: when a side's transport buffers more than its high-water mark,
+the other side stops reading until it drains. End of stream (close_notify or
+FIN) is passed on as close_notify + FIN; once one direction has ended, the
+other gets `half_close_grace` seconds before both sockets are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 1 << 16
+HALF_CLOSE_GRACE = 5.0
+
+
+class Side(asyncio.Protocol):
+    """One socket of a relayed connection, plain or TLS (client or server side)."""
+
+    def __init__(self, relay: Relay, name: str, context: ssl.SSLContext | None = None, *,
+                 server_side: bool = False, server_hostname: str | None = None):
+        self.relay, self.name = relay, name
+        self.transport: asyncio.Transport | None = None
+        self.tls: ssl.SSLObject | None = None
+        self.handshaken = asyncio.get_running_loop().create_future()
+        if context is not None:
+            self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.tls = context.wrap_bio(self._in, self._out, server_side=server_side,
+                                        server_hostname=server_hostname)
+        else:
+            self.handshaken.set_result(None)
+        self.ended = False  # no more data will come from this side
+        self.lost = False
+
+    # -- asyncio callbacks -------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.tls is None:
+            self.relay.forward(self, data)
+            return
+        self._in.write(data)
+        if not self.handshaken.done() and not self._handshake_step():
+            return
+        if self.handshaken.exception() is not None:
+            return
+        chunks, ended = [], False
+        try:
+            while chunk := self.tls.read(READ_SIZE):
+                chunks.append(chunk)
+            ended = True  # an empty read: close_notify
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            ended = True
+        except ssl.SSLError as exc:
+            self.relay.fail(self, exc)
+            return
+        self._flush()  # a read may have produced records to send back (key update, alerts)
+        for chunk in chunks:
+            self.relay.forward(self, chunk)
+        if ended:
+            self.relay.end(self)
+
+    def eof_received(self) -> bool:
+        if not self.handshaken.done():
+            self.handshaken.set_exception(ConnectionResetError(f"{self.name} closed during the TLS handshake"))
+        self.relay.end(self)
+        return True  # keep the socket: the other direction may still be flowing
+
+    def connection_lost(self, exc) -> None:
+        self.lost = True
+        if not self.handshaken.done():
+            self.handshaken.set_exception(exc or ConnectionResetError(f"{self.name} closed during the TLS handshake"))
+        self.relay.side_lost(self)
+
+    def pause_writing(self) -> None:
+        self.relay.peer(self).pause_reading()
+
+    def resume_writing(self) -> None:
+        self.relay.peer(self).resume_reading()
+
+    # -- used by the relay -------------------------------------------------------------
+    async def handshake(self, timeout: float) -> None:
+        if not self.handshaken.done():
+            self._handshake_step()
+        await asyncio.wait_for(asyncio.shield(self.handshaken), timeout)
+
+    def _handshake_step(self) -> bool:
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return False
+        except (ssl.SSLError, ValueError, OSError) as exc:
+            self._flush()  # the alert, so the peer learns why
+            self.handshaken.set_exception(exc)
+            return False
+        self._flush()
+        self.handshaken.set_result(None)
+        return True
+
+    def send(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.tls is None:
+            self.transport.write(data)
+            return
+        try:
+            self.tls.write(data)
+        except ssl.SSLError as exc:
+            self.relay.fail(self, exc)
+            return
+        self._flush()
+
+    def finish(self) -> None:
+        """No more data for this side: close_notify (TLS), then FIN."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.tls is not None and self.handshaken.done() and self.handshaken.exception() is None:
+            try:
+                self.tls.unwrap()
+            except (ssl.SSLWantReadError, ssl.SSLError, ValueError):
+                pass  # close_notify is written; the peer's answer is not awaited
+            self._flush()
+        if self.transport.can_write_eof():
+            try:
+                self.transport.write_eof()
+            except OSError:
+                pass
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def close(self, abort: bool = False) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort() if abort else self.transport.close()
+
+    def _flush(self) -> None:
+        if self._out.pending and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self._out.read())
+
+
+class Relay:
+    """Two Sides joined: what one reads, the other writes. `done` resolves when both
+    sockets are closed. `on_data(side_name, chunk)` sees every chunk after it is written."""
+
+    def __init__(self, *, on_data: Callable[[str, bytes], None] | None = None,
+                 half_close_grace: float = HALF_CLOSE_GRACE):
+        self.loop = asyncio.get_running_loop()
+        self.on_data = on_data
+        self.half_close_grace = half_close_grace
+        self.sides: list[Side] = []
+        self.done = self.loop.create_future()
+        self._started = False
+        self._pending: list[tuple[Side, bytes]] = []  # read before both sides were ready
+        self._grace: asyncio.TimerHandle | None = None
+
+    async def attach(self, name: str, sock, context: ssl.SSLContext | None = None, **tls) -> Side:
+        """Hand a connected socket to the relay (the transport owns it from now on)."""
+        side = Side(self, name, context, **tls)
+        self.sides.append(side)
+        await self.loop.connect_accepted_socket(lambda: side, sock=sock)
+        return side
+
+    def peer(self, side: Side) -> Side:
+        return self.sides[1] if side is self.sides[0] else self.sides[0]
+
+    def start(self) -> None:
+        """Both sides are attached (and handshaken): forward what waited, and all that follows."""
+        self._started = True
+        pending, self._pending = self._pending, []
+        for side, chunk in pending:
+            self.forward(side, chunk)
+        for side in self.sides:
+            if side.ended:
+                self.end(side, again=True)
+
+    def forward(self, side: Side, chunk: bytes) -> None:
+        if not self._started:
+            self._pending.append((side, chunk))
+            return
+        self.peer(side).send(chunk)  # first: the client never waits for decoding
+        if self.on_data is not None:
+            try:
+                self.on_data(side.name, chunk)
+            except Exception:
+                log.exception("relay observer failed")
+
+    def end(self, side: Side, again: bool = False) -> None:
+        """No more data from `side`."""
+        if side.ended and not again:
+            return
+        side.ended = True
+        if not self._started or len(self.sides) < 2:
+            return
+        self.peer(side).finish()
+        if all(s.ended for s in self.sides):
+            self.close()
+        elif self._grace is None:
+            self._grace = self.loop.call_later(self.half_close_grace, self.close)
+
+    def fail(self, side: Side, exc: BaseException) -> None:
+        log.debug("relay: %s failed: %s", side.name, exc)
+        self.close(abort=True)
+
+    def side_lost(self, side: Side) -> None:
+        if all(s.lost for s in self.sides):
+            if self._grace is not None:
+                self._grace.cancel()
+            if not self.done.done():
+                self.done.set_result(None)
+        else:
+            self.close()  # the other side goes too, after writing what it holds
+
+    def close(self, abort: bool = False) -> None:
+        for side in self.sides:
+            side.close(abort)
+        if not self.sides and not self.done.done():
+            self.done.set_result(None)
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Wait for both sockets to close; abort them if that takes longer than `timeout`."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.done), timeout)
+        except asyncio.TimeoutError:
+            self.close(abort=True)
+            await asyncio.wait_for(asyncio.shield(self.done), 1.0)
