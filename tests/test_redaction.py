@@ -8,12 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
 from provider_cases import validate  # noqa: E402
 
 from oisp.decode import Direction, FlowContext  # noqa: E402
 from oisp.events import FlowRecorder, Redactor  # noqa: E402
+from oisp.events import redact  # noqa: E402
 from oisp.events.redact import scrub_secrets  # noqa: E402
 
 SECRETS = {
@@ -120,3 +123,30 @@ def test_scrub_is_idempotent() -> None:
     once, n = scrub_secrets(f"a {SECRETS['openai']} b ?key={SECRETS['google']}&x=1")
     twice, m = scrub_secrets(once)
     assert n == 2 and m == 0 and once == twice
+
+
+_SECRET_SAMPLES = ["sk-ant-api03-" + "A" * 30, "sk-proj-" + "b1" * 12, "sk-or-v1-" + "c" * 20, "sk-" + "d" * 20,
+                   "AKIA" + "E" * 16, "ghp_" + "f" * 24, "xoxb-" + "1" * 12, "eyJhbGc1.eyJzdWI2.sig_nature",
+                   "AIza" + "g" * 32, "hf_" + "h" * 24, "gsk_" + "i" * 24, "xai-" + "j" * 24, "pplx-" + "k" * 24,
+                   "Bearer " + "l" * 20, "bearer " + "m.n" * 8, "?key=v", "&signature=abc", "?api-key=x&y=1"]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(_SECRET_SAMPLES), st.text(max_size=12),
+                          st.sampled_from([" ", "\n", '"', "=", "&", "?", "sk-", "Bearer", "eyJ"])), max_size=12))
+def test_the_prefilter_never_lets_a_secret_through(parts) -> None:
+    """scrub_secrets skips strings its one combined search rules out; it must give exactly
+    what trying every pattern gives."""
+    text = "".join(parts)
+    count = 0
+
+    def every_pattern(value: str) -> str:
+        nonlocal count
+        for kind, pattern, prefix_len in redact._PATTERNS:
+            value, n = pattern.subn(lambda m, k=kind, p=prefix_len: redact._marker(k, m.group(), p), value)
+            count += n
+        return redact._QUERY_SECRET.sub(
+            lambda m: m.group() if m.group(2).startswith("[REDACTED:")
+            else m.group(1) + redact._marker("query_secret", m.group(2), 0), value)
+
+    assert redact.scrub_secrets(text)[0] == every_pattern(text)
