@@ -352,9 +352,10 @@ cdef class ReceiveRing:
         self.fast_to_client += to_client
         self.fast_passed += passed
         self.fast_batches += 1
+        # No broadcast: only this thread waits for free slots, and waking the consumer
+        # (blocked in take()) for a batch it never sees would cost it the GIL each time.
         self.free_stack[self.free_top] = slot
         self.free_top += 1
-        oisp_broadcast(&self.sync)
         return True
 
     # -- receiver side (its own thread) ------------------------------------------
