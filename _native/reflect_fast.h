@@ -6,11 +6,11 @@
  * Python has opened a flow (it saw the SYN and applied the process filter),
  * the decision for the flow's other packets is mechanical, so it is made here:
  *
- *   to a server port, from one of the proxy's own ports   -> pass unchanged
+ *   to a server port, from one of the proxy's own ports   -> pass unchanged (any flags)
  *   to a server port, of a known flow                      -> reflect to the proxy
  *   from a proxy port, of a known flow                     -> reflect to the client
  *
- * Packets with SYN, FIN or RST, of unknown flows, fragments, IPv6 extension
+ * Other packets with SYN, FIN or RST, of unknown flows, fragments, IPv6 extension
  * headers or anything malformed are "slow": the batch goes to Python, which
  * keeps the flow table's state (opens, FIN/RST, process filter) as before.
  *
@@ -196,15 +196,15 @@ static inline int oisp_fast_classify(oisp_fast_table *t, const unsigned char *p,
     memcpy(&bits, address + 8, 4);
     if (!(bits & OISP_FAST_OUTBOUND_BIT))
         return OISP_FAST_SLOW;
-    if (p[tcp + 13] & 0x07) /* FIN, SYN, RST: Python keeps the flow state */
-        return OISP_FAST_SLOW;
     sport = oisp_be16(p + tcp);
     dport = oisp_be16(p + tcp + 2);
+    if (t->proxy_for[dport] && t->own_port && t->own_port[sport])
+        return OISP_FAST_PASS; /* the proxy's own upstream, whatever its flags: no flow state */
+    if (p[tcp + 13] & 0x07) /* FIN, SYN, RST: Python keeps the flow state */
+        return OISP_FAST_SLOW;
     memset(key, 0, sizeof key);
     memcpy(key, v6 ? p + 24 : p + 16, v6 ? 16 : 4); /* the destination address */
     if (t->proxy_for[dport]) {
-        if (t->own_port && t->own_port[sport])
-            return OISP_FAST_PASS;
         f = oisp_fast_find(t, key, sport, t->proxy_for[dport]);
         if (!f)
             return OISP_FAST_SLOW;

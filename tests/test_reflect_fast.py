@@ -104,8 +104,11 @@ def test_leaves_state_changes_unknown_flows_and_odd_packets_to_python(family):
 
 def test_passes_the_proxys_own_upstream_unchanged():
     ring, own = fast_ring()
-    packet = bytes(IP(src="10.200.1.1", dst="10.200.1.2") / TCP(sport=OWN_PORT, dport=443, flags="PA") / b"x")
     addr = address()
+    for flags in ("S", "FA", "R"):  # no flow state to keep for our own connections
+        packet = bytes(IP(src="10.200.1.1", dst="10.200.1.2") / TCP(sport=OWN_PORT, dport=443, flags=flags))
+        assert ring.fast_decide(packet, addr) == (PASS, packet, addr)
+    packet = bytes(IP(src="10.200.1.1", dst="10.200.1.2") / TCP(sport=OWN_PORT, dport=443, flags="PA") / b"x")
     assert ring.fast_decide(packet, addr) == (PASS, packet, addr)
     own.unregister(OWN_PORT)
     assert ring.fast_decide(packet, addr)[0] == SLOW  # the ring reads the registry live
