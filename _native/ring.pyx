@@ -153,6 +153,7 @@ cdef class ReceiveRing:
         uint32_t[::1] piece_lengths
         uint32_t mtu_by_ifidx[MAX_IFIDX]
         oisp_sync sync
+        oisp_sync send_sync  # one injection at a time: the receiver (fast path, drain) and commit() both send
         int *free_stack
         int free_top
         int *ready
@@ -167,6 +168,7 @@ cdef class ReceiveRing:
         oisp_fast_table *fast
         object _fast_own_ports
         readonly uint64_t fast_to_proxy, fast_to_client, fast_passed, fast_batches
+        readonly int fast_send_error  # the last injection error of the fast path (0: none)
 
     def __cinit__(self, int kind, uintptr_t recv_fn, uintptr_t send_fn, uintptr_t handle, *, int nslots=16,
                   int batch=255, uint32_t slot_bytes=0, int policy=C_POLICY_BLOCK):
@@ -212,10 +214,12 @@ cdef class ReceiveRing:
         # must wait for it, not conclude the ring has already stopped.
         self.running = True
         oisp_sync_init(&self.sync)
+        oisp_sync_init(&self.send_sync)
 
     def __dealloc__(self):
         oisp_fast_free(self.fast)
         oisp_sync_destroy(&self.sync)
+        oisp_sync_destroy(&self.send_sync)
 
     # -- the reflector's fast path (see reflect_fast.h) -----------------------------
     def fast_enable(self, ports, own_ports, uint32_t max_flows):
@@ -318,7 +322,7 @@ cdef class ReceiveRing:
         cdef unsigned char *addrs = self.addr_p + <size_t>slot * self.batch * OISP_ADDRESS_SIZE
         cdef uint8_t actions[255]
         cdef uint16_t ports[255]
-        cdef uint32_t i, to_proxy = 0, to_client = 0, passed = 0, sent = 0, mtu
+        cdef uint32_t i, to_proxy = 0, to_client = 0, passed = 0, mtu
         cdef bint oversize = False
         cdef int err
         for i in range(count):
@@ -339,15 +343,13 @@ cdef class ReceiveRing:
             mtu = self._mtu_of(addrs + i * OISP_ADDRESS_SIZE)
             if mtu and lengths[i] > mtu:
                 oversize = True
-        if oversize:
-            err = self._send_segmented(buf, offsets, lengths, addrs, count)
-        else:
-            err = oisp_divert_send(self.kind, self.send_fn, self.handle, buf, nbytes, addrs, count, &sent)
+        err = self._inject(buf, nbytes, offsets, lengths, addrs, count, oversize)
         oisp_lock(&self.sync)
         if err == 0:
             self.sent += count
         else:
             self.send_errors += count
+            self.fast_send_error = err
         self.fast_to_proxy += to_proxy
         self.fast_to_client += to_client
         self.fast_passed += passed
@@ -362,7 +364,7 @@ cdef class ReceiveRing:
     def run(self):
         """The receive loop. Returns when stopped, or on a backend error (see `error`)."""
         cdef int slot, err
-        cdef uint32_t nbytes, count, sent
+        cdef uint32_t nbytes, count
         cdef unsigned char *buf
         cdef unsigned char *addrs
         with nogil:
@@ -414,7 +416,7 @@ cdef class ReceiveRing:
                     if self.draining and self.send_fn != NULL:
                         # Stopping: pass what was still queued straight through.
                         oisp_unlock(&self.sync)
-                        err = oisp_divert_send(self.kind, self.send_fn, self.handle, buf, nbytes, addrs, count, &sent)
+                        err = self._inject(buf, nbytes, NULL, NULL, addrs, count, False)
                         oisp_lock(&self.sync)
                         if err == 0:
                             self.drained += count
@@ -497,7 +499,7 @@ cdef class ReceiveRing:
         Returns the number of packets injected, or -error; a failed inject is counted in
         send_errors."""
         self._check_slot(slot)
-        cdef uint32_t count = self.counts_p[slot], i, kept = 0, write = 0, sent = 0, length, mtu, pieces
+        cdef uint32_t count = self.counts_p[slot], i, kept = 0, write = 0, length, mtu, pieces
         cdef uint32_t *offsets = self.offsets_p + <size_t>slot * self.batch
         cdef uint32_t *lengths = self.lengths_p + <size_t>slot * self.batch
         cdef uint8_t *verdicts = self.verdicts_p + <size_t>slot * self.batch
@@ -521,10 +523,8 @@ cdef class ReceiveRing:
                 lengths[kept] = length
                 write += length
                 kept += 1
-            if oversize:
-                err = self._send_segmented(buf, offsets, lengths, addrs, kept)
-            elif kept > 0:
-                err = oisp_divert_send(self.kind, self.send_fn, self.handle, buf, write, addrs, kept, &sent)
+            if kept > 0:
+                err = self._inject(buf, write, offsets, lengths, addrs, kept, oversize)
             oisp_lock(&self.sync)
             if err == 0:
                 self.sent += kept
@@ -536,6 +536,21 @@ cdef class ReceiveRing:
         if err != 0:
             return -err
         return kept
+
+    cdef int _inject(self, unsigned char *buf, uint32_t nbytes, uint32_t *offsets, uint32_t *lengths,
+                     unsigned char *addrs, uint32_t count, bint oversize) noexcept nogil:
+        """Inject `count` contiguous packets (segmenting oversize ones). Serialised: the
+        segmenting path shares one send buffer, and the backend's send is not promised to
+        be thread-safe."""
+        cdef uint32_t sent = 0
+        cdef int err
+        oisp_lock(&self.send_sync)
+        if oversize:
+            err = self._send_segmented(buf, offsets, lengths, addrs, count)
+        else:
+            err = oisp_divert_send(self.kind, self.send_fn, self.handle, buf, nbytes, addrs, count, &sent)
+        oisp_unlock(&self.send_sync)
+        return err
 
     cdef int _send_segmented(self, unsigned char *buf, uint32_t *offsets, uint32_t *lengths,
                              unsigned char *addrs, uint32_t count) noexcept nogil:

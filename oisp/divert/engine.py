@@ -298,7 +298,8 @@ class Engine:
             "dropped_verdict": ring.dropped_verdict,
             "send_errors": ring.send_errors,
             "segmented": ring.segmented,
-            "last_send_error": self._last_send_error,
+            "last_send_error": self._last_send_error or (
+                str(self.handle.backend.error(ring.fast_send_error, "inject")) if ring.fast_send_error else None),
             "consumed": ring.consumed,
             "drained": ring.drained,
             "held": ring.held_packets(),
