@@ -57,7 +57,7 @@ class FlowTable:
     """Reflected flows by (server address, client port, proxy port); thread-safe."""
 
     def __init__(self, *, max_flows: int = 65536, idle_timeout: float = 300.0, linger: float = 2.0,
-                 owner: Callable[[Address, int], tuple[int | None, str | None]] | None = None):
+                 owner: Callable[[Address, int, Address, int], tuple[int | None, str | None]] | None = None):
         self.max_flows = max_flows
         self.idle_timeout = idle_timeout
         self.linger = linger
@@ -76,7 +76,8 @@ class FlowTable:
         with self._lock:
             entry = self._flows.get(key)
         if entry is not None and entry.pid is None and self.owner is not None:
-            entry.pid, entry.process_name = self.owner(entry.client_addr, entry.client_port)
+            entry.pid, entry.process_name = self.owner(entry.client_addr, entry.client_port,
+                                                       entry.server_addr, entry.server_port)
         return entry
 
     # -- for the reflector ----------------------------------------------------------------
