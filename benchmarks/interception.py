@@ -379,9 +379,8 @@ def run(args) -> dict:
                     if path in ("oisp", DIAGNOSTIC):
                         lab.stop_oisp()
         profiles = {} if args.no_profile else profile_oisp(lab, args.seconds, MITM_VENV / "bin" / "py-spy", tmp)
-        events = lab.tmp / "events.jsonl"
         event_counts = collections.Counter()
-        if events.exists():
+        for events in lab.tmp.glob("events.jsonl*"):  # the sink rotates at 64 MB
             with open(events) as f:
                 for line in f:
                     event_counts[json.loads(line)["event_type"]] += 1
