@@ -10,7 +10,7 @@
  *   to a server port, of a known flow                      -> reflect to the proxy
  *   from a proxy port, of a known flow                     -> reflect to the client
  *
- * Other packets with SYN, FIN or RST, of unknown flows, fragments, IPv6 extension
+ * Packets with FIN or RST, clients' SYNs (the proxy's SYN-ACK is fast), of unknown flows, fragments, IPv6 extension
  * headers or anything malformed are "slow": the batch goes to Python, which
  * keeps the flow table's state (opens, FIN/RST, process filter) as before.
  *
@@ -200,11 +200,13 @@ static inline int oisp_fast_classify(oisp_fast_table *t, const unsigned char *p,
     dport = oisp_be16(p + tcp + 2);
     if (t->proxy_for[dport] && t->own_port && t->own_port[sport])
         return OISP_FAST_PASS; /* the proxy's own upstream, whatever its flags: no flow state */
-    if (p[tcp + 13] & 0x07) /* FIN, SYN, RST: Python keeps the flow state */
+    if (p[tcp + 13] & 0x05) /* FIN, RST: Python keeps the flow state */
         return OISP_FAST_SLOW;
     memset(key, 0, sizeof key);
     memcpy(key, v6 ? p + 24 : p + 16, v6 ? 16 : 4); /* the destination address */
     if (t->proxy_for[dport]) {
+        if (p[tcp + 13] & 0x02) /* a client's SYN: Python opens (or re-opens) its flow */
+            return OISP_FAST_SLOW;
         f = oisp_fast_find(t, key, sport, t->proxy_for[dport]);
         if (!f)
             return OISP_FAST_SLOW;

@@ -84,6 +84,11 @@ def test_leaves_state_changes_unknown_flows_and_odd_packets_to_python(family):
     for flags in ("S", "SA", "FA", "R", "RA", "F"):
         packet = bytes(L(src=client, dst=server) / TCP(sport=40000, dport=443, flags=flags))
         assert ring.fast_decide(packet, address(v6=v6))[0] == SLOW, flags
+    for flags in ("FA", "R", "RA", "F"):  # the proxy's end of the flow
+        packet = bytes(L(src=client, dst=server) / TCP(sport=8443, dport=40000, flags=flags))
+        assert ring.fast_decide(packet, address(v6=v6))[0] == SLOW, flags
+    syn_ack = bytes(L(src=client, dst=server) / TCP(sport=8443, dport=40000, flags="SA"))
+    assert ring.fast_decide(syn_ack, address(v6=v6))[0] == TO_CLIENT  # no state in it
     known = L(src=client, dst=server) / TCP(sport=40000, dport=443, flags="A")
     assert ring.fast_decide(bytes(known), address(outbound=False, v6=v6))[0] == SLOW  # inbound
     for packet in (L(src=client, dst=other) / TCP(sport=40000, dport=443, flags="A"),  # unknown server
@@ -136,7 +141,7 @@ def test_same_bytes_as_the_python_reflector(seed):
         family = rng.choice((4, 6))
         server = rng.choice(SERVERS[family])
         port = rng.choice((40000, 40001, 40002, OWN_PORT))
-        flags = rng.choice(("A", "PA", "A", "PA", "FA", "R"))
+        flags = rng.choice(("A", "PA", "A", "PA", "FA", "R", "SA"))
         payload = b"y" * rng.randrange(0, 300)
         if rng.random() < 0.5:
             packet = layer(family)(src=CLIENT[family], dst=server) / TCP(sport=port, dport=443, flags=flags) / payload
