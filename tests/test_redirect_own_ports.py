@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from oisp.redirect import OwnPorts, ProcessFilter, connect_upstream, open_upstream
+from oisp.redirect.own_ports import upstream_port_range
 from oisp.redirect.reflector import reflector_filter
 
 
@@ -102,3 +103,47 @@ def test_process_filter_rules():
 def test_reflector_filter_names_every_server_and_proxy_port():
     assert reflector_filter({443: 8443, 80: 8080}) == (
         "tcp and outbound and (tcp.DstPort == 80 or tcp.DstPort == 443 or tcp.SrcPort == 8080 or tcp.SrcPort == 8443)")
+
+
+def test_upstream_sockets_take_reserved_ports_and_spill_over_to_registered_ones():
+    own = OwnPorts((62000, 62003))
+    server, seen, thread = listener(socket.AF_INET, "127.0.0.1")
+    sock = connect_upstream("127.0.0.1", server.getsockname()[1], own)
+    thread.join(5)
+    port = sock.getsockname()[1]
+    assert seen == [port] and 62000 <= port <= 62003
+    assert port in own and not own.mask.any() and len(own) == 0  # the filter leaves it out: no registry
+    own.close(sock)
+    server.close()
+    # Every reserved port taken by someone else: an ephemeral port, registered before the connect.
+    squatters = []
+    for p in range(62000, 62004):
+        s = socket.socket()
+        s.bind(("0.0.0.0", p))
+        squatters.append(s)
+    server, seen, thread = listener(socket.AF_INET, "127.0.0.1")
+    sock = connect_upstream("127.0.0.1", server.getsockname()[1], own)
+    thread.join(5)
+    port = sock.getsockname()[1]
+    assert seen == [port] and not 62000 <= port <= 62003 and own.mask[port] and len(own) == 1
+    assert own.counts == {"in_range": 1, "registered": 1}
+    own.close(sock)
+    assert len(own) == 0
+    for s in [server, *squatters]:
+        s.close()
+
+
+def test_the_reserved_range_lies_above_the_ephemeral_range():
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        high = int(f.read().split()[1])
+    assert upstream_port_range() == ((high + 1, 65535) if 65535 - high >= 1024 else None)
+    with pytest.raises(ValueError, match="1024..65535"):
+        OwnPorts((80, 90))
+
+
+def test_reflector_filter_leaves_out_the_reserved_range():
+    assert reflector_filter({443: 8443}, (61000, 65535)) == (
+        "tcp and outbound and (((tcp.DstPort == 443) and (tcp.SrcPort < 61000)) or tcp.SrcPort == 8443)")
+    assert reflector_filter({443: 8443}, (50000, 50999)) == (
+        "tcp and outbound and (((tcp.DstPort == 443) and (tcp.SrcPort < 50000 or tcp.SrcPort > 50999))"
+        " or tcp.SrcPort == 8443)")

@@ -1,12 +1,18 @@
 """The proxy's own upstream ports, so the reflector never takes its connections.
 
-The proxy's upstream connection to a server's port 443 matches the reflector's
-filter exactly like a client's. It is told apart by its local port: the proxy
-binds the socket to port 0 first, registers the port the kernel chose, and
-only then connects, so the SYN already finds the port registered. The
-reflector checks every batch's source ports against a 65536-entry bool array:
-one vectorized lookup, and loop-free by construction (a port bound this way is
-never handed to another socket's connect while we hold it).
+The proxy's upstream connection to a server's port 443 would match the
+reflector's filter exactly like a client's. It is told apart by its local port,
+two ways, both loop-free by construction:
+
+1. Reserved range (Linux, the default): the proxy binds its upstream sockets to
+   ports above the system's ephemeral range (ip_local_port_range), which the
+   kernel never hands to other programs' connects, and the reflector's filter
+   leaves that range out: our upstream packets are not even diverted.
+2. Registry (the fallback: no such range, or all its ports busy — a port stays
+   in TIME_WAIT for a minute after we close, so more than ~75 new upstream
+   connections a second spill over): bind to port 0, register the port the
+   kernel chose, only then connect, so the SYN already finds it registered.
+   The reflector checks source ports against a 65536-entry bool array.
 
 Chosen over the alternatives:
 - a lower-priority injection handle would see the proxy's packets too on
@@ -20,26 +26,77 @@ Chosen over the alternatives:
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
+import sys
 import threading
 
 import numpy as np
 
+MIN_RANGE = 1024  # fewer free ports above the ephemeral range than this: use the registry only
+
+
+def upstream_port_range() -> tuple[int, int] | None:
+    """Ports above the ephemeral range, which no program gets without asking for them
+    by number (Linux; None elsewhere, or when the ephemeral range leaves too few)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            _, high = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        return None
+    return (high + 1, 65535) if 65535 - high >= MIN_RANGE else None
+
 
 class OwnPorts:
-    """Local TCP ports of the proxy's upstream sockets."""
+    """Local TCP ports of the proxy's upstream sockets: a reserved range the reflector's
+    filter leaves out, and a registry for the ports outside it."""
 
-    def __init__(self):
+    def __init__(self, port_range: tuple[int, int] | None = None):
+        if port_range is not None and not 1024 <= port_range[0] <= port_range[1] <= 65535:
+            raise ValueError(f"upstream port range {port_range} is not within 1024..65535")
+        self.range = port_range
         self.mask = np.zeros(65536, dtype=bool)  # read by the reflector without the lock: one byte per port
         self._lock = threading.Lock()
         self._counts: dict[int, int] = {}  # a port may serve an IPv4 and an IPv6 socket at once
+        self._next = port_range[0] if port_range else 0
+        self.counts = {"in_range": 0, "registered": 0}
+
+    def covers(self, port: int) -> bool:
+        return self.range is not None and self.range[0] <= port <= self.range[1]
+
+    def bind_in_range(self, sock: socket.socket, tries: int = 64) -> bool:
+        """Bind `sock` to a free port of the range (round robin); False if none of `tries` was free."""
+        if self.range is None:
+            return False
+        low, high = self.range
+        host = "::" if sock.family == socket.AF_INET6 else "0.0.0.0"
+        for _ in range(min(tries, high - low + 1)):
+            with self._lock:
+                port = self._next
+                self._next = low if port >= high else port + 1
+            try:
+                sock.bind((host, port))
+            except OSError as e:
+                if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                    continue
+                raise
+            self.counts["in_range"] += 1
+            return True
+        return False
 
     def register(self, port: int) -> None:
+        if self.covers(port):
+            return  # the reflector's filter already leaves it out
         with self._lock:
+            self.counts["registered"] += 1
             self._counts[port] = self._counts.get(port, 0) + 1
             self.mask[port] = True
 
     def unregister(self, port: int) -> None:
+        if self.covers(port):
+            return
         with self._lock:
             left = self._counts.get(port, 0) - 1
             if left > 0:
@@ -49,7 +106,7 @@ class OwnPorts:
                 self.mask[port] = False
 
     def __contains__(self, port: int) -> bool:
-        return bool(self.mask[port])
+        return self.covers(port) or bool(self.mask[port])
 
     def __len__(self) -> int:
         with self._lock:
@@ -67,11 +124,13 @@ class OwnPorts:
 
 
 def upstream_socket(family: int, own_ports: OwnPorts) -> socket.socket:
-    """A TCP socket bound to an ephemeral port that is registered before any connect."""
+    """A TCP socket bound to a port of the reserved range, or else to an ephemeral port
+    that is registered before any connect."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
-        own_ports.register(sock.getsockname()[1])
+        if not own_ports.bind_in_range(sock):
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            own_ports.register(sock.getsockname()[1])
     except BaseException:
         sock.close()
         raise

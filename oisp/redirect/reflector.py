@@ -47,9 +47,15 @@ _NOT_OUTBOUND = np.uint32(~OUTBOUND & 0xFFFFFFFF)
 SMALL_BATCH = 8  # up to this many rows, decide row by row (see _process_small)
 
 
-def reflector_filter(ports: dict[int, int]) -> str:
+def reflector_filter(ports: dict[int, int], own_range: tuple[int, int] | None = None) -> str:
+    """Clients' packets to the server ports (not from the proxy's reserved upstream
+    range: see own_ports.py) and the proxy's packets from its proxy ports."""
     servers = " or ".join(f"tcp.DstPort == {p}" for p in sorted(ports))
     proxies = " or ".join(f"tcp.SrcPort == {p}" for p in sorted(ports.values()))
+    if own_range is not None:
+        low, high = own_range
+        outside = f"tcp.SrcPort < {low}" + (f" or tcp.SrcPort > {high}" if high < 65535 else "")
+        servers = f"(({servers}) and ({outside}))"
     return f"tcp and outbound and ({servers} or {proxies})"
 
 
@@ -93,8 +99,8 @@ class Reflector:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> Reflector:
-        self.engine = Engine(reflector_filter(self.ports), priority=self.priority, policy="block",
-                             watchdog=self.watchdog)
+        self.engine = Engine(reflector_filter(self.ports, self.own_ports.range), priority=self.priority,
+                             policy="block", watchdog=self.watchdog)
         # Should this process die, the guardian aborts the clients' redirected sockets.
         handle, ring = self.engine.handle, self.engine.ring
         if self.fast_path:
@@ -139,7 +145,7 @@ class Reflector:
             counts["reflected_to_proxy"] += fast["to_proxy"]
             counts["reflected_to_client"] += fast["to_client"]
             counts["own_upstream"] += fast["own_upstream"]
-        return {**counts, "fast_path": fast, "flows": len(self.flows), "flow_table": dict(self.flows.counts),
+        return {**counts, "fast_path": fast, "own_ports": dict(self.own_ports.counts), "flows": len(self.flows), "flow_table": dict(self.flows.counts),
                 "engine": self.engine.counters() if self.engine else {}}
 
     def _run(self) -> None:

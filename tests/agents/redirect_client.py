@@ -25,6 +25,7 @@ import time
 
 from oisp.redirect import FlowTable, OwnPorts, ProcessFilter, ProcessResolver, Reflector, TargetSet
 from oisp.redirect import connect_upstream
+from oisp.redirect.own_ports import upstream_port_range
 
 PROXY_PORT = 8443
 CHILD = """
@@ -107,7 +108,9 @@ def scenario_e2e(server_ip, other_ip, options):
     resolver = ProcessResolver()
     events = "events" in options and resolver.start_events()
     flows = FlowTable(linger=0.3, owner=resolver.owner)
-    own_ports = OwnPorts()
+    # The fast path runs with the reserved upstream range (as `oisp record` does); the
+    # Python path with the registry alone, so both loop-free mechanisms meet the kernel.
+    own_ports = OwnPorts(None if "python-path" in options else upstream_port_range())
     child = None
     exclude = []
     if "exclude-child" in options:
@@ -115,7 +118,7 @@ def scenario_e2e(server_ip, other_ip, options):
                                  stdout=subprocess.PIPE, text=True)
         exclude = [child.pid]
     proxy = Proxy(flows, own_ports)
-    out = {"me": os.getpid(), "events": events, "events_error": resolver.events_error}
+    out = {"me": os.getpid(), "events": events, "events_error": resolver.events_error, "own_range": own_ports.range}
     with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}, processes=resolver,
                    process_filter=ProcessFilter(exclude=exclude),
                    fast_path="python-path" not in options) as reflector:
