@@ -80,14 +80,6 @@ class BoundedLRU(Generic[K, V]):
                 self._items.popitem(last=False)
             return kept
 
-    def put(self, key: K, value: V) -> None:
-        """Store `value`, replacing any older one."""
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-
     def __len__(self) -> int:
         return len(self._items)
 

@@ -31,7 +31,6 @@ from typing import Callable
 from oisp.decode import Direction, FlowContext
 from oisp.events import FlowRecorder, make_event
 from oisp.redirect.own_ports import OwnPorts, upstream_socket
-from oisp.proxy.certs import BoundedLRU
 from oisp.proxy.clienthello import MAX_HELLO, ClientHello, NotTLS, hello_complete, parse_client_hello
 from oisp.proxy.relay import Relay
 
@@ -95,13 +94,9 @@ class TransparentProxy:
         self.keylog = keylog
         self._verify, self._cafile = upstream_verify, upstream_cafile
         self._alpn_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
-        # TLS sessions from upstream servers, so the next connection resumes instead of a
-        # full handshake (no certificate chain to verify again): a new connection's biggest cost.
-        self._sessions: BoundedLRU = BoundedLRU(1024)
         self.upstream_context = self._upstream_context()
         self.stats = dict.fromkeys(("connections", "intercepted", "passed_through", "pinned", "no_flow",
-                                    "not_tls", "upstream_errors", "client_tls_errors", "upstream_resumed",
-                                    "bytes_up", "bytes_down"), 0)
+                                    "not_tls", "upstream_errors", "client_tls_errors", "bytes_up", "bytes_down"), 0)
         self._owned_by_transport: set[socket.socket] = set()
         self._tasks: set[asyncio.Task] = set()
 
@@ -242,13 +237,9 @@ class TransparentProxy:
         if hello.alpn:
             context = self._with_alpn(hello.alpn)
         relay = Relay()
-        session_key = (target.server, hello.sni, tuple(hello.alpn or ()))
         try:
-            up = await self._attach(relay, "upstream", upstream, context, server_hostname=hello.sni,
-                                    session=self._sessions.get(session_key))
+            up = await self._attach(relay, "upstream", upstream, context, server_hostname=hello.sni)
             await up.handshake(HANDSHAKE_TIMEOUT)
-            if up.tls.session_reused:
-                self.stats["upstream_resumed"] += 1
             chosen = up.tls.selected_alpn_protocol()
             server_context = self.issuer.server_context(hello.sni, [chosen] if chosen else None)
             client = await self._attach(relay, "client", conn, server_context, server_side=True)
@@ -269,16 +260,9 @@ class TransparentProxy:
         recorder = FlowRecorder(ctx, spec=self.spec, **self.recorder_options)
         self._emit(recorder.start())
         count = self._counter()
-        resumable: list[bool] = []
 
         def record(side: str, data: bytes) -> None:
             count(side, data)
-            if side == "upstream" and not resumable:
-                # TLS 1.3 tickets arrive after the handshake, so the session is taken here.
-                session = up.tls.session
-                if session is not None and session.has_ticket:
-                    self._sessions.put(session_key, session)
-                    resumable.append(True)
             self._emit(recorder.feed(Direction.REQUEST if side == "client" else Direction.RESPONSE, data, time.time()))
 
         relay.on_data = record
