@@ -111,6 +111,28 @@ def test_sdk_calls_are_recorded_with_the_clients_process(lab):
     assert "TESTKEY" not in lab["events"].read_text()
 
 
+def test_a_node_client_is_recorded_too(lab):
+    """Node's own fetch (undici), unmodified, trusting oisp's CA the Node way."""
+    client = subprocess.Popen(lab["pair"].a.cmd("node", str(HERE / "agents" / "node_client.mjs"),
+                                                 "https://api.openai.com", "12"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "NODE_EXTRA_CA_CERTS": lab["our_ca"]})
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == 0, err[-2000:]
+    assert json.loads(out)["text"] == "echo: hello from node" + "".join(f"w{i} " for i in range(12))
+    assert stop_sensor(lab) == 0
+    events = read_events(lab)
+    requests = [e for e in events if e["event_type"] == "ai.request"]
+    responses = [e for e in events if e["event_type"] == "ai.response"]
+    assert len(requests) == len(responses) == 1
+    assert requests[0]["data"]["messages"][-1]["content"] == "hello from node"
+    assert requests[0]["data"]["streaming"] is True
+    assert responses[0]["data"]["choices"][0]["message"]["content"].startswith("echo: hello from node")
+    for event in (requests[0], responses[0]):
+        assert event["process"]["pid"] == client.pid and event["process"]["name"] == "node"
+    assert "TESTKEYnode" not in lab["events"].read_text()
+
+
 def test_non_ai_https_passes_through_with_the_real_certificate(lab):
     done = lab["pair"].a.run("curl", "-sS", "--cacert", lab["upstream_ca"], "https://example.test/plain")
     assert done.stdout == "plain upstream reply\n"
