@@ -40,9 +40,9 @@ def lab(tmp_path, request):
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
     processes = [provider]
 
-    def start_sensor() -> subprocess.Popen:
+    def start_sensor(*options: str) -> subprocess.Popen:
         sensor = pair.a.popen(sys.executable, "-m", "oisp", "record", "-o", str(tmp_path / "events.jsonl"),
-                              "--upstream-ca", upstream_ca, stderr=subprocess.PIPE, text=True, env=env)
+                              "--upstream-ca", upstream_ca, *options, stderr=subprocess.PIPE, text=True, env=env)
         processes.append(sensor)
         for line in sensor.stderr:
             if "recording" in line:
@@ -56,7 +56,8 @@ def lab(tmp_path, request):
         both = tmp_path / "both.pem"  # for clients that must also work once the sensor is gone
         both.write_text(our_ca.read_text() + Path(upstream_ca).read_text())
         yield {"family": request.param, "pair": pair, "tmp": tmp_path, "sensor": sensor, "our_ca": str(our_ca), "both": str(both),
-               "upstream_ca": upstream_ca, "events": tmp_path / "events.jsonl", "env": env}
+               "upstream_ca": upstream_ca, "events": tmp_path / "events.jsonl", "env": env,
+               "start_sensor": start_sensor}
     finally:
         stop_all(processes)
         pair.delete()
@@ -113,10 +114,7 @@ def test_sdk_calls_are_recorded_with_the_clients_process(lab):
 
 def test_a_node_client_is_recorded_too(lab):
     """Node's own fetch (undici), unmodified, trusting oisp's CA the Node way."""
-    client = subprocess.Popen(lab["pair"].a.cmd("node", str(HERE / "agents" / "node_client.mjs"),
-                                                 "https://api.openai.com", "12"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "NODE_EXTRA_CA_CERTS": lab["our_ca"]})
+    client = run_node(lab, 12)
     out, err = client.communicate(timeout=60)
     assert client.returncode == 0, err[-2000:]
     assert json.loads(out)["text"] == "echo: hello from node" + "".join(f"w{i} " for i in range(12))
@@ -131,6 +129,28 @@ def test_a_node_client_is_recorded_too(lab):
     for event in (requests[0], responses[0]):
         assert event["process"]["pid"] == client.pid and event["process"]["name"] == "node"
     assert "TESTKEYnode" not in lab["events"].read_text()
+
+
+def run_node(lab, chunks=0) -> subprocess.Popen:
+    return subprocess.Popen(lab["pair"].a.cmd("node", str(HERE / "agents" / "node_client.mjs"),
+                                              "https://api.openai.com", str(chunks)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "NODE_EXTRA_CA_CERTS": lab["our_ca"]})
+
+
+def test_process_names_choose_what_is_intercepted(lab):
+    """`--process node`: node's connection is intercepted; python's goes straight to the
+    server (it trusts only the upstream's CA here, so it would fail if intercepted)."""
+    assert stop_sensor(lab) == 0
+    lab["sensor"] = lab["start_sensor"]("--process", "node")
+    python = run_client(lab, "openai_sync", ca=lab["upstream_ca"])
+    assert python.returncode == 0, python.stderr[-2000:]
+    node = run_node(lab)
+    out, err = node.communicate(timeout=60)
+    assert node.returncode == 0, err[-2000:]
+    assert stop_sensor(lab) == 0
+    requests = [e for e in read_events(lab) if e["event_type"] == "ai.request"]
+    assert [(r["process"]["pid"], r["process"]["name"]) for r in requests] == [(node.pid, "node")]
 
 
 def test_non_ai_https_passes_through_with_the_real_certificate(lab):
