@@ -100,7 +100,7 @@ def test_ai_flows_reach_the_proxy_and_the_rest_is_untouched(lab, family, path):
 
 @pytest.mark.parametrize("family,events", [(4, False), (6, True)])
 def test_an_excluded_process_is_never_reflected(lab, family, events):
-    """psutil names the child without SOCKET events; with cgroup2 the events feed runs too."""
+    """/proc names the child without SOCKET events; with cgroup2 the events feed runs too."""
     server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
     out = run_client(lab.a, "e2e", server_ip, lab.extra[family], "exclude-child",
                      *(["events"] if events else []), cgroup2=events)

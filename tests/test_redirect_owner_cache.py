@@ -1,4 +1,5 @@
-"""A process's second connection is attributed from /proc without psutil's full scan."""
+"""Owners are found through the socket inode: among recent owners, else among all
+processes newest first; never by psutil's full scan on Linux."""
 
 from __future__ import annotations
 
@@ -18,18 +19,18 @@ def test_recent_owner_is_found_through_the_socket_inode():
     resolver = ProcessResolver()
     first = socket.create_connection(server.getsockname())
     assert resolver.owner("127.0.0.1", first.getsockname()[1])[0] == os.getpid()
-    assert resolver.counts["by_psutil"] == 1
+    assert resolver.counts["by_proc_scan"] == 1
     second = socket.create_connection(server.getsockname())
     assert resolver.owner("127.0.0.1", second.getsockname()[1])[0] == os.getpid()
-    assert resolver.counts["by_recent_owner"] == 1 and resolver.counts["by_psutil"] == 1
-    # Another process's socket is not pinned on a recent owner: psutil finds the real one.
+    assert resolver.counts["by_recent_owner"] == 1 and resolver.counts["by_proc_scan"] == 1
+    # Another process's socket is not pinned on a recent owner: the scan finds the real one.
     child = subprocess.Popen([sys.executable, "-c", "import socket,sys,time; s=socket.create_connection("
                               f"('127.0.0.1',{server.getsockname()[1]})); print(s.getsockname()[1], flush=True); "
                               "time.sleep(5)"], stdout=subprocess.PIPE, text=True)
     try:
         port = int(child.stdout.readline())
         assert resolver.owner("127.0.0.1", port)[0] == child.pid
-        assert resolver.counts["by_psutil"] == 2
+        assert resolver.counts["by_proc_scan"] == 2
     finally:
         child.kill()
         child.wait()

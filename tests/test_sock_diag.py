@@ -173,8 +173,9 @@ def test_threads_each_get_their_own_answers(server4):
 
 
 def test_resolver_names_this_process_through_sock_diag(server4, monkeypatch):
-    """Once a flow of ours was attributed (here by psutil), our next connection is found
-    among our fds from the sock_diag inode, without the /proc/net/tcp scan."""
+    """Once a flow of ours was attributed (here by the newest-first scan of /proc), our
+    next connection is found among our fds from the sock_diag inode, without the
+    /proc/net/tcp scan."""
     scans = []
     monkeypatch.setattr(processes, "_socket_inode", lambda port: scans.append(port) or None)
     resolver = ProcessResolver()
@@ -183,11 +184,11 @@ def test_resolver_names_this_process_through_sock_diag(server4, monkeypatch):
     second, second_accepted = connect(server4)
     with first, first_accepted, second, second_accepted:
         assert resolver.owner("127.0.0.1", first.getsockname()[1], "127.0.0.1", sport)[0] == os.getpid()
-        assert resolver.counts["by_psutil"] == 1  # no recent owner yet: the full scan
+        assert resolver.counts["by_proc_scan"] == 1  # no recent owner yet: all processes, newest first
         pid, name = resolver.owner(ipaddress.ip_address("127.0.0.1"), second.getsockname()[1],
                                    ipaddress.ip_address("127.0.0.1"), sport)
         assert pid == os.getpid() and name
-        assert resolver.counts["by_recent_owner"] == 1 and resolver.counts["by_psutil"] == 1
+        assert resolver.counts["by_recent_owner"] == 1 and resolver.counts["by_proc_scan"] == 1
         assert scans == []
 
 
@@ -200,7 +201,7 @@ def test_resolver_scans_proc_without_the_server_end_or_sock_diag(server4, monkey
     pairs = [connect(server4) for _ in range(3)]
     try:
         ports = [client.getsockname()[1] for client, _ in pairs]
-        assert resolver.owner("127.0.0.1", ports[0], "127.0.0.1", sport)[0] == os.getpid()  # psutil
+        assert resolver.owner("127.0.0.1", ports[0], "127.0.0.1", sport)[0] == os.getpid()  # all processes, newest first
         assert resolver.owner("127.0.0.1", ports[1])[0] == os.getpid()  # no server end: the scan
         assert scans == [ports[1]]
         monkeypatch.setattr(sock_diag, "available", lambda: False)

@@ -69,7 +69,8 @@ class ProcessResolver:
         self._lock = threading.Lock()
         self._connects: dict[tuple[bytes, int], collections.deque] = {}
         self._recent_pids: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self.counts = {"by_event": 0, "by_connect": 0, "by_recent_owner": 0, "by_psutil": 0, "unknown": 0}
+        self.counts = {"by_event": 0, "by_connect": 0, "by_recent_owner": 0, "by_proc_scan": 0, "by_psutil": 0,
+                       "unknown": 0}
 
     def start_events(self) -> bool:
         """Open the SOCKET/FLOW sniff handles; False (reason in `events_error`) when the
@@ -105,8 +106,9 @@ class ProcessResolver:
             self.counts["by_event"] += 1
         elif guess and server_addr is not None and (pid := self._only_connector(server_addr, server_port)):
             self.counts["by_connect"] += 1
-        elif use_psutil and (pid := self._recent_owner(client_addr, client_port, server_addr, server_port)):
-            self.counts["by_recent_owner"] += 1
+        elif use_psutil and (found := self._inode_owner(client_addr, client_port, server_addr, server_port))[0]:
+            pid = found[0]
+            self.counts[found[1]] += 1
             self.owners.own(socket.IPPROTO_TCP, client_addr, client_port, pid)
         elif use_psutil and (pid := self._psutil_owner(client_addr, client_port)):
             self.counts["by_psutil"] += 1
@@ -129,23 +131,28 @@ class ProcessResolver:
             pids = {pid for t, pid in queue if t >= cutoff}
         return pids.pop() if len(pids) == 1 else None
 
-    def _recent_owner(self, client_addr, client_port: int, server_addr=None,
-                      server_port: int | None = None) -> int | None:
-        """Linux: the socket's inode, looked for among the fds of the processes that owned
-        recent flows. A program usually opens many connections, and this costs a few file
-        reads where psutil's full scan of /proc costs ~30 ms. The inode comes from an exact
-        sock_diag lookup of the four-tuple (the socket's local end is the client, its remote
-        end the server); without the server's end, or without sock_diag, from a scan of
-        /proc/net/tcp*, which grows with every socket (TIME_WAIT included) of the namespace."""
-        with self._lock:
-            candidates = list(reversed(self._recent_pids))
-        if not candidates:
-            return None
+    def _inode_owner(self, client_addr, client_port: int, server_addr=None,
+                     server_port: int | None = None) -> tuple[int | None, str]:
+        """Linux: the process holding the socket's inode — looked for first among the
+        processes that owned recent flows (a program usually opens many connections),
+        then among all processes, newest first (a program's first connection usually
+        comes soon after it started). Each costs a few fd reads where psutil's full scan
+        of /proc costs ~30 ms. The inode comes from an exact sock_diag lookup of the
+        four-tuple (the socket's local end is the client, its remote end the server);
+        without the server's end, or without sock_diag, from a scan of /proc/net/tcp*,
+        which grows with every socket (TIME_WAIT included) of the namespace.
+        Returns (pid or None, which way it was found)."""
         if server_addr is not None and server_port is not None and sock_diag.available():
             inode = sock_diag.tcp_inode(client_addr, client_port, server_addr, server_port)
         else:
             inode = _socket_inode(client_port)
-        return _holder(inode, candidates) if inode else None
+        if not inode:
+            return None, ""
+        with self._lock:
+            recent = list(reversed(self._recent_pids))
+        if pid := _holder(inode, recent):
+            return pid, "by_recent_owner"
+        return _holder(inode, _pids_newest_first(exclude=set(recent))), "by_proc_scan"
 
     @staticmethod
     def _psutil_owner(client_addr, client_port: int) -> int | None:
@@ -179,7 +186,15 @@ def _socket_inode(local_port: int) -> int | None:
     return None
 
 
-def _holder(inode: int, pids: list[int]) -> int | None:
+def _pids_newest_first(exclude: set[int] = frozenset()) -> list[int]:
+    try:
+        return sorted((int(name) for name in os.listdir("/proc") if name.isdigit() and int(name) not in exclude),
+                      reverse=True)
+    except OSError:
+        return []
+
+
+def _holder(inode: int, pids) -> int | None:
     """Which of `pids` holds the socket with this inode."""
     target = f"socket:[{inode}]"
     for pid in pids:
