@@ -10,14 +10,16 @@
  *   to a server port, of a known flow                      -> reflect to the proxy
  *   from a proxy port, of a known flow                     -> reflect to the client
  *
- * Packets with FIN or RST, clients' SYNs (the proxy's SYN-ACK is fast), of unknown flows, fragments, IPv6 extension
- * headers or anything malformed are "slow": the batch goes to Python, which
- * keeps the flow table's state (opens, FIN/RST, process filter) as before.
+ * Clients' SYNs (Python opens flows and applies the process filter), packets of
+ * unknown flows, fragments, IPv6 extension headers and anything malformed are
+ * "slow": the batch goes to Python.
  *
  * Flows live in an open-addressing hash table (linear probing, backward-shift
  * deletion) keyed like the Python flow table: (server address as 16 bytes,
  * IPv4 in the first 4; client port; proxy port). `touched` records that a
- * packet went by since Python last asked, for its idle expiry.
+ * packet went by since Python last asked (for its idle expiry), `ends` the
+ * FINs and RSTs among them (Python closes the flow from them; before it
+ * decides on a client's SYN it collects that flow's `ends` first).
  * The caller serialises all access (the ring's mutex).
  */
 #ifndef OISP_REFLECT_FAST_H
@@ -30,6 +32,12 @@
 enum { OISP_FAST_SLOW = 0, OISP_FAST_PASS = 1, OISP_FAST_TO_PROXY = 2, OISP_FAST_TO_CLIENT = 3 };
 
 #define OISP_FAST_OUTBOUND_BIT (1u << 17)
+#define OISP_FAST_FIN_CLIENT 1
+#define OISP_FAST_FIN_PROXY 2
+#define OISP_FAST_RST 4
+#define OISP_TCP_FIN 0x01
+#define OISP_TCP_SYN 0x02
+#define OISP_TCP_RST 0x04
 
 typedef struct {
     uint8_t addr[16];
@@ -37,6 +45,7 @@ typedef struct {
     uint16_t proxy_port;
     uint8_t used;
     uint8_t touched;
+    uint8_t ends; /* OISP_FAST_FIN_CLIENT | OISP_FAST_FIN_PROXY | OISP_FAST_RST seen since Python asked */
 } oisp_fast_flow;
 
 typedef struct {
@@ -121,6 +130,7 @@ static inline int oisp_fast_add(oisp_fast_table *t, const uint8_t *addr, uint16_
     t->slots[i].client_port = client_port;
     t->slots[i].proxy_port = proxy_port;
     t->slots[i].touched = 0;
+    t->slots[i].ends = 0;
     t->slots[i].used = 1;
     t->count++;
     return 1;
@@ -189,7 +199,7 @@ static inline int oisp_fast_classify(oisp_fast_table *t, const unsigned char *p,
     int v6 = 0;
     uint32_t bits, tcp = oisp_fast_tcp_offset(p, len, &v6);
     uint16_t sport, dport;
-    uint8_t key[16];
+    uint8_t key[16], flags;
     oisp_fast_flow *f;
     if (!tcp)
         return OISP_FAST_SLOW;
@@ -200,17 +210,17 @@ static inline int oisp_fast_classify(oisp_fast_table *t, const unsigned char *p,
     dport = oisp_be16(p + tcp + 2);
     if (t->proxy_for[dport] && t->own_port && t->own_port[sport])
         return OISP_FAST_PASS; /* the proxy's own upstream, whatever its flags: no flow state */
-    if (p[tcp + 13] & 0x05) /* FIN, RST: Python keeps the flow state */
-        return OISP_FAST_SLOW;
+    flags = p[tcp + 13];
     memset(key, 0, sizeof key);
     memcpy(key, v6 ? p + 24 : p + 16, v6 ? 16 : 4); /* the destination address */
     if (t->proxy_for[dport]) {
-        if (p[tcp + 13] & 0x02) /* a client's SYN: Python opens (or re-opens) its flow */
+        if (flags & OISP_TCP_SYN) /* a client's SYN: Python opens (or re-opens) its flow */
             return OISP_FAST_SLOW;
         f = oisp_fast_find(t, key, sport, t->proxy_for[dport]);
         if (!f)
             return OISP_FAST_SLOW;
         f->touched = 1;
+        f->ends |= (flags & OISP_TCP_FIN ? OISP_FAST_FIN_CLIENT : 0) | (flags & OISP_TCP_RST ? OISP_FAST_RST : 0);
         *port_out = t->proxy_for[dport];
         return OISP_FAST_TO_PROXY;
     }
@@ -219,6 +229,7 @@ static inline int oisp_fast_classify(oisp_fast_table *t, const unsigned char *p,
         if (!f)
             return OISP_FAST_SLOW;
         f->touched = 1;
+        f->ends |= (flags & OISP_TCP_FIN ? OISP_FAST_FIN_PROXY : 0) | (flags & OISP_TCP_RST ? OISP_FAST_RST : 0);
         *port_out = t->server_for[sport];
         return OISP_FAST_TO_CLIENT;
     }

@@ -43,6 +43,7 @@ cdef extern from "reflect_fast.h" nogil:
         uint16_t proxy_port
         uint8_t used
         uint8_t touched
+        uint8_t ends
     ctypedef struct oisp_fast_table:
         const uint8_t *own_port
         uint16_t proxy_for[65536]
@@ -54,6 +55,8 @@ cdef extern from "reflect_fast.h" nogil:
     void oisp_fast_free(oisp_fast_table *t)
     int oisp_fast_add(oisp_fast_table *t, const uint8_t *addr, uint16_t client_port, uint16_t proxy_port)
     int oisp_fast_remove(oisp_fast_table *t, const uint8_t *addr, uint16_t client_port, uint16_t proxy_port)
+    oisp_fast_flow *oisp_fast_find(oisp_fast_table *t, const uint8_t *addr, uint16_t client_port,
+                                   uint16_t proxy_port)
     int oisp_fast_classify(oisp_fast_table *t, const unsigned char *p, uint32_t len, const unsigned char *address,
                            uint16_t *port_out)
     void oisp_fast_reflect(unsigned char *p, uint32_t len, unsigned char *address, int action, uint16_t port)
@@ -268,7 +271,8 @@ cdef class ReceiveRing:
         return bool(removed)
 
     def fast_take_touched(self):
-        """Keys of the flows that had packets through the fast path since the last call."""
+        """[(key, ends)] of the flows that had packets through the fast path since the last
+        call; `ends` has bit 1 for a FIN from the client, 2 for one from the proxy, 4 for a RST."""
         if self.fast == NULL:
             return []
         touched = []
@@ -277,12 +281,27 @@ cdef class ReceiveRing:
         try:
             for i in range(self.fast.mask + 1):
                 if self.fast.slots[i].used and self.fast.slots[i].touched:
+                    touched.append(((bytes(self.fast.slots[i].addr[:16]), self.fast.slots[i].client_port,
+                                     self.fast.slots[i].proxy_port), self.fast.slots[i].ends))
                     self.fast.slots[i].touched = 0
-                    touched.append((bytes(self.fast.slots[i].addr[:16]), self.fast.slots[i].client_port,
-                                    self.fast.slots[i].proxy_port))
+                    self.fast.slots[i].ends = 0
         finally:
             oisp_unlock(&self.sync)
         return touched
+
+    def fast_take_ends(self, const uint8_t[::1] key, uint16_t client_port, uint16_t proxy_port):
+        """One flow's FIN/RST bits seen since they were last taken (0 if none, or unknown)."""
+        self._fast_key(key)
+        cdef oisp_fast_flow *f
+        cdef uint8_t ends = 0
+        with nogil:
+            oisp_lock(&self.sync)
+            f = oisp_fast_find(self.fast, &key[0], client_port, proxy_port)
+            if f != NULL:
+                ends = f.ends
+                f.ends = 0
+            oisp_unlock(&self.sync)
+        return ends
 
     def fast_decide(self, packet, address):
         """What the fast path does with one packet: (action, packet after, address after).

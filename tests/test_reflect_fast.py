@@ -77,18 +77,35 @@ def test_reflects_both_ways_with_valid_checksums(family):
 
 
 @pytest.mark.parametrize("family", [4, 6])
-def test_leaves_state_changes_unknown_flows_and_odd_packets_to_python(family):
+def test_fins_and_rsts_are_reflected_and_reported(family):
+    server, client = SERVERS[family][0], CLIENT[family]
+    ring, _ = fast_ring([(server, 40000)])
+    L, v6 = layer(family), family == 6
+    key = (row_key(server), 40000, 8443)
+    for flags, action, sport, dport, ends in (("FA", TO_PROXY, 40000, 443, 1), ("F", TO_PROXY, 40000, 443, 1),
+                                              ("FA", TO_CLIENT, 8443, 40000, 2), ("R", TO_PROXY, 40000, 443, 4),
+                                              ("RA", TO_CLIENT, 8443, 40000, 4)):
+        packet = bytes(L(src=client, dst=server) / TCP(sport=sport, dport=dport, flags=flags))
+        assert ring.fast_decide(packet, address(v6=v6))[0] == action, flags
+        assert ring.fast_take_ends(*key) == ends and ring.fast_take_ends(*key) == 0
+    fin_client = bytes(L(src=client, dst=server) / TCP(sport=40000, dport=443, flags="FA"))
+    fin_proxy = bytes(L(src=client, dst=server) / TCP(sport=8443, dport=40000, flags="FA"))
+    ring.fast_decide(fin_client, address(v6=v6))
+    ring.fast_decide(fin_proxy, address(v6=v6))
+    assert ring.fast_take_touched() == [(key, 1 | 2)]  # both FINs, collected once
+    assert ring.fast_take_touched() == []
+    syn_ack = bytes(L(src=client, dst=server) / TCP(sport=8443, dport=40000, flags="SA"))
+    assert ring.fast_decide(syn_ack, address(v6=v6))[0] == TO_CLIENT  # no state in it
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_leaves_clients_syns_unknown_flows_and_odd_packets_to_python(family):
     server, other, client = SERVERS[family][0], SERVERS[family][1], CLIENT[family]
     ring, _ = fast_ring([(server, 40000)])
     L, v6 = layer(family), family == 6
-    for flags in ("S", "SA", "FA", "R", "RA", "F"):
+    for flags in ("S", "SA"):  # Python opens flows (and applies the process filter)
         packet = bytes(L(src=client, dst=server) / TCP(sport=40000, dport=443, flags=flags))
         assert ring.fast_decide(packet, address(v6=v6))[0] == SLOW, flags
-    for flags in ("FA", "R", "RA", "F"):  # the proxy's end of the flow
-        packet = bytes(L(src=client, dst=server) / TCP(sport=8443, dport=40000, flags=flags))
-        assert ring.fast_decide(packet, address(v6=v6))[0] == SLOW, flags
-    syn_ack = bytes(L(src=client, dst=server) / TCP(sport=8443, dport=40000, flags="SA"))
-    assert ring.fast_decide(syn_ack, address(v6=v6))[0] == TO_CLIENT  # no state in it
     known = L(src=client, dst=server) / TCP(sport=40000, dport=443, flags="A")
     assert ring.fast_decide(bytes(known), address(outbound=False, v6=v6))[0] == SLOW  # inbound
     for packet in (L(src=client, dst=other) / TCP(sport=40000, dport=443, flags="A"),  # unknown server
@@ -192,7 +209,7 @@ def test_touched_flows_are_reported_once():
     assert ring.fast_take_touched() == []
     packet = bytes(IP(src="10.200.1.1", dst="10.200.1.2") / TCP(sport=40001, dport=443, flags="A"))
     ring.fast_decide(packet, address())
-    assert ring.fast_take_touched() == [(row_key("10.200.1.2"), 40001, 8443)]
+    assert ring.fast_take_touched() == [((row_key("10.200.1.2"), 40001, 8443), 0)]
     assert ring.fast_take_touched() == []
 
 

@@ -27,6 +27,8 @@ from oisp.divert.address import row_key as address_key  # re-exported: the key e
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 FlowKey = tuple[bytes, int, int]  # (server address as 16 bytes, client port, proxy port)
+# How a flow ended, as the ring's fast path reports it (_native/reflect_fast.h).
+ENDS_FIN_CLIENT, ENDS_FIN_PROXY, ENDS_RST = 1, 2, 4
 
 
 def key_address(key: bytes, ip_version: int) -> Address:
@@ -116,26 +118,28 @@ class FlowTable:
             entry = self._flows.get(key)
             if entry is None:
                 return None
-            entry.last_seen = now
-            self._flows.move_to_end(key)
-            if tcp_flags & TCP_FIN:
-                if from_client:
-                    entry.fin_from_client = True
-                else:
-                    entry.fin_from_proxy = True
-            if entry.closed_at is None and (tcp_flags & TCP_RST or (entry.fin_from_client and entry.fin_from_proxy)):
-                entry.closed_at = now
+            self._refresh(entry, key, now,
+                          ((ENDS_FIN_CLIENT if from_client else ENDS_FIN_PROXY) if tcp_flags & TCP_FIN else 0)
+                          | (ENDS_RST if tcp_flags & TCP_RST else 0))
         return entry
 
-    def touch(self, keys, now: float | None = None) -> None:
-        """Flows whose packets went by elsewhere (the ring's fast path): refresh them."""
+    def touch(self, touched, now: float | None = None) -> None:
+        """Flows whose packets went by elsewhere (the ring's fast path): [(key, ends)],
+        `ends` as in reflect_fast.h (ENDS_FIN_CLIENT | ENDS_FIN_PROXY | ENDS_RST)."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            for key in keys:
+            for key, ends in touched:
                 entry = self._flows.get(key)
                 if entry is not None:
-                    entry.last_seen = now
-                    self._flows.move_to_end(key)
+                    self._refresh(entry, key, now, ends)
+
+    def _refresh(self, entry: FlowEntry, key: FlowKey, now: float, ends: int) -> None:
+        entry.last_seen = now
+        self._flows.move_to_end(key)
+        entry.fin_from_client |= bool(ends & ENDS_FIN_CLIENT)
+        entry.fin_from_proxy |= bool(ends & ENDS_FIN_PROXY)
+        if entry.closed_at is None and (ends & ENDS_RST or (entry.fin_from_client and entry.fin_from_proxy)):
+            entry.closed_at = now
 
     def expire(self, now: float | None = None) -> int:
         """Drop flows that ended more than `linger` ago or have been idle too long."""

@@ -18,10 +18,10 @@ flows that began before the reflector (no SYN seen, so no entry).
 
 The fast path (on by default): once a flow is open, the receive ring itself
 reflects its packets and passes the proxy's upstream packets, in C without the
-GIL (_native/reflect_fast.h). Only batches holding a SYN, FIN, RST or a packet
-of an unknown flow reach `process` here. The table mirrors the flow table
-through its open/remove hooks, and the flows it carried are marked seen once a
-second for the idle expiry.
+GIL (_native/reflect_fast.h). Only batches holding a client's SYN or a packet
+of an unknown flow reach `process` here. The ring's table mirrors the flow
+table through its open/remove hooks; once a second the flows it carried are
+marked seen (idle expiry) with the FINs and RSTs it passed (closing them).
 """
 
 from __future__ import annotations
@@ -224,6 +224,7 @@ class Reflector:
                 proxy_port = self.ports[dport]
                 key = (address, sport, proxy_port)
                 if f & TCP_SYN and not f & TCP_ACK:
+                    self._collect_ends(key)
                     entry = self.flows.get(key)
                     if (entry is None or entry.closed_at is not None) and not self._open(rows, i, key):
                         continue
@@ -255,6 +256,7 @@ class Reflector:
         for k, (row, f) in enumerate(zip(index[first], flags)):
             key = (rows["dst_addr"][row].tobytes(), int(rows["src_port"][row]), int(proxy_ports[first[k]]))
             if f & TCP_SYN and not f & TCP_ACK:
+                self._collect_ends(key)
                 entry = self.flows.get(key)
                 if (entry is None or entry.closed_at is not None) and not self._open(rows, row, key):
                     continue
@@ -272,6 +274,14 @@ class Reflector:
             key = (rows["dst_addr"][row].tobytes(), int(rows["dst_port"][row]), int(rows["src_port"][row]))
             keep[k] = self.flows.seen(key, int(f), from_client=False) is not None
         return index[keep[inverse]]
+
+    def _collect_ends(self, key) -> None:
+        """Before deciding on a client's SYN: the FIN/RST the ring saw for this flow, so
+        a flow that ended there is re-opened, not continued."""
+        if self.fast_path and self.engine is not None:
+            ends = self.engine.ring.fast_take_ends(*key)
+            if ends:
+                self.flows.touch([(key, ends)])
 
     def _open(self, rows, row: int, key) -> bool:
         """A client's SYN: create its flow unless the process filter excludes it."""
