@@ -8,10 +8,11 @@
  *
  *   to a server port, from one of the proxy's own ports   -> pass unchanged (any flags)
  *   to a server port, of a known flow                      -> reflect to the proxy
+ *   to a server port, not an AI address (when targets_on)  -> pass unchanged (any flags)
  *   from a proxy port, of a known flow                     -> reflect to the client
  *
- * Clients' SYNs (Python opens flows and applies the process filter), packets of
- * unknown flows, fragments, IPv6 extension headers and anything malformed are
+ * Clients' SYNs to AI addresses (Python opens flows and applies the process
+ * filter), other packets of unknown flows to AI addresses, fragments, IPv6 extension headers and anything malformed are
  * "slow": the batch goes to Python.
  *
  * Flows live in an open-addressing hash table (linear probing, backward-shift
@@ -19,7 +20,8 @@
  * IPv4 in the first 4; client port; proxy port). `touched` records that a
  * packet went by since Python last asked (for its idle expiry), `ends` the
  * FINs and RSTs among them (Python closes the flow from them; before it
- * decides on a client's SYN it collects that flow's `ends` first).
+ * decides on a client's SYN it collects that flow's `ends` first). The AI
+ * addresses live in the same table with both ports 0 (no flow has port 0).
  * The caller serialises all access (the ring's mutex).
  */
 #ifndef OISP_REFLECT_FAST_H
@@ -29,7 +31,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { OISP_FAST_SLOW = 0, OISP_FAST_PASS = 1, OISP_FAST_TO_PROXY = 2, OISP_FAST_TO_CLIENT = 3 };
+enum { OISP_FAST_SLOW = 0, OISP_FAST_PASS = 1, OISP_FAST_TO_PROXY = 2, OISP_FAST_TO_CLIENT = 3,
+       OISP_FAST_PASS_OTHER = 4 };
 
 #define OISP_FAST_OUTBOUND_BIT (1u << 17)
 #define OISP_FAST_FIN_CLIENT 1
@@ -55,6 +58,7 @@ typedef struct {
     oisp_fast_flow *slots;
     uint32_t mask;               /* capacity - 1, capacity a power of two */
     uint32_t count;
+    uint8_t targets_on;          /* the AI addresses are all in the table: others may pass here */
 } oisp_fast_table;
 
 static inline uint16_t oisp_be16(const unsigned char *p) { return (uint16_t)((p[0] << 8) | p[1]); }
@@ -214,11 +218,10 @@ static inline int oisp_fast_classify(oisp_fast_table *t, const unsigned char *p,
     memset(key, 0, sizeof key);
     memcpy(key, v6 ? p + 24 : p + 16, v6 ? 16 : 4); /* the destination address */
     if (t->proxy_for[dport]) {
-        if (flags & OISP_TCP_SYN) /* a client's SYN: Python opens (or re-opens) its flow */
-            return OISP_FAST_SLOW;
-        f = oisp_fast_find(t, key, sport, t->proxy_for[dport]);
+        /* A client's SYN to an AI address goes to Python, which opens (or re-opens) its flow. */
+        f = flags & OISP_TCP_SYN ? NULL : oisp_fast_find(t, key, sport, t->proxy_for[dport]);
         if (!f)
-            return OISP_FAST_SLOW;
+            return t->targets_on && !oisp_fast_find(t, key, 0, 0) ? OISP_FAST_PASS_OTHER : OISP_FAST_SLOW;
         f->touched = 1;
         f->ends |= (flags & OISP_TCP_FIN ? OISP_FAST_FIN_CLIENT : 0) | (flags & OISP_TCP_RST ? OISP_FAST_RST : 0);
         *port_out = t->proxy_for[dport];

@@ -37,6 +37,7 @@ cdef extern from "reflect_fast.h" nogil:
         OISP_FAST_PASS
         OISP_FAST_TO_PROXY
         OISP_FAST_TO_CLIENT
+        OISP_FAST_PASS_OTHER
     ctypedef struct oisp_fast_flow:
         uint8_t addr[16]
         uint16_t client_port
@@ -51,6 +52,7 @@ cdef extern from "reflect_fast.h" nogil:
         oisp_fast_flow *slots
         uint32_t mask
         uint32_t count
+        uint8_t targets_on
     oisp_fast_table *oisp_fast_new(uint32_t max_flows)
     void oisp_fast_free(oisp_fast_table *t)
     int oisp_fast_add(oisp_fast_table *t, const uint8_t *addr, uint16_t client_port, uint16_t proxy_port)
@@ -170,7 +172,9 @@ cdef class ReceiveRing:
         object _free_stack_arr, _ready_arr
         oisp_fast_table *fast
         object _fast_own_ports
-        readonly uint64_t fast_to_proxy, fast_to_client, fast_passed, fast_batches
+        readonly uint64_t fast_to_proxy, fast_to_client, fast_passed, fast_passed_other, fast_batches
+        readonly uint32_t fast_targets
+        readonly bint fast_targets_failed
         readonly int fast_send_error  # the last injection error of the fast path (0: none)
 
     def __cinit__(self, int kind, uintptr_t recv_fn, uintptr_t send_fn, uintptr_t handle, *, int nslots=16,
@@ -270,6 +274,33 @@ cdef class ReceiveRing:
             oisp_unlock(&self.sync)
         return bool(removed)
 
+    def fast_add_targets(self, keys, bint enable=False):
+        """AI addresses (16-byte keys). With `enable`, and while every target given so far
+        fit, packets to any other address pass in C; once one did not fit (a full table),
+        they never do again (Python decides, as without targets)."""
+        if self.fast == NULL:
+            raise ValueError("the fast path is not enabled")
+        cdef const uint8_t[::1] key
+        cdef int added
+        for k in keys:
+            key = k
+            if key.shape[0] != 16:
+                raise ValueError("a target address is 16 bytes")
+            with nogil:
+                oisp_lock(&self.sync)
+                added = oisp_fast_add(self.fast, &key[0], 0, 0)
+                if added < 0:
+                    self.fast_targets_failed = True
+                    self.fast.targets_on = 0
+                elif added > 0:
+                    self.fast_targets += 1
+                oisp_unlock(&self.sync)
+        if enable:
+            with nogil:
+                oisp_lock(&self.sync)
+                self.fast.targets_on = not self.fast_targets_failed
+                oisp_unlock(&self.sync)
+
     def fast_take_touched(self):
         """[(key, ends)] of the flows that had packets through the fast path since the last
         call; `ends` has bit 1 for a FIN from the client, 2 for one from the proxy, 4 for a RST."""
@@ -323,7 +354,8 @@ cdef class ReceiveRing:
         return action, bytes(p), bytes(a)
 
     def fast_flows(self):
-        return 0 if self.fast == NULL else self.fast.count
+        """Flows in the fast path's table (the AI addresses not counted)."""
+        return 0 if self.fast == NULL else self.fast.count - self.fast_targets
 
     cdef int _fast_key(self, const uint8_t[::1] key) except -1:
         if self.fast == NULL:
@@ -341,7 +373,7 @@ cdef class ReceiveRing:
         cdef unsigned char *addrs = self.addr_p + <size_t>slot * self.batch * OISP_ADDRESS_SIZE
         cdef uint8_t actions[255]
         cdef uint16_t ports[255]
-        cdef uint32_t i, to_proxy = 0, to_client = 0, passed = 0, mtu
+        cdef uint32_t i, to_proxy = 0, to_client = 0, passed = 0, passed_other = 0, mtu
         cdef bint oversize = False
         cdef int err
         for i in range(count):
@@ -353,6 +385,8 @@ cdef class ReceiveRing:
         for i in range(count):
             if actions[i] == OISP_FAST_PASS:
                 passed += 1
+            elif actions[i] == OISP_FAST_PASS_OTHER:
+                passed_other += 1
             else:
                 oisp_fast_reflect(buf + offsets[i], lengths[i], addrs + i * OISP_ADDRESS_SIZE, actions[i], ports[i])
                 if actions[i] == OISP_FAST_TO_PROXY:
@@ -372,6 +406,7 @@ cdef class ReceiveRing:
         self.fast_to_proxy += to_proxy
         self.fast_to_client += to_client
         self.fast_passed += passed
+        self.fast_passed_other += passed_other
         self.fast_batches += 1
         # No broadcast: only this thread waits for free slots, and waking the consumer
         # (blocked in take()) for a batch it never sees would cost it the GIL each time.

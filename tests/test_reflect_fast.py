@@ -19,7 +19,7 @@ from oisp.redirect import FlowTable, OwnPorts, TargetSet
 from oisp.redirect.reflector import Reflector
 from tests.test_redirect_small_batch import SERVERS, Batch
 
-SLOW, PASS, TO_PROXY, TO_CLIENT = 0, 1, 2, 3
+SLOW, PASS, TO_PROXY, TO_CLIENT, PASS_OTHER = 0, 1, 2, 3, 4
 CLIENT = {4: "10.200.1.1", 6: "fd00:1::1"}
 OWN_PORT = 50000
 
@@ -124,6 +124,40 @@ def test_leaves_clients_syns_unknown_flows_and_odd_packets_to_python(family):
         assert ring.fast_decide(bytes(extension), address(v6=True))[0] == SLOW
 
 
+@pytest.mark.parametrize("family", [4, 6])
+def test_with_the_targets_loaded_other_addresses_pass_in_c(family):
+    server, other, client = SERVERS[family][0], SERVERS[family][1], CLIENT[family]
+    L, v6 = layer(family), family == 6
+    ring, _ = fast_ring([(server, 40000)])
+    to_other = bytes(L(src=client, dst=other) / TCP(sport=40000, dport=443, flags="PA") / b"not ai")
+    assert ring.fast_decide(to_other, address(v6=v6))[0] == SLOW  # no targets yet: Python decides
+    ring.fast_add_targets([row_key(server)], enable=True)
+    assert ring.fast_targets == 1 and ring.fast_flows() == 1
+    for flags in ("S", "PA", "FA", "R"):
+        packet = bytes(L(src=client, dst=other) / TCP(sport=40000, dport=443, flags=flags))
+        addr = address(v6=v6)
+        assert ring.fast_decide(packet, addr) == (PASS_OTHER, packet, addr), flags
+    for flags in ("S", "PA"):  # an AI address: a SYN opens in Python, an unknown flow is Python's too
+        packet = bytes(L(src=client, dst=server) / TCP(sport=40001, dport=443, flags=flags))
+        assert ring.fast_decide(packet, address(v6=v6))[0] == SLOW, flags
+    known = bytes(L(src=client, dst=server) / TCP(sport=40000, dport=443, flags="PA"))
+    assert ring.fast_decide(known, address(v6=v6))[0] == TO_PROXY
+    no_flow = bytes(L(src=client, dst=other) / TCP(sport=8443, dport=40000, flags="A"))
+    assert ring.fast_decide(no_flow, address(v6=v6))[0] == SLOW  # from the proxy port: never passed blind
+
+
+def test_a_full_table_turns_the_target_shortcut_off_for_good():
+    ring = ReceiveRing(0, 0, 0, 0, nslots=2)
+    ring.fast_enable({443: 8443}, np.zeros(65536, dtype=bool), 8)  # room for 8 entries
+    ring.fast_add_targets([row_key(f"10.1.0.{i}") for i in range(8)], enable=True)
+    other = bytes(IP(src="10.9.9.9", dst="10.2.0.1") / TCP(sport=40000, dport=443, flags="A"))
+    assert ring.fast_decide(other, address())[0] == PASS_OTHER
+    ring.fast_add_targets([row_key("10.1.0.8")])  # does not fit: an AI address the table cannot hold
+    assert ring.fast_targets_failed and ring.fast_decide(other, address())[0] == SLOW
+    ring.fast_add_targets([], enable=True)
+    assert ring.fast_decide(other, address())[0] == SLOW
+
+
 def test_passes_the_proxys_own_upstream_unchanged():
     ring, own = fast_ring()
     addr = address()
@@ -146,6 +180,7 @@ def test_same_bytes_as_the_python_reflector(seed):
     python = Reflector(TargetSet([SERVERS[4][0], SERVERS[6][0]]), FlowTable(), own)
     ring = ReceiveRing(0, 0, 0, 0, nslots=2)
     ring.fast_enable({443: 8443}, own.mask, 64)
+    ring.fast_add_targets(python.targets.keys(), enable=True)
     python.flows.on_open = lambda entry: ring.fast_add(*entry.key)
     python.flows.on_remove = lambda entry: ring.fast_remove(*entry.key)
     for family in (4, 6):  # open the flows the Python way: a SYN each

@@ -18,8 +18,9 @@ flows that began before the reflector (no SYN seen, so no entry).
 
 The fast path (on by default): once a flow is open, the receive ring itself
 reflects its packets and passes the proxy's upstream packets, in C without the
-GIL (_native/reflect_fast.h). Only batches holding a client's SYN or a packet
-of an unknown flow reach `process` here. The ring's table mirrors the flow
+GIL (_native/reflect_fast.h), and it passes packets to addresses that are not
+AI endpoints (the target set is mirrored into it). Only batches holding a
+client's SYN to an AI address or a packet of an unknown flow reach `process` here. The ring's table mirrors the flow
 table through its open/remove hooks; once a second the flows it carried are
 marked seen (idle expiry) with the FINs and RSTs it passed (closing them).
 """
@@ -104,7 +105,9 @@ class Reflector:
         # Should this process die, the guardian aborts the clients' redirected sockets.
         handle, ring = self.engine.handle, self.engine.ring
         if self.fast_path:
-            ring.fast_enable(self.ports, self.own_ports.mask, self.flows.max_flows)
+            ring.fast_enable(self.ports, self.own_ports.mask, self.flows.max_flows + self.targets.max_addresses)
+            self.targets.on_add = ring.fast_add_targets  # first, so no address learned meanwhile is missed
+            ring.fast_add_targets(self.targets.keys(), enable=True)
 
         def opened(entry: FlowEntry) -> None:
             handle.abort_on_death(entry.client_port)
@@ -123,6 +126,8 @@ class Reflector:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.fast_path:
+            self.targets.on_add = None
         if self.engine is not None:
             self.engine.stop()
         if self._thread is not None:
@@ -141,7 +146,9 @@ class Reflector:
         if self.engine is not None and self.fast_path:
             ring = self.engine.ring
             fast = {"to_proxy": ring.fast_to_proxy, "to_client": ring.fast_to_client,
-                    "own_upstream": ring.fast_passed, "batches": ring.fast_batches, "flows": ring.fast_flows()}
+                    "own_upstream": ring.fast_passed, "not_ai": ring.fast_passed_other, "batches": ring.fast_batches,
+                    "flows": ring.fast_flows(), "targets": ring.fast_targets,
+                    "targets_failed": ring.fast_targets_failed}
             counts["reflected_to_proxy"] += fast["to_proxy"]
             counts["reflected_to_client"] += fast["to_client"]
             counts["own_upstream"] += fast["own_upstream"]

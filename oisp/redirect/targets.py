@@ -33,6 +33,7 @@ class TargetSet:
         self._keys: set[bytes] = set()
         self._array = np.empty(0, dtype=_KEY)
         self.counts = {"added": 0, "full": 0}
+        self.on_add: Callable[[list[bytes]], None] | None = None  # new 16-byte keys (the ring's fast path)
         self.add(addresses)
 
     def add(self, addresses: Iterable) -> int:
@@ -49,7 +50,13 @@ class TargetSet:
             self._keys |= new
             self.counts["added"] += len(new)
             self._array = np.sort(np.frombuffer(b"".join(self._keys), dtype=_KEY))
+        if self.on_add is not None:
+            self.on_add(sorted(new))
         return len(new)
+
+    def keys(self) -> list[bytes]:
+        with self._lock:
+            return list(self._keys)
 
     def contains(self, column: np.ndarray) -> np.ndarray:
         """Membership of each row of a (n, 16) uint8 address column (e.g. rows["dst_addr"])."""
