@@ -278,14 +278,12 @@ cdef class ReceiveRing:
         """AI addresses (16-byte keys). With `enable`, and while every target given so far
         fit, packets to any other address pass in C; once one did not fit (a full table),
         they never do again (Python decides, as without targets)."""
-        if self.fast == NULL:
-            raise ValueError("the fast path is not enabled")
+        self._require_fast()
         cdef const uint8_t[::1] key
         cdef int added
         for k in keys:
             key = k
-            if key.shape[0] != 16:
-                raise ValueError("a target address is 16 bytes")
+            self._fast_key(key)
             with nogil:
                 oisp_lock(&self.sync)
                 added = oisp_fast_add(self.fast, &key[0], 0, 0)
@@ -336,9 +334,9 @@ cdef class ReceiveRing:
 
     def fast_decide(self, packet, address):
         """What the fast path does with one packet: (action, packet after, address after).
-        Action: 0 slow (to Python), 1 pass, 2 reflect to the proxy, 3 reflect to the client."""
-        if self.fast == NULL:
-            raise ValueError("the fast path is not enabled")
+        Action: 0 slow (to Python), 1 pass (our upstream), 2 reflect to the proxy, 3 reflect
+        to the client, 4 pass (not an AI address)."""
+        self._require_fast()
         cdef bytearray p = bytearray(packet), a = bytearray(address)
         if len(a) != OISP_ADDRESS_SIZE:
             raise ValueError(f"an address is {OISP_ADDRESS_SIZE} bytes")
@@ -357,11 +355,15 @@ cdef class ReceiveRing:
         """Flows in the fast path's table (the AI addresses not counted)."""
         return 0 if self.fast == NULL else self.fast.count - self.fast_targets
 
-    cdef int _fast_key(self, const uint8_t[::1] key) except -1:
+    cdef int _require_fast(self) except -1:
         if self.fast == NULL:
             raise ValueError("the fast path is not enabled")
+        return 0
+
+    cdef int _fast_key(self, const uint8_t[::1] key) except -1:
+        self._require_fast()
         if key.shape[0] != 16:
-            raise ValueError("a flow key address is 16 bytes")
+            raise ValueError("a flow key or target address is 16 bytes")
         return 0
 
     cdef bint _fast_batch(self, int slot, uint32_t nbytes, uint32_t count) noexcept nogil:

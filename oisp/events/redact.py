@@ -154,19 +154,10 @@ class Redactor:
 
 def _scrub_in_place(node: dict | list) -> int:
     """Scrub every string inside a dict or list, in place; returns how many secrets went.
-    (Called for every event: plain loops, and a string is only written back if it changed.)"""
+    (Called for every event: a string is only written back if it changed.)"""
     total = 0
-    for key, value in (node.items() if type(node) is dict else enumerate(node)):
-        kind = type(value)
-        if kind is str:
-            if len(value) >= _SHORTEST_QUERY_SECRET:
-                scrubbed, found = scrub_secrets(value)
-                if found:
-                    node[key] = scrubbed
-                    total += found
-        elif kind is dict or kind is list:
-            total += _scrub_in_place(value)
-        elif isinstance(value, str):  # a str subclass (an enum value, say)
+    for key, value in (node.items() if isinstance(node, dict) else enumerate(node)):
+        if isinstance(value, str):
             scrubbed, found = scrub_secrets(value)
             if found:
                 node[key] = scrubbed

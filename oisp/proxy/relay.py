@@ -237,11 +237,3 @@ class Relay:
             side.close(abort)
         if not self.sides and not self.done.done():
             self.done.set_result(None)
-
-    async def wait_closed(self, timeout: float) -> None:
-        """Wait for both sockets to close; abort them if that takes longer than `timeout`."""
-        try:
-            await asyncio.wait_for(asyncio.shield(self.done), timeout)
-        except asyncio.TimeoutError:
-            self.close(abort=True)
-            await asyncio.wait_for(asyncio.shield(self.done), 1.0)

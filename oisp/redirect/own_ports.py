@@ -71,7 +71,7 @@ class OwnPorts:
         if self.range is None:
             return False
         low, high = self.range
-        host = "::" if sock.family == socket.AF_INET6 else "0.0.0.0"
+        host = _any_address(sock.family)
         for _ in range(min(tries, high - low + 1)):
             with self._lock:
                 port = self._next
@@ -123,13 +123,17 @@ class OwnPorts:
             self.unregister(port)
 
 
+def _any_address(family: int) -> str:
+    return "::" if family == socket.AF_INET6 else "0.0.0.0"
+
+
 def upstream_socket(family: int, own_ports: OwnPorts) -> socket.socket:
     """A TCP socket bound to a port of the reserved range, or else to an ephemeral port
     that is registered before any connect."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if not own_ports.bind_in_range(sock):
-            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            sock.bind((_any_address(family), 0))
             own_ports.register(sock.getsockname()[1])
     except BaseException:
         sock.close()
