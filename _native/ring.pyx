@@ -672,6 +672,14 @@ cdef class ReceiveRing:
             oisp_broadcast(&self.sync)
             oisp_unlock(&self.sync)
 
+    def wake(self):
+        """Return a consumer waiting in take() with a timeout at once (it gets -1), so it
+        can attend to something else (the reflector's handle swap)."""
+        with nogil:
+            oisp_lock(&self.sync)
+            oisp_broadcast(&self.sync)
+            oisp_unlock(&self.sync)
+
     def stop(self):
         with nogil:
             oisp_lock(&self.sync)

@@ -80,8 +80,13 @@ def check_redirected(out, server_ip, client_ip, log):
 
 
 def check_untouched(out, client_ip, log, accepted=2):
-    if out["counters"]["fast_path"]:  # the non-AI address's packets were passed by the ring itself
-        assert out["counters"]["fast_path"]["not_ai"] > 0 and out["counters"]["fast_path"]["targets"] == 1
+    fast = out["counters"]["fast_path"]
+    if out["counters"]["filter"]["mode"] == "addresses":  # the filter names the AI address: never diverted
+        assert out["diverted_other"] == 0 and fast.get("not_ai", 0) == 0
+    else:  # diverted for the port; the ring passes it itself (not AI), or Python does
+        assert out["diverted_other"] > 0
+        if fast:
+            assert fast["not_ai"] > 0 and fast["targets"] == 1
     for name, port in (("other_address", 443), ("other_port", 444)):
         conn = out[name]
         assert conn["intact"] and conn["server_saw"] == [client_ip, conn["client_port"]]
@@ -89,10 +94,14 @@ def check_untouched(out, client_ip, log, accepted=2):
     assert len(out["accepted"]) == accepted  # the AI and RST connections only
 
 
-@pytest.mark.parametrize("family,path", [(4, "fast"), (6, "fast"), (4, "python"), (6, "python")])
-def test_ai_flows_reach_the_proxy_and_the_rest_is_untouched(lab, family, path):
+@pytest.mark.parametrize("family,path,filter", [(4, "fast", "addresses"), (6, "fast", "addresses"),
+                                                (4, "python", "addresses"), (6, "python", "ports"),
+                                                (4, "fast", "ports")])
+def test_ai_flows_reach_the_proxy_and_the_rest_is_untouched(lab, family, path, filter):
     server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
-    out = run_client(lab.a, "e2e", server_ip, lab.extra[family], *(["python-path"] if path == "python" else []))
+    out = run_client(lab.a, "e2e", server_ip, lab.extra[family], *(["python-path"] if path == "python" else []),
+                     *(["port-filter"] if filter == "ports" else []))
+    assert out["counters"]["filter"]["mode"] == filter
     assert bool(out["counters"]["fast_path"]) == (path == "fast")
     assert bool(out["own_range"]) == (path == "fast")  # this machine has ports above the ephemeral range
     log = server_log(lab.server)
@@ -116,6 +125,25 @@ def test_an_excluded_process_is_never_reflected(lab, family, events):
     check_untouched(out, client_ip, log)
 
 
+@pytest.mark.parametrize("family,path", [(4, "fast"), (6, "python")])
+def test_a_new_ai_address_swaps_in_a_handle_without_breaking_a_flow(lab, family, path):
+    server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
+    other_ip = lab.extra[family]
+    out = run_client(lab.a, "swap", server_ip, other_ip, *(["python-path"] if path == "python" else []))
+    assert out["reflector_error"] is None and out["covered"]
+    assert out["first"]["intact"], out["first"]  # carried across the swap, byte for byte
+    counters = out["counters"]
+    assert counters["filter"] == {"mode": "addresses", "addresses": 2, "handles": 2, "why_ports": None}
+    other = out["other"]
+    # The new address is taken now: the proxy accepted it and dialled the server itself.
+    assert [a["peer"] for a in out["accepted"]] == [[server_ip, a["peer"][1]] for a in out["accepted"][:1]] + \
+        [[other_ip, other["client_port"]]]
+    assert other["intact"] and other["server_saw"] == [client_ip, out["accepted"][1]["upstream_port"]]
+    assert counters["engine"]["dropped"] == 0 and counters["engine"]["send_errors"] == 0, counters["engine"]
+    log = server_log(lab.server)
+    assert (443, client_ip, other["client_port"]) not in log
+
+
 @pytest.mark.parametrize("family", [4, 6])
 def test_dns_answers_on_the_wire_teach_the_address_set(veth_pair, family):
     server = veth_pair.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), "dns",
@@ -128,7 +156,7 @@ def test_dns_answers_on_the_wire_teach_the_address_set(veth_pair, family):
         server.wait()
     assert out["replies"] == 4
     # api.openai.com (through a CNAME) is learned in both families; example.com is not.
-    assert out["learned"] == ["10.77.0.1", "fd77::1"]
+    assert out["learned"] == ["10.77.0.1", "fd77::1"], out
     assert out["counts"]["malformed"] == 1 and out["counts"]["responses"] == 4
 
 
@@ -145,7 +173,9 @@ def test_a_whole_redirector_takes_a_server_once_dns_names_it_an_ai_endpoint(lab,
         dns.wait()
     before, after = out["before"], out["after"]
     assert before["server_saw"] == [client_ip, before["client_port"]]  # not known yet: untouched
-    assert out["learned"], (out["counters"], out["notes"])  # the counters say what the sniffer saw
+    # Covered the moment the client had the answer: it was held until the filter named it.
+    assert out["learned"], (out["counters"], out["notes"])  # the counters say what the watcher saw
+    assert out["counters"]["dns"]["held"] >= 1
     assert [a["peer"] for a in out["accepted"]] == [[server_ip, after["client_port"]]]
     assert after["intact"] and after["server_saw"] == [client_ip, out["accepted"][0]["upstream_port"]]
     assert out["counters"]["dns"]["learned"] >= 1

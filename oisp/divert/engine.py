@@ -192,6 +192,7 @@ class Engine:
         self._rows: np.ndarray | None = None
         self._io_lock = threading.Lock()  # no inject may race the handle's close
         self._closed = False
+        self._handing_over = False
         self._stalled: EngineStalled | None = None
         self._last_send_error: str | None = None
         self._final_kernel_stats: dict[str, int] = {}
@@ -318,7 +319,23 @@ class Engine:
             raise self._stalled
         code = self._ring.error
         if code and not self._closed:
-            raise self.handle.backend.error(code, "receive")
+            error = self.handle.backend.error(code, "receive")
+            if not (self._handing_over and isinstance(error, errors.HandleClosedError)):
+                raise error
+
+    # -- handing over to a successor handle -------------------------------------
+    def hand_over(self) -> None:
+        """Stop new packets being queued for this handle: from now on they go to the
+        other handles (a successor opened with another filter). What is already queued
+        is still received, taken and committed as usual; `handed_over` turns true once
+        it is all taken. Then `stop()`. Unlike stop(), nothing queued passes untouched."""
+        self._handing_over = True
+        self.handle.shutdown(Shutdown.RECV)
+
+    @property
+    def handed_over(self) -> bool:
+        """After hand_over(): the receive loop has ended and no batch is left to take."""
+        return self._handing_over and self._ring.wait_stopped(0) and self._ring.occupancy()[0] == 0
 
     def _watch(self) -> None:
         """Close the handle if slots stop coming back while packets wait."""

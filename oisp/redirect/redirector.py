@@ -51,20 +51,28 @@ class Redirector:
         try:
             if self.sniff_dns:
                 try:
-                    self.dns = DnsSniffer(self.targets, self.spec.matches_host)
+                    self.dns = DnsSniffer(self.targets, self.spec.matches_host, hold=self._until_diverted)
                 except DivertError as e:
                     self.notes.append(f"DNS answers are not watched: {e}")
             if self.process_events and not self.processes.start_events():
                 self.notes.append(f"processes are named by psutil only: {self.processes.events_error}")
             if self.resolve:
                 self.resolution = resolve_hosts(self.spec.hosts(), self.targets, timeout=self.resolve_timeout)
+            # Set before it starts, so a DNS answer arriving meanwhile already waits for it.
             self.reflector = Reflector(self.targets, self.flows, self.own_ports, ports=self.proxy_ports,
                                        processes=self.processes, process_filter=self.process_filter,
-                                       watchdog=self.watchdog).start()
+                                       watchdog=self.watchdog)
+            self.reflector.start()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _until_diverted(self, generation: int) -> None:
+        """The DNS watcher's hold: an answer naming a new AI address waits (up to 1 s) for
+        the reflector's filter to take it."""
+        if self.reflector is not None:
+            self.reflector.wait_covered(generation, timeout=1.0)
 
     def stop(self) -> None:
         """The reflector first, so no flow is left half-redirected behind a stopped sniffer."""

@@ -34,7 +34,7 @@ import numpy as np
 
 from oisp.divert.address import OUTBOUND
 from oisp.divert.engine import Engine, Verdict
-from oisp.divert.errors import DivertError
+from oisp.divert.errors import DivertError, InvalidFilterError
 from oisp.packet import OK, TCP_ACK, TCP_SYN, reflect
 from oisp.redirect.flows import FlowEntry, FlowTable, key_address
 from oisp.redirect.own_ports import OwnPorts
@@ -46,17 +46,26 @@ _NOT_OUTBOUND = np.uint32(~OUTBOUND & 0xFFFFFFFF)
 
 
 SMALL_BATCH = 8  # up to this many rows, decide row by row (see _process_small)
+# eBPFDivert refuses a filter text past about 8.7 KB, near 300 addresses (measured 2026-11-30).
+MAX_FILTER_ADDRESSES = 200
 
 
-def reflector_filter(ports: dict[int, int], own_range: tuple[int, int] | None = None) -> str:
+def reflector_filter(ports: dict[int, int], own_range: tuple[int, int] | None = None,
+                     addresses: list | None = None) -> str:
     """Clients' packets to the server ports (not from the proxy's reserved upstream
-    range: see own_ports.py) and the proxy's packets from its proxy ports."""
+    range: see own_ports.py) and the proxy's packets from its proxy ports. With
+    `addresses` (ipaddress objects), only client packets to those addresses."""
     servers = " or ".join(f"tcp.DstPort == {p}" for p in sorted(ports))
     proxies = " or ".join(f"tcp.SrcPort == {p}" for p in sorted(ports.values()))
     if own_range is not None:
         low, high = own_range
         outside = f"tcp.SrcPort < {low}" + (f" or tcp.SrcPort > {high}" if high < 65535 else "")
         servers = f"(({servers}) and ({outside}))"
+    if addresses is not None:
+        if not addresses:
+            return f"tcp and outbound and ({proxies})"
+        to = " or ".join(f"{'ip' if a.version == 4 else 'ipv6'}.DstAddr == {a}" for a in addresses)
+        servers = f"(({servers}) and ({to}))"
     return f"tcp and outbound and ({servers} or {proxies})"
 
 
@@ -76,7 +85,8 @@ class Reflector:
     def __init__(self, targets: TargetSet, flows: FlowTable, own_ports: OwnPorts, *,
                  ports: dict[int, int] | None = None, processes: ProcessResolver | None = None,
                  process_filter: ProcessFilter | None = None, priority: int = 0, watchdog: float | None = 5.0,
-                 fast_path: bool = True):
+                 fast_path: bool = True, address_filter: bool = True,
+                 max_filter_addresses: int = MAX_FILTER_ADDRESSES):
         self.targets, self.flows, self.own_ports = targets, flows, own_ports
         self.ports = dict(ports or DEFAULT_PORTS)
         self.processes = processes
@@ -84,6 +94,7 @@ class Reflector:
         if self.process_filter and processes is None:
             raise ValueError("a process filter needs a ProcessResolver")
         self.priority, self.watchdog, self.fast_path = priority, watchdog, fast_path
+        self.max_filter_addresses = max_filter_addresses
         self._server_port = np.zeros(65536, dtype=bool)
         self._proxy_port = np.zeros(65536, dtype=bool)
         self._proxy_for = np.zeros(65536, dtype=np.uint16)  # server port → its proxy port
@@ -91,47 +102,49 @@ class Reflector:
         self._proxy_port[list(self.ports.values())] = True
         self._proxy_for[list(self.ports)] = list(self.ports.values())
         self._server_for_proxy = {proxy: server for server, proxy in self.ports.items()}
-        self.engine = None
+        # The live handles, the current one last; two only while one hands over to the next.
+        self._engines: tuple[Engine, ...] = ()
+        # What the filter names: "addresses" (the AI set; a new address means a new handle)
+        # or "ports" (every packet to a server port; the addresses are checked here).
+        self.filter = {"mode": "addresses" if address_filter else "ports", "addresses": 0, "handles": 0,
+                       "why_ports": None if address_filter else "asked for"}
+        self._covered = 0  # the target generation the current filter holds
+        self._covered_changed = threading.Condition()
+        self._swap_wanted = threading.Event()
+        self._retired: dict = {"fast": {}, "engine": {}}  # counts of the handles handed over
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.error: BaseException | None = None
         self.counts = {"reflected_to_proxy": 0, "reflected_to_client": 0, "own_upstream": 0, "excluded": 0,
                        "batch_errors": 0}
 
+    @property
+    def engine(self) -> Engine | None:
+        """The current handle: the one new packets are queued for."""
+        return self._engines[-1] if self._engines else None
+
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> Reflector:
-        self.engine = Engine(reflector_filter(self.ports, self.own_ports.range), priority=self.priority,
-                             policy="block", watchdog=self.watchdog)
-        # Should this process die, the guardian aborts the clients' redirected sockets.
-        handle, ring = self.engine.handle, self.engine.ring
-        if self.fast_path:
-            ring.fast_enable(self.ports, self.own_ports.mask, self.flows.max_flows + self.targets.max_addresses)
-            self.targets.on_add = ring.fast_add_targets  # first, so no address learned meanwhile is missed
-            ring.fast_add_targets(self.targets.keys(), enable=True)
-
-        def opened(entry: FlowEntry) -> None:
-            handle.abort_on_death(entry.client_port)
-            if self.fast_path:
-                ring.fast_add(*entry.key)
-
-        def removed(entry: FlowEntry) -> None:
-            if self.fast_path:
-                ring.fast_remove(*entry.key)
-            handle.forget_on_death(entry.client_port)
-
-        self.flows.on_open, self.flows.on_remove = opened, removed
+        self.targets.on_add = self._targets_added  # first, so no address learned meanwhile is missed
+        self.flows.on_open, self.flows.on_remove = self._flow_opened, self._flow_removed
+        try:
+            self._start_engine(self.priority)
+        except BaseException:
+            self.targets.on_add = None
+            raise
         self._thread = threading.Thread(target=self._run, name="oisp-reflector", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stopping.set()
-        if self.fast_path:
-            self.targets.on_add = None
-        if self.engine is not None:
-            self.engine.stop()
+        self.targets.on_add = None
+        for engine in self._engines:
+            engine.stop()
         if self._thread is not None:
             self._thread.join(3.0)
+        with self._covered_changed:
+            self._covered_changed.notify_all()
 
     def __enter__(self) -> Reflector:
         return self.start()
@@ -139,42 +152,172 @@ class Reflector:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def covers(self, generation: int) -> bool:
+        """Whether the filter in force takes every target address of that generation."""
+        return self.filter["mode"] == "ports" or self._covered >= generation
+
+    def wait_covered(self, generation: int | None = None, timeout: float = 1.0) -> bool:
+        """Wait until the filter takes the target addresses of `generation` (default: all
+        known now). The DNS watcher holds an answer naming a new AI address until then,
+        so the client's first SYN to it is already diverted."""
+        generation = self.targets.generation if generation is None else generation
+        with self._covered_changed:
+            return self._covered_changed.wait_for(
+                lambda: self.covers(generation) or self._stopping.is_set() or not self._alive(), timeout) \
+                and self.covers(generation)
+
+    def _alive(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
+
+    # -- the handles ----------------------------------------------------------------------
+    def _open_engine(self, priority: int) -> tuple[Engine, int]:
+        """A handle whose filter names the current AI addresses, or the server ports alone
+        once the addresses no longer fit a filter. Returns it with the generation it covers."""
+        generation, addresses = self.targets.snapshot()
+        if self.filter["mode"] == "addresses" and len(addresses) > self.max_filter_addresses:
+            self._filter_by_ports(f"{len(addresses)} AI addresses, more than a filter holds "
+                                  f"({self.max_filter_addresses})")
+        if self.filter["mode"] == "addresses":
+            try:
+                return self._engine(reflector_filter(self.ports, self.own_ports.range, addresses), priority), generation
+            except InvalidFilterError as e:  # e.g. a filter length limit lower than ours
+                self._filter_by_ports(f"the address filter was refused: {e}")
+        return self._engine(reflector_filter(self.ports, self.own_ports.range), priority), generation
+
+    def _engine(self, filter: str, priority: int) -> Engine:
+        engine = Engine(filter, priority=priority, policy="block", watchdog=self.watchdog)
+        self.filter["handles"] += 1
+        handle, ring = engine.handle, engine.ring
+        if self.fast_path:
+            ring.fast_enable(self.ports, self.own_ports.mask, self.flows.max_flows + self.targets.max_addresses)
+        for entry in self.flows.entries():  # flows carried by the handle this one succeeds
+            handle.abort_on_death(entry.client_port)
+            if self.fast_path:
+                ring.fast_add(*entry.key)
+        return engine
+
+    def _filter_by_ports(self, why: str) -> None:
+        self.filter.update(mode="ports", why_ports=why)
+        with self._covered_changed:
+            self._covered_changed.notify_all()
+
+    def _start_engine(self, priority: int) -> None:
+        """Open a handle and make it current; the caller hands the previous one over."""
+        engine, generation = self._open_engine(priority)
+        self._engines = (*self._engines, engine)  # from here on, new addresses reach its ring too
+        if self.fast_path:
+            engine.ring.fast_add_targets(self.targets.keys(), enable=True)
+        self.filter["addresses"] = len(self.targets) if self.filter["mode"] == "addresses" else 0
+        with self._covered_changed:
+            self._covered = generation
+            self._covered_changed.notify_all()
+
+    def _flow_opened(self, entry: FlowEntry) -> None:
+        for engine in self._engines:
+            # Should this process die, the guardian aborts the clients' redirected sockets.
+            engine.handle.abort_on_death(entry.client_port)
+            if self.fast_path:
+                engine.ring.fast_add(*entry.key)
+
+    def _flow_removed(self, entry: FlowEntry) -> None:
+        for engine in self._engines:
+            if self.fast_path:
+                engine.ring.fast_remove(*entry.key)
+            engine.handle.forget_on_death(entry.client_port)
+
+    def _targets_added(self, keys: list[bytes]) -> None:
+        """New AI addresses (DNS or resolver thread): into every live ring at once; in
+        address mode, the reflector thread then swaps in a handle whose filter names them."""
+        if self.fast_path:
+            for engine in self._engines:
+                engine.ring.fast_add_targets(keys)
+        if self.filter["mode"] == "addresses":
+            self._swap_wanted.set()
+            engine = self.engine
+            if engine is not None:
+                engine.ring.wake()
+
+    def _swap_engine(self) -> None:
+        """Open the successor handle, then hand the old one over: it stops taking new
+        packets, and the ones it still holds are decided here as usual, so none passes
+        unreflected. The two priorities alternate; either handle decides alike."""
+        self._swap_wanted.clear()
+        if self.filter["mode"] != "addresses" or self.covers(self.targets.generation):
+            return
+        old = self.engine
+        self._start_engine(self.priority - 1 if old.handle.priority == self.priority else self.priority)
+        old.hand_over()
+        deadline = time.monotonic() + 2.0
+        while not old.handed_over and time.monotonic() < deadline:
+            batch = old.next_batch(timeout=0.05)
+            if batch is not None:
+                self._decide(batch, old)
+        if self.fast_path:
+            self.flows.touch(old.ring.fast_take_touched())
+        old.stop()  # a clean close: its guardian leaves the flows' sockets alone
+        self._engines = tuple(e for e in self._engines if e is not old)
+        _add_counts(self._retired["fast"], self._fast_counts(old))
+        _add_counts(self._retired["engine"], old.counters())
+
     def counters(self) -> dict:
-        """Reflected/own counts include the fast path's; `fast_path` has its share alone."""
+        """Reflected/own counts include the fast path's; `fast_path` has its share alone.
+        The fast path's and the engine's counts add up every handle this reflector had."""
         counts = dict(self.counts)
-        fast = {}
-        if self.engine is not None and self.fast_path:
-            ring = self.engine.ring
-            fast = {"to_proxy": ring.fast_to_proxy, "to_client": ring.fast_to_client,
-                    "own_upstream": ring.fast_passed, "not_ai": ring.fast_passed_other, "batches": ring.fast_batches,
-                    "flows": ring.fast_flows(), "targets": ring.fast_targets,
-                    "targets_failed": ring.fast_targets_failed}
-            counts["reflected_to_proxy"] += fast["to_proxy"]
-            counts["reflected_to_client"] += fast["to_client"]
-            counts["own_upstream"] += fast["own_upstream"]
-        return {**counts, "fast_path": fast, "own_ports": dict(self.own_ports.counts), "flows": len(self.flows), "flow_table": dict(self.flows.counts),
-                "engine": self.engine.counters() if self.engine else {}}
+        fast, engine = {}, {}
+        if self.fast_path:
+            fast = dict(self._retired["fast"])
+            for live in self._engines:
+                _add_counts(fast, self._fast_counts(live))
+            current = self.engine
+            if current is not None:
+                fast.update(flows=current.ring.fast_flows(), targets=current.ring.fast_targets,
+                            targets_failed=current.ring.fast_targets_failed)
+            counts["reflected_to_proxy"] += fast.get("to_proxy", 0)
+            counts["reflected_to_client"] += fast.get("to_client", 0)
+            counts["own_upstream"] += fast.get("own_upstream", 0)
+        if self._engines:
+            engine = dict(self._retired["engine"])
+            for live in self._engines:
+                _add_counts(engine, live.counters())
+        return {**counts, "fast_path": fast, "filter": dict(self.filter), "own_ports": dict(self.own_ports.counts),
+                "flows": len(self.flows), "flow_table": dict(self.flows.counts), "engine": engine}
+
+    @staticmethod
+    def _fast_counts(engine: Engine) -> dict:
+        ring = engine.ring
+        return {"to_proxy": ring.fast_to_proxy, "to_client": ring.fast_to_client, "own_upstream": ring.fast_passed,
+                "not_ai": ring.fast_passed_other, "batches": ring.fast_batches}
 
     def _run(self) -> None:
         next_expiry = time.monotonic() + 1.0
         try:
             while not self._stopping.is_set():
-                batch = self.engine.next_batch(timeout=0.5)
+                if self._swap_wanted.is_set():
+                    self._swap_engine()
+                engine = self.engine
+                batch = engine.next_batch(timeout=0.5)
                 if batch is not None:
-                    try:
-                        self.process(batch)
-                    except Exception as e:  # one bad batch must not stop redirection
-                        self.counts["batch_errors"] += 1
-                        self.error = e
-                    self.engine.commit(batch)
+                    self._decide(batch, engine)
                 if time.monotonic() >= next_expiry:
                     if self.fast_path:
-                        self.flows.touch(self.engine.ring.fast_take_touched())
+                        for live in self._engines:
+                            self.flows.touch(live.ring.fast_take_touched())
                     self.flows.expire()
                     next_expiry = time.monotonic() + 1.0
         except DivertError as e:
             if not self._stopping.is_set():
                 self.error = e  # e.g. the watchdog failed open: traffic flows unredirected
+        finally:
+            with self._covered_changed:
+                self._covered_changed.notify_all()
+
+    def _decide(self, batch, engine: Engine) -> None:
+        try:
+            self.process(batch)
+        except Exception as e:  # one bad batch must not stop redirection
+            self.counts["batch_errors"] += 1
+            self.error = e
+        engine.commit(batch)
 
     # -- one batch ------------------------------------------------------------------------
     def process(self, batch) -> None:
@@ -283,12 +426,13 @@ class Reflector:
         return index[keep[inverse]]
 
     def _collect_ends(self, key) -> None:
-        """Before deciding on a client's SYN: the FIN/RST the ring saw for this flow, so
+        """Before deciding on a client's SYN: the FIN/RST the rings saw for this flow, so
         a flow that ended there is re-opened, not continued."""
-        if self.fast_path and self.engine is not None:
-            ends = self.engine.ring.fast_take_ends(*key)
-            if ends:
-                self.flows.touch([(key, ends)])
+        if self.fast_path:
+            for engine in self._engines:
+                ends = engine.ring.fast_take_ends(*key)
+                if ends:
+                    self.flows.touch([(key, ends)])
 
     def _open(self, rows, row: int, key) -> bool:
         """A client's SYN: create its flow unless the process filter excludes it."""
@@ -306,3 +450,10 @@ class Reflector:
                 return False
         self.flows.open(FlowEntry(client, client_port, server, server_port, key[2], pid, name))
         return True
+
+
+def _add_counts(total: dict, counts: dict) -> None:
+    """Add the integer counts of `counts` into `total`."""
+    for name, value in counts.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            total[name] = total.get(name, 0) + value

@@ -32,6 +32,7 @@ class TargetSet:
         self._lock = threading.Lock()
         self._keys: set[bytes] = set()
         self._array = np.empty(0, dtype=_KEY)
+        self.generation = 0  # counts the adds that brought new addresses
         self.counts = {"added": 0, "full": 0}
         self.on_add: Callable[[list[bytes]], None] | None = None  # new 16-byte keys (the ring's fast path)
         self.add(addresses)
@@ -48,6 +49,7 @@ class TargetSet:
             if not new:
                 return 0
             self._keys |= new
+            self.generation += 1
             self.counts["added"] += len(new)
             self._array = np.sort(np.frombuffer(b"".join(self._keys), dtype=_KEY))
         if self.on_add is not None:
@@ -70,10 +72,14 @@ class TargetSet:
         return len(self._keys)
 
     def addresses(self) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        return self.snapshot()[1]
+
+    def snapshot(self) -> tuple[int, list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+        """(generation, addresses), taken together."""
         with self._lock:
-            keys = sorted(self._keys)
+            generation, keys = self.generation, sorted(self._keys)
         # A key with 12 zero bytes after the first 4 is taken as IPv4 (no AI endpoint lives in 0::/96).
-        return [ipaddress.IPv4Address(k[:4]) if not any(k[4:]) else ipaddress.IPv6Address(k) for k in keys]
+        return generation, [ipaddress.IPv4Address(k[:4]) if not any(k[4:]) else ipaddress.IPv6Address(k) for k in keys]
 
 
 def resolve_hosts(hosts: Iterable[str], targets: TargetSet, *, timeout: float = 5.0,
@@ -102,18 +108,28 @@ def resolve_hosts(hosts: Iterable[str], targets: TargetSet, *, timeout: float = 
 
 class DnsSniffer:
     """Learns addresses from DNS responses (UDP, and TCP answers within one segment)
-    for names `wanted(name)` accepts; sniff only, so DNS is never delayed."""
+    for names `wanted(name)` accepts.
+
+    Without `hold` it only sniffs, so DNS is never delayed. With `hold` the answers are
+    diverted: one that names a new AI address is held until `hold(generation)` returns
+    (the reflector's filter takes the address), so the client cannot dial the address
+    before its SYN is diverted; every other answer is passed on at once."""
 
     FILTER = "(udp and udp.SrcPort == 53) or (tcp and tcp.SrcPort == 53 and tcp.PayloadLength > 0)"
 
-    def __init__(self, targets: TargetSet, wanted: Callable[[str], bool]):
+    def __init__(self, targets: TargetSet, wanted: Callable[[str], bool],
+                 hold: Callable[[int], object] | None = None):
         from oisp.divert.constants import Flag
         from oisp.divert.engine import Engine
 
         self.targets = targets
         self.wanted = wanted
-        self.counts = {"responses": 0, "learned": 0, "malformed": 0, "tcp_partial": 0}
-        self.engine = Engine(self.FILTER, flags=Flag.SNIFF | Flag.RECV_ONLY, policy="drop", watchdog=None)
+        self.hold = hold
+        self.counts = {"responses": 0, "learned": 0, "malformed": 0, "tcp_partial": 0, "held": 0}
+        if hold is None:
+            self.engine = Engine(self.FILTER, flags=Flag.SNIFF | Flag.RECV_ONLY, policy="drop", watchdog=None)
+        else:  # a stuck hold must not stall DNS for good: the watchdog fails open
+            self.engine = Engine(self.FILTER, policy="block", watchdog=5.0)
         self._thread = threading.Thread(target=self._run, name="oisp-dns", daemon=True)
         self._thread.start()
 
@@ -121,9 +137,17 @@ class DnsSniffer:
         try:
             for batch in self.engine:
                 messages = self._messages(batch)
-                self.engine.release(batch)
-                for message in messages:
-                    self.learn(message)
+                if self.hold is None:
+                    self.engine.release(batch)
+                    for message in messages:
+                        self.learn(message)
+                    continue
+                try:
+                    if sum([self.learn(message) for message in messages]):
+                        self.counts["held"] += 1
+                        self.hold(self.targets.generation)
+                finally:
+                    self.engine.commit(batch)
         except DivertError:
             pass  # the handle closed (stop, or a failure): learning stops, redirection goes on
 
@@ -143,14 +167,17 @@ class DnsSniffer:
             out.append(payload)
         return out
 
-    def learn(self, message: bytes) -> None:
+    def learn(self, message: bytes) -> int:
+        """Add the AI addresses a DNS response names; returns how many were new."""
         self.counts["responses"] += 1
         try:
             addresses = answer_addresses(message, self.wanted)
         except DnsError:
             self.counts["malformed"] += 1
-            return
-        self.counts["learned"] += self.targets.add(addresses)
+            return 0
+        learned = self.targets.add(addresses)
+        self.counts["learned"] += learned
+        return learned
 
     def stop(self) -> None:
         self.engine.stop()

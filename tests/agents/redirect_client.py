@@ -1,12 +1,17 @@
 """The client side of the redirect tests, run in the client namespace; prints one JSON object.
 
-usage: redirect_client.py e2e SERVER_IP OTHER_IP [exclude-child] [events] [python-path]
+usage: redirect_client.py e2e SERVER_IP OTHER_IP [exclude-child] [events] [python-path] [port-filter]
     the reflector (targets = {SERVER_IP}) and a small transparent proxy on :8443 that
     looks each accepted socket up in the flow table and dials the original destination
     through connect_upstream; then: an AI connection (data round trip, clean close),
     one ended by RST, one to OTHER_IP:443 and one to SERVER_IP:444 (both not AI), and
     optionally a connection from an excluded child process; python-path turns the ring's
-    fast path off, so every packet is decided in Python.
+    fast path off, so every packet is decided in Python; port-filter makes the handle's
+    filter name the server port alone, not the AI addresses.
+usage: redirect_client.py swap SERVER_IP OTHER_IP [python-path]
+    the reflector knows SERVER_IP; an AI connection is half way through its data when
+    OTHER_IP becomes an AI address too (a new handle takes over); then a connection to
+    OTHER_IP:443.
 usage: redirect_client.py dns SERVER_IP
     a DnsSniffer; hand-built queries to SERVER_IP:53; which addresses were learned
 usage: redirect_client.py learned SERVER_IP
@@ -120,8 +125,8 @@ def scenario_e2e(server_ip, other_ip, options):
     proxy = Proxy(flows, own_ports)
     out = {"me": os.getpid(), "events": events, "events_error": resolver.events_error, "own_range": own_ports.range}
     with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}, processes=resolver,
-                   process_filter=ProcessFilter(exclude=exclude),
-                   fast_path="python-path" not in options) as reflector:
+                   process_filter=ProcessFilter(exclude=exclude), fast_path="python-path" not in options,
+                   address_filter="port-filter" not in options) as reflector:
         payload = os.urandom(300_000)
         out["ai"] = exchange(server_ip, 443, payload)
         out["flows_after_ai"] = len(flows)
@@ -135,7 +140,9 @@ def scenario_e2e(server_ip, other_ip, options):
         c.close()  # SO_LINGER 0: an RST, not a FIN
         out["flows_empty_after_rst"] = wait_until(lambda: len(flows) == 0, 3.0)
 
+        received = reflector.counters()["engine"]["received"]
         out["other_address"] = exchange(other_ip, 443, b"hello other")
+        out["diverted_other"] = reflector.counters()["engine"]["received"] - received
         out["other_port"] = exchange(server_ip, 444, b"hello 444")
         if child is not None:
             line, _ = child.communicate("go\n", timeout=10)
@@ -151,6 +158,35 @@ def scenario_e2e(server_ip, other_ip, options):
     json.dump(out, sys.stdout)
 
 
+def scenario_swap(server_ip, other_ip, options):
+    targets = TargetSet([server_ip])
+    flows = FlowTable(linger=0.3)
+    own_ports = OwnPorts(None if "python-path" in options else upstream_port_range())
+    proxy = Proxy(flows, own_ports)
+    out = {}
+    with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT},
+                   fast_path="python-path" not in options) as reflector:
+        payload = os.urandom(400_000)
+        c = socket.create_connection((server_ip, 443), timeout=5)
+        reader = c.makefile("rb")
+        reader.readline()
+        c.sendall(payload[:200_000])
+        time.sleep(0.2)
+        targets.add([other_ip])
+        out["covered"] = reflector.wait_covered(timeout=3.0)
+        c.sendall(payload[200_000:])  # the rest travels through the new handle
+        c.shutdown(socket.SHUT_WR)
+        echoed = reader.read()
+        c.close()
+        out["first"] = {"intact": echoed == payload, "echoed": len(echoed)}
+        out["other"] = exchange(other_ip, 443, b"hello, now an AI endpoint")
+        time.sleep(0.3)
+        out["accepted"] = proxy.accepted
+        out["counters"] = reflector.counters()
+        out["reflector_error"] = repr(reflector.error) if reflector.error else None
+    json.dump(out, sys.stdout)
+
+
 def scenario_learned(server_ip):
     from oisp.redirect import Redirector
     from oisp.redirect.dns import TYPE_A, TYPE_AAAA, build_query
@@ -162,7 +198,8 @@ def scenario_learned(server_ip):
         sock.settimeout(3)
         sock.sendto(build_query("api.openai.com", TYPE_AAAA if ":" in server_ip else TYPE_A), (server_ip, 53))
         sock.recvfrom(2048)
-        learned = wait_until(lambda: server_ip in redirector.targets, 3.0)
+        # No waiting: the answer was held until the reflector's filter named the address.
+        learned = server_ip in redirector.targets and redirector.reflector.covers(redirector.targets.generation)
         after = exchange(server_ip, 443, b"after")
         time.sleep(0.2)
         json.dump({"before": before, "learned": learned, "after": after, "accepted": proxy.accepted,
@@ -194,6 +231,8 @@ def scenario_dns(server_ip):
 if __name__ == "__main__":
     if sys.argv[1] == "e2e":
         scenario_e2e(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
+    elif sys.argv[1] == "swap":
+        scenario_swap(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
     elif sys.argv[1] == "learned":
         scenario_learned(sys.argv[2])
     else:
