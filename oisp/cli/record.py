@@ -128,10 +128,10 @@ async def _record(args) -> int:
             if args.duration and time.monotonic() - started >= args.duration:
                 break
             if live:
-                reflector = redirector.counters()["reflector"]
+                engine = redirector.counters()["reflector"].get("engine", {})
                 print(f"\rflows {proxy.stats['intercepted']}+{proxy.stats['passed_through']}  "
                       f"requests {status.requests}  responses {status.responses}  tokens {status.tokens}  "
-                      f"drops {reflector.get('dropped', 0)}   ", end="", file=sys.stderr, flush=True)
+                      f"drops {engine.get('dropped', 0)}   ", end="", file=sys.stderr, flush=True)
     finally:
         await loop.run_in_executor(None, redirector.stop)  # first: nothing new reaches the proxy
         await proxy.stop()

@@ -1,8 +1,8 @@
 """The reflector: outbound TCP to AI endpoints lands on the local proxy, streamdump-style.
 
-One divert handle sees (a) clients' outbound packets to a redirected server
-port and (b) the proxy's outbound packets from its proxy port. Per batch, in
-numpy and one native call per direction:
+One divert handle sees (a) clients' outbound packets to the AI addresses on a
+redirected server port and (b) the proxy's outbound packets from its proxy
+port. Per batch, in numpy and one native call per direction:
 
 (a) to a known AI address, from a port that is not the proxy's own upstream
     (`OwnPorts`), of a flow the table knows (a SYN creates it): swap the
@@ -12,17 +12,23 @@ numpy and one native call per direction:
     source port back to the server port, inject inbound. The client sees the
     server it dialled.
 
-Everything else passes untouched: unknown destinations, the proxy's own
-upstream connections (loop-free: see own_ports.py), excluded processes, and
-flows that began before the reflector (no SYN seen, so no entry).
+Everything else passes untouched: the proxy's own upstream connections
+(loop-free: see own_ports.py), excluded processes, and flows that began before
+the reflector (no SYN seen, so no entry). Other destinations are never even
+diverted: the filter names the AI addresses. A filter is fixed when a handle
+opens, so a new AI address (from DNS) swaps in a successor handle, and the old
+one hands over what it still holds (see _swap_engine). Past
+MAX_FILTER_ADDRESSES the filter names the ports alone, and addresses are
+checked here and in the ring.
 
 The fast path (on by default): once a flow is open, the receive ring itself
 reflects its packets and passes the proxy's upstream packets, in C without the
 GIL (_native/reflect_fast.h), and it passes packets to addresses that are not
 AI endpoints (the target set is mirrored into it). Only batches holding a
-client's SYN to an AI address or a packet of an unknown flow reach `process` here. The ring's table mirrors the flow
-table through its open/remove hooks; once a second the flows it carried are
-marked seen (idle expiry) with the FINs and RSTs it passed (closing them).
+client's SYN to an AI address or a packet of an unknown flow reach `process`
+here. The ring's table mirrors the flow table through its open/remove hooks;
+once a second the flows it carried are marked seen (idle expiry) with the FINs
+and RSTs it passed (closing them).
 """
 
 from __future__ import annotations
