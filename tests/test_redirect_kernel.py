@@ -131,7 +131,8 @@ def test_a_new_ai_address_swaps_in_a_handle_without_breaking_a_flow(lab, family,
     other_ip = lab.extra[family]
     out = run_client(lab.a, "swap", server_ip, other_ip, *(["python-path"] if path == "python" else []))
     assert out["reflector_error"] is None and out["covered"]
-    assert out["first"]["intact"], out["first"]  # carried across the swap, byte for byte
+    assert out["sending_at_swap"]  # the swap came mid-stream ...
+    assert out["first"]["intact"], out["first"]  # ... and the flow carried on, byte for byte
     counters = out["counters"]
     assert counters["filter"] == {"mode": "addresses", "addresses": 2, "handles": 2, "why_ports": None}
     other = out["other"]
@@ -139,9 +140,20 @@ def test_a_new_ai_address_swaps_in_a_handle_without_breaking_a_flow(lab, family,
     assert [a["peer"] for a in out["accepted"]] == [[server_ip, a["peer"][1]] for a in out["accepted"][:1]] + \
         [[other_ip, other["client_port"]]]
     assert other["intact"] and other["server_saw"] == [client_ip, out["accepted"][1]["upstream_port"]]
-    assert counters["engine"]["dropped"] == 0 and counters["engine"]["send_errors"] == 0, counters["engine"]
+    # Nothing the old handle held was passed untouched (a stop's drain) or dropped.
+    assert counters["engine"]["drained"] == 0 and counters["engine"]["dropped"] == 0, counters["engine"]
     log = server_log(lab.server)
     assert (443, client_ip, other["client_port"]) not in log
+
+
+def test_more_addresses_than_a_filter_holds_fall_back_to_the_port(lab):
+    out = run_client(lab.a, "overflow", lab.b_ip4, lab.extra[4])
+    start = out["filter_at_start"]
+    assert start["mode"] == "ports" and start["why_ports"].startswith("2 AI addresses") and start["handles"] == 1
+    assert out["covered"] and out["counters"]["filter"]["handles"] == 1  # no swap in port mode
+    assert out["ai"]["intact"] and [a["peer"][0] for a in out["accepted"]] == [lab.b_ip4]
+    assert out["other"]["intact"] and out["diverted_other"] > 0
+    assert out["counters"]["fast_path"]["not_ai"] > 0
 
 
 @pytest.mark.parametrize("family", [4, 6])

@@ -196,6 +196,7 @@ class Engine:
         self._stalled: EngineStalled | None = None
         self._last_send_error: str | None = None
         self._final_kernel_stats: dict[str, int] = {}
+        self._passed_untaken = 0  # packets in batches nobody took, passed on at stop
         self._receiver = threading.Thread(target=self._ring.run, name="oisp-receiver", daemon=True)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._receiver.start()
@@ -302,7 +303,7 @@ class Engine:
             "last_send_error": self._last_send_error or (
                 str(self.handle.backend.error(ring.fast_send_error, "inject")) if ring.fast_send_error else None),
             "consumed": ring.consumed,
-            "drained": ring.drained,
+            "drained": ring.drained + self._passed_untaken,  # passed unexamined because stopping
             "held": ring.held_packets(),
             "batches": ring.batches,
             "ring_slots": ring.nslots,
@@ -392,7 +393,7 @@ class Engine:
             if self.sniff:
                 self._ring.release_dropped(slot)
             else:
-                self._ring.commit(slot)
+                self._passed_untaken += max(self._ring.commit(slot), 0)
 
     def close(self) -> None:
         self.stop()

@@ -251,7 +251,12 @@ class Reflector:
         if self.filter["mode"] != "addresses" or self.covers(self.targets.generation):
             return
         old = self.engine
-        self._start_engine(self.priority - 1 if old.handle.priority == self.priority else self.priority)
+        try:
+            self._start_engine(self.priority - 1 if old.handle.priority == self.priority else self.priority)
+        except DivertError as e:  # the old handle carries on; the next new address tries again
+            self.filter["swap_errors"] = self.filter.get("swap_errors", 0) + 1
+            self.error = e
+            return
         old.hand_over()
         deadline = time.monotonic() + 2.0
         while not old.handed_over and time.monotonic() < deadline:

@@ -14,6 +14,9 @@ usage: redirect_client.py swap SERVER_IP OTHER_IP [python-path]
     OTHER_IP:443.
 usage: redirect_client.py dns SERVER_IP
     a DnsSniffer; hand-built queries to SERVER_IP:53; which addresses were learned
+usage: redirect_client.py overflow SERVER_IP OTHER_IP
+    a reflector allowed one address in its filter, given two: it filters by port;
+    a third address opens no new handle; SERVER_IP:443 is still taken
 usage: redirect_client.py learned SERVER_IP
     a whole Redirector knowing no address: a connection to SERVER_IP:443 before and after
     SERVER_IP:53 answers api.openai.com with SERVER_IP
@@ -166,24 +169,54 @@ def scenario_swap(server_ip, other_ip, options):
     out = {}
     with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT},
                    fast_path="python-path" not in options) as reflector:
-        payload = os.urandom(400_000)
+        payload = os.urandom(4_000_000)
         c = socket.create_connection((server_ip, 443), timeout=5)
         reader = c.makefile("rb")
         reader.readline()
-        c.sendall(payload[:200_000])
+        echoed = []
+        echo = threading.Thread(target=lambda: echoed.append(reader.read()), daemon=True)
+        echo.start()
+
+        def send():  # paced, so packets are in flight in the old handle when it hands over
+            for i in range(0, len(payload), 16_384):
+                c.sendall(payload[i:i + 16_384])
+                time.sleep(0.004)  # about 1 s in all
+            c.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
         time.sleep(0.2)
         targets.add([other_ip])
         out["covered"] = reflector.wait_covered(timeout=3.0)
-        c.sendall(payload[200_000:])  # the rest travels through the new handle
-        c.shutdown(socket.SHUT_WR)
-        echoed = reader.read()
+        out["sending_at_swap"] = sender.is_alive()
+        sender.join(30)
+        echo.join(30)
         c.close()
-        out["first"] = {"intact": echoed == payload, "echoed": len(echoed)}
+        out["first"] = {"intact": echoed == [payload], "echoed": len(echoed[0]) if echoed else None}
         out["other"] = exchange(other_ip, 443, b"hello, now an AI endpoint")
         time.sleep(0.3)
         out["accepted"] = proxy.accepted
         out["counters"] = reflector.counters()
         out["reflector_error"] = repr(reflector.error) if reflector.error else None
+    json.dump(out, sys.stdout)
+
+
+def scenario_overflow(server_ip, other_ip):
+    targets = TargetSet([server_ip, "192.0.2.1"])
+    flows = FlowTable(linger=0.3)
+    own_ports = OwnPorts(upstream_port_range())
+    proxy = Proxy(flows, own_ports)
+    with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}, max_filter_addresses=1) as reflector:
+        out = {"filter_at_start": dict(reflector.counters()["filter"])}
+        targets.add(["192.0.2.2"])
+        out["covered"] = reflector.wait_covered(timeout=1.0)
+        out["ai"] = exchange(server_ip, 443, b"through the port filter")
+        received = reflector.counters()["engine"]["received"]
+        out["other"] = exchange(other_ip, 443, b"diverted, passed in the ring")
+        out["diverted_other"] = reflector.counters()["engine"]["received"] - received
+        time.sleep(0.2)
+        out["accepted"] = proxy.accepted
+        out["counters"] = reflector.counters()
     json.dump(out, sys.stdout)
 
 
@@ -233,6 +266,8 @@ if __name__ == "__main__":
         scenario_e2e(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
     elif sys.argv[1] == "swap":
         scenario_swap(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
+    elif sys.argv[1] == "overflow":
+        scenario_overflow(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "learned":
         scenario_learned(sys.argv[2])
     else:
