@@ -294,7 +294,7 @@ class Engine:
         ready, held_slots = ring.occupancy()
         counters = {
             "received": ring.received,
-            "sent": ring.sent,
+            "sent": ring.sent - self._passed_untaken,  # those are counted as drained
             "dropped": ring.dropped_overflow + ring.dropped_verdict + ring.dropped_drain + ring.send_errors,
             "dropped_overflow": ring.dropped_overflow,
             "dropped_verdict": ring.dropped_verdict,
