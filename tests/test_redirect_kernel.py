@@ -156,6 +156,22 @@ def test_more_addresses_than_a_filter_holds_fall_back_to_the_port(lab):
     assert out["counters"]["fast_path"]["not_ai"] > 0
 
 
+def test_addresses_nobody_names_any_more_are_let_go_but_not_under_an_open_flow(lab):
+    client_ip = lab.a_ip4
+    out = run_client(lab.a, "expire", lab.b_ip4, lab.extra[4])
+    assert out["reflector_error"] is None
+    assert out["mode_at_start"] == "ports"  # two addresses, room for one
+    assert out["kept_while_open"]
+    # The other one went, and with one address left the filter names it again.
+    first = out["filter_after_first"]
+    assert first["mode"] == "addresses" and first["addresses"] == 1 and first["handles"] == 2
+    assert out["echo"] == "still carried after the swap"
+    other = out["other"]
+    assert other["intact"] and other["server_saw"] == [client_ip, other["client_port"]] and out["diverted_other"] == 0
+    assert out["all_gone"] and out["filter_at_end"]["addresses"] == 0 and out["counts"]["expired"] == 2
+    assert [a["peer"][0] for a in out["accepted"]] == [lab.b_ip4]
+
+
 @pytest.mark.parametrize("family", [4, 6])
 def test_dns_answers_on_the_wire_teach_the_address_set(veth_pair, family):
     server = veth_pair.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), "dns",

@@ -14,6 +14,7 @@ next; the reflector last.
 
 from __future__ import annotations
 
+import threading
 from typing import Iterable
 
 from oisp.divert.errors import DivertError
@@ -28,7 +29,8 @@ class Redirector:
     def __init__(self, spec=None, *, proxy_ports: dict[int, int] | None = None, include: str | list = (),
                  exclude: str | list = (), addresses: Iterable = (), resolve: bool = True,
                  resolve_timeout: float = 5.0, sniff_dns: bool = True, process_events: bool = True,
-                 max_flows: int = 65536, idle_timeout: float = 300.0, watchdog: float | None = 5.0):
+                 max_flows: int = 65536, idle_timeout: float = 300.0, watchdog: float | None = 5.0,
+                 address_ttl: float | None = 3600.0, refresh: float | None = 600.0):
         if spec is None:
             from oisp.spec import default_spec
 
@@ -42,6 +44,11 @@ class Redirector:
         self.proxy_ports = dict(proxy_ports or DEFAULT_PORTS)
         self.resolve, self.resolve_timeout = resolve, resolve_timeout
         self.sniff_dns, self.process_events, self.watchdog = sniff_dns, process_events, watchdog
+        # Learned addresses nobody has named for address_ttl seconds are let go, so the
+        # filter stays small; the spec's hosts are resolved again every `refresh` seconds.
+        self.address_ttl, self.refresh = address_ttl, refresh
+        self._stopping = threading.Event()
+        self._refresher: threading.Thread | None = None
         self.dns: DnsSniffer | None = None
         self.reflector: Reflector | None = None
         self.resolution: dict = {}
@@ -61,8 +68,11 @@ class Redirector:
             # Set before it starts, so a DNS answer arriving meanwhile already waits for it.
             self.reflector = Reflector(self.targets, self.flows, self.own_ports, ports=self.proxy_ports,
                                        processes=self.processes, process_filter=self.process_filter,
-                                       watchdog=self.watchdog)
+                                       watchdog=self.watchdog, address_ttl=self.address_ttl)
             self.reflector.start()
+            if self.resolve and self.refresh:
+                self._refresher = threading.Thread(target=self._refresh_loop, name="oisp-resolve-again", daemon=True)
+                self._refresher.start()
         except BaseException:
             self.stop()
             raise
@@ -74,8 +84,13 @@ class Redirector:
         if self.reflector is not None:
             self.reflector.wait_covered(generation, timeout=1.0)
 
+    def _refresh_loop(self) -> None:
+        while not self._stopping.wait(self.refresh):
+            self.resolution = resolve_hosts(self.spec.hosts(), self.targets, timeout=self.resolve_timeout)
+
     def stop(self) -> None:
         """The reflector first, so no flow is left half-redirected behind a stopped sniffer."""
+        self._stopping.set()
         for part in (self.reflector, self.dns, self.processes):
             if part is not None:
                 part.stop()

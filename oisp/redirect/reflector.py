@@ -92,7 +92,7 @@ class Reflector:
                  ports: dict[int, int] | None = None, processes: ProcessResolver | None = None,
                  process_filter: ProcessFilter | None = None, priority: int = 0, watchdog: float | None = 5.0,
                  fast_path: bool = True, address_filter: bool = True,
-                 max_filter_addresses: int = MAX_FILTER_ADDRESSES):
+                 max_filter_addresses: int = MAX_FILTER_ADDRESSES, address_ttl: float | None = None):
         self.targets, self.flows, self.own_ports = targets, flows, own_ports
         self.ports = dict(ports or DEFAULT_PORTS)
         self.processes = processes
@@ -101,6 +101,10 @@ class Reflector:
             raise ValueError("a process filter needs a ProcessResolver")
         self.priority, self.watchdog, self.fast_path = priority, watchdog, fast_path
         self.max_filter_addresses = max_filter_addresses
+        # An AI address no resolution or DNS answer has named for this long, and no open
+        # flow uses, is let go (the filter shrinks). None: addresses stay for good.
+        self.address_ttl = address_ttl
+        self._ports_for_good = not address_filter  # asked for, or the backend refused a filter
         self._server_port = np.zeros(65536, dtype=bool)
         self._proxy_port = np.zeros(65536, dtype=bool)
         self._proxy_for = np.zeros(65536, dtype=np.uint16)  # server port → its proxy port
@@ -187,6 +191,7 @@ class Reflector:
             try:
                 return self._engine(reflector_filter(self.ports, self.own_ports.range, addresses), priority), generation
             except InvalidFilterError as e:  # e.g. a filter length limit lower than ours
+                self._ports_for_good = True
                 self._filter_by_ports(f"the address filter was refused: {e}")
         return self._engine(reflector_filter(self.ports, self.own_ports.range), priority), generation
 
@@ -243,12 +248,25 @@ class Reflector:
             if engine is not None:
                 engine.ring.wake()
 
-    def _swap_engine(self) -> None:
+    def _expire_targets(self) -> None:
+        """Let go of AI addresses nobody names any more (see address_ttl). The handle is
+        swapped for one whose filter and ring hold only the rest; once few enough are
+        left, a port-only filter turns back into an address filter."""
+        keep = [entry.key[0] for entry in self.flows.entries()]
+        if not self.targets.expire(time.monotonic() - self.address_ttl, keep):
+            return
+        if self.filter["mode"] == "ports" and not self._ports_for_good \
+                and len(self.targets) <= self.max_filter_addresses:
+            self.filter.update(mode="addresses", why_ports=None)
+        self._swap_engine(force=True)
+
+    def _swap_engine(self, force: bool = False) -> None:
         """Open the successor handle, then hand the old one over: it stops taking new
         packets, and the ones it still holds are decided here as usual, so none passes
-        unreflected. The two priorities alternate; either handle decides alike."""
+        unreflected. The two priorities alternate; either handle decides alike.
+        Without `force`, only when the filter names addresses and misses some."""
         self._swap_wanted.clear()
-        if self.filter["mode"] != "addresses" or self.covers(self.targets.generation):
+        if not force and (self.filter["mode"] != "addresses" or self.covers(self.targets.generation)):
             return
         old = self.engine
         try:
@@ -301,6 +319,7 @@ class Reflector:
 
     def _run(self) -> None:
         next_expiry = time.monotonic() + 1.0
+        next_target_expiry = next_expiry + (self._target_expiry_period() or 0.0)
         try:
             while not self._stopping.is_set():
                 if self._swap_wanted.is_set():
@@ -315,12 +334,18 @@ class Reflector:
                             self.flows.touch(live.ring.fast_take_touched())
                     self.flows.expire()
                     next_expiry = time.monotonic() + 1.0
+                    if self.address_ttl is not None and next_expiry >= next_target_expiry:
+                        self._expire_targets()
+                        next_target_expiry = next_expiry + self._target_expiry_period()
         except DivertError as e:
             if not self._stopping.is_set():
                 self.error = e  # e.g. the watchdog failed open: traffic flows unredirected
         finally:
             with self._covered_changed:
                 self._covered_changed.notify_all()
+
+    def _target_expiry_period(self) -> float | None:
+        return None if self.address_ttl is None else min(60.0, max(1.0, self.address_ttl / 2))
 
     def _decide(self, batch, engine: Engine) -> None:
         try:

@@ -13,6 +13,7 @@ import concurrent.futures
 import ipaddress
 import socket
 import threading
+import time
 from typing import Callable, Iterable
 
 import numpy as np
@@ -25,40 +26,65 @@ _KEY = np.dtype("V16")
 
 
 class TargetSet:
-    """A set of AI endpoint addresses, IPv4 and IPv6, bounded at `max_addresses`."""
+    """A set of AI endpoint addresses, IPv4 and IPv6, bounded at `max_addresses`.
+    Each address remembers when a resolution or DNS answer last named it, so ones
+    no longer named can be let go (`expire`); those given here are kept for good."""
 
     def __init__(self, addresses: Iterable = (), *, max_addresses: int = 65536):
         self.max_addresses = max_addresses
         self._lock = threading.Lock()
-        self._keys: set[bytes] = set()
+        self._seen: dict[bytes, float] = {}  # key → when last named (monotonic)
         self._array = np.empty(0, dtype=_KEY)
-        self.generation = 0  # counts the adds that brought new addresses
-        self.counts = {"added": 0, "full": 0}
+        self.generation = 0  # counts the changes: adds that brought new addresses, expiries
+        self.counts = {"added": 0, "full": 0, "expired": 0}
         self.on_add: Callable[[list[bytes]], None] | None = None  # new 16-byte keys (the ring's fast path)
         self.add(addresses)
+        self._pinned = frozenset(self._seen)
 
-    def add(self, addresses: Iterable) -> int:
-        """Add addresses (strings, ipaddress objects or 16-byte keys); returns how many were new."""
+    def add(self, addresses: Iterable, now: float | None = None) -> int:
+        """Add addresses (strings, ipaddress objects or 16-byte keys), or mark known ones
+        as named again; returns how many were new."""
         keys = {address_key(a) for a in addresses}
+        now = time.monotonic() if now is None else now
         with self._lock:
-            new = keys - self._keys
-            room = self.max_addresses - len(self._keys)
+            new = keys - self._seen.keys()
+            for key in keys - new:
+                self._seen[key] = now
+            room = self.max_addresses - len(self._seen)
             if len(new) > room:
                 self.counts["full"] += len(new) - room
                 new = set(sorted(new)[:max(room, 0)])
             if not new:
                 return 0
-            self._keys |= new
-            self.generation += 1
+            self._seen.update(dict.fromkeys(new, now))
+            self._changed()
             self.counts["added"] += len(new)
-            self._array = np.sort(np.frombuffer(b"".join(self._keys), dtype=_KEY))
         if self.on_add is not None:
             self.on_add(sorted(new))
         return len(new)
 
+    def expire(self, named_before: float, keep: Iterable[bytes] = ()) -> list[bytes]:
+        """Let go of the addresses last named before `named_before` (monotonic), except
+        those in `keep` (the servers of open flows); returns their keys."""
+        keep = self._pinned.union(keep)
+        with self._lock:
+            stale = [key for key, seen in self._seen.items() if seen < named_before and key not in keep]
+            if not stale:
+                return []
+            for key in stale:
+                del self._seen[key]
+            self._changed()
+            self.counts["expired"] += len(stale)
+        return stale
+
+    def _changed(self) -> None:
+        """Under the lock: a new generation and a new sorted array, swapped in whole."""
+        self.generation += 1
+        self._array = np.sort(np.frombuffer(b"".join(self._seen), dtype=_KEY))
+
     def keys(self) -> list[bytes]:
         with self._lock:
-            return list(self._keys)
+            return list(self._seen)
 
     def contains(self, column: np.ndarray) -> np.ndarray:
         """Membership of each row of a (n, 16) uint8 address column (e.g. rows["dst_addr"])."""
@@ -66,10 +92,10 @@ class TargetSet:
         return np.isin(keys, self._array)
 
     def __contains__(self, address) -> bool:
-        return address_key(address) in self._keys
+        return address_key(address) in self._seen
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._seen)
 
     def addresses(self) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
         return self.snapshot()[1]
@@ -77,7 +103,7 @@ class TargetSet:
     def snapshot(self) -> tuple[int, list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
         """(generation, addresses), taken together."""
         with self._lock:
-            generation, keys = self.generation, sorted(self._keys)
+            generation, keys = self.generation, sorted(self._seen)
         # A key with 12 zero bytes after the first 4 is taken as IPv4 (no AI endpoint lives in 0::/96).
         return generation, [ipaddress.IPv4Address(k[:4]) if not any(k[4:]) else ipaddress.IPv6Address(k) for k in keys]
 

@@ -17,6 +17,10 @@ usage: redirect_client.py dns SERVER_IP
 usage: redirect_client.py overflow SERVER_IP OTHER_IP
     a reflector allowed one address in its filter, given two: it filters by port;
     a third address opens no new handle; SERVER_IP:443 is still taken
+usage: redirect_client.py expire SERVER_IP OTHER_IP
+    both learned (not given), address_ttl 1 s, one address fits the filter: ports first;
+    an open flow to SERVER_IP keeps it while OTHER_IP is let go (back to an address
+    filter); OTHER_IP:443 is then untouched; once the flow ends SERVER_IP goes too
 usage: redirect_client.py learned SERVER_IP
     a whole Redirector knowing no address: a connection to SERVER_IP:443 before and after
     SERVER_IP:53 answers api.openai.com with SERVER_IP
@@ -220,6 +224,36 @@ def scenario_overflow(server_ip, other_ip):
     json.dump(out, sys.stdout)
 
 
+def scenario_expire(server_ip, other_ip):
+    targets = TargetSet()
+    targets.add([server_ip, other_ip])
+    flows = FlowTable(linger=0.3)
+    own_ports = OwnPorts(upstream_port_range())
+    proxy = Proxy(flows, own_ports)
+    with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}, max_filter_addresses=1,
+                   address_ttl=1.0) as reflector:
+        out = {"mode_at_start": reflector.counters()["filter"]["mode"]}
+        c = socket.create_connection((server_ip, 443), timeout=5)
+        reader = c.makefile("rb")
+        reader.readline()
+        out["kept_while_open"] = wait_until(lambda: reflector.filter["handles"] == 2, 5.0) and \
+            list(map(str, targets.addresses())) == [server_ip]
+        out["filter_after_first"] = dict(reflector.counters()["filter"])
+        c.sendall(b"still carried after the swap")
+        c.shutdown(socket.SHUT_WR)
+        out["echo"] = reader.read().decode()
+        c.close()
+        received = reflector.counters()["engine"]["received"]
+        out["other"] = exchange(other_ip, 443, b"no longer an AI address")
+        out["diverted_other"] = reflector.counters()["engine"]["received"] - received
+        out["all_gone"] = wait_until(lambda: reflector.filter["handles"] == 3, 6.0) and len(targets) == 0
+        out["filter_at_end"] = dict(reflector.counters()["filter"])
+        out["accepted"] = proxy.accepted
+        out["counts"] = dict(targets.counts)
+        out["reflector_error"] = repr(reflector.error) if reflector.error else None
+    json.dump(out, sys.stdout)
+
+
 def scenario_learned(server_ip):
     from oisp.redirect import Redirector
     from oisp.redirect.dns import TYPE_A, TYPE_AAAA, build_query
@@ -268,6 +302,8 @@ if __name__ == "__main__":
         scenario_swap(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
     elif sys.argv[1] == "overflow":
         scenario_overflow(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "expire":
+        scenario_expire(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "learned":
         scenario_learned(sys.argv[2])
     else:
