@@ -1,6 +1,6 @@
 """Interception cost, side by side in one run: direct vs `oisp record` vs mitmproxy.
 
-    sudo python benchmarks/interception.py [--rounds 3] [--seconds 5] [--ttfc 50] [--json FILE]
+    sudo python benchmarks/interception.py [--lean] [--rounds 3] [--seconds 5] [--ttfc 50] [--json FILE]
 
 Two namespaces joined by a veth (made here, removed here, even on failure): `b`
 runs the fake provider (tests/fakeprovider.py, hypercorn, HTTPS with its own test
@@ -21,6 +21,14 @@ from sending the request to the first `data:` event; --ttfc streams in all, spre
 over the rounds). Rounds are interleaved (direct, oisp, mitmproxy, repeat) and
 medians are reported. `oisp record` runs only during its own turn, since it would
 otherwise intercept the other paths' connections to :443 too.
+
+--lean swaps the client and the upstream, for all three paths alike, for lean ones
+(benchmarks/interception/lean_client.py and lean_provider.py: stdlib socket + ssl,
+prebuilt requests and replies). httpx and hypercorn each cost about as much CPU per
+request as the proxies, so on 2 cores the default run measures them as much as the
+proxies; in lean mode the proxies are the bottleneck. The workloads are the same; the
+JSON says "lean": true, the report's header says so, and the report checks that oisp
+wrote one ai.request and one ai.response with usage tokens per request it carried.
 
 After the timed rounds, one extra untimed oisp turn runs under py-spy
 (--nonblocking, so the sampler does not stop the process) to show where oisp's CPU
@@ -56,6 +64,8 @@ from tests.fakeprovider import make_test_pki  # noqa: E402
 from tests.netns import VethPair  # noqa: E402
 
 CLIENT = HERE / "interception" / "client.py"
+LEAN_CLIENT = HERE / "interception" / "lean_client.py"
+LEAN_PROVIDER = HERE / "interception" / "lean_provider.py"
 MITM_VENV = Path("/tmp/mitm-venv")
 MITM_PORT = 18080
 PATHS = ("direct", "oisp", "mitmproxy")
@@ -121,11 +131,15 @@ def machine() -> str:
     return f"{model}, nproc {os.cpu_count()}, Linux {platform.release()}, Python {platform.python_version()}"
 
 
-def versions() -> str:
+def versions(lean: bool = False) -> str:
     import httpx
 
     mitm = subprocess.run([str(MITM_VENV / "bin" / "mitmdump"), "--version"], capture_output=True, text=True).stdout
     mitm = next((line.split(":", 1)[1].strip() for line in mitm.splitlines() if line.startswith("Mitmproxy")), "?")
+    if lean:
+        import ssl
+
+        return f"lean client and provider on stdlib ssl ({ssl.OPENSSL_VERSION}), mitmproxy {mitm}"
     return f"httpx {httpx.__version__}, mitmproxy {mitm}"
 
 
@@ -137,8 +151,10 @@ def pctl(values: list[float], q: float) -> float:
 class Lab:
     """The namespaces, the provider, and the proxies; everything is undone by close()."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, lean: bool = False):
         self.tmp = tmp
+        self.lean = lean
+        self.oisp_requests = 0  # every request sent through oisp, warm-ups included
         self.processes: list[subprocess.Popen] = []
         self.pair = VethPair.create()
         self.hosts_dir = Path("/etc/netns") / self.pair.a.name
@@ -148,7 +164,8 @@ class Lab:
         self.env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
         self.env["XDG_DATA_HOME"] = str(tmp / "data")
         self.env["PYTHONPATH"] = str(ROOT)
-        self.provider = self._start(self.pair.b, sys.executable, str(ROOT / "tests" / "fakeprovider.py"),
+        provider = LEAN_PROVIDER if lean else ROOT / "tests" / "fakeprovider.py"
+        self.provider = self._start(self.pair.b, sys.executable, str(provider),
                                     "--host", self.pair.b_ip4, "--port", "443", "--cert", cert, "--key", key)
         self._wait_port(self.pair.b, self.pair.b_ip4, 443)
         self.oisp: subprocess.Popen | None = None
@@ -225,7 +242,8 @@ class Lab:
 
     # -- the client -------------------------------------------------------------------
     def client(self, path: str, workload: str, seconds: float, n: int) -> dict:
-        argv = [sys.executable, str(CLIENT), workload, "--seconds", str(seconds), "--n", str(n)]
+        client = LEAN_CLIENT if self.lean else CLIENT
+        argv = [sys.executable, str(client), workload, "--seconds", str(seconds), "--n", str(n)]
         if path == "direct":
             argv += ["--ca", self.upstream_ca]
         elif path in ("oisp", DIAGNOSTIC):
@@ -242,6 +260,8 @@ class Lab:
             raise RuntimeError(f"client {path}/{workload} exited {done.returncode}:\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout)
         total = result["requests"] + result.get("warmup", 0)
+        if path in ("oisp", DIAGNOSTIC):
+            self.oisp_requests += total
         result["proxy_cpu_ms_per_req"] = ((cpu_seconds(proxy_pid) - proxy0) * 1000 / total) if proxy_pid else 0.0
         result["provider_cpu_ms_per_req"] = (cpu_seconds(self.provider.pid) - provider0) * 1000 / total
         return result
@@ -297,7 +317,7 @@ def attribute(raw_file: Path) -> dict:
         leaf = frames[-1]
         name = leaf.split(" (", 1)
         where = name[1].rstrip(")").rsplit(":", 1)[0] if len(name) > 1 else "?"
-        where = where.split("/site-packages/", 1)[-1].split("/lib/python3.11/", 1)[-1].split("/work/main/", 1)[-1]
+        where = where.split("/site-packages/", 1)[-1].split("/lib/python3.11/", 1)[-1].split(f"{ROOT}/", 1)[-1]
         by_leaf[where] += count
         by_func[f"{name[0]} ({where})"] += count
     return {"total": total, "by_pkg": dict(by_pkg.most_common()), "by_leaf": dict(by_leaf.most_common(15)),
@@ -357,7 +377,7 @@ def run(args) -> dict:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        lab = Lab(tmp)
+        lab = Lab(tmp, lean=args.lean)
         lab.start_mitm()
         log(f"lab up: provider {lab.pair.b_ip4}:443 in {lab.pair.b.name}, client/proxies in {lab.pair.a.name}")
         for rnd in range(args.rounds):
@@ -380,11 +400,18 @@ def run(args) -> dict:
                         lab.stop_oisp()
         profiles = {} if args.no_profile else profile_oisp(lab, args.seconds, MITM_VENV / "bin" / "py-spy", tmp)
         event_counts = collections.Counter()
+        with_usage = 0
         for events in lab.tmp.glob("events.jsonl*"):  # the sink rotates at 64 MB
             with open(events) as f:
                 for line in f:
-                    event_counts[json.loads(line)["event_type"]] += 1
-        return {"results": results, "profiles": profiles, "events": dict(event_counts)}
+                    event = json.loads(line)
+                    event_counts[event["event_type"]] += 1
+                    if event["event_type"] == "ai.response" and (event["data"].get("usage") or {}).get("total_tokens"):
+                        with_usage += 1
+        data = {"results": results, "profiles": profiles, "events": dict(event_counts)}
+        if args.lean:
+            data.update(lean=True, oisp_requests=lab.oisp_requests, responses_with_usage=with_usage)
+        return data
     finally:
         if lab is not None:
             lab.close()
@@ -425,8 +452,11 @@ def report(data: dict, args) -> str:
     paths = list(s)
     out = []
     p = out.append
+    if data.get("lean"):
+        p("# LEAN mode: lean_client.py + lean_provider.py (stdlib socket/ssl) for all three paths, not httpx/hypercorn")
     p(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  {machine()}")
-    p(f"# {versions()}; {args.rounds} rounds interleaved, {args.seconds:g} s per request-rate workload, "
+    p(f"# {versions(data.get('lean', False))}; {args.rounds} rounds interleaved, "
+      f"{args.seconds:g} s per request-rate workload, "
       f"median of rounds; TTFC: {s['direct']['ttfc']['n']} streams of 500 chunks per path, pooled median")
     p("")
     p(f"{'path':10} {'seq req/s':>9} {'p50 ms':>7} {'p99 ms':>7} | {'newconn/s':>9} {'p50 ms':>7} {'p99 ms':>7} | "
@@ -477,6 +507,12 @@ def report(data: dict, args) -> str:
           + ", ".join(f"{w} {x[w]['rps'] / m[w]['rps']:.2f}x" for w in RATE_WORKLOADS)
           + f"; added TTFC {x['ttfc']['median'] - d['ttfc']['median']:.2f} ms")
     p(f"events written by oisp over the run: {data['events']}")
+    if data.get("lean"):
+        sent, ev = data["oisp_requests"], data["events"]
+        pairs = ev.get("ai.request", 0) == ev.get("ai.response", 0) == data["responses_with_usage"] == sent
+        p(f"requests sent through oisp (warm-ups and the py-spy turn included): {sent}; ai.request "
+          f"{ev.get('ai.request', 0)}, ai.response {ev.get('ai.response', 0)}, of which with usage tokens "
+          f"{data['responses_with_usage']}: {'one pair per request' if pairs else 'MISMATCH'}")
     for label, prof in data["profiles"].items():
         total = prof["total"] or 1
         p("")
@@ -515,6 +551,9 @@ def main() -> None:
     parser.add_argument("--nodelay-diagnostic", action="store_true",
                         help=f"add a 4th path, {DIAGNOSTIC}: oisp record with TCP_NODELAY forced on its sockets "
                              "from outside (diagnostic; oisp itself is not changed)")
+    parser.add_argument("--lean", action="store_true",
+                        help="lean client and upstream (stdlib socket + ssl) for every path, so the proxies "
+                             "are the bottleneck rather than httpx and hypercorn")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--keep-tmp", action="store_true")
     args = parser.parse_args()
