@@ -32,6 +32,7 @@ from oisp.decode import Direction, FlowContext
 from oisp.events import FlowRecorder, make_event
 from oisp.redirect.own_ports import OwnPorts, upstream_socket
 from oisp.proxy.clienthello import MAX_HELLO, ClientHello, NotTLS, hello_complete, parse_client_hello
+from oisp.proxy.deferred import DeferredFeed
 from oisp.proxy.relay import Relay
 
 log = logging.getLogger(__name__)
@@ -260,16 +261,17 @@ class TransparentProxy:
         recorder = FlowRecorder(ctx, spec=self.spec, **self.recorder_options)
         self._emit(recorder.start())
         count = self._counter()
+        feed = DeferredFeed(recorder, self._emit)
 
         def record(side: str, data: bytes) -> None:
             count(side, data)
-            self._emit(recorder.feed(Direction.REQUEST if side == "client" else Direction.RESPONSE, data, time.time()))
+            feed.add(Direction.REQUEST if side == "client" else Direction.RESPONSE, data)
 
         relay.on_data = record
         try:
             await self._run(relay)
         finally:
-            self._emit(recorder.close(time.time()))
+            feed.close()
 
     async def _attach(self, relay: Relay, name: str, sock: socket.socket, context=None, **tls):
         self._owned_by_transport.add(sock)  # the transport closes it from now on
