@@ -1,135 +1,221 @@
-"""HTTP/1.1 in both directions, observed passively with two h11 state machines.
+"""HTTP/1.1 in both directions, observed passively.
 
-h11 parses one side of a conversation it takes part in, so we run a SERVER-role
-machine over the client's bytes (it parses requests) and a CLIENT-role machine
-over the server's bytes (it parses responses), and mirror each parsed message
-into the other machine as if we had sent it. That keeps both in step: the
-response parser knows a response to HEAD has no body, the request parser
-releases the next pipelined request once the previous response is done.
+Each direction's bytes go to a :class:`~oisp.decode.http1_wire.WireReader`,
+which cuts heads and body pieces out of them. This module decides what each
+side may send next, from what both sides said (RFC 9112 §6, §9):
+
+- one exchange at a time: a pipelined request is read once the previous
+  request and its response are both complete, and a response belongs to the
+  oldest unanswered request;
+- a response to HEAD, a 204 and a 304 have no body; a response with neither
+  Content-Length nor chunked framing runs to the close; 1xx responses are
+  skipped, the final response follows;
+- 101 Switching Protocols (after a request with Upgrade) and a 2xx to CONNECT
+  turn the connection into a tunnel: nothing more is decoded on either side;
+- a request or response with ``Connection: close``, or an HTTP/1.0 request,
+  ends the connection after the exchange: a further request byte is an error,
+  further response bytes are ignored.
+
+These are the rules of the pair of h11 state machines this module replaced,
+kept exactly (the tests check them against h11), so what comes out is the same
+message for message.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-import h11
-
 from oisp.decode.context import Direction
+from oisp.decode.http1_wire import END, MAX_HEAD_BYTES, Head, WireReader, parse_request, parse_response
 from oisp.decode.messages import Body, End, HttpMessage, ProtocolError, RequestHead, ResponseHead
 
-MAX_HEAD_BYTES = 256 * 1024
-_FRAMING = {b"content-length", b"transfer-encoding"}
+__all__ = ["MAX_HEAD_BYTES", "Http1Decoder"]
 
-
-def _strip_framing(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    # A mirrored message carries no body, so its own framing headers would be a lie to h11.
-    return [(k, v) for k, v in headers if k not in _FRAMING]
+# What each side is doing. The request side moves IDLE → BODY → DONE → IDLE …;
+# the response side IDLE (nothing to answer) → HEAD → BODY → IDLE ….
+_IDLE = "idle"
+_HEAD = "head"  # response side: waiting for the head of the answer to _resp_stream
+_BODY = "body"
+_DONE = "done"  # request side: sent in full, waiting for the response to end
+_SWITCH_PENDING = "switch-pending"  # request side: sent in full, an Upgrade or CONNECT awaits its answer
+_MUST_CLOSE = "must-close"  # request side: the connection ends after this exchange; more bytes are an error
+_CLOSED = "closed"  # response side: the connection ends after this exchange; more bytes are ignored
+_TUNNEL = "tunnel"  # the protocol was switched: nothing more is HTTP/1.1
 
 
 class Http1Decoder:
     protocol = "HTTP/1.1"
 
     def __init__(self) -> None:
-        self._requests = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-        self._responses = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self._requests = WireReader()
+        self._responses = WireReader()
+        self._req_state = _IDLE
+        self._resp_state = _IDLE
         self._next_stream = 0
         self._req_stream = -1
-        self._unanswered: deque[tuple[int, h11.Request]] = deque()  # parsed requests awaiting a response
-        self._resp_stream = -1  # the request the response machine is currently answering
+        self._unanswered: deque[tuple[int, Head]] = deque()  # parsed requests awaiting a response
+        self._resp_stream = -1  # the request the response side is currently answering
+        self._req_keep_alive = True  # may another request follow the current one?
+        self._resp_keep_alive = True  # may another response follow the current one?
+        self._switch_proposed = False  # the current request asked for a new protocol (Upgrade, CONNECT)
+        self._switched = False
+        self._response_over = False  # the current request's response has ended
 
     def feed(self, direction: Direction, data: bytes, ts: float) -> list[HttpMessage]:
+        """Bytes one side sent; ``b""`` means that side closed."""
+        if direction is Direction.REQUEST:
+            if self._req_state is not _TUNNEL or not data:
+                self._requests.receive(data)
+        elif self._resp_state is not _TUNNEL and self._resp_state is not _CLOSED or not data:
+            self._responses.receive(data)
         out: list[HttpMessage] = []
-        try:
-            if direction is Direction.REQUEST:
-                self._requests.receive_data(data)
-            else:
-                self._responses.receive_data(data)
-            self._pump(ts, out)
-        except (h11.ProtocolError, ValueError) as e:
-            raise ProtocolError(f"HTTP/1.1: {e}") from e
+        progressed = True
+        while progressed:
+            progressed = self._pump_requests(ts, out) | self._pump_responses(ts, out)
         return out
 
     def close(self, ts: float) -> list[HttpMessage]:
         return self.feed(Direction.REQUEST, b"", ts) + self.feed(Direction.RESPONSE, b"", ts)
 
-    def _pump(self, ts: float, out: list[HttpMessage]) -> None:
-        progressed = True
-        while progressed:
-            progressed = self._pump_requests(ts, out) | self._pump_responses(ts, out)
-
+    # -- requests ---------------------------------------------------------------------------
     def _pump_requests(self, ts: float, out: list[HttpMessage]) -> bool:
         progressed = False
-        conn = self._requests
+        wire = self._requests
         while True:
-            ev = conn.next_event()
-            if ev is h11.NEED_DATA or ev is h11.PAUSED or isinstance(ev, h11.ConnectionClosed):
-                break
-            progressed = True
-            if isinstance(ev, h11.Request):
-                self._req_stream = self._next_stream
-                self._next_stream += 1
-                self._unanswered.append((self._req_stream, ev))
-                headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in ev.headers]
-                host = next((v for k, v in headers if k == "host"), None)
-                out.append(RequestHead(self._req_stream, ev.method.decode("latin-1"), ev.target.decode("latin-1"), host, headers, ev.http_version.decode(), ts))
-            elif isinstance(ev, h11.Data):
-                out.append(Body(self._req_stream, Direction.REQUEST, bytes(ev.data), ts))
-            elif isinstance(ev, h11.EndOfMessage):
-                out.append(End(self._req_stream, Direction.REQUEST, ts))
-                self._next_cycle(conn)
-        return progressed | self._start_next_response()
+            state = self._req_state
+            if state is _BODY:
+                piece = wire.read_body()
+                if piece is None:
+                    break
+                progressed = True
+                if piece is END:
+                    out.append(End(self._req_stream, Direction.REQUEST, ts))
+                    self._req_state = _DONE
+                    self._settle_requests()
+                else:
+                    out.append(Body(self._req_stream, Direction.REQUEST, piece, ts))  # type: ignore[arg-type]
+            elif state is _IDLE:
+                text = wire.read_head()
+                if text is None:
+                    if wire.eof and wire.pending():
+                        raise ProtocolError("HTTP/1.1: connection closed inside a request head")
+                    break
+                progressed = True
+                self._on_request(parse_request(text), ts, out)
+            elif state is _MUST_CLOSE and wire.pending():
+                raise ProtocolError("HTTP/1.1: request data after the connection was declared closing")
+            else:
+                break  # waiting for the response, or no longer HTTP/1.1
+        started = self._start_next_response()
+        return progressed or started
 
+    def _on_request(self, head: Head, ts: float, out: list[HttpMessage]) -> None:
+        self._req_stream = self._next_stream
+        self._next_stream += 1
+        self._unanswered.append((self._req_stream, head))
+        if head.close or head.version < "1.1":
+            self._req_keep_alive = False
+        self._switch_proposed = head.method == "CONNECT" or head.upgrade
+        self._response_over = False
+        out.append(RequestHead(self._req_stream, head.method, head.target, head.host, head.headers, head.version, ts))
+        # A request's body is chunked, Content-Length long, or absent (RFC 9112 §6.3): never to the close.
+        self._requests.start_body(head.content_length or 0, head.chunked)
+        self._req_state = _BODY
+
+    def _settle_requests(self) -> None:
+        """Once a request is complete: wait, read the next one, or expect nothing more."""
+        if self._req_state is not _DONE and self._req_state is not _SWITCH_PENDING:
+            return
+        if self._switch_proposed:
+            # Until the response says whether the protocol changes, the bytes that follow are not ours to parse.
+            self._req_state = _TUNNEL if self._switched else _SWITCH_PENDING
+            if self._switched:
+                self._requests.discard()
+        elif not self._req_keep_alive:
+            self._req_state = _MUST_CLOSE
+        elif self._response_over:
+            self._req_state = _IDLE
+        else:
+            self._req_state = _DONE
+
+    # -- responses --------------------------------------------------------------------------
     def _start_next_response(self) -> bool:
-        """Tell the response machine about the oldest unanswered request, once it is free."""
-        conn = self._responses
-        if self._resp_stream >= 0 or not self._unanswered or conn.our_state is not h11.IDLE:
+        """Start reading the answer to the oldest unanswered request, once the response side is free."""
+        if self._resp_state is not _IDLE or not self._unanswered:
             return False
         stream, req = self._unanswered[0]
-        headers = _strip_framing(list(req.headers))
-        if not any(k == b"host" for k, _ in headers):
-            headers.append((b"host", b"unknown"))
-        if req.http_version == b"1.0" and not any(k == b"connection" and b"keep-alive" in v.lower() for k, v in req.headers):
-            headers.append((b"connection", b"close"))
-        conn.send(h11.Request(method=req.method, target=req.target, headers=headers))
-        conn.send(h11.EndOfMessage())
         self._resp_stream = stream
+        # h11 keeps an HTTP/1.0 exchange open only if the request asked for keep-alive.
+        if req.close or (req.version == "1.0" and not req.keep_alive_named):
+            self._resp_keep_alive = False
+        self._resp_state = _HEAD
         return True
 
     def _pump_responses(self, ts: float, out: list[HttpMessage]) -> bool:
         progressed = False
-        conn = self._responses
-        while self._resp_stream >= 0:
-            ev = conn.next_event()
-            if ev is h11.NEED_DATA or ev is h11.PAUSED or isinstance(ev, h11.ConnectionClosed):
+        wire = self._responses
+        while True:
+            state = self._resp_state
+            if state is _BODY:
+                piece = wire.read_body()
+                if piece is None:
+                    break
+                progressed = True
+                if piece is END:
+                    out.append(End(self._resp_stream, Direction.RESPONSE, ts))
+                    self._finish_exchange()
+                else:
+                    out.append(Body(self._resp_stream, Direction.RESPONSE, piece, ts))  # type: ignore[arg-type]
+            elif state is _HEAD:
+                text = wire.read_head()
+                if text is None:
+                    if wire.eof:
+                        raise ProtocolError("HTTP/1.1: connection closed before the response ended its head")
+                    break
+                progressed = True
+                self._on_response(parse_response(text), ts, out)
+            else:
                 break
-            progressed = True
-            if isinstance(ev, h11.InformationalResponse):
-                continue  # 100 Continue, 103 Early Hints: the final response follows
-            if isinstance(ev, h11.Response):
-                headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in ev.headers]
-                out.append(ResponseHead(self._resp_stream, ev.status_code, headers, ts))
-                self._mirror_response(ev)
-            elif isinstance(ev, h11.Data):
-                out.append(Body(self._resp_stream, Direction.RESPONSE, bytes(ev.data), ts))
-            elif isinstance(ev, h11.EndOfMessage):
-                out.append(End(self._resp_stream, Direction.RESPONSE, ts))
-                self._finish_cycle()
         return progressed
 
-    def _mirror_response(self, resp: h11.Response) -> None:
-        if self._requests.our_state is h11.SEND_RESPONSE:
-            self._requests.send(h11.Response(status_code=resp.status_code, headers=_strip_framing(list(resp.headers)), reason=resp.reason))
+    def _on_response(self, head: Head, ts: float, out: list[HttpMessage]) -> None:
+        stream, req = self._unanswered[0]
+        status = head.status
+        if status < 200:
+            if status == 101:
+                if not req.upgrade:
+                    raise ProtocolError("HTTP/1.1: 101 Switching Protocols without an Upgrade request")
+                self._switch_protocols()
+            return  # 100 Continue, 103 Early Hints: the final response follows
+        out.append(ResponseHead(stream, status, head.headers, ts))
+        if req.method == "CONNECT" and status < 300:
+            self._switch_protocols()
+            return
+        self._switch_proposed = False  # an Upgrade not taken up: the request side carries on
+        if head.close:
+            self._req_keep_alive = self._resp_keep_alive = False
+        elif head.version < "1.1":
+            self._resp_keep_alive = False
+        self._settle_requests()
+        if status == 204 or status == 304 or req.method == "HEAD":
+            self._responses.start_body(0, False)
+        else:
+            self._responses.start_body(head.content_length, head.chunked)
+        self._resp_state = _BODY
 
-    def _finish_cycle(self) -> None:
+    def _finish_exchange(self) -> None:
         self._unanswered.popleft()
         self._resp_stream = -1
-        if self._requests.our_state is h11.SEND_BODY:
-            self._requests.send(h11.EndOfMessage())
-        self._next_cycle(self._responses)
-        self._next_cycle(self._requests)
+        self._response_over = True
+        if self._resp_keep_alive:
+            self._resp_state = _IDLE
+        else:
+            self._resp_state = _CLOSED
+            self._responses.discard()
+        self._settle_requests()
 
-    @staticmethod
-    def _next_cycle(conn: h11.Connection) -> None:
-        # Keep-alive: both sides done means the next exchange may start on this connection.
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
+    def _switch_protocols(self) -> None:
+        self._switched = True
+        self._resp_state = _TUNNEL
+        self._responses.discard()
+        self._settle_requests()  # a request still sending its body finishes it first
