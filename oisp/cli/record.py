@@ -93,8 +93,8 @@ async def _record(args) -> int:
 
     redirector = Redirector(spec, proxy_ports={443: args.proxy_port}, include=args.process, exclude=args.exclude)
 
-    def lookup(peer_addr: str, peer_port: int):
-        entry = redirector.flows.lookup(peer_addr, peer_port, args.proxy_port)
+    def lookup(peer_addr: str, peer_port: int, name_owner: bool = False):
+        entry = redirector.flows.lookup(peer_addr, peer_port, args.proxy_port, name_owner=name_owner)
         if entry is None:
             return None
         return Target(client=(str(entry.client_addr), entry.client_port),
@@ -102,7 +102,7 @@ async def _record(args) -> int:
                       process_name=entry.process_name)
 
     proxy = TransparentProxy(
-        lookup=lookup, issuer=LeafIssuer(ca, keylog_filename=args.keylog), spec=spec,
+        lookup=lookup, name_owner=lambda peer_addr, peer_port: lookup(peer_addr, peer_port, True), issuer=LeafIssuer(ca, keylog_filename=args.keylog), spec=spec,
         own_ports=redirector.own_ports,
         upstream_verify=not args.no_upstream_verify, upstream_cafile=args.upstream_ca, keylog=args.keylog,
         on_events=emit, recorder_options={"redactor": Redactor(args.redaction),

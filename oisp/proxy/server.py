@@ -78,13 +78,16 @@ def _plain(address: str) -> str:
 
 class TransparentProxy:
     def __init__(self, *, lookup: Callable[[str, int], Target | None], issuer, spec=None,
+                 name_owner: Callable[[str, int], Target | None] | None = None,
                  own_ports: OwnPorts | None = None,
                  upstream_verify: bool = True, upstream_cafile: str | None = None, keylog: str | None = None,
                  on_events: Callable[[list[dict]], None] = lambda events: None,
                  recorder_options: dict | None = None, pinned: PinnedHosts | None = None):
         from oisp.spec import default_spec
 
-        self.lookup = lookup
+        # lookup(peer address, peer port) runs on the event loop: a table lookup, it must not
+        # block. name_owner, the same with the owner found if need be, runs in a thread.
+        self.lookup, self.name_owner = lookup, name_owner
         self.issuer = issuer
         self.spec = spec or default_spec()
         # The redirector's registry, so it never takes our upstreams (an empty one is falsy: no `or`).
@@ -160,9 +163,8 @@ class TransparentProxy:
             # Small writes (headers, one SSE event) must leave at once: without this, Nagle
             # holds them for the peer's delayed ACK (measured: ~40 ms on every other request).
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # The lookup may fall back to a psutil scan of /proc: never on the event loop.
-            target = await asyncio.get_running_loop().run_in_executor(
-                None, self.lookup, _plain(peer_addr), peer_port)
+            peer = (_plain(peer_addr), peer_port)
+            target = self.lookup(*peer)
             if target is None:
                 self.stats["no_flow"] += 1
                 return
@@ -175,7 +177,7 @@ class TransparentProxy:
             upstream_port = upstream.getsockname()[1]
             sni = hello.sni if hello else None
             if sni and self.spec.matches_host(sni) and sni not in self.pinned:
-                await self._intercept(conn, upstream, target, hello)
+                await self._intercept(conn, upstream, target, hello, peer)
             else:
                 self.stats["passed_through"] += 1
                 await self._pass_through(conn, upstream)
@@ -235,7 +237,17 @@ class TransparentProxy:
         await self._attach(relay, "upstream", upstream)
         await self._run(relay)
 
-    async def _intercept(self, conn, upstream, target: Target, hello: ClientHello) -> None:
+    async def _named(self, target: Target, peer: tuple[str, int]) -> Target:
+        """The target with its owner: the flow table's entry is usually named by now (the
+        redirector names owners right after reflecting a SYN); if not, `name_owner` may
+        scan /proc, so it runs in a thread."""
+        if target.pid is None:
+            target = self.lookup(*peer) or target
+        if target.pid is None and self.name_owner is not None:
+            target = await asyncio.get_running_loop().run_in_executor(None, self.name_owner, *peer) or target
+        return target
+
+    async def _intercept(self, conn, upstream, target: Target, hello: ClientHello, peer: tuple[str, int]) -> None:
         context = self.upstream_context
         if hello.alpn:
             context = self._with_alpn(hello.alpn)
@@ -249,7 +261,7 @@ class TransparentProxy:
             try:
                 await client.handshake(HANDSHAKE_TIMEOUT)
             except (ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
-                self._client_rejected(hello.sni, target, exc)
+                self._client_rejected(hello.sni, await self._named(target, peer), exc)
                 relay.close()
                 return
         except BaseException:
@@ -257,6 +269,7 @@ class TransparentProxy:
             raise
         log.debug("intercepting %s (alpn %s)", hello.sni, chosen)
         self.stats["intercepted"] += 1
+        target = await self._named(target, peer)
         ctx = FlowContext(client=target.client, server=target.server, start_ts=time.time(), pid=target.pid,
                           process_name=target.process_name, sni=hello.sni, alpn=chosen,
                           tls_version=client.tls.version(), cipher=(client.tls.cipher() or (None,))[0])

@@ -71,13 +71,14 @@ class FlowTable:
         self.on_remove: Callable[[FlowEntry], None] | None = None
 
     # -- for the proxy --------------------------------------------------------------------
-    def lookup(self, peer_addr, peer_port: int, proxy_port: int) -> FlowEntry | None:
+    def lookup(self, peer_addr, peer_port: int, proxy_port: int, *, name_owner: bool = True) -> FlowEntry | None:
         """The flow behind an accepted socket: `peer_addr, peer_port = sock.getpeername()[:2]`,
-        `proxy_port = sock.getsockname()[1]`."""
+        `proxy_port = sock.getsockname()[1]`. With `name_owner`, an entry the reflector
+        could not name yet is named now (which may scan /proc: not on an event loop)."""
         key = (address_key(peer_addr), peer_port, proxy_port)
         with self._lock:
             entry = self._flows.get(key)
-        if entry is not None and entry.pid is None and self.owner is not None:
+        if name_owner and entry is not None and entry.pid is None and self.owner is not None:
             entry.pid, entry.process_name = self.owner(entry.client_addr, entry.client_port,
                                                        entry.server_addr, entry.server_port)
         return entry

@@ -98,9 +98,12 @@ class ProcessResolver:
                 del self._connects[key]
 
     def owner(self, client_addr, client_port: int, server_addr=None, server_port: int | None = None,
-              *, guess: bool = False, use_psutil: bool = True) -> tuple[int | None, str | None]:
+              *, guess: bool = False, use_psutil: bool = True,
+              full_scan: bool = True) -> tuple[int | None, str | None]:
         """The owner of a client socket. `guess` allows source 2, good for attribution but
-        not for a filter decision (another process's CONNECT may still be on its way)."""
+        not for a filter decision (another process's CONNECT may still be on its way).
+        `use_psutil` allows source 3; `full_scan` its last resort, psutil's scan of every
+        socket (~8-30 ms)."""
         pid = self.owners.owner(socket.IPPROTO_TCP, address_key(client_addr), client_port)
         if pid:
             self.counts["by_event"] += 1
@@ -110,7 +113,7 @@ class ProcessResolver:
             pid = found[0]
             self.counts[found[1]] += 1
             self.owners.own(socket.IPPROTO_TCP, client_addr, client_port, pid)
-        elif use_psutil and (pid := self._psutil_owner(client_addr, client_port)):
+        elif use_psutil and full_scan and (pid := self._psutil_owner(client_addr, client_port)):
             self.counts["by_psutil"] += 1
             self.owners.own(socket.IPPROTO_TCP, client_addr, client_port, pid)
         if pid:

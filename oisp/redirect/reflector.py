@@ -123,6 +123,7 @@ class Reflector:
         self._covered_changed = threading.Condition()
         self._swap_wanted = threading.Event()
         self._retired: dict = {"fast": {}, "engine": {}}  # counts of the handles handed over
+        self._unnamed: list[FlowEntry] = []  # opened in this batch, owner not known yet
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.error: BaseException | None = None
@@ -355,6 +356,8 @@ class Reflector:
             self.counts["batch_errors"] += 1
             self.error = e
         engine.commit(batch)
+        if self._unnamed:
+            self._name_owners()
 
     # -- one batch ------------------------------------------------------------------------
     def process(self, batch) -> None:
@@ -485,8 +488,20 @@ class Reflector:
             if exact and not self.process_filter.allows(pid, name):
                 self.counts["excluded"] += 1
                 return False
-        self.flows.open(FlowEntry(client, client_port, server, server_port, key[2], pid, name))
+        entry = self.flows.open(FlowEntry(client, client_port, server, server_port, key[2], pid, name))
+        if pid is None and self.processes is not None:
+            self._unnamed.append(entry)
         return True
+
+    def _name_owners(self) -> None:
+        """After a batch is injected (so no SYN waits for it): name the owners of the flows
+        it opened that the quick sources could not, from the sockets' inodes. The proxy
+        then finds them named and need not leave its event loop to ask."""
+        unnamed, self._unnamed = self._unnamed, []
+        for entry in unnamed:
+            if entry.pid is None:
+                entry.pid, entry.process_name = self.processes.owner(
+                    entry.client_addr, entry.client_port, entry.server_addr, entry.server_port, full_scan=False)
 
 
 def _add_counts(total: dict, counts: dict) -> None:
