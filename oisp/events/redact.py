@@ -63,12 +63,23 @@ def _may_have_query_secret(text: str) -> bool:
     return "=" in text and ("?" in text or "&" in text)
 
 
+# Strings of an event repeat from one event to the next (process, host, model, header
+# values): the short ones found clean are remembered, so each is searched once.
+_CLEAN: dict[str, None] = {}
+_CLEAN_MAX_ENTRIES = 4096
+_CLEAN_MAX_LENGTH = 256
+
+
 def scrub_secrets(text: str) -> tuple[str, int]:
     """Replace every secret-looking token in ``text``; returns (text, number replaced)."""
-    if len(text) < _SHORTEST_QUERY_SECRET:
+    if len(text) < _SHORTEST_QUERY_SECRET or text in _CLEAN:
         return text, 0
     may_have_key = _ANY_SECRET.search(text) is not None
     if not may_have_key and not _may_have_query_secret(text):
+        if len(text) <= _CLEAN_MAX_LENGTH:
+            if len(_CLEAN) >= _CLEAN_MAX_ENTRIES:
+                _CLEAN.clear()  # crude but bounded; refilled by the next events
+            _CLEAN[text] = None
         return text, 0
     count = 0
 
