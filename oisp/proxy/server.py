@@ -18,8 +18,10 @@ is never buffered), with back-pressure across (see relay.py).
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -33,7 +35,7 @@ from oisp.events import FlowRecorder, ProcessAttributor, make_event
 from oisp.redirect.own_ports import OwnPorts, upstream_socket
 from oisp.proxy.clienthello import MAX_HELLO, ClientHello, NotTLS, hello_complete, parse_client_hello
 from oisp.proxy.deferred import DeferredFeed
-from oisp.proxy.relay import Relay
+from oisp.proxy.relay import Relay, within
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +202,16 @@ class TransparentProxy:
         deadline = loop.time() + timeout
         seen = 0
         while True:
-            readable = loop.create_future()
-            loop.add_reader(conn.fileno(), lambda: readable.done() or readable.set_result(None))
-            try:
-                await asyncio.wait_for(readable, max(0.0, deadline - loop.time()))
-            finally:
-                loop.remove_reader(conn.fileno())
-            data = conn.recv(MAX_HELLO + 5, socket.MSG_PEEK)
+            try:  # usually here already: the client sends it right after its handshake
+                data = conn.recv(MAX_HELLO + 5, socket.MSG_PEEK)
+            except BlockingIOError:
+                readable = loop.create_future()
+                loop.add_reader(conn.fileno(), lambda: readable.done() or readable.set_result(None))
+                try:
+                    await within(readable, max(0.0, deadline - loop.time()), "ClientHello")
+                finally:
+                    loop.remove_reader(conn.fileno())
+                continue
             if not data:
                 raise ConnectionError("the client closed before its ClientHello")
             complete = hello_complete(data)
@@ -220,12 +225,24 @@ class TransparentProxy:
 
     async def _connect_upstream(self, server: tuple[str, int]) -> socket.socket:
         """Connect to the original destination from a port registered first, so the
-        redirector knows this connection is ours and leaves it alone."""
+        redirector knows this connection is ours and leaves it alone. (By hand rather
+        than loop.sock_connect under wait_for, which costs a task and extra loop passes.)"""
         sock = upstream_socket(socket.AF_INET6 if ":" in server[0] else socket.AF_INET, self.own_ports)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, server), HANDSHAKE_TIMEOUT)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            error = sock.connect_ex(server)
+            if error == errno.EINPROGRESS:
+                loop = asyncio.get_running_loop()
+                writable = loop.create_future()
+                loop.add_writer(sock.fileno(), lambda: writable.done() or writable.set_result(None))
+                try:
+                    await within(writable, HANDSHAKE_TIMEOUT, f"connect to {server[0]} port {server[1]}")
+                finally:
+                    loop.remove_writer(sock.fileno())
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, f"connect to {server[0]} port {server[1]}: {os.strerror(error)}")
         except BaseException:
             self.own_ports.close(sock)
             raise
@@ -260,7 +277,7 @@ class TransparentProxy:
             client = await self._attach(relay, "client", conn, server_context, server_side=True)
             try:
                 await client.handshake(HANDSHAKE_TIMEOUT)
-            except (ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
+            except (ssl.SSLError, ConnectionError, TimeoutError, asyncio.TimeoutError) as exc:
                 self._client_rejected(hello.sni, await self._named(target, peer), exc)
                 relay.close()
                 return

@@ -70,6 +70,10 @@ class Redirector:
                                        processes=self.processes, process_filter=self.process_filter,
                                        watchdog=self.watchdog, address_ttl=self.address_ttl)
             self.reflector.start()
+            if self.reflector.filter["mode"] == "ports":
+                self.notes.append(f"the filter names the port alone ({self.reflector.filter['why_ports']}): "
+                                  f"all other traffic to port {', '.join(map(str, self.proxy_ports))} crosses "
+                                  f"user space too")
             if self.resolve and self.refresh:
                 self._refresher = threading.Thread(target=self._refresh_loop, name="oisp-resolve-again", daemon=True)
                 self._refresher.start()
