@@ -65,6 +65,10 @@ def run(args) -> int:
         return 3
     if args.jsonl is None:
         args.jsonl = args.output or ""
+    # The reflector thread decides each new flow's SYN in Python: with the default 5 ms
+    # switch interval it waits for the event loop's longer stretches (decoding) to end.
+    # 0.2 ms: new connections +8 %, kept-alive +2 %, concurrent unchanged (A/B, lean lab).
+    sys.setswitchinterval(0.0002)
     try:
         return asyncio.run(_record(args))
     except KeyboardInterrupt:
