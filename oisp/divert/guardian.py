@@ -90,9 +90,10 @@ class Guardian:
         )
         self._lock = threading.Lock()
 
-    def protect(self, port: int) -> None:
-        """Abort the local TCP socket on `port` if the parent dies (a redirected connection)."""
-        self._say(b"+%d\n" % port)
+    def protect(self, *ports: int) -> None:
+        """Abort the local TCP sockets on `ports` if the parent dies (redirected connections)."""
+        if ports:
+            self._say(b"".join(b"+%d\n" % port for port in ports))
 
     def forget(self, port: int) -> None:
         self._say(b"-%d\n" % port)

@@ -102,11 +102,11 @@ class Handle:
         return self.backend.send(self._live(), bytes(packet), len(packet), addresses)
 
     # -- fail open --------------------------------------------------------------------
-    def abort_on_death(self, port: int) -> None:
-        """If this process dies, abort the local TCP socket on `port` (a connection this
+    def abort_on_death(self, *ports: int) -> None:
+        """If this process dies, abort the local TCP sockets on `ports` (connections this
         handle redirects, which would otherwise wait forever). Linux; a no-op elsewhere."""
         if self._guardian is not None:
-            self._guardian.protect(port)
+            self._guardian.protect(*ports)
 
     def forget_on_death(self, port: int) -> None:
         if self._guardian is not None:

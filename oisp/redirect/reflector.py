@@ -203,9 +203,10 @@ class Reflector:
         handle, ring = engine.handle, engine.ring
         if self.fast_path:
             ring.fast_enable(self.ports, self.own_ports.mask, self.flows.max_flows + self.targets.max_addresses)
-        for entry in self.flows.entries():  # flows carried by the handle this one succeeds
-            handle.abort_on_death(entry.client_port)
-            if self.fast_path:
+        entries = self.flows.entries()  # flows carried by the handle this one succeeds
+        handle.abort_on_death(*(entry.client_port for entry in entries))
+        if self.fast_path:
+            for entry in entries:
                 ring.fast_add(*entry.key)
         return engine
 
