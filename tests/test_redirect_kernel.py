@@ -3,8 +3,10 @@ over a veth; the reflector sends AI-bound flows into a local proxy, which dials 
 through connect_upstream. IPv4 and IPv6; non-AI traffic untouched; DNS answers learned."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,7 +136,7 @@ def test_a_new_ai_address_swaps_in_a_handle_without_breaking_a_flow(lab, family,
     assert out["sending_at_swap"]  # the swap came mid-stream ...
     assert out["first"]["intact"], out["first"]  # ... and the flow carried on, byte for byte
     counters = out["counters"]
-    assert counters["filter"] == {"mode": "addresses", "addresses": 2, "handles": 2, "why_ports": None}
+    assert counters["filter"] == {"mode": "addresses", "addresses": 2, "handles": 2, "why_ports": None, "live": 1}
     other = out["other"]
     # The new address is taken now: the proxy accepted it and dialled the server itself.
     assert [a["peer"] for a in out["accepted"]] == [[server_ip, a["peer"][1]] for a in out["accepted"][:1]] + \
@@ -144,6 +146,46 @@ def test_a_new_ai_address_swaps_in_a_handle_without_breaking_a_flow(lab, family,
     assert counters["engine"]["drained"] == 0 and counters["engine"]["dropped"] == 0, counters["engine"]
     log = server_log(lab.server)
     assert (443, client_ip, other["client_port"]) not in log
+
+
+PROBE = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], 443), timeout=0.3)
+print(c.makefile().readline().split()[2], c.getsockname()[1])
+"""
+
+
+@pytest.mark.parametrize("when", ["mid-swap", "after-swap"])
+def test_a_sensor_killed_at_a_swap_fails_open_and_aborts_what_it_carried(lab, tmp_path, when):
+    """Killed while both handles live (either guardian may act), or once the old one is
+    closed (only the successor's guardian can abort the flow it inherited)."""
+    result = tmp_path / "waiter.json"
+    done = subprocess.run(lab.a.cmd(sys.executable, str(AGENTS / "redirect_client.py"), "swap-kill", lab.b_ip4,
+                                    lab.extra[4], str(result), when), capture_output=True, text=True, timeout=60)
+    killed = time.time()
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out == {"connected": True, "covered": True, "handles": 2, "accepted": 1,
+                   **({"live": 1} if when == "after-swap" else {})}
+    # Traffic flows again at once: a new connection reaches the server itself.
+    recovered = None
+    while time.time() - killed < 5:
+        probe = lab.a.run(sys.executable, "-c", PROBE, lab.b_ip4, check=False)
+        if probe.returncode == 0:
+            saw_port, own_port = probe.stdout.split()
+            assert saw_port == own_port  # not through a proxy
+            recovered = time.time() - killed
+            break
+        time.sleep(0.02)
+    assert recovered is not None and recovered < 1.0, recovered
+    # The connection the successor handle carried was aborted by its guardian, at once
+    # (only the old handle's guardian knew it, had the successor not been told).
+    deadline = time.time() + 10
+    while not result.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert result.exists(), "the carried connection was not aborted: it still waits"
+    ended = json.loads(result.read_text())
+    assert ended["outcome"] != "data" and ended["ended_at"] - killed < 3, ended
 
 
 def test_more_addresses_than_a_filter_holds_fall_back_to_the_port(lab):

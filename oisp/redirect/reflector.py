@@ -311,7 +311,8 @@ class Reflector:
             engine = dict(self._retired["engine"])
             for live in self._engines:
                 _add_counts(engine, live.counters())
-        return {**counts, "fast_path": fast, "filter": dict(self.filter), "own_ports": dict(self.own_ports.counts),
+        return {**counts, "fast_path": fast, "filter": {**self.filter, "live": len(self._engines)},
+                "own_ports": dict(self.own_ports.counts),
                 "flows": len(self.flows), "flow_table": dict(self.flows.counts), "engine": engine}
 
     @staticmethod

@@ -21,6 +21,11 @@ usage: redirect_client.py expire SERVER_IP OTHER_IP
     both learned (not given), address_ttl 1 s, one address fits the filter: ports first;
     an open flow to SERVER_IP keeps it while OTHER_IP is let go (back to an address
     filter); OTHER_IP:443 is then untouched; once the flow ends SERVER_IP goes too
+usage: redirect_client.py swap-kill SERVER_IP OTHER_IP RESULT_FILE mid-swap|after-swap
+    a child process opens an AI connection and waits on it; OTHER_IP becomes an AI
+    address (a successor handle takes over); then, at once or once the old handle is
+    closed, this process SIGKILLs itself. The
+    child writes to RESULT_FILE when and how its connection ended.
 usage: redirect_client.py learned SERVER_IP
     a whole Redirector knowing no address: a connection to SERVER_IP:443 before and after
     SERVER_IP:53 answers api.openai.com with SERVER_IP
@@ -28,6 +33,7 @@ usage: redirect_client.py learned SERVER_IP
 
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -255,6 +261,41 @@ def scenario_expire(server_ip, other_ip):
     json.dump(out, sys.stdout)
 
 
+WAITER = """
+import json, socket, sys, time
+c = socket.create_connection((sys.argv[1], 443), timeout=30)
+c.makefile("rb").readline()
+print("connected", flush=True)
+try:
+    outcome = "data" if c.recv(100) else "eof"
+except OSError as e:
+    outcome = type(e).__name__
+json.dump({"ended_at": time.time(), "outcome": outcome}, open(sys.argv[2], "w"))
+"""
+
+
+def scenario_swap_kill(server_ip, other_ip, result_path, when):
+    targets = TargetSet([server_ip])
+    flows = FlowTable()
+    own_ports = OwnPorts(upstream_port_range())
+    proxy = Proxy(flows, own_ports)
+    reflector = Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}).start()
+    # Its own session, so it outlives us; it waits on a connection our proxy carries.
+    # (stderr too: an inherited pipe would keep the test waiting for this child, not for us.)
+    child = subprocess.Popen([sys.executable, "-c", WAITER, server_ip, result_path], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    connected = child.stdout.readline().strip() == "connected"
+    targets.add([other_ip])
+    covered = reflector.wait_covered(timeout=3.0)  # the successor is current; the old one hands over
+    out = {"connected": connected, "covered": covered, "handles": reflector.filter["handles"],
+           "accepted": len(proxy.accepted)}
+    if when == "after-swap":
+        wait_until(lambda: reflector.counters()["filter"]["live"] == 1, 3.0)
+        out["live"] = reflector.counters()["filter"]["live"]
+    print(json.dumps(out), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def scenario_learned(server_ip):
     from oisp.redirect import Redirector
     from oisp.redirect.dns import TYPE_A, TYPE_AAAA, build_query
@@ -305,6 +346,8 @@ if __name__ == "__main__":
         scenario_overflow(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "expire":
         scenario_expire(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "swap-kill":
+        scenario_swap_kill(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
     elif sys.argv[1] == "learned":
         scenario_learned(sys.argv[2])
     else:
