@@ -78,6 +78,18 @@ def _plain(address: str) -> str:
     return str(getattr(parsed, "ipv4_mapped", None) or parsed)
 
 
+async def _ready(sock: socket.socket, *, write: bool, timeout: float, what: str) -> None:
+    """Wait until a non-blocking socket is readable (or writable), failing after `timeout`."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    fd = sock.fileno()
+    (loop.add_writer if write else loop.add_reader)(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await within(ready, timeout, what)
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
+
+
 class TransparentProxy:
     def __init__(self, *, lookup: Callable[[str, int], Target | None], issuer, spec=None,
                  name_owner: Callable[[str, int], Target | None] | None = None,
@@ -205,12 +217,7 @@ class TransparentProxy:
             try:  # usually here already: the client sends it right after its handshake
                 data = conn.recv(MAX_HELLO + 5, socket.MSG_PEEK)
             except BlockingIOError:
-                readable = loop.create_future()
-                loop.add_reader(conn.fileno(), lambda: readable.done() or readable.set_result(None))
-                try:
-                    await within(readable, max(0.0, deadline - loop.time()), "ClientHello")
-                finally:
-                    loop.remove_reader(conn.fileno())
+                await _ready(conn, write=False, timeout=max(0.0, deadline - loop.time()), what="ClientHello")
                 continue
             if not data:
                 raise ConnectionError("the client closed before its ClientHello")
@@ -233,13 +240,7 @@ class TransparentProxy:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             error = sock.connect_ex(server)
             if error == errno.EINPROGRESS:
-                loop = asyncio.get_running_loop()
-                writable = loop.create_future()
-                loop.add_writer(sock.fileno(), lambda: writable.done() or writable.set_result(None))
-                try:
-                    await within(writable, HANDSHAKE_TIMEOUT, f"connect to {server[0]} port {server[1]}")
-                finally:
-                    loop.remove_writer(sock.fileno())
+                await _ready(sock, write=True, timeout=HANDSHAKE_TIMEOUT, what=f"connect to {server[0]} port {server[1]}")
                 error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 raise OSError(error, f"connect to {server[0]} port {server[1]}: {os.strerror(error)}")

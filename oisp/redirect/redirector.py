@@ -48,7 +48,6 @@ class Redirector:
         # filter stays small; the spec's hosts are resolved again every `refresh` seconds.
         self.address_ttl, self.refresh = address_ttl, refresh
         self._stopping = threading.Event()
-        self._refresher: threading.Thread | None = None
         self.dns: DnsSniffer | None = None
         self.reflector: Reflector | None = None
         self.resolution: dict = {}
@@ -75,8 +74,7 @@ class Redirector:
                                   f"all other traffic to port {', '.join(map(str, self.proxy_ports))} crosses "
                                   f"user space too")
             if self.resolve and self.refresh:
-                self._refresher = threading.Thread(target=self._refresh_loop, name="oisp-resolve-again", daemon=True)
-                self._refresher.start()
+                threading.Thread(target=self._refresh_loop, name="oisp-resolve-again", daemon=True).start()
         except BaseException:
             self.stop()
             raise

@@ -323,7 +323,9 @@ class Reflector:
 
     def _run(self) -> None:
         next_expiry = time.monotonic() + 1.0
-        next_target_expiry = next_expiry + (self._target_expiry_period() or 0.0)
+        # Target expiry: every half TTL, between 1 s and a minute.
+        period = None if self.address_ttl is None else min(60.0, max(1.0, self.address_ttl / 2))
+        next_target_expiry = next_expiry + (period or 0.0)
         try:
             while not self._stopping.is_set():
                 if self._swap_wanted.is_set():
@@ -338,18 +340,15 @@ class Reflector:
                             self.flows.touch(live.ring.fast_take_touched())
                     self.flows.expire()
                     next_expiry = time.monotonic() + 1.0
-                    if self.address_ttl is not None and next_expiry >= next_target_expiry:
+                    if period is not None and next_expiry >= next_target_expiry:
                         self._expire_targets()
-                        next_target_expiry = next_expiry + self._target_expiry_period()
+                        next_target_expiry = next_expiry + period
         except DivertError as e:
             if not self._stopping.is_set():
                 self.error = e  # e.g. the watchdog failed open: traffic flows unredirected
         finally:
             with self._covered_changed:
                 self._covered_changed.notify_all()
-
-    def _target_expiry_period(self) -> float | None:
-        return None if self.address_ttl is None else min(60.0, max(1.0, self.address_ttl / 2))
 
     def _decide(self, batch, engine: Engine) -> None:
         try:
