@@ -11,17 +11,24 @@
  *   to a server port, not an AI address (when targets_on)  -> pass unchanged (any flags)
  *   from a proxy port, of a known flow                     -> reflect to the client
  *
- * Clients' SYNs to AI addresses (Python opens flows and applies the process
- * filter), other packets of unknown flows to AI addresses, fragments, IPv6 extension headers and anything malformed are
- * "slow": the batch goes to Python.
+ * A client's SYN to an AI address opens its flow here too when `open_syns` is
+ * on (no process filter: nothing to decide but the address), and is queued in
+ * `opened` for Python to adopt into its flow table; so a new connection's
+ * handshake never waits for Python. With a process filter, or with the queue
+ * full, the SYN is "slow" like other packets of unknown flows to AI addresses,
+ * fragments, IPv6 extension headers and anything malformed: the batch goes to
+ * Python, which opens the flow itself.
  *
  * Flows live in an open-addressing hash table (linear probing, backward-shift
  * deletion) keyed like the Python flow table: (server address as 16 bytes,
  * IPv4 in the first 4; client port; proxy port). `touched` records that a
  * packet went by since Python last asked (for its idle expiry), `ends` the
  * FINs and RSTs among them (Python closes the flow from them; before it
- * decides on a client's SYN it collects that flow's `ends` first). The AI
- * addresses live in the same table with both ports 0 (no flow has port 0).
+ * decides on a client's SYN it collects that flow's `ends` first). `closed`
+ * keeps the same bits for the flow's whole life (Python adds its own verdict), so
+ * a SYN here can tell a new connection on a reused port (closed: re-open and
+ * report) from a retransmitted one (open: reflect). The AI addresses live in the
+ * same table with both ports 0 (no flow has port 0).
  * The caller serialises all access (the ring's mutex).
  */
 #ifndef OISP_REFLECT_FAST_H
@@ -29,7 +36,12 @@
 
 #include <stdint.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
+#include <time.h>
+#ifndef _WIN32
+#include <unistd.h>
+#endif
 
 enum { OISP_FAST_SLOW = 0, OISP_FAST_PASS = 1, OISP_FAST_TO_PROXY = 2, OISP_FAST_TO_CLIENT = 3,
        OISP_FAST_PASS_OTHER = 4 };
@@ -38,9 +50,12 @@ enum { OISP_FAST_SLOW = 0, OISP_FAST_PASS = 1, OISP_FAST_TO_PROXY = 2, OISP_FAST
 #define OISP_FAST_FIN_CLIENT 1
 #define OISP_FAST_FIN_PROXY 2
 #define OISP_FAST_RST 4
+#define OISP_FAST_CLOSED 8 /* Python saw it end (packets it decided itself) */
 #define OISP_TCP_FIN 0x01
 #define OISP_TCP_SYN 0x02
 #define OISP_TCP_RST 0x04
+#define OISP_TCP_ACK 0x10
+#define OISP_FAST_OPENED_MAX 1024
 
 typedef struct {
     uint8_t addr[16];
@@ -49,7 +64,19 @@ typedef struct {
     uint8_t used;
     uint8_t touched;
     uint8_t ends; /* OISP_FAST_FIN_CLIENT | OISP_FAST_FIN_PROXY | OISP_FAST_RST seen since Python asked */
+    uint8_t closed; /* the same bits (and OISP_FAST_CLOSED) since the flow opened */
 } oisp_fast_flow;
+
+/* A flow the receiver opened on a client's SYN, for Python to adopt. */
+typedef struct {
+    uint8_t server[16]; /* the flow key's address */
+    uint8_t client[16]; /* the SYN's source, IPv4 in the first 4 */
+    uint16_t client_port;
+    uint16_t proxy_port;
+    uint16_t server_port;
+    uint8_t v6;
+    int64_t created_ns; /* wall clock */
+} oisp_fast_opened;
 
 typedef struct {
     const uint8_t *own_port;     /* 65536 bytes, nonzero = the proxy's upstream port (owned by Python) */
@@ -59,6 +86,11 @@ typedef struct {
     uint32_t mask;               /* capacity - 1, capacity a power of two */
     uint32_t count;
     uint8_t targets_on;          /* the AI addresses are all in the table: others may pass here */
+    uint8_t open_syns;           /* clients' SYNs to AI addresses open flows here (needs targets_on) */
+    oisp_fast_opened opened[OISP_FAST_OPENED_MAX]; /* a FIFO: head, len */
+    uint32_t opened_head, opened_len;
+    uint64_t opened_total;
+    int guard_fd;                /* the guardian's pipe (Linux), -1: none; see oisp_fast_guard */
 } oisp_fast_table;
 
 static inline uint16_t oisp_be16(const unsigned char *p) { return (uint16_t)((p[0] << 8) | p[1]); }
@@ -84,12 +116,17 @@ static inline oisp_fast_table *oisp_fast_new(uint32_t max_flows)
         return NULL;
     }
     t->mask = capacity - 1;
+    t->guard_fd = -1;
     return t;
 }
 
 static inline void oisp_fast_free(oisp_fast_table *t)
 {
     if (t) {
+#ifndef _WIN32
+        if (t->guard_fd >= 0)
+            close(t->guard_fd);
+#endif
         free(t->slots);
         free(t);
     }
@@ -135,6 +172,7 @@ static inline int oisp_fast_add(oisp_fast_table *t, const uint8_t *addr, uint16_
     t->slots[i].proxy_port = proxy_port;
     t->slots[i].touched = 0;
     t->slots[i].ends = 0;
+    t->slots[i].closed = 0;
     t->slots[i].used = 1;
     t->count++;
     return 1;
@@ -196,6 +234,85 @@ static inline uint32_t oisp_fast_tcp_offset(const unsigned char *p, uint32_t len
     return tcp;
 }
 
+static inline void oisp_fast_note(oisp_fast_flow *f, uint8_t flags, uint8_t fin_bit)
+{
+    uint8_t ends = (flags & OISP_TCP_FIN ? fin_bit : 0) | (flags & OISP_TCP_RST ? OISP_FAST_RST : 0);
+    f->touched = 1;
+    f->ends |= ends;
+    f->closed |= ends;
+}
+
+static inline int oisp_fast_is_closed(const oisp_fast_flow *f)
+{
+    return (f->closed & (OISP_FAST_RST | OISP_FAST_CLOSED)) ||
+           (f->closed & (OISP_FAST_FIN_CLIENT | OISP_FAST_FIN_PROXY)) == (OISP_FAST_FIN_CLIENT | OISP_FAST_FIN_PROXY);
+}
+
+/* Tell the guardian (guardian.py) to abort the client's socket on `port` should this
+ * process die: one write of one line, so it never interleaves with Python's. A flow
+ * the ring opens is protected before its SYN is reflected, as one Python opens is. */
+static inline void oisp_fast_guard(const oisp_fast_table *t, uint16_t port)
+{
+#ifndef _WIN32
+    char line[8];
+    int n;
+    ssize_t written;
+    if (t->guard_fd < 0)
+        return;
+    n = snprintf(line, sizeof line, "+%u\n", (unsigned)port);
+    written = write(t->guard_fd, line, (size_t)n);
+    (void)written; /* the guardian gone: nothing to tell */
+#else
+    (void)t;
+    (void)port;
+#endif
+}
+
+/* A client's packet with SYN to a server port. Not an AI address: pass. A SYN of
+ * an open flow (retransmitted): reflect. A new flow, or a new connection on the
+ * port of a closed one, with `open_syns` on: open it, queue it for Python, reflect.
+ * Otherwise Python decides. */
+static inline int oisp_fast_syn(oisp_fast_table *t, const unsigned char *p, int v6, const uint8_t *key,
+                                uint16_t sport, uint16_t dport, uint8_t flags, uint16_t *port_out)
+{
+    uint16_t proxy_port = t->proxy_for[dport];
+    oisp_fast_flow *f;
+    oisp_fast_opened *o;
+    struct timespec now;
+    if (t->targets_on && !oisp_fast_find(t, key, 0, 0))
+        return OISP_FAST_PASS_OTHER;
+    if (!t->open_syns || !t->targets_on || (flags & OISP_TCP_ACK))
+        return OISP_FAST_SLOW;
+    f = oisp_fast_find(t, key, sport, proxy_port);
+    if (!f || oisp_fast_is_closed(f)) {
+        if (t->opened_len == OISP_FAST_OPENED_MAX)
+            return OISP_FAST_SLOW;
+        if (!f) {
+            if (oisp_fast_add(t, key, sport, proxy_port) < 0)
+                return OISP_FAST_SLOW;
+            f = oisp_fast_find(t, key, sport, proxy_port);
+        }
+        f->ends = 0; /* the old connection's: its Python entry is replaced on adoption */
+        f->closed = 0;
+        o = &t->opened[(t->opened_head + t->opened_len) % OISP_FAST_OPENED_MAX];
+        memcpy(o->server, key, 16);
+        memset(o->client, 0, 16);
+        memcpy(o->client, v6 ? p + 8 : p + 12, v6 ? 16 : 4);
+        o->client_port = sport;
+        o->proxy_port = proxy_port;
+        o->server_port = dport;
+        o->v6 = (uint8_t)v6;
+        timespec_get(&now, TIME_UTC);
+        o->created_ns = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+        t->opened_len++;
+        t->opened_total++;
+        oisp_fast_guard(t, sport);
+    }
+    f->touched = 1;
+    *port_out = proxy_port;
+    return OISP_FAST_TO_PROXY;
+}
+
 /* Decide one packet (marks its flow touched); *port_out gets the port to write. */
 static inline int oisp_fast_classify(oisp_fast_table *t, const unsigned char *p, uint32_t len,
                                      const unsigned char *address, uint16_t *port_out)
@@ -218,12 +335,12 @@ static inline int oisp_fast_classify(oisp_fast_table *t, const unsigned char *p,
     memset(key, 0, sizeof key);
     memcpy(key, v6 ? p + 24 : p + 16, v6 ? 16 : 4); /* the destination address */
     if (t->proxy_for[dport]) {
-        /* A client's SYN to an AI address goes to Python, which opens (or re-opens) its flow. */
-        f = flags & OISP_TCP_SYN ? NULL : oisp_fast_find(t, key, sport, t->proxy_for[dport]);
+        if (flags & OISP_TCP_SYN)
+            return oisp_fast_syn(t, p, v6, key, sport, dport, flags, port_out);
+        f = oisp_fast_find(t, key, sport, t->proxy_for[dport]);
         if (!f)
             return t->targets_on && !oisp_fast_find(t, key, 0, 0) ? OISP_FAST_PASS_OTHER : OISP_FAST_SLOW;
-        f->touched = 1;
-        f->ends |= (flags & OISP_TCP_FIN ? OISP_FAST_FIN_CLIENT : 0) | (flags & OISP_TCP_RST ? OISP_FAST_RST : 0);
+        oisp_fast_note(f, flags, OISP_FAST_FIN_CLIENT);
         *port_out = t->proxy_for[dport];
         return OISP_FAST_TO_PROXY;
     }
@@ -231,8 +348,7 @@ static inline int oisp_fast_classify(oisp_fast_table *t, const unsigned char *p,
         f = oisp_fast_find(t, key, dport, sport);
         if (!f)
             return OISP_FAST_SLOW;
-        f->touched = 1;
-        f->ends |= (flags & OISP_TCP_FIN ? OISP_FAST_FIN_PROXY : 0) | (flags & OISP_TCP_RST ? OISP_FAST_RST : 0);
+        oisp_fast_note(f, flags, OISP_FAST_FIN_PROXY);
         *port_out = t->server_for[sport];
         return OISP_FAST_TO_CLIENT;
     }

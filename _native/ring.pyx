@@ -12,8 +12,10 @@ the burst, then the kernel drops), DROP receives into a scratch slot and
 counts what it throws away.
 """
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memmove
+
+import os
 
 import numpy as np
 
@@ -45,6 +47,15 @@ cdef extern from "reflect_fast.h" nogil:
         uint8_t used
         uint8_t touched
         uint8_t ends
+        uint8_t closed
+    ctypedef struct oisp_fast_opened:
+        uint8_t server[16]
+        uint8_t client[16]
+        uint16_t client_port
+        uint16_t proxy_port
+        uint16_t server_port
+        uint8_t v6
+        int64_t created_ns
     ctypedef struct oisp_fast_table:
         const uint8_t *own_port
         uint16_t proxy_for[65536]
@@ -53,6 +64,15 @@ cdef extern from "reflect_fast.h" nogil:
         uint32_t mask
         uint32_t count
         uint8_t targets_on
+        uint8_t open_syns
+        oisp_fast_opened opened[1024]
+        uint32_t opened_head
+        uint32_t opened_len
+        uint64_t opened_total
+        int guard_fd
+    enum:
+        OISP_FAST_OPENED_MAX
+        OISP_FAST_CLOSED
     oisp_fast_table *oisp_fast_new(uint32_t max_flows)
     void oisp_fast_free(oisp_fast_table *t)
     int oisp_fast_add(oisp_fast_table *t, const uint8_t *addr, uint16_t client_port, uint16_t proxy_port)
@@ -224,7 +244,7 @@ cdef class ReceiveRing:
         oisp_sync_init(&self.send_sync)
 
     def __dealloc__(self):
-        oisp_fast_free(self.fast)
+        oisp_fast_free(self.fast)  # closes the guardian's pipe too
         oisp_sync_destroy(&self.sync)
         oisp_sync_destroy(&self.send_sync)
 
@@ -255,13 +275,20 @@ cdef class ReceiveRing:
             self.fast = t
             oisp_unlock(&self.sync)
 
-    def fast_add(self, const uint8_t[::1] key, uint16_t client_port, uint16_t proxy_port):
-        """Known flow: (server address as 16 bytes, client port, proxy port). False if full."""
+    def fast_add(self, const uint8_t[::1] key, uint16_t client_port, uint16_t proxy_port, bint reopen=False):
+        """Known flow: (server address as 16 bytes, client port, proxy port). False if full.
+        A flow already there keeps its state, unless `reopen` (Python opened a new
+        connection on its port): then what the old one saw is forgotten."""
         self._fast_key(key)
         cdef int added
+        cdef oisp_fast_flow *f
         with nogil:
             oisp_lock(&self.sync)
             added = oisp_fast_add(self.fast, &key[0], client_port, proxy_port)
+            if added == 0 and reopen:
+                f = oisp_fast_find(self.fast, &key[0], client_port, proxy_port)
+                f.ends = 0
+                f.closed = 0
             oisp_unlock(&self.sync)
         return added >= 0
 
@@ -332,6 +359,69 @@ cdef class ReceiveRing:
             oisp_unlock(&self.sync)
         return ends
 
+    def fast_open_syns(self, bint on=True):
+        """Let the receiver open a flow itself on a client's SYN to an AI address (it
+        needs the targets: fast_add_targets(..., enable=True)); Python adopts them with
+        fast_take_opened(). Only without a process filter: a packet names no process."""
+        self._require_fast()
+        with nogil:
+            oisp_lock(&self.sync)
+            self.fast.open_syns = on
+            oisp_unlock(&self.sync)
+
+    def fast_guard(self, fd):
+        """The guardian's pipe (a descriptor the ring now owns and closes; None: none): a flow
+        opened on a SYN here is announced to it at once (see guardian.py)."""
+        self._require_fast()
+        cdef int new_fd = -1 if fd is None else fd
+        cdef int old_fd
+        with nogil:
+            oisp_lock(&self.sync)
+            old_fd = self.fast.guard_fd
+            self.fast.guard_fd = new_fd
+            oisp_unlock(&self.sync)
+        if old_fd >= 0:
+            os.close(old_fd)
+
+    @property
+    def fast_opened(self):
+        """Flows the receiver has opened (all time), and those not yet taken: (total, pending)."""
+        if self.fast == NULL:
+            return 0, 0
+        return self.fast.opened_total, self.fast.opened_len
+
+    def fast_take_opened(self):
+        """The flows the receiver opened since the last call, oldest first: [(server key,
+        client key, client port, proxy port, server port, IP version, created)], keys as
+        16 bytes (IPv4 in the first 4), `created` in seconds since the epoch."""
+        if self.fast == NULL:
+            return []
+        opened = []
+        cdef oisp_fast_opened *o
+        oisp_lock(&self.sync)
+        try:
+            while self.fast.opened_len:
+                o = &self.fast.opened[self.fast.opened_head]
+                opened.append((bytes(o.server[:16]), bytes(o.client[:16]), o.client_port, o.proxy_port,
+                               o.server_port, 6 if o.v6 else 4, o.created_ns / 1e9))
+                self.fast.opened_head = (self.fast.opened_head + 1) % OISP_FAST_OPENED_MAX
+                self.fast.opened_len -= 1
+        finally:
+            oisp_unlock(&self.sync)
+        return opened
+
+    def fast_mark_closed(self, const uint8_t[::1] key, uint16_t client_port, uint16_t proxy_port):
+        """Python saw this flow end (in packets it decided): a SYN on its port is a new
+        connection. Unknown flows are ignored."""
+        self._fast_key(key)
+        cdef oisp_fast_flow *f
+        with nogil:
+            oisp_lock(&self.sync)
+            f = oisp_fast_find(self.fast, &key[0], client_port, proxy_port)
+            if f != NULL:
+                f.closed |= OISP_FAST_CLOSED
+            oisp_unlock(&self.sync)
+
     def fast_decide(self, packet, address):
         """What the fast path does with one packet: (action, packet after, address after).
         Action: 0 slow (to Python), 1 pass (our upstream), 2 reflect to the proxy, 3 reflect
@@ -378,6 +468,7 @@ cdef class ReceiveRing:
         cdef uint32_t i, to_proxy = 0, to_client = 0, passed = 0, passed_other = 0, mtu
         cdef bint oversize = False
         cdef int err
+        cdef uint64_t opened_before = self.fast.opened_total
         for i in range(count):
             actions[i] = oisp_fast_classify(self.fast, buf + offsets[i], lengths[i],
                                             addrs + i * OISP_ADDRESS_SIZE, &ports[i])
@@ -410,10 +501,13 @@ cdef class ReceiveRing:
         self.fast_passed += passed
         self.fast_passed_other += passed_other
         self.fast_batches += 1
-        # No broadcast: only this thread waits for free slots, and waking the consumer
-        # (blocked in take()) for a batch it never sees would cost it the GIL each time.
+        # Only this thread waits for free slots, and waking the consumer (blocked in take())
+        # for a batch it never sees would cost it the GIL each time: it is woken only to
+        # adopt flows opened here.
         self.free_stack[self.free_top] = slot
         self.free_top += 1
+        if self.fast.opened_total != opened_before:
+            oisp_broadcast(&self.sync)
         return True
 
     # -- receiver side (its own thread) ------------------------------------------
@@ -504,7 +598,9 @@ cdef class ReceiveRing:
 
     # -- consumer side ----------------------------------------------------------
     def take(self, int timeout_ms=-1):
-        """The next ready slot, or -1 on timeout or when the ring has stopped and is empty."""
+        """The next ready slot, or -1 on timeout or when the ring has stopped and is empty.
+        A take with a timeout also returns -1 when woken: by wake(), or by flows the fast
+        path opened (fast_take_opened)."""
         cdef int slot = -1
         with nogil:
             oisp_lock(&self.sync)

@@ -79,6 +79,13 @@ def check_redirected(out, server_ip, client_ip, log):
     if fast:  # the ring reflected the established flow's packets itself, Python the rest
         assert fast["to_proxy"] > 0 and fast["to_client"] > 0
         assert fast["flows"] == 0  # removed with the flow table's entries
+        # Without a process filter the ring opened both AI flows on their SYNs, and the
+        # table adopted them (the AI connection, then the reset one).
+        by_ring = not out["process_filter"]
+        assert fast["opened"] == (2 if by_ring else 0)
+        assert [seen["from_ring"] for seen in out["accepted"][:2]] == [by_ring, by_ring]
+    else:
+        assert not any(seen["from_ring"] for seen in out["accepted"])
 
 
 def check_untouched(out, client_ip, log, accepted=2):
@@ -160,32 +167,48 @@ def test_a_sensor_killed_at_a_swap_fails_open_and_aborts_what_it_carried(lab, tm
     """Killed while both handles live (either guardian may act), or once the old one is
     closed (only the successor's guardian can abort the flow it inherited)."""
     result = tmp_path / "waiter.json"
-    done = subprocess.run(lab.a.cmd(sys.executable, str(AGENTS / "redirect_client.py"), "swap-kill", lab.b_ip4,
-                                    lab.extra[4], str(result), when), capture_output=True, text=True, timeout=60)
-    killed = time.time()
-    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
-    out = json.loads(done.stdout.splitlines()[-1])
+    out = run_and_die(lab, "swap-kill", lab.b_ip4, lab.extra[4], str(result), when)
     assert out == {"connected": True, "covered": True, "handles": 2, "accepted": 1,
                    **({"live": 1} if when == "after-swap" else {})}
-    # Traffic flows again at once: a new connection reaches the server itself.
+    check_failed_open(lab, result)
+
+
+def test_a_sensor_killed_before_it_adopts_a_flow_the_ring_opened_aborts_it(lab, tmp_path):
+    """The ring opened the flow on its SYN and the handshake completed, but the flow
+    table never heard of it: the ring itself told the guardian."""
+    result = tmp_path / "waiter.json"
+    out = run_and_die(lab, "syn-kill", lab.b_ip4, str(result))
+    assert out == {"connected": True, "opened": [1, 1], "flows": 0}
+    check_failed_open(lab, result)
+
+
+def run_and_die(lab, *args) -> dict:
+    done = subprocess.run(lab.a.cmd(sys.executable, str(AGENTS / "redirect_client.py"), *args),
+                          capture_output=True, text=True, timeout=60)
+    lab.killed = time.time()
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def check_failed_open(lab, result: Path) -> None:
+    """Traffic flows again at once, and the child's redirected connection was aborted by
+    a guardian at once (had none been told of it, it would wait for 30 s)."""
     recovered = None
-    while time.time() - killed < 5:
+    while time.time() - lab.killed < 5:
         probe = lab.a.run(sys.executable, "-c", PROBE, lab.b_ip4, check=False)
         if probe.returncode == 0:
             saw_port, own_port = probe.stdout.split()
             assert saw_port == own_port  # not through a proxy
-            recovered = time.time() - killed
+            recovered = time.time() - lab.killed
             break
         time.sleep(0.02)
     assert recovered is not None and recovered < 1.0, recovered
-    # The connection the successor handle carried was aborted by its guardian, at once
-    # (only the old handle's guardian knew it, had the successor not been told).
     deadline = time.time() + 10
     while not result.exists() and time.time() < deadline:
         time.sleep(0.05)
     assert result.exists(), "the carried connection was not aborted: it still waits"
     ended = json.loads(result.read_text())
-    assert ended["outcome"] != "data" and ended["ended_at"] - killed < 3, ended
+    assert ended["outcome"] != "data" and ended["ended_at"] - lab.killed < 3, ended
 
 
 def test_more_addresses_than_a_filter_holds_fall_back_to_the_port(lab):

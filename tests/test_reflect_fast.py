@@ -5,6 +5,7 @@ state, and its flow table behaves like a set."""
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -144,6 +145,99 @@ def test_with_the_targets_loaded_other_addresses_pass_in_c(family):
     assert ring.fast_decide(known, address(v6=v6))[0] == TO_PROXY
     no_flow = bytes(L(src=client, dst=other) / TCP(sport=8443, dport=40000, flags="A"))
     assert ring.fast_decide(no_flow, address(v6=v6))[0] == SLOW  # from the proxy port: never passed blind
+
+
+def syn_ring(max_flows: int = 64) -> ReceiveRing:
+    ring, _ = fast_ring(max_flows=max_flows)
+    ring.fast_add_targets([row_key(SERVERS[4][0]), row_key(SERVERS[6][0])], enable=True)
+    ring.fast_open_syns(True)
+    return ring
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_opens_flows_on_clients_syns_and_reports_each_once(family):
+    """With open_syns a client's SYN to an AI address is reflected at once (the same bytes
+    as the Python reflector makes) and queued for Python; a retransmission is not a new
+    flow, a SYN on the port of a closed one is."""
+    server, client = SERVERS[family][0], CLIENT[family]
+    L, v6 = layer(family), family == 6
+    ring = syn_ring()
+    python = Reflector(TargetSet([server]), FlowTable(), OwnPorts())
+    before = time.time()
+    syn = bytes(L(src=client, dst=server) / TCP(sport=40000, dport=443, flags="S", seq=99))
+    action, out, addr = ring.fast_decide(syn, address(v6=v6))
+    batch = Batch([syn], [True])
+    batch.addresses["bits"] |= IPV6 if v6 else 0
+    python.process(batch)
+    assert action == TO_PROXY and out == batch.data.tobytes() and addr == batch.addresses.tobytes()
+    [(server_key, client_key, client_port, proxy_port, server_port, version, created)] = ring.fast_take_opened()
+    assert (server_key, client_key, client_port, proxy_port, server_port, version) == \
+        (row_key(server), row_key(client), 40000, 8443, 443, family)
+    assert before - 0.01 <= created <= time.time() + 0.01
+    assert ring.fast_opened == (1, 0) and ring.fast_flows() == 1
+
+    def syn_again(port=40000):
+        return ring.fast_decide(bytes(L(src=client, dst=server) / TCP(sport=port, dport=443, flags="S")),
+                                address(v6=v6))[0]
+
+    assert syn_again() == TO_PROXY and ring.fast_take_opened() == []  # retransmitted
+    key = (row_key(server), 40000, 8443)
+    for ending in (("FA", "FA"), ("R",), ("closed by python",)):
+        for i, flags in enumerate(ending):
+            if flags == "closed by python":
+                ring.fast_mark_closed(*key)
+                continue
+            sport, dport = (40000, 443) if i == 0 else (8443, 40000)
+            assert ring.fast_decide(bytes(L(src=client, dst=server) / TCP(sport=sport, dport=dport, flags=flags)),
+                                    address(v6=v6))[0] in (TO_PROXY, TO_CLIENT)
+        assert syn_again() == TO_PROXY
+        assert [o[2] for o in ring.fast_take_opened()] == [40000], ending  # a new connection on the port
+        assert ring.fast_take_ends(*key) == 0  # the old connection's ends went with it
+    half = bytes(L(src=client, dst=server) / TCP(sport=40000, dport=443, flags="FA"))
+    ring.fast_decide(half, address(v6=v6))
+    assert syn_again() == TO_PROXY and ring.fast_take_opened() == []  # half-closed is not closed
+    # Python opened a new connection on the port itself (e.g. with the queue full): forget the old.
+    ring.fast_mark_closed(*key)
+    assert ring.fast_add(*key, reopen=True)
+    assert syn_again() == TO_PROXY and ring.fast_take_opened() == []
+    ring.fast_mark_closed(*key)
+    assert ring.fast_add(*key)  # without reopen the ring keeps what it saw
+    assert syn_again() == TO_PROXY and len(ring.fast_take_opened()) == 1
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_syns_the_ring_must_not_open_go_to_python(family):
+    server, other, client = SERVERS[family][0], SERVERS[family][1], CLIENT[family]
+    L, v6 = layer(family), family == 6
+    ring = syn_ring()
+    syn_ack = bytes(L(src=client, dst=server) / TCP(sport=40000, dport=443, flags="SA"))
+    assert ring.fast_decide(syn_ack, address(v6=v6))[0] == SLOW  # not a client's opening SYN
+    to_other = bytes(L(src=client, dst=other) / TCP(sport=40000, dport=443, flags="S"))
+    assert ring.fast_decide(to_other, address(v6=v6))[0] == PASS_OTHER
+    ring.fast_open_syns(False)  # a process filter: Python decides
+    syn = bytes(L(src=client, dst=server) / TCP(sport=40000, dport=443, flags="S"))
+    assert ring.fast_decide(syn, address(v6=v6))[0] == SLOW
+    assert ring.fast_opened == (0, 0) and ring.fast_flows() == 0
+
+
+def test_a_full_queue_or_table_leaves_the_syn_to_python():
+    ring = syn_ring(max_flows=1100)
+    server = SERVERS[4][0]
+
+    def syn(port):
+        packet = bytes(IP(src=CLIENT[4], dst=server) / TCP(sport=port, dport=443, flags="S"))
+        return ring.fast_decide(packet, address())[0]
+
+    assert [syn(20000 + i) for i in range(1024)] == [TO_PROXY] * 1024
+    assert syn(30000) == SLOW and ring.fast_opened == (1024, 1024)  # the queue is full
+    assert syn(20000) == TO_PROXY  # a retransmission needs no room
+    opened = ring.fast_take_opened()
+    assert [o[2] for o in opened] == list(range(20000, 21024))  # oldest first
+    assert syn(30000) == TO_PROXY and ring.fast_opened == (1025, 1)
+    small = syn_ring(max_flows=4)  # 16 slots (the least), at most 8 entries: 2 targets + 6 flows
+    packets = [bytes(IP(src=CLIENT[4], dst=server) / TCP(sport=p, dport=443, flags="S")) for p in range(1, 8)]
+    assert [small.fast_decide(p, address())[0] for p in packets] == [TO_PROXY] * 6 + [SLOW]
+    assert len(small.fast_take_opened()) == 6
 
 
 def test_a_full_table_turns_the_target_shortcut_off_for_good():

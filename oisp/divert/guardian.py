@@ -21,6 +21,7 @@ This file runs as a script with the standard library only, so it starts fast.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -69,6 +70,7 @@ def remove_filters(prog_ids: set[int]) -> int:
 
 CLOSED_CLEANLY = b"closed"
 ABORT_BATCH = 64  # ports per `ss -K` filter expression
+PIPE_ATOMIC = 4096  # POSIX PIPE_BUF at least: a write this small is never interleaved with another
 
 
 def abort_sockets(ports: list[int]) -> None:
@@ -98,12 +100,21 @@ class Guardian:
     def forget(self, port: int) -> None:
         self._say(b"-%d\n" % port)
 
-    def _say(self, line: bytes) -> None:
+    def dup_pipe(self) -> int:
+        """Another descriptor of the pipe, for a writer outside Python (the receive ring),
+        which must write whole lines, one write each."""
+        return os.dup(self.process.stdin.fileno())
+
+    def _say(self, lines: bytes) -> None:
+        """Whole lines, in writes that never split one: other writers share the pipe."""
         with self._lock:
             if self.process.stdin and not self.process.stdin.closed:
+                fd = self.process.stdin.fileno()
                 try:
-                    self.process.stdin.write(line)
-                    self.process.stdin.flush()
+                    while lines:
+                        cut = lines.rfind(b"\n", 0, PIPE_ATOMIC) + 1 if len(lines) > PIPE_ATOMIC else len(lines)
+                        os.write(fd, lines[:cut])  # a pipe write this small is all or nothing
+                        lines = lines[cut:]
                 except OSError:
                     pass  # the guardian is gone: nothing to tell
 
@@ -113,7 +124,7 @@ class Guardian:
         with self._lock:
             if self.process.stdin and not self.process.stdin.closed:
                 try:
-                    self.process.stdin.write(CLOSED_CLEANLY + b"\n")
+                    os.write(self.process.stdin.fileno(), CLOSED_CLEANLY + b"\n")
                     self.process.stdin.close()
                 except OSError:
                     pass

@@ -112,6 +112,12 @@ class Handle:
         if self._guardian is not None:
             self._guardian.forget(port)
 
+    def death_pipe(self) -> int | None:
+        """A new descriptor (the caller closes it) of the pipe that tells the guardian which
+        ports to abort, for code outside Python that opens flows (the receive ring writes
+        `+PORT\n` lines, each one write). None without a guardian."""
+        return self._guardian.dup_pipe() if self._guardian is not None else None
+
     # -- control --------------------------------------------------------------------
     def set_param(self, param: Param, value: int) -> None:
         low, _, high = PARAM_LIMITS[Param(param)]

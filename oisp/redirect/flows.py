@@ -49,6 +49,7 @@ class FlowEntry:
     fin_from_client: bool = False
     fin_from_proxy: bool = False
     closed_at: float | None = None  # monotonic time the flow ended (FIN both ways or RST)
+    from_ring: bool = False  # the receive ring opened it on the SYN, and the reflector adopted it
 
     @property
     def key(self) -> FlowKey:
@@ -69,6 +70,10 @@ class FlowTable:
         self.counts = {"created": 0, "closed": 0, "expired_idle": 0, "evicted": 0}
         self.on_open: Callable[[FlowEntry], None] | None = None  # called outside the lock
         self.on_remove: Callable[[FlowEntry], None] | None = None
+        self.on_close: Callable[[FlowEntry], None] | None = None  # the flow ended (it lingers)
+        # Called when a lookup misses, before looking again: flows opened elsewhere (the
+        # receive ring, on the SYN) may not have been adopted yet.
+        self.on_miss: Callable[[], None] | None = None
 
     # -- for the proxy --------------------------------------------------------------------
     def lookup(self, peer_addr, peer_port: int, proxy_port: int, *, name_owner: bool = True) -> FlowEntry | None:
@@ -78,6 +83,10 @@ class FlowTable:
         key = (address_key(peer_addr), peer_port, proxy_port)
         with self._lock:
             entry = self._flows.get(key)
+        if entry is None and self.on_miss is not None:
+            self.on_miss()
+            with self._lock:
+                entry = self._flows.get(key)
         if name_owner and entry is not None and entry.pid is None and self.owner is not None:
             entry.pid, entry.process_name = self.owner(entry.client_addr, entry.client_port,
                                                        entry.server_addr, entry.server_port)
@@ -89,12 +98,11 @@ class FlowTable:
             return self._flows.get(key)
 
     def open(self, entry: FlowEntry) -> FlowEntry:
-        """A new flow (its SYN was seen); replaces a finished one with the same key."""
+        """A new flow (its SYN was seen); replaces a finished one with the same key (for
+        which on_open alone is called: the key stays in use)."""
         gone = []
         with self._lock:
-            replaced = self._flows.pop(entry.key, None)
-            if replaced is not None:
-                gone.append(replaced)
+            self._flows.pop(entry.key, None)
             while len(self._flows) >= self.max_flows:
                 gone.append(self._flows.popitem(last=False)[1])
                 self.counts["evicted"] += 1
@@ -119,28 +127,37 @@ class FlowTable:
             entry = self._flows.get(key)
             if entry is None:
                 return None
-            self._refresh(entry, key, now,
-                          ((ENDS_FIN_CLIENT if from_client else ENDS_FIN_PROXY) if tcp_flags & TCP_FIN else 0)
-                          | (ENDS_RST if tcp_flags & TCP_RST else 0))
+            closed = self._refresh(entry, key, now,
+                                   ((ENDS_FIN_CLIENT if from_client else ENDS_FIN_PROXY) if tcp_flags & TCP_FIN else 0)
+                                   | (ENDS_RST if tcp_flags & TCP_RST else 0))
+        if closed and self.on_close is not None:
+            self.on_close(entry)
         return entry
 
     def touch(self, touched, now: float | None = None) -> None:
         """Flows whose packets went by elsewhere (the ring's fast path): [(key, ends)],
         `ends` as in reflect_fast.h (ENDS_FIN_CLIENT | ENDS_FIN_PROXY | ENDS_RST)."""
         now = time.monotonic() if now is None else now
+        closed = []
         with self._lock:
             for key, ends in touched:
                 entry = self._flows.get(key)
-                if entry is not None:
-                    self._refresh(entry, key, now, ends)
+                if entry is not None and self._refresh(entry, key, now, ends):
+                    closed.append(entry)
+        if self.on_close is not None:
+            for entry in closed:
+                self.on_close(entry)
 
-    def _refresh(self, entry: FlowEntry, key: FlowKey, now: float, ends: int) -> None:
+    def _refresh(self, entry: FlowEntry, key: FlowKey, now: float, ends: int) -> bool:
+        """True if the flow ends with these packets."""
         entry.last_seen = now
         self._flows.move_to_end(key)
         entry.fin_from_client |= bool(ends & ENDS_FIN_CLIENT)
         entry.fin_from_proxy |= bool(ends & ENDS_FIN_PROXY)
         if entry.closed_at is None and (ends & ENDS_RST or (entry.fin_from_client and entry.fin_from_proxy)):
             entry.closed_at = now
+            return True
+        return False
 
     def expire(self, now: float | None = None) -> int:
         """Drop flows that ended more than `linger` ago or have been idle too long."""

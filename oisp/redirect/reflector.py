@@ -24,11 +24,15 @@ checked here and in the ring.
 The fast path (on by default): once a flow is open, the receive ring itself
 reflects its packets and passes the proxy's upstream packets, in C without the
 GIL (_native/reflect_fast.h), and it passes packets to addresses that are not
-AI endpoints (the target set is mirrored into it). Only batches holding a
-client's SYN to an AI address or a packet of an unknown flow reach `process`
-here. The ring's table mirrors the flow table through its open/remove hooks;
-once a second the flows it carried are marked seen (idle expiry) with the FINs
-and RSTs it passed (closing them).
+AI endpoints (the target set is mirrored into it). Without a process filter it
+also opens flows on clients' SYNs, so a new connection's handshake never waits
+for Python; the flows it opened are adopted into the flow table here (`_adopt`:
+woken by the ring, and by the proxy's lookup should it come first). Only
+batches holding a packet of an unknown flow (or, with a process filter, a
+client's SYN to an AI address) reach `process` here. The ring's table mirrors
+the flow table through its open/remove/close hooks; once a second the flows it
+carried are marked seen (idle expiry) with the FINs and RSTs it passed (closing
+them).
 """
 
 from __future__ import annotations
@@ -101,6 +105,11 @@ class Reflector:
         if self.process_filter and processes is None:
             raise ValueError("a process filter needs a ProcessResolver")
         self.priority, self.watchdog, self.fast_path = priority, watchdog, fast_path
+        # The ring opens flows on SYNs itself unless a process filter must decide them.
+        self.open_syns = fast_path and self.process_filter is None
+        # Held while state moves from the rings to the flow table (opened flows, FINs and
+        # RSTs), so a flow's end is never read before the flow is adopted.
+        self._from_rings = threading.Lock()
         self.max_filter_addresses = max_filter_addresses
         # An AI address no resolution or DNS answer has named for this long, and no open
         # flow uses, is let go (the filter shrinks). None: addresses stay for good.
@@ -139,6 +148,9 @@ class Reflector:
     def start(self) -> Reflector:
         self.targets.on_add = self._targets_added  # first, so no address learned meanwhile is missed
         self.flows.on_open, self.flows.on_remove = self._flow_opened, self._flow_removed
+        self.flows.on_close = self._flow_closed
+        if self.open_syns:
+            self.flows.on_miss = self._adopt
         try:
             self._start_engine(self.priority)
         except BaseException:
@@ -203,6 +215,9 @@ class Reflector:
         handle, ring = engine.handle, engine.ring
         if self.fast_path:
             ring.fast_enable(self.ports, self.own_ports.mask, self.flows.max_flows + self.targets.max_addresses)
+            ring.fast_open_syns(self.open_syns)
+            if self.open_syns:
+                ring.fast_guard(handle.death_pipe())
         entries = self.flows.entries()  # flows carried by the handle this one succeeds
         handle.abort_on_death(*(entry.client_port for entry in entries))
         if self.fast_path:
@@ -231,7 +246,39 @@ class Reflector:
             # Should this process die, the guardian aborts the clients' redirected sockets.
             engine.handle.abort_on_death(entry.client_port)
             if self.fast_path:
-                engine.ring.fast_add(*entry.key)
+                # A flow the ring opened keeps what it saw since; one opened here is new.
+                engine.ring.fast_add(*entry.key, reopen=not entry.from_ring)
+
+    def _flow_closed(self, entry: FlowEntry) -> None:
+        """So a ring takes a SYN on this port for a new connection, not a retransmission."""
+        if self.fast_path:
+            for engine in self._engines:
+                engine.ring.fast_mark_closed(*entry.key)
+
+    def _adopt(self) -> None:
+        """Take the flows the rings opened on clients' SYNs into the flow table, oldest
+        first. The reflector thread does it when a ring wakes it; the proxy's lookup too,
+        should the proxy accept the connection first."""
+        if not self.open_syns:
+            return
+        with self._from_rings:
+            for engine in self._engines:
+                for server, client, client_port, proxy_port, server_port, version, created \
+                        in engine.ring.fast_take_opened():
+                    entry = FlowEntry(key_address(client, version), client_port, key_address(server, version),
+                                      server_port, proxy_port, created=created, from_ring=True)
+                    if self.processes is not None:
+                        entry.pid, entry.process_name = self.processes.owner(
+                            entry.client_addr, client_port, entry.server_addr, server_port,
+                            guess=True, use_psutil=False)
+                        if entry.pid is None:
+                            self._unnamed.append(entry)
+                    self.flows.open(entry)
+
+    def _take_touched(self, engine: Engine) -> None:
+        """The flows the ring carried since last asked, and the FINs and RSTs it passed."""
+        with self._from_rings:
+            self.flows.touch(engine.ring.fast_take_touched())
 
     def _flow_removed(self, entry: FlowEntry) -> None:
         for engine in self._engines:
@@ -284,8 +331,9 @@ class Reflector:
             batch = old.next_batch(timeout=0.05)
             if batch is not None:
                 self._decide(batch, old)
+        self._adopt()
         if self.fast_path:
-            self.flows.touch(old.ring.fast_take_touched())
+            self._take_touched(old)
         old.stop()  # a clean close: its guardian leaves the flows' sockets alone
         self._engines = tuple(e for e in self._engines if e is not old)
         _add_counts(self._retired["fast"], self._fast_counts(old))
@@ -319,7 +367,7 @@ class Reflector:
     def _fast_counts(engine: Engine) -> dict:
         ring = engine.ring
         return {"to_proxy": ring.fast_to_proxy, "to_client": ring.fast_to_client, "own_upstream": ring.fast_passed,
-                "not_ai": ring.fast_passed_other, "batches": ring.fast_batches}
+                "not_ai": ring.fast_passed_other, "batches": ring.fast_batches, "opened": ring.fast_opened[0]}
 
     def _run(self) -> None:
         next_expiry = time.monotonic() + 1.0
@@ -334,10 +382,15 @@ class Reflector:
                 batch = engine.next_batch(timeout=0.5)
                 if batch is not None:
                     self._decide(batch, engine)
+                else:  # a timeout, or the ring opened flows
+                    self._adopt()
+                    if self._unnamed:
+                        self._name_owners()
                 if time.monotonic() >= next_expiry:
                     if self.fast_path:
+                        self._adopt()
                         for live in self._engines:
-                            self.flows.touch(live.ring.fast_take_touched())
+                            self._take_touched(live)
                     self.flows.expire()
                     next_expiry = time.monotonic() + 1.0
                     if period is not None and next_expiry >= next_target_expiry:
@@ -351,6 +404,7 @@ class Reflector:
                 self._covered_changed.notify_all()
 
     def _decide(self, batch, engine: Engine) -> None:
+        self._adopt()  # first: the batch may hold packets of flows the ring just opened
         try:
             self.process(batch)
         except Exception as e:  # one bad batch must not stop redirection
@@ -470,10 +524,11 @@ class Reflector:
         """Before deciding on a client's SYN: the FIN/RST the rings saw for this flow, so
         a flow that ended there is re-opened, not continued."""
         if self.fast_path:
-            for engine in self._engines:
-                ends = engine.ring.fast_take_ends(*key)
-                if ends:
-                    self.flows.touch([(key, ends)])
+            with self._from_rings:
+                for engine in self._engines:
+                    ends = engine.ring.fast_take_ends(*key)
+                    if ends:
+                        self.flows.touch([(key, ends)])
 
     def _open(self, rows, row: int, key) -> bool:
         """A client's SYN: create its flow unless the process filter excludes it."""

@@ -26,6 +26,10 @@ usage: redirect_client.py swap-kill SERVER_IP OTHER_IP RESULT_FILE mid-swap|afte
     address (a successor handle takes over); then, at once or once the old handle is
     closed, this process SIGKILLs itself. The
     child writes to RESULT_FILE when and how its connection ended.
+usage: redirect_client.py syn-kill SERVER_IP RESULT_FILE
+    the ring opens a child's AI connection on its SYN, but the flow table never adopts
+    it (adoption is held up); then this process SIGKILLs itself. The child writes to
+    RESULT_FILE when and how its connection ended.
 usage: redirect_client.py learned SERVER_IP
     a whole Redirector knowing no address: a connection to SERVER_IP:443 before and after
     SERVER_IP:53 answers api.openai.com with SERVER_IP
@@ -78,7 +82,8 @@ class Proxy:
 
     def _handle(self, conn, peer):
         entry = self.flows.lookup(peer[0], peer[1], conn.getsockname()[1])
-        seen = {"peer": [peer[0].removeprefix("::ffff:"), peer[1]], "entry": None}
+        seen = {"peer": [peer[0].removeprefix("::ffff:"), peer[1]], "entry": None,
+                "from_ring": entry is not None and entry.from_ring}
         self.accepted.append(seen)
         if entry is None:
             conn.close()
@@ -136,7 +141,8 @@ def scenario_e2e(server_ip, other_ip, options):
                                  stdout=subprocess.PIPE, text=True)
         exclude = [child.pid]
     proxy = Proxy(flows, own_ports)
-    out = {"me": os.getpid(), "events": events, "events_error": resolver.events_error, "own_range": own_ports.range}
+    out = {"me": os.getpid(), "events": events, "events_error": resolver.events_error, "own_range": own_ports.range,
+           "process_filter": bool(exclude)}
     with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}, processes=resolver,
                    process_filter=ProcessFilter(exclude=exclude), fast_path="python-path" not in options,
                    address_filter="port-filter" not in options) as reflector:
@@ -264,7 +270,8 @@ def scenario_expire(server_ip, other_ip):
 WAITER = """
 import json, socket, sys, time
 c = socket.create_connection((sys.argv[1], 443), timeout=30)
-c.makefile("rb").readline()
+if sys.argv[3:] != ["no-greeting"]:
+    c.makefile("rb").readline()
 print("connected", flush=True)
 try:
     outcome = "data" if c.recv(100) else "eof"
@@ -292,6 +299,21 @@ def scenario_swap_kill(server_ip, other_ip, result_path, when):
     if when == "after-swap":
         wait_until(lambda: reflector.counters()["filter"]["live"] == 1, 3.0)
         out["live"] = reflector.counters()["filter"]["live"]
+    print(json.dumps(out), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def scenario_syn_kill(server_ip, result_path):
+    targets = TargetSet([server_ip])
+    flows = FlowTable()
+    own_ports = OwnPorts(upstream_port_range())
+    proxy = Proxy(flows, own_ports)
+    reflector = Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}).start()
+    reflector._from_rings.acquire()  # nothing the ring opens is adopted: only the ring knows the flow
+    child = subprocess.Popen([sys.executable, "-c", WAITER, server_ip, result_path, "no-greeting"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    connected = child.stdout.readline().strip() == "connected"  # the handshake went through the ring
+    out = {"connected": connected, "opened": reflector.engine.ring.fast_opened, "flows": len(flows)}
     print(json.dumps(out), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -348,6 +370,8 @@ if __name__ == "__main__":
         scenario_expire(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "swap-kill":
         scenario_swap_kill(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
+    elif sys.argv[1] == "syn-kill":
+        scenario_syn_kill(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "learned":
         scenario_learned(sys.argv[2])
     else:
