@@ -45,7 +45,8 @@ class Side(asyncio.Protocol):
     """One socket of a relayed connection, plain or TLS (client or server side)."""
 
     def __init__(self, relay: Relay, name: str, context: ssl.SSLContext | None = None, *,
-                 server_side: bool = False, server_hostname: str | None = None):
+                 server_side: bool = False, server_hostname: str | None = None,
+                 session: ssl.SSLSession | None = None):
         self.relay, self.name = relay, name
         self.transport: asyncio.Transport | None = None
         self.tls: ssl.SSLObject | None = None
@@ -53,7 +54,7 @@ class Side(asyncio.Protocol):
         if context is not None:
             self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
             self.tls = context.wrap_bio(self._in, self._out, server_side=server_side,
-                                        server_hostname=server_hostname)
+                                        server_hostname=server_hostname, session=session)
         else:
             self.handshaken.set_result(None)
         self.ended = False  # no more data will come from this side

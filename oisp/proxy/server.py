@@ -36,6 +36,7 @@ from oisp.redirect.own_ports import OwnPorts, upstream_socket
 from oisp.proxy.clienthello import MAX_HELLO, ClientHello, NotTLS, hello_complete, parse_client_hello
 from oisp.proxy.deferred import DeferredFeed
 from oisp.proxy.relay import Relay, within
+from oisp.proxy.sessions import UpstreamSessions
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,10 @@ class TransparentProxy:
         self._verify, self._cafile = upstream_verify, upstream_cafile
         self._alpn_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
         self.upstream_context = self._upstream_context()
+        self.upstream_sessions = UpstreamSessions()
         self.stats = dict.fromkeys(("connections", "intercepted", "passed_through", "pinned", "no_flow",
-                                    "not_tls", "upstream_errors", "client_tls_errors", "bytes_up", "bytes_down"), 0)
+                                    "not_tls", "upstream_errors", "client_tls_errors", "upstream_resumed",
+                                    "bytes_up", "bytes_down"), 0)
         self._owned_by_transport: set[socket.socket] = set()
         self._tasks: set[asyncio.Task] = set()
 
@@ -271,8 +274,10 @@ class TransparentProxy:
             context = self._with_alpn(hello.alpn)
         relay = Relay()
         try:
-            up = await self._attach(relay, "upstream", upstream, context, server_hostname=hello.sni)
+            up = await self._attach(relay, "upstream", upstream, context, server_hostname=hello.sni,
+                                    session=self.upstream_sessions.get(context, target.server, hello.sni))
             await up.handshake(HANDSHAKE_TIMEOUT)
+            self.stats["upstream_resumed"] += up.tls.session_reused
             chosen = up.tls.selected_alpn_protocol()
             server_context = self.issuer.server_context(hello.sni, [chosen] if chosen else None)
             client = await self._attach(relay, "client", conn, server_context, server_side=True)
@@ -305,6 +310,7 @@ class TransparentProxy:
             await self._run(relay)
         finally:
             feed.close()
+            self.upstream_sessions.keep(context, target.server, hello.sni, up.tls)
 
     async def _attach(self, relay: Relay, name: str, sock: socket.socket, context=None, **tls):
         self._owned_by_transport.add(sock)  # the transport closes it from now on
