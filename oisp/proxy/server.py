@@ -185,13 +185,15 @@ class TransparentProxy:
             if target is None:
                 self.stats["no_flow"] += 1
                 return
+            # Both paths go upstream: dial now, while the ClientHello is on its way.
+            upstream = self._dial_upstream(target.server)
+            upstream_port = upstream.getsockname()[1]
             try:
                 hello = await self._peek_hello(conn)
             except (NotTLS, TimeoutError, asyncio.TimeoutError, ConnectionError):
                 hello = None
                 self.stats["not_tls"] += 1
-            upstream = await self._connect_upstream(target.server)
-            upstream_port = upstream.getsockname()[1]
+            await self._connected(upstream, target.server)
             sni = hello.sni if hello else None
             if sni and self.spec.matches_host(sni) and sni not in self.pinned:
                 await self._intercept(conn, upstream, target, hello, peer)
@@ -233,24 +235,35 @@ class TransparentProxy:
             if loop.time() > deadline:
                 raise TimeoutError("no complete ClientHello")
 
-    async def _connect_upstream(self, server: tuple[str, int]) -> socket.socket:
-        """Connect to the original destination from a port registered first, so the
-        redirector knows this connection is ours and leaves it alone. (By hand rather
-        than loop.sock_connect under wait_for, which costs a task and extra loop passes.)"""
+    def _dial_upstream(self, server: tuple[str, int]) -> socket.socket:
+        """Start connecting to the original destination, from a port registered first, so
+        the redirector knows this connection is ours and leaves it alone. `_connected`
+        waits for it. (By hand rather than loop.sock_connect under wait_for, which costs
+        a task and extra loop passes.) The caller unregisters the port and closes."""
         sock = upstream_socket(socket.AF_INET6 if ":" in server[0] else socket.AF_INET, self.own_ports)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             error = sock.connect_ex(server)
-            if error == errno.EINPROGRESS:
-                await _ready(sock, write=True, timeout=HANDSHAKE_TIMEOUT, what=f"connect to {server[0]} port {server[1]}")
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if error:
+            if error not in (0, errno.EINPROGRESS):
                 raise OSError(error, f"connect to {server[0]} port {server[1]}: {os.strerror(error)}")
         except BaseException:
             self.own_ports.close(sock)
             raise
         return sock
+
+    @staticmethod
+    async def _connected(sock: socket.socket, server: tuple[str, int]) -> None:
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not error:
+            try:
+                sock.getpeername()
+                return
+            except OSError:  # not yet connected
+                await _ready(sock, write=True, timeout=HANDSHAKE_TIMEOUT, what=f"connect to {server[0]} port {server[1]}")
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, f"connect to {server[0]} port {server[1]}: {os.strerror(error)}")
 
     async def _pass_through(self, conn: socket.socket, upstream: socket.socket) -> None:
         relay = Relay(on_data=self._counter())
@@ -273,14 +286,20 @@ class TransparentProxy:
         if hello.alpn:
             context = self._with_alpn(hello.alpn)
         relay = Relay()
+        # When the client offers HTTP/1.1 alone (or no ALPN), upstream's choice cannot change
+        # what the client speaks: both handshakes run at once. Otherwise the client is served
+        # exactly what upstream chose, so its handshake waits for upstream's.
+        at_once = not hello.alpn or hello.alpn == ["http/1.1"]
         try:
             up = await self._attach(relay, "upstream", upstream, context, server_hostname=hello.sni,
                                     session=self.upstream_sessions.get(context, target.server, hello.sni))
+            if at_once:
+                client = await self._attach_client(relay, conn, hello.sni, hello.alpn)
             await up.handshake(HANDSHAKE_TIMEOUT)
             self.stats["upstream_resumed"] += up.tls.session_reused
-            chosen = up.tls.selected_alpn_protocol()
-            server_context = self.issuer.server_context(hello.sni, [chosen] if chosen else None)
-            client = await self._attach(relay, "client", conn, server_context, server_side=True)
+            if not at_once:
+                chosen = up.tls.selected_alpn_protocol()
+                client = await self._attach_client(relay, conn, hello.sni, [chosen] if chosen else None)
             try:
                 await client.handshake(HANDSHAKE_TIMEOUT)
             except (ssl.SSLError, ConnectionError, TimeoutError, asyncio.TimeoutError) as exc:
@@ -288,8 +307,12 @@ class TransparentProxy:
                 relay.close()
                 return
         except BaseException:
+            for side in relay.sides:  # the other handshake's failure, if any, goes with this one
+                if side.handshaken.done() and not side.handshaken.cancelled():
+                    side.handshaken.exception()
             relay.close(abort=True)
             raise
+        chosen = client.tls.selected_alpn_protocol()  # what the client speaks
         log.debug("intercepting %s (alpn %s)", hello.sni, chosen)
         self.stats["intercepted"] += 1
         target = await self._named(target, peer)
@@ -311,6 +334,11 @@ class TransparentProxy:
         finally:
             feed.close()
             self.upstream_sessions.keep(context, target.server, hello.sni, up.tls)
+
+    async def _attach_client(self, relay: Relay, conn: socket.socket, sni: str, alpn: list[str] | None):
+        """The client's side, served a leaf for its SNI and exactly `alpn`; its handshake
+        runs as its ClientHello is read."""
+        return await self._attach(relay, "client", conn, self.issuer.server_context(sni, alpn), server_side=True)
 
     async def _attach(self, relay: Relay, name: str, sock: socket.socket, context=None, **tls):
         self._owned_by_transport.add(sock)  # the transport closes it from now on

@@ -1,7 +1,9 @@
-"""The proxy resumes its upstream TLS sessions: a new connection to a server it has
-just talked to skips the full handshake. The reference is the upstream's own view
-(OpenSSL's session_reused on the server side); the client is curl, one connection
-per request, over loopback."""
+"""The proxy's TLS towards upstream. It resumes sessions: a new connection to a server
+it has just talked to skips the full handshake (the reference is the upstream's own
+view, OpenSSL's session_reused on the server side). And it verifies the upstream even
+when the client's handshake runs alongside (a client offering HTTP/1.1 alone): an
+unverified upstream never sees a byte of the request. The client is curl, one
+connection per request, over loopback."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class Upstream:
     connection whether its session was resumed."""
 
     def __init__(self, cert: str, key: str, tickets: bool = True):
+        self.requests = 0
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(cert, key)
         if not tickets:  # a server that never lets a session be resumed
@@ -56,6 +59,7 @@ class Upstream:
                     body = head.split(b"\r\n\r\n", 1)[1]
                     while len(body) < length:
                         body += tls.recv(4096)
+                    self.requests += 1
                     self.resumed.append(tls.session_reused)
                     tls.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                                 b"content-length: %d\r\nconnection: close\r\n\r\n" % len(BODY) + BODY)
@@ -88,11 +92,13 @@ def run_proxy(tmp_path, upstream_ca: str, upstream_port: int, body):
     return asyncio.run(main()), proxy.stats
 
 
-def curl(port: int, cafile: str, host: str = "api.openai.com") -> dict:
+def curl(port: int, cafile: str, host: str = "api.openai.com", check: bool = True):
     done = subprocess.run(["curl", "-sS", "--http1.1", "--cacert", cafile, "--resolve", f"{host}:{port}:127.0.0.1",
                            f"https://{host}:{port}/v1/chat/completions", "-H", "content-type: application/json",
                            "-d", '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'],
                           capture_output=True, text=True, timeout=30)
+    if not check:
+        return done
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -123,3 +129,18 @@ def test_a_server_that_refuses_resumption_gets_full_handshakes(tmp_path, pki):
     assert [a["choices"][0]["message"]["content"] for a in answers] == ["resumed?"] * 3
     assert upstream.resumed == [False, False, False]
     assert stats["upstream_resumed"] == 0 and stats["intercepted"] == 3
+
+
+def test_an_upstream_that_fails_verification_never_sees_the_request(tmp_path, pki):
+    _, cert, key = pki
+    (tmp_path / "other").mkdir()
+    other_ca, _, _ = make_test_pki(tmp_path / "other")  # the proxy trusts this CA, not the upstream's
+    upstream = Upstream(cert, key)
+    try:
+        done, stats = run_proxy(tmp_path, other_ca, upstream.port,
+                                lambda port, cafile: curl(port, cafile, check=False))
+    finally:
+        upstream.close()
+    assert done.returncode != 0 and not done.stdout  # the client gets no answer ...
+    assert upstream.requests == 0  # ... and the upstream no request
+    assert stats["intercepted"] == 0 and stats["upstream_errors"] == 1
