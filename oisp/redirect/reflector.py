@@ -242,9 +242,12 @@ class Reflector:
             self._covered_changed.notify_all()
 
     def _flow_opened(self, entry: FlowEntry) -> None:
+        # A ring that opens a flow has told its guardian already; while two handles live
+        # (a swap), either may have, so both are told.
+        told = entry.from_ring and len(self._engines) == 1
         for engine in self._engines:
-            # Should this process die, the guardian aborts the clients' redirected sockets.
-            engine.handle.abort_on_death(entry.client_port)
+            if not told:  # should this process die, the guardian aborts the client's socket
+                engine.handle.abort_on_death(entry.client_port)
             if self.fast_path:
                 # A flow the ring opened keeps what it saw since; one opened here is new.
                 engine.ring.fast_add(*entry.key, reopen=not entry.from_ring)
