@@ -41,6 +41,11 @@ async def within(future: asyncio.Future, timeout: float, what: str):
         timer.cancel()
 
 
+def _seen(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # so asyncio does not report it as never retrieved
+
+
 class Side(asyncio.Protocol):
     """One socket of a relayed connection, plain or TLS (client or server side)."""
 
@@ -86,8 +91,11 @@ class Side(asyncio.Protocol):
             self.relay.fail(self, exc)
             return
         self._flush()  # a read may have produced records to send back (key update, alerts)
-        for chunk in chunks:
-            self.relay.forward(self, chunk)
+        if chunks:
+            # What arrived together leaves together: one TLS record and one send, not one
+            # per record read (httpx and hypercorn write headers and body apart; each send
+            # to the client also crosses the divert ring).
+            self.relay.forward(self, chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if ended:
             self.relay.end(self)
 
@@ -246,6 +254,13 @@ class Relay:
                 self.done.set_result(None)
         else:
             self.close()  # the other side goes too, after writing what it holds
+
+    def abandon(self) -> None:
+        """Abort both sockets while a handshake may still be running: its outcome, now or
+        when the abort reaches it, is nobody's concern any more."""
+        for side in self.sides:
+            side.handshaken.add_done_callback(_seen)
+        self.close(abort=True)
 
     def close(self, abort: bool = False) -> None:
         for side in self.sides:

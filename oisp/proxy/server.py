@@ -307,10 +307,7 @@ class TransparentProxy:
                 relay.close()
                 return
         except BaseException:
-            for side in relay.sides:  # the other handshake's failure, if any, goes with this one
-                if side.handshaken.done() and not side.handshaken.cancelled():
-                    side.handshaken.exception()
-            relay.close(abort=True)
+            relay.abandon()
             raise
         chosen = client.tls.selected_alpn_protocol()  # what the client speaks
         log.debug("intercepting %s (alpn %s)", hello.sni, chosen)
