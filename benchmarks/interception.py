@@ -176,7 +176,9 @@ class Lab:
     def _start(self, ns, *argv, **kw) -> subprocess.Popen:
         kw.setdefault("stdout", subprocess.DEVNULL)
         kw.setdefault("stderr", subprocess.DEVNULL)
-        process = ns.popen(*argv, env=self.env, cwd=str(ROOT), **kw)
+        kw.setdefault("env", self.env)
+        kw.setdefault("cwd", str(ROOT))
+        process = ns.popen(*argv, **kw)
         self.processes.append(process)
         return process
 
@@ -190,10 +192,12 @@ class Lab:
         raise RuntimeError(f"nothing listening on {host}:{port} after {timeout} s")
 
     # -- oisp record: only during its own turn ---------------------------------------
-    def start_oisp(self, nodelay: bool = False) -> int:
+    def start_oisp(self, nodelay: bool = False, tree: Path = ROOT) -> int:
+        """`oisp record` from `tree` (another checkout, for an A/B: interception_ab.py)."""
         launcher = ["-c", NODELAY_PRELUDE] if nodelay else ["-m", "oisp"]
         process = self._start(self.pair.a, sys.executable, *launcher, "record", "-o", str(self.tmp / "events.jsonl"),
-                              "--upstream-ca", self.upstream_ca, "--quiet", stderr=subprocess.PIPE, text=True)
+                              "--upstream-ca", self.upstream_ca, "--quiet", stderr=subprocess.PIPE, text=True,
+                              cwd=str(tree), env={**self.env, "PYTHONPATH": str(tree)})
         deadline = time.monotonic() + 60
         lines = []
         for line in process.stderr:  # bounded: the process ends or says "recording"
