@@ -254,6 +254,7 @@ class TransparentProxy:
 
     @staticmethod
     async def _connected(sock: socket.socket, server: tuple[str, int]) -> None:
+        """Wait until `_dial_upstream`'s connect is through; OSError if it failed."""
         error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if not error:
             try:
