@@ -106,7 +106,8 @@ async def _record(args) -> int:
                       process_name=entry.process_name)
 
     proxy = TransparentProxy(
-        lookup=lookup, name_owner=lambda peer_addr, peer_port: lookup(peer_addr, peer_port, True), issuer=LeafIssuer(ca, keylog_filename=args.keylog), spec=spec,
+        lookup=lookup, name_owner=lambda peer_addr, peer_port: lookup(peer_addr, peer_port, True),
+        issuer=LeafIssuer(ca, keylog_filename=args.keylog), spec=spec,
         own_ports=redirector.own_ports,
         upstream_verify=not args.no_upstream_verify, upstream_cafile=args.upstream_ca, keylog=args.keylog,
         on_events=emit, recorder_options={"redactor": Redactor(args.redaction),

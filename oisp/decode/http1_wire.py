@@ -64,11 +64,7 @@ class Head:
 
 
 def parse_request(text: str) -> Head:
-    line, fields = _split_start_line(text)
-    m = _REQUEST_LINE.fullmatch(line)
-    if m is None:
-        raise _error(f"invalid request line {line[:100]!r}")
-    head = _fields(fields)
+    m, head = _parse_head(text, _REQUEST_LINE, "request line")
     head.method, head.target, head.version = m.groups()
     if head.hosts > 1:
         raise _error("more than one Host header")
@@ -78,11 +74,7 @@ def parse_request(text: str) -> Head:
 
 
 def parse_response(text: str) -> Head:
-    line, fields = _split_start_line(text)
-    m = _STATUS_LINE.fullmatch(line)
-    if m is None:
-        raise _error(f"invalid status line {line[:100]!r}")
-    head = _fields(fields)
+    m, head = _parse_head(text, _STATUS_LINE, "status line")
     head.version = m.group(1)
     head.status = int(m.group(2))
     if head.status < 100:
@@ -90,10 +82,15 @@ def parse_response(text: str) -> Head:
     return head
 
 
-def _split_start_line(text: str) -> tuple[str, str]:
+def _parse_head(text: str, start_line: re.Pattern, what: str) -> tuple[re.Match, Head]:
+    """The start line's match and the header fields of a head through its blank line."""
     nl = text.index("\n")
     line = text[:nl]
-    return (line[:-1] if line.endswith("\r") else line), text[nl + 1 :]
+    line = line[:-1] if line.endswith("\r") else line
+    m = start_line.fullmatch(line)
+    if m is None:
+        raise _error(f"invalid {what} {line[:100]!r}")
+    return m, _fields(text[nl + 1 :])
 
 
 def _fields(section: str) -> Head:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from oisp.divert.address import row_key as address_key  # re-exported: the key every table here uses
+from oisp.packet import TCP_FIN, TCP_RST
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 FlowKey = tuple[bytes, int, int]  # (server address as 16 bytes, client port, proxy port)
@@ -120,8 +121,6 @@ class FlowTable:
 
     def seen(self, key: FlowKey, tcp_flags: int, from_client: bool, now: float | None = None) -> FlowEntry | None:
         """Packets of a known flow went by (flags OR-ed over them): refresh it, note FIN/RST."""
-        from oisp.packet import TCP_FIN, TCP_RST
-
         now = time.monotonic() if now is None else now
         with self._lock:
             entry = self._flows.get(key)

@@ -471,11 +471,8 @@ class Reflector:
                     continue
                 proxy_port = self.ports[dport]
                 key = (address, sport, proxy_port)
-                if f & TCP_SYN and not f & TCP_ACK:
-                    self._collect_ends(key)
-                    entry = self.flows.get(key)
-                    if (entry is None or entry.closed_at is not None) and not self._open(rows, i, key):
-                        continue
+                if f & TCP_SYN and not f & TCP_ACK and not self._syn(rows, i, key):
+                    continue
                 if self.flows.seen(key, f, from_client=True) is not None:
                     to_proxy.setdefault(proxy_port, []).append(i)
             elif sport in self._server_for_proxy:
@@ -503,11 +500,8 @@ class Reflector:
         keep = np.zeros(len(first), dtype=bool)
         for k, (row, f) in enumerate(zip(index[first], flags)):
             key = (rows["dst_addr"][row].tobytes(), int(rows["src_port"][row]), int(proxy_ports[first[k]]))
-            if f & TCP_SYN and not f & TCP_ACK:
-                self._collect_ends(key)
-                entry = self.flows.get(key)
-                if (entry is None or entry.closed_at is not None) and not self._open(rows, row, key):
-                    continue
+            if f & TCP_SYN and not f & TCP_ACK and not self._syn(rows, row, key):
+                continue
             keep[k] = self.flows.seen(key, int(f), from_client=True) is not None
         return index[keep[inverse]]
 
@@ -523,18 +517,19 @@ class Reflector:
             keep[k] = self.flows.seen(key, int(f), from_client=False) is not None
         return index[keep[inverse]]
 
-    def _collect_ends(self, key) -> None:
-        """Before deciding on a client's SYN: the FIN/RST the rings saw for this flow, so
-        a flow that ended there is re-opened, not continued."""
+    def _syn(self, rows, row: int, key) -> bool:
+        """A client's SYN: False if its flow is not taken. An open flow goes on (a
+        retransmission); a new one, or one that has ended (the rings' FINs and RSTs for
+        it are collected first), is opened unless the process filter excludes it."""
         if self.fast_path:
             with self._from_rings:
                 for engine in self._engines:
                     ends = engine.ring.fast_take_ends(*key)
                     if ends:
                         self.flows.touch([(key, ends)])
-
-    def _open(self, rows, row: int, key) -> bool:
-        """A client's SYN: create its flow unless the process filter excludes it."""
+        entry = self.flows.get(key)
+        if entry is not None and entry.closed_at is None:
+            return True
         version = int(rows["ip_version"][row])
         client = key_address(rows["src_addr"][row].tobytes(), version)
         server = key_address(key[0], version)
