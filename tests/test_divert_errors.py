@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from oisp.divert import errors
+from oisp.divert import error_codes, errors
+from oisp.divert.backend import get_backend
 from oisp.divert.constants import Flag, Layer, Param
 from oisp.divert.filter import check_filter, compile_filter, format_filter
 
@@ -27,7 +28,7 @@ WINDOWS_CODES = {
 
 @pytest.mark.parametrize("code, cls", list(WINDOWS_CODES.items()))
 def test_windows_codes_map_to_typed_errors_with_a_remedy(code, cls):
-    error = errors.from_winerror(code, "cannot open divert handle")
+    error = error_codes.from_winerror(code, "cannot open divert handle")
     assert type(error) is cls
     assert error.code == code
     assert error.hint and error.hint in str(error)
@@ -35,13 +36,14 @@ def test_windows_codes_map_to_typed_errors_with_a_remedy(code, cls):
 
 
 def test_windows_87_for_a_bad_filter_names_the_position():
-    error = errors.from_winerror(87, "open", filter="tcp and (udp or", layer=0)
+    invalid = get_backend().invalid_filter("tcp and (udp or", 0)
+    error = error_codes.from_winerror(87, "open", invalid_filter=invalid)
     assert isinstance(error, errors.InvalidFilterError)
     assert error.position == len("tcp and (udp or")
 
 
 def test_windows_access_denied_is_a_privilege_error():
-    assert isinstance(errors.from_winerror(5, "open"), errors.PrivilegeError)
+    assert isinstance(error_codes.from_winerror(5, "open"), errors.PrivilegeError)
 
 
 @pytest.mark.parametrize("err, cls", [
@@ -51,7 +53,7 @@ def test_windows_access_denied_is_a_privilege_error():
     (errno.EPERM, errors.PrivilegeError),
 ])
 def test_errno_maps_to_typed_errors(err, cls):
-    assert isinstance(errors.from_errno(err, "open"), cls)
+    assert isinstance(error_codes.from_errno(err, "open"), cls)
 
 
 @pytest.mark.parametrize("filter, bad_token", [
@@ -142,3 +144,13 @@ def test_parameters_are_range_checked_and_applied():
             handle.set_param(Param.QUEUE_TIME, 50)
     with pytest.raises(errors.HandleClosedError):
         handle.get_param(Param.QUEUE_LENGTH)
+
+
+def test_importing_errors_or_address_loads_nothing_native():
+    # errors is a leaf: a program that only catches our exceptions (or builds address
+    # arrays) must not dlopen the backend or load the compiled ring.
+    code = ("import sys; import oisp.divert.errors, oisp.divert.address; "
+            "loaded = [m for m in ('oisp._native.ring', 'oisp.divert.backend', 'oisp.divert.handle') if m in sys.modules]; "
+            "print(','.join(loaded))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == ""

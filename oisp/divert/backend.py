@@ -21,7 +21,7 @@ import numpy as np
 
 from oisp._native import ring
 from oisp._native._divert_cffi import ffi
-from oisp.divert import errors
+from oisp.divert import error_codes, errors
 from oisp.divert.constants import MAX_BATCH, Layer, Shutdown
 from oisp.divert.library import WINDOWS, LibraryLocation, load, locate
 
@@ -62,6 +62,14 @@ class Backend:
     kind: int  # OISP_KIND_* in divert_calls.h
     recv_ex_fn: int  # address of the batched receive function
     send_ex_fn: int
+
+    def invalid_filter(self, filter: str | None, layer: int = Layer.NETWORK) -> errors.InvalidFilterError | None:
+        """The compiler's verdict on the filter of a failed call: the error naming the
+        position, or None when the filter is fine (or there was none)."""
+        if filter is None:
+            return None
+        ok, position, reason = self.compile_filter(filter, layer)
+        return None if ok else errors.InvalidFilterError(filter, position, reason)
 
     # -- to implement -------------------------------------------------------------
     def version(self) -> str: ...
@@ -133,9 +141,11 @@ class EBPFDivertBackend(Backend):
     def version(self) -> str:
         return ffi.string(self.lib.ebpfdivert_version()).decode()
 
-    def _fail(self, ret: int, action: str, **kw) -> errors.DivertError:
+    def _fail(self, ret: int, action: str, *, filter: str | None = None, layer: int = Layer.NETWORK
+              ) -> errors.DivertError:
         reason = ffi.string(self.lib.ebpfdivert_strerror(ret)).decode(errors="replace")
-        return errors.from_errno(-ret, action, reason=reason, **kw)
+        invalid = self.invalid_filter(filter, layer) if -ret == _errno.EINVAL else None
+        return error_codes.from_errno(-ret, action, reason=reason, filtered=filter is not None, invalid_filter=invalid)
 
     def error(self, code, action):
         return self._fail(-abs(code), action)
@@ -145,7 +155,8 @@ class EBPFDivertBackend(Backend):
         handle = self.lib.ebpfdivert_open(filter.encode(), int(layer), int(priority), int(flags), ffi.NULL)
         if handle == ffi.NULL:
             err = ffi.errno or _errno.EIO
-            raise errors.from_errno(err, "cannot open divert handle", filter=filter, layer=int(layer))
+            invalid = self.invalid_filter(filter, int(layer)) if err == _errno.EINVAL else None
+            raise error_codes.from_errno(err, "cannot open divert handle", filtered=True, invalid_filter=invalid)
         return handle
 
     def shutdown(self, handle, how=Shutdown.BOTH):
@@ -227,12 +238,13 @@ class WinDivertBackend(Backend):
     def version(self) -> str:
         return "2.2"  # WinDivert reports its version only through an open handle (Param 3/4)
 
-    def _fail(self, action: str, **kw) -> errors.DivertError:
-        code, _ = ffi.getwinerror()
-        return errors.from_winerror(code, action, **kw)
+    def _fail(self, action: str, *, filter: str | None = None, layer: int = Layer.NETWORK) -> errors.DivertError:
+        code, _ = ffi.getwinerror()  # first: any later call may overwrite the thread's last error
+        invalid = self.invalid_filter(filter, layer) if code == 87 else None
+        return error_codes.from_winerror(code, action, invalid_filter=invalid)
 
     def error(self, code, action):
-        return errors.from_winerror(code, action)
+        return error_codes.from_winerror(code, action)
 
     def open(self, filter, layer, priority, flags):
         handle = self.lib.WinDivertOpen(filter.encode(), int(layer), int(priority), int(flags))

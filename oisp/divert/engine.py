@@ -32,6 +32,7 @@ from oisp.divert import errors
 from oisp.divert.address import ADDRESS_DTYPE, OUTBOUND, event_of, flow_address
 from oisp.divert.backend import address_of
 from oisp.divert.constants import MAX_BATCH, Event, Flag, Layer, Param, Shutdown
+from oisp.divert.errors import EngineStalled
 from oisp.divert.handle import Handle
 from oisp.divert.library import WINDOWS
 
@@ -59,10 +60,6 @@ class Verdict(IntEnum):
 
 
 POLICIES = {"block": _ring.POLICY_BLOCK, "drop": _ring.POLICY_DROP}
-
-
-class EngineStalled(errors.DivertError):
-    """The consumer stopped returning slots; the handle was closed so traffic flows."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oisp._native._divert_cffi import ffi
+from oisp.divert.errors import BackendMissingError
 
 WINDOWS = sys.platform == "win32"
 
@@ -32,8 +33,6 @@ def pydivert_dir() -> Path:
     (its import pulls in asyncio machinery we do not use)."""
     spec = importlib.util.find_spec("pydivert")
     if spec is None or not spec.submodule_search_locations:
-        from oisp.divert.errors import BackendMissingError
-
         raise BackendMissingError("pydivert is not installed", hint="pip install 'pydivert>=4.0.1'")
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -50,8 +49,6 @@ def locate() -> LibraryLocation:
 @functools.lru_cache(maxsize=None)
 def load(path: str):
     """dlopen one library once per process."""
-    from oisp.divert.errors import BackendMissingError
-
     if not os.path.isfile(path):
         raise BackendMissingError(
             f"the divert library {path} is missing",
