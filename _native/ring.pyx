@@ -651,7 +651,7 @@ cdef class ReceiveRing:
         Returns the number of packets injected, or -error; a failed inject is counted in
         send_errors."""
         self._check_slot(slot)
-        cdef uint32_t count = self.counts_p[slot], i, kept = 0, write = 0, length, mtu, pieces
+        cdef uint32_t count = self.counts_p[slot], i, kept = 0, write = 0, length, mtu
         cdef uint32_t *offsets = self.offsets_p + <size_t>slot * self.batch
         cdef uint32_t *lengths = self.lengths_p + <size_t>slot * self.batch
         cdef uint8_t *verdicts = self.verdicts_p + <size_t>slot * self.batch

@@ -66,10 +66,6 @@ def event_of(bits):
     return (bits >> 8) & 0xFF
 
 
-def is_outbound(bits):
-    return (bits & OUTBOUND) != 0
-
-
 def set_flag(addresses: np.ndarray, flag: int, on) -> None:
     """Set or clear one flag bit on all (or, with a boolean array `on`, some) addresses."""
     bits = addresses["bits"]
