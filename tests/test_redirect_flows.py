@@ -83,26 +83,47 @@ def test_seen_ignores_unknown_flows():
 
 
 def test_concurrent_writers_and_readers_agree():
+    """Two writers and a reader race on one table: every entry found is whole (the server
+    port each writer derived from the client port, under the key that was asked for),
+    no thread raises or hangs, and the size bound holds."""
     table = FlowTable(max_flows=500)
-    errors = []
+    wrong, raised = [], []
+
+    def server_port_of(client_port):
+        return 1000 + client_port % 600
 
     def writer(base):
         for i in range(2000):
-            key = table.open(entry(client_port=base + i % 600)).key
+            client_port = base + i % 600
+            flow = FlowEntry(ipaddress.ip_address("10.0.0.1"), client_port, SERVER4, server_port_of(client_port),
+                             8443, 7, "python")
+            key = table.open(flow).key
             table.seen(key, TCP_ACK, from_client=True)
             if i % 50 == 0:
                 table.expire()
 
     def reader():
         for i in range(4000):
-            found = table.lookup(SERVER4, 10000 + i % 600, 8443)
-            if found is not None and found.server_port != 443:
-                errors.append(found)
+            port = 10000 + i % 600
+            found = table.lookup(SERVER4, port, 8443)
+            if found is not None and (found.client_port, found.server_port) != (port, server_port_of(port)):
+                wrong.append(found)
 
-    threads = [threading.Thread(target=writer, args=(10000,)), threading.Thread(target=writer, args=(10000,)),
-               threading.Thread(target=reader)]
+    def guarded(fn, *args):
+        def run():
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+                raised.append(e)
+        return run
+
+    threads = [threading.Thread(target=guarded(writer, 10000)), threading.Thread(target=guarded(writer, 10000)),
+               threading.Thread(target=guarded(reader))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert not errors and len(table) <= 500
+    assert not [t for t in threads if t.is_alive()], "a thread deadlocked"
+    assert not raised
+    assert not wrong
+    assert len(table) <= 500
