@@ -97,6 +97,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=40)
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--keep", metavar="FILE", help="also copy py-spy's raw stacks here")
+    parser.add_argument("--perf", action="store_true",
+                        help="also sample with perf (cpu-clock, kernel and native frames): the event loop's time "
+                             "by library, and the kernel's share by function")
     args = parser.parse_args()
     pyspy = shutil.which("py-spy")
     if pyspy is None:
@@ -111,6 +114,9 @@ def main() -> None:
         spy = subprocess.Popen([pyspy, "record", "--pid", str(pid), "--nonblocking", "--rate", str(args.rate),
                                 "--format", "raw", "--full-filenames", "-o", str(raw)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        perf_data = tmp / "perf.data"
+        perf = (subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "999", "-p", str(pid), "-o", str(perf_data)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if args.perf else None)
         time.sleep(1.0)
         cpu0, threads0 = cpu_seconds(pid), thread_cpu(pid)
         result = lab.client("oisp", "ttfc", 1, args.streams)
@@ -118,6 +124,9 @@ def main() -> None:
         loop_cpu = threads1.get(pid, 0.0) - threads0.get(pid, 0.0)  # the main thread runs the event loop
         spy.send_signal(signal.SIGINT)
         spy.wait(60)
+        if perf is not None:
+            perf.send_signal(signal.SIGINT)
+            perf.wait(60)
         lab.stop_oisp()
         counts = attribute(raw)
         if args.keep:
@@ -137,6 +146,20 @@ def main() -> None:
         for name, n in counts.most_common():
             if name not in ("idle", "ring thread (native)", "divert ring (Python)"):
                 print(f"| {name} | {100 * n / loop_busy:.1f} % | {loop_cpu * 1e6 / chunks * n / loop_busy:.1f} |")
+        if perf is not None:
+            def report(*sort: str, tid: int | None = None) -> str:
+                argv = ["perf", "report", "-i", str(perf_data), "--stdio", "--sort", ",".join(sort)]
+                if tid is not None:
+                    argv += ["--tid", str(tid)]
+                out = subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()
+                rows = [line for line in out if "%" in line and not line.startswith("#")]
+                shown = sum(float(line.split("%")[0]) for line in rows)
+                # perf 6 sometimes leaves the largest row out of a --tid report: say what is missing
+                missing = f"\n    {100 - shown:5.2f}%  (not listed by perf)" if shown < 99 and not sort[1:] else ""
+                return "\n".join(rows[:25]) + missing
+            print(f"\nperf (cpu-clock), all threads, by thread (the event loop is tid {pid}):\n{report('pid')}")
+            print(f"\nthe event-loop thread by library:\n{report('dso', tid=pid)}")
+            print(f"\nthe event-loop thread's top functions:\n{report('dso', 'sym', tid=pid)}")
     finally:
         if lab is not None:
             lab.close()
