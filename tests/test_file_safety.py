@@ -187,3 +187,70 @@ def test_open_private_file_writes_what_it_is_given(tmp_path):
     assert (tmp_path / "f").read_bytes() == b"3"
     with pytest.raises(FileExistsError):
         open_private_file(tmp_path / "f", "xb")
+
+
+def test_the_key_log_handed_to_openssl_cannot_be_redirected_afterwards(home, victim):
+    import ssl
+
+    data = home / "oisp"
+    data.mkdir(mode=0o700)
+    os.chown(data, USER, USER)
+    path = data / "keys.log"
+    name = keylog_name(path)
+    path.rename(data / "keys.moved")  # the user swaps the checked file for a link to /etc/passwd ...
+    path.symlink_to(victim / "passwd")
+    ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).keylog_filename = name  # ... before OpenSSL opens it
+    untouched(victim)
+    assert (data / "keys.moved").read_text().startswith("# TLS secrets log file")
+
+
+# -- item 12: nothing oisp writes is readable by others, whatever the umask ----------------------
+
+@pytest.fixture
+def umask_zero():
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_with_umask_zero_files_are_0600_and_directories_0700(writer, tmp_path, monkeypatch, umask_zero, other_ca):
+    monkeypatch.delenv("SUDO_UID", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    run_writer(writer, paths.data_dir() / WRITERS[writer][1], other_ca)
+    assert stat.S_IMODE(paths.data_dir().stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "xdg").stat().st_mode) == 0o700  # a parent made on the way, too
+    made = [p for p in paths.data_dir().iterdir()]
+    assert made and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in made), [
+        (p.name, oct(p.stat().st_mode)) for p in made]
+
+
+def test_with_umask_zero_a_rotated_jsonl_stays_0600(tmp_path, umask_zero):
+    sink = JsonlSink(tmp_path / "events.jsonl", max_bytes=100, backups=2)
+    for i in range(10):
+        sink.emit({"n": i, "pad": "x" * 40})
+    sink.close()
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 3 and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+
+
+def test_an_existing_file_others_can_read_is_reported_once(tmp_path, capfd):
+    shared = tmp_path / "events.jsonl"
+    shared.write_text("")
+    shared.chmod(0o644)
+    write_jsonl(shared)
+    write_jsonl(shared)
+    err = capfd.readouterr().err
+    assert err.count(f"{shared} is readable by others (mode 0644)") == 1 and "chmod 600" in err
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o644  # the user's choice is reported, not overridden
+
+
+def test_an_existing_data_directory_others_can_read_is_reported(tmp_path, monkeypatch, capfd):
+    monkeypatch.delenv("SUDO_UID", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    (tmp_path / "oisp").mkdir()
+    (tmp_path / "oisp").chmod(0o755)
+    write_jsonl(paths.default_events_path())
+    assert f"{tmp_path / 'oisp'} is readable by others (mode 0755)" in capfd.readouterr().err
