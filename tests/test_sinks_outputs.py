@@ -130,3 +130,35 @@ def test_fanout_isolates_a_failing_sink(tmp_path) -> None:
     report = fan.report()
     assert report["broken"]["lost"] == 3 and report["jsonl"]["emitted"] == 3
     assert len((tmp_path / "ok.jsonl").read_text().splitlines()) == 3
+
+
+# -- the webhook URL is a secret (issue 11 item 13) ----------------------------------------------
+
+def test_webhook_url_from_the_environment_or_a_file_keeps_it_out_of_ps(tmp_path, monkeypatch, capsys) -> None:
+    from oisp.sinks.webhook import webhook_url
+
+    url = "https://hooks.example/services/T0K3Nsecret?token=abc123"
+    monkeypatch.setenv("OISP_WEBHOOK_URL", url)
+    assert webhook_url(None) == url
+    (tmp_path / "hook").write_text(url + "\n")
+    assert webhook_url(f"@{tmp_path / 'hook'}") == url
+    assert capsys.readouterr().err == ""
+    assert webhook_url(url) == url  # still accepted on the command line, with a warning that does not repeat it
+    err = capsys.readouterr().err
+    assert "visible to every user" in err and "T0K3N" not in err
+    monkeypatch.delenv("OISP_WEBHOOK_URL")
+    assert webhook_url(None) is None
+
+
+def test_webhook_shows_only_scheme_and_host(caplog) -> None:
+    from oisp.sinks.webhook import display_url
+
+    assert display_url("https://user:pw@hooks.example:8443/p/SECRET?t=SECRET2") == "https://hooks.example:8443"
+    assert display_url("http://[::1]:9/x") == "http://[::1]:9"
+    sink = WebhookSink("http://127.0.0.1:9/hook/PATHSECRET?token=QUERYSECRET", max_retries=0, flush_interval=0.01)
+    sink.emit(ev(1))
+    with caplog.at_level("DEBUG"):
+        sink.close(timeout=5)
+    shown = caplog.text + repr(sink) + str(sink.stats.last_error)
+    assert sink.stats.lost == 1 and "127.0.0.1:9" in caplog.text
+    assert "PATHSECRET" not in shown and "QUERYSECRET" not in shown
