@@ -254,3 +254,51 @@ def test_an_existing_data_directory_others_can_read_is_reported(tmp_path, monkey
     (tmp_path / "oisp").chmod(0o755)
     write_jsonl(paths.default_events_path())
     assert f"{tmp_path / 'oisp'} is readable by others (mode 0755)" in capfd.readouterr().err
+
+
+def test_the_hash_key_is_never_made_through_a_linked_data_directory(home, victim, capfd):
+    from oisp.events import redact
+
+    (home / "oisp").symlink_to(victim)
+    redact._keys.clear()
+    try:
+        first = redact.secret_hash("sk-proj-some-key")
+    finally:
+        redact._keys.clear()
+    assert first.startswith("sha256:")  # hashing goes on, with a key for this run alone ...
+    assert "cannot use the hash key" in capfd.readouterr().err  # ... and says so
+    untouched(victim)
+
+
+def test_the_hash_key_is_made_once_for_the_user(home):
+    from oisp.events import redact
+
+    redact._keys.clear()
+    try:
+        first = redact.secret_hash("sk-proj-some-key")
+        redact._keys.clear()
+        assert redact.secret_hash("sk-proj-some-key") == first  # read back, not made anew
+    finally:
+        redact._keys.clear()
+    key = paths.data_dir() / "hash.key"
+    assert key.stat().st_uid == USER and stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_oisp_capture_refuses_a_linked_output_file_with_a_message(tmp_path, victim, capfd):
+    from oisp.cli import main
+
+    link = tmp_path / "out.pcapng"
+    link.symlink_to(victim / "passwd")
+    assert main(["capture", "-w", str(link), "--count", "1"]) == 2
+    err = capfd.readouterr().err
+    assert f"cannot write {link}" in err and "symbolic link" in err
+    untouched(victim)
+
+
+def test_oisp_ca_refuses_a_linked_data_directory_with_a_message(home, victim, capfd):
+    from oisp.cli import main
+
+    (home / "oisp").symlink_to(victim)
+    assert main(["ca", "show"]) == 1
+    assert "symbolic link" in capfd.readouterr().err
+    untouched(victim)
