@@ -222,3 +222,92 @@ def test_no_secret_in_any_output(outputs, place):
     for name, text in outputs["texts"].items():
         assert secret not in text, (outputs["mode"], place, name)
         assert secret[6:22] not in text, (outputs["mode"], place, name)  # nor a large piece of it
+
+
+# -- the same through `oisp record` itself: real redirector, proxy, TLS, SDK client --------------
+
+RECORD_SECRETS = {place: _random() for place in (
+    "sdk_bearer_key", "sdk_user_agent", "cmdline_api_key_eq", "cmdline_token_space", "webhook_path", "webhook_query")}
+RECORD_SECRETS |= {"prompt_fireworks": "fw_" + _random(), "prompt_vertex": "ya29." + _random(40)}
+
+SDK_CLIENT = """
+import json, os, openai
+s = json.loads(os.environ["PLANTED"])
+client = openai.OpenAI(api_key=s["sdk_bearer_key"], base_url="https://api.openai.com/v1", max_retries=0, timeout=20,
+                       default_headers={"User-Agent": "acme-cli/2.1 " + s["sdk_user_agent"]})
+reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content":
+    f"keep {s['prompt_fireworks']} and {s['prompt_vertex']} safe"}])
+print(json.dumps({"text": reply.choices[0].message.content}))
+"""
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """`oisp record --stdout` with the webhook from OISP_WEBHOOK_URL (one that is down), and one SDK call."""
+    import shutil
+    import signal
+    from pathlib import Path
+
+    from tests.fakeprovider import make_test_pki
+    from tests.netns import VethPair, stop_all
+
+    tmp = tmp_path_factory.mktemp("record-secrets")
+    s = RECORD_SECRETS
+    pair = VethPair.create()
+    hosts_dir = Path("/etc/netns") / pair.a.name
+    hosts_dir.mkdir(parents=True, exist_ok=True)
+    (hosts_dir / "hosts").write_text(f"127.0.0.1 localhost\n{pair.b_ip4} api.openai.com\n")
+    upstream_ca, cert, key = make_test_pki(tmp)
+    here = Path(__file__).parent
+    processes = [pair.b.popen(sys.executable, str(here / "fakeprovider.py"), "--host", pair.b_ip4, "--port", "443",
+                              "--cert", cert, "--key", key, stdout=subprocess.DEVNULL)]
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp / "data"),
+           "OISP_WEBHOOK_URL": f"http://127.0.0.1:9/hooks/{s['webhook_path']}?token={s['webhook_query']}"}
+    try:
+        time.sleep(1.0)  # hypercorn binding
+        sensor = pair.a.popen(sys.executable, "-m", "oisp", "record", "-o", str(tmp / "events.jsonl"), "--stdout",
+                              "--upstream-ca", upstream_ca, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env)
+        processes.append(sensor)
+        early = []
+        for line in sensor.stderr:
+            early.append(line)
+            if "recording" in line:
+                break
+        else:
+            raise AssertionError(f"the sensor did not start: {''.join(early)}")
+        client = subprocess.run(
+            pair.a.cmd(sys.executable, "-c", SDK_CLIENT, f"--api-key={s['cmdline_api_key_eq']}", "--token",
+                       s["cmdline_token_space"]),
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "SSL_CERT_FILE": str(tmp / "data" / "oisp" / "oisp-ca.pem"), "PLANTED": json.dumps(s)})
+        assert client.returncode == 0, client.stderr[-2000:]
+        time.sleep(1.5)  # the webhook's first attempts fail (and are reported) while recording
+        sensor.send_signal(signal.SIGINT)
+        out, late = sensor.communicate(timeout=60)
+        assert sensor.returncode == 0, late
+    finally:
+        stop_all(processes)
+        pair.delete()
+        shutil.rmtree(hosts_dir, ignore_errors=True)
+    return {"client": client.stdout, "texts": {"events.jsonl": (tmp / "events.jsonl").read_text(), "stdout": out,
+                                               "stderr": "".join(early) + late}}
+
+
+@pytest.mark.privileged
+def test_oisp_record_recorded_the_call(recorded):
+    events = [json.loads(line) for line in recorded["texts"]["events.jsonl"].splitlines()]
+    request = next(e for e in events if e["event_type"] == "ai.request")
+    assert request["process"]["cmdline_args"][:2] == [sys.executable, "-c"]
+    assert request["data"]["auth"]["key_hash"].startswith("sha256:")
+    assert "sink webhook lost" in recorded["texts"]["stderr"] and "http://127.0.0.1:9" in recorded["texts"]["stderr"]
+    assert recorded["texts"]["stdout"].count("\n") == len(events)
+    assert RECORD_SECRETS["prompt_fireworks"] in recorded["client"]  # echoed: it travelled both ways
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("place", sorted(RECORD_SECRETS))
+def test_no_secret_in_what_oisp_record_wrote(recorded, place):
+    secret = RECORD_SECRETS[place]
+    for name, text in recorded["texts"].items():
+        assert secret not in text and secret[6:22] not in text, (place, name)
