@@ -26,6 +26,7 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 from oisp.paths import data_dir as _data_dir, invoking_user
 
@@ -59,6 +60,9 @@ def private_dir(path: str | os.PathLike[str], *, data_dir: bool | None = None) -
     defaults to whether `path` is oisp's data directory. Another existing directory
     the user named is used as named, links and all: only what oisp makes must be its own."""
     path = Path(os.path.abspath(path))
+    if not _POSIX:  # no descriptors of directories, no sudo: made as the user who runs oisp
+        os.makedirs(path, exist_ok=True)
+        return -1
     if data_dir is None:
         data_dir = path == Path(os.path.abspath(_data_dir()))
     missing: list[str] = []
@@ -82,7 +86,7 @@ def private_dir(path: str | os.PathLike[str], *, data_dir: bool | None = None) -
         st = os.fstat(fd)
         if not data_dir:
             return fd
-        if _POSIX and st.st_uid != _owner_uid():
+        if st.st_uid != _owner_uid():
             raise UnsafePathError(
                 f"the oisp data directory {path} belongs to uid {st.st_uid}, not to uid {_owner_uid()} who runs "
                 f"oisp; oisp will not write there as root. Give it back (sudo chown -R {_owner_uid()} {path}) "
@@ -137,7 +141,7 @@ def open_private(path: str | os.PathLike[str], *, append: bool = False, exclusiv
             _close(dir_fd)
 
 
-def open_private_file(path: str | os.PathLike[str], mode: str = "wb", **kw) -> "os.FileIO":
+def open_private_file(path: str | os.PathLike[str], mode: str = "wb", **kw) -> BinaryIO:
     """open_private as a buffered binary file object: mode "wb", "ab" or "xb"."""
     fd = open_private(path, append=mode == "ab", exclusive=mode == "xb", **kw)
     return os.fdopen(fd, "ab" if mode == "ab" else "wb")
@@ -188,16 +192,17 @@ def keylog_name(path: str | os.PathLike[str]) -> str:
 
 def read_nofollow(path: str | os.PathLike[str]) -> bytes:
     """Read a file oisp made, refusing a symlink in its place (root must not read /etc/shadow as a CA key)."""
-    fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _BINARY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _BINARY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePathError(_symlink_message(Path(path))) from exc
+        raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise UnsafePathError(f"{path} is not a regular file")
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read()
-    except OSError as exc:
-        if exc.errno == errno.ELOOP and not isinstance(exc, UnsafePathError):
-            raise UnsafePathError(_symlink_message(Path(path))) from exc
-        raise
     finally:
         os.close(fd)
 
@@ -223,8 +228,6 @@ def _close(fd: int) -> None:
 
 
 def _open_dir(path: Path, *, follow: bool) -> int:
-    if not _POSIX:
-        return -1  # Windows: no dir_fd; names are used as given (see the module docstring)
     try:
         return os.open(path, os.O_RDONLY | _DIRECTORY | _CLOEXEC | (0 if follow else _NOFOLLOW))
     except OSError as exc:
@@ -254,9 +257,6 @@ def _check_creatable(fd: int, existing: Path, target: Path, data_dir: bool) -> N
 
 
 def _make_child_dir(parent_fd: int, name: str, path: Path) -> int:
-    if not _POSIX:
-        os.mkdir(path, DIR_MODE)
-        return -1
     try:
         os.mkdir(name, DIR_MODE, dir_fd=parent_fd)
     except FileExistsError:

@@ -302,3 +302,11 @@ def test_oisp_ca_refuses_a_linked_data_directory_with_a_message(home, victim, ca
     assert main(["ca", "show"]) == 1
     assert "symbolic link" in capfd.readouterr().err
     untouched(victim)
+
+
+def test_a_linked_ca_key_is_not_read(tmp_path, victim):
+    from oisp.safefile import read_nofollow
+
+    (tmp_path / "key.pem").symlink_to(victim / "passwd")
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        read_nofollow(tmp_path / "key.pem")

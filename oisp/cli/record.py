@@ -111,7 +111,7 @@ async def _record(args) -> int:
         issuer=issuer, spec=spec, own_ports=redirector.own_ports,
         upstream_verify=not args.no_upstream_verify, upstream_cafile=args.upstream_ca,
         keylog=issuer.keylog_filename,  # the safely opened key log, never the path as given
-        on_events=emit, recorder_options={"redactor": Redactor(args.redaction),
+        on_events=emit, recorder_options={"redactor": Redactor(args.redaction, spec=spec),
                                           "streaming_chunks": args.streaming_chunks})
     await proxy.start(args.proxy_port)
     loop = asyncio.get_running_loop()
