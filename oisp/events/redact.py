@@ -106,9 +106,11 @@ def _process_key(path: Path, problem: Exception) -> bytes:
 
 # -- what a secret looks like ---------------------------------------------------------------------
 
-# A pattern: kind, regex, how many leading characters are a public prefix, and a check of the
-# secret (the whole match, or the named group "s" where the regex also matches its context).
-Pattern = tuple[str, "re.Pattern[str]", int, Callable[[str, "re.Match[str]"], bool]]
+# A pattern: kind, regex, how many leading characters are a public prefix, a check of the secret
+# (the whole match, or the named group "s" where the regex also matches its context), and the
+# anchors: lower-case literals one of which every match contains. A string that holds none of a
+# pattern's anchors is not searched with it: a few substring tests cost far less than a regex.
+Pattern = tuple[str, "re.Pattern[str]", int, Callable[[str, "re.Match[str]"], bool], tuple[str, ...]]
 
 _BODY = r"[A-Za-z0-9_\-]{16,}(?:[.+/][A-Za-z0-9_\-]+)*={0,2}"  # base62/64url, maybe dotted or base64
 _NOT_A_MARKER = r"(?!\[REDACTED:)"
@@ -151,24 +153,28 @@ def _high_entropy(secret: str, m: re.Match[str]) -> bool:
 
 
 _OTHER_TOKENS: list[Pattern] = [
-    ("github", re.compile(r"(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"), 4, _always),
-    ("slack", re.compile(r"xox[abposr]-[A-Za-z0-9\-]{10,}"), 5, _always),
-    ("jwt", re.compile(r"eyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}"), 3, _always),
+    ("github", re.compile(r"(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"), 4, _always,
+     ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")),
+    ("slack", re.compile(r"xox[abposr]-[A-Za-z0-9\-]{10,}"), 5, _always, ("xox",)),
+    ("jwt", re.compile(r"eyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}"), 3, _always, ("eyj",)),
 ]
+_NAME_ANCHORS = ("key", "token", "secret", "passw", "pwd", "credential", "auth")  # every _SECRET_NAME has one
 # Credentials recognised by where they stand; group "s" is the secret.
 _IN_AUTH_POSITION: list[Pattern] = [
-    ("bearer", re.compile(r"(?i)\bbearer[ \t]+" + _NOT_A_MARKER + r"(?P<s>[A-Za-z0-9._~+/\-]{8,}=*)"), 0, _always),
+    ("bearer", re.compile(r"(?i)\bbearer[ \t]+" + _NOT_A_MARKER + r"(?P<s>[A-Za-z0-9._~+/\-]{8,}=*)"), 0, _always,
+     ("bearer",)),
     ("header", re.compile(r"(?i)(?<![A-Za-z0-9-])(?:" + _HEADER_NAMES + r")[\"']?[ \t]*[:=][ \t]*[\"']?"
                                r"(?:(?:bearer|basic|token)[ \t]+)?" + _NOT_A_MARKER + r"(?P<s>" + _VALUE + r"{8,})"),
-     0, _always),
+     0, _always, ("key", "auth", "token")),
     ("value", re.compile(r"(?i)(?<![A-Za-z0-9])(?P<n>-{0,2}" + _SECRET_NAME + r")(?![A-Za-z0-9])[\"']?"
-                                r"[ \t]*[=:][ \t]*[\"']?" + _NOT_A_MARKER + r"(?P<s>" + _VALUE + r"{3,})"), 0, _pair_value),
+                                r"[ \t]*[=:][ \t]*[\"']?" + _NOT_A_MARKER + r"(?P<s>" + _VALUE + r"{3,})"), 0, _pair_value,
+     _NAME_ANCHORS),
     ("value", re.compile(r"(?i)(?<!\S)(?P<n>--?" + _SECRET_NAME + r")[ \t]+[\"']?" + _NOT_A_MARKER +
-                                r"(?P<s>" + _VALUE + r"{3,})"), 0, _pair_value),
+                                r"(?P<s>" + _VALUE + r"{3,})"), 0, _pair_value, _NAME_ANCHORS),
 ]
 # Only where no word of content stands (the user agent, a command line): any long random token.
 _HIGH_ENTROPY: Pattern = ("random", re.compile(r"(?<![A-Za-z0-9_\-])[A-Za-z0-9_\-]{20,}(?![A-Za-z0-9_\-])"), 0,
-                          _high_entropy)
+                          _high_entropy, ())
 _SHORTEST_QUERY_SECRET = len("?sig=x")
 _QUERY_SECRET = re.compile(r"([?&](?:key|api[_-]?key|access_token|token|sig|signature|x-amz-signature|x-amz-credential)=)([^&#\s\"']+)", re.IGNORECASE)
 
@@ -178,7 +184,8 @@ def _provider_keys(prefixes: Iterable[tuple[str, str]]) -> list[Pattern]:
     seen: dict[str, str] = {}
     for provider_id, prefix in prefixes:
         seen.setdefault(prefix, provider_id)
-    return [(kind, re.compile(r"(?<![A-Za-z0-9])" + re.escape(prefix) + _BODY), min(len(prefix), 8), _prefixed(prefix))
+    # The literal prefix leads the regex, so the regex engine itself skips to it.
+    return [(kind, re.compile(re.escape(prefix) + _BODY), min(len(prefix), 8), _prefixed(prefix), (prefix.lower(),))
             for prefix, kind in sorted(seen.items(), key=lambda item: -len(item[0]))]
 
 
@@ -187,9 +194,7 @@ class Scrubber:
 
     def __init__(self, key_prefixes: Iterable[tuple[str, str]]) -> None:
         self.patterns: list[Pattern] = [*_provider_keys(key_prefixes), *_OTHER_TOKENS, *_IN_AUTH_POSITION]
-        # One pass over a string tells whether any pattern could match: most strings of an event
-        # hold no secret, and one search is much cheaper than trying each pattern.
-        self._any = re.compile("|".join(_ungrouped(p) for _, p, _, _ in self.patterns))
+        self._anchors = tuple(sorted({a for *_, anchors in self.patterns for a in anchors}))
         # Strings of an event repeat from one event to the next (process, host, model, header
         # values): the short ones found clean are remembered, so each is searched once.
         self._clean: dict[str, None] = {}
@@ -199,14 +204,23 @@ class Scrubber:
         long random token, for strings that hold no prose (a user agent, a command line)."""
         if len(text) < _SHORTEST_QUERY_SECRET or (not anywhere and text in self._clean):
             return text, 0
-        may_have_key = self._any.search(text) is not None
-        if not may_have_key and not anywhere and not _may_have_query_secret(text):
-            if len(text) <= _CLEAN_MAX_LENGTH:
-                if len(self._clean) >= _CLEAN_MAX_ENTRIES:
-                    self._clean.clear()  # crude but bounded; refilled by the next events
-                self._clean[text] = None
+        # Most strings of an event hold no secret: their lower case holds none of the anchors.
+        low = text.lower()
+        candidates = [p for p in self.patterns if any(a in low for a in p[4])] if any(
+            a in low for a in self._anchors) else []
+        if not candidates and not anywhere and not _may_have_query_secret(text):
+            self._remember_clean(text)
             return text, 0
-        return self.scrub_each(text, self.patterns if may_have_key else [], anywhere)
+        scrubbed, found = self.scrub_each(text, candidates, anywhere)
+        if not found and not anywhere:
+            self._remember_clean(text)
+        return scrubbed, found
+
+    def _remember_clean(self, text: str) -> None:
+        if len(text) <= _CLEAN_MAX_LENGTH:
+            if len(self._clean) >= _CLEAN_MAX_ENTRIES:
+                self._clean.clear()  # crude but bounded; refilled by the next events
+            self._clean[text] = None
 
     def scrub_each(self, text: str, patterns: list[Pattern] | None = None, anywhere: bool = False) -> tuple[str, int]:
         """Every pattern in turn, no prefilter (what ``scrub`` must equal)."""
@@ -243,15 +257,8 @@ _CLEAN_MAX_ENTRIES = 4096
 _CLEAN_MAX_LENGTH = 256
 
 
-def _ungrouped(regex: "re.Pattern[str]") -> str:
-    """A pattern with its named groups made plain and its flags scoped, so several can share
-    one alternation."""
-    pattern = re.sub(r"\(\?P<\w+>", "(?:", regex.pattern)
-    return f"(?i:{pattern.removeprefix('(?i)')})" if regex.flags & re.IGNORECASE else f"(?:{pattern})"
-
-
 def _apply(pattern: Pattern, text: str) -> tuple[str, int]:
-    kind, regex, prefix_len, check = pattern
+    kind, regex, prefix_len, check, _ = pattern
     count = 0
 
     def repl(m: re.Match[str]) -> str:
