@@ -131,7 +131,7 @@ _SECRET_SAMPLES = ["sk-ant-api03-" + "A1" * 15, "sk-proj-" + "b1" * 12, "sk-or-v
                    "tgp_v1_" + "l2" * 10, "fw_" + "Mm" * 10, "ABSK" + "n+" * 10 + "=", "ya29." + "o-" * 10,
                    "Bearer " + "l" * 20, "bearer \t" + "m.n" * 8, "x-api-key: ", "API key provided: ", "--api-key",
                    "--api-key=", "password=", "OPENAI_API_KEY=", "Zq12ab34cd56ef78", "?key=v", "&signature=abc",
-                   "?api-key=x&y=1"]
+                   "?api-key=x&y=1", "credent\u0131al=", "\u017fecret=", "\u212aey: "]  # Unicode case folding
 
 
 @settings(max_examples=2000, deadline=None)

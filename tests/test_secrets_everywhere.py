@@ -33,7 +33,7 @@ import pytest
 
 from oisp.decode import Direction, FlowContext
 from oisp.events import FlowRecorder, Redactor
-from oisp.sinks import FanOut, JsonlSink, StdoutSink, WebhookSink
+from oisp.sinks import StdoutSink, WebhookSink
 from oisp.sinks.options import sinks_from_args
 
 

@@ -118,7 +118,7 @@ _VALUE = r"[^\s\"'&,;<>()\[\]{}]"
 # The names of pairs that hold a credential; "max_tokens", "monkey" and "keyboard" are not.
 _SECRET_NAME = (r"(?:[A-Za-z0-9]+[_.-])*(?:api[_-]?key|apikey|access[_-]?key|secret[_-]?key|private[_-]?key|key|"
                 r"token|secret|client[_-]?secret|password|passwd|pwd|credentials?|auth)")
-_PASSWORD_NAME = re.compile(r"(?i)(?:password|passwd|pwd)$")
+_PASSWORD_NAME = re.compile(r"(?ai)(?:password|passwd|pwd)$")
 _HEADER_NAMES = (r"x-api-key|x-goog-api-key|api[ _-]?key(?:\s+provided)?|authorization|proxy-authorization|"
                  r"x-auth-token|x-amz-security-token")
 
@@ -161,15 +161,15 @@ _OTHER_TOKENS: list[Pattern] = [
 _NAME_ANCHORS = ("key", "token", "secret", "passw", "pwd", "credential", "auth")  # every _SECRET_NAME has one
 # Credentials recognised by where they stand; group "s" is the secret.
 _IN_AUTH_POSITION: list[Pattern] = [
-    ("bearer", re.compile(r"(?i)\bbearer[ \t]+" + _NOT_A_MARKER + r"(?P<s>[A-Za-z0-9._~+/\-]{8,}=*)"), 0, _always,
+    ("bearer", re.compile(r"(?ai)\bbearer[ \t]+" + _NOT_A_MARKER + r"(?P<s>[A-Za-z0-9._~+/\-]{8,}=*)"), 0, _always,
      ("bearer",)),
-    ("header", re.compile(r"(?i)(?<![A-Za-z0-9-])(?:" + _HEADER_NAMES + r")[\"']?[ \t]*[:=][ \t]*[\"']?"
+    ("header", re.compile(r"(?ai)(?<![A-Za-z0-9-])(?:" + _HEADER_NAMES + r")[\"']?[ \t]*[:=][ \t]*[\"']?"
                                r"(?:(?:bearer|basic|token)[ \t]+)?" + _NOT_A_MARKER + r"(?P<s>" + _VALUE + r"{8,})"),
      0, _always, ("key", "auth", "token")),
-    ("value", re.compile(r"(?i)(?<![A-Za-z0-9])(?P<n>-{0,2}" + _SECRET_NAME + r")(?![A-Za-z0-9])[\"']?"
+    ("value", re.compile(r"(?ai)(?<![A-Za-z0-9])(?P<n>-{0,2}" + _SECRET_NAME + r")(?![A-Za-z0-9])[\"']?"
                                 r"[ \t]*[=:][ \t]*[\"']?" + _NOT_A_MARKER + r"(?P<s>" + _VALUE + r"{3,})"), 0, _pair_value,
      _NAME_ANCHORS),
-    ("value", re.compile(r"(?i)(?<!\S)(?P<n>--?" + _SECRET_NAME + r")[ \t]+[\"']?" + _NOT_A_MARKER +
+    ("value", re.compile(r"(?ai)(?<!\S)(?P<n>--?" + _SECRET_NAME + r")[ \t]+[\"']?" + _NOT_A_MARKER +
                                 r"(?P<s>" + _VALUE + r"{3,})"), 0, _pair_value, _NAME_ANCHORS),
 ]
 # Only where no word of content stands (the user agent, a command line): any long random token.
@@ -252,7 +252,7 @@ class Scrubber:
         return out
 
 
-_FLAG_ALONE = re.compile(r"(?i)--?" + _SECRET_NAME)
+_FLAG_ALONE = re.compile(r"(?ai)--?" + _SECRET_NAME)
 _CLEAN_MAX_ENTRIES = 4096
 _CLEAN_MAX_LENGTH = 256
 
