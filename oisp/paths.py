@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 def data_dir() -> Path:
-    """XDG_DATA_HOME/oisp on Linux, %LOCALAPPDATA%\\oisp on Windows, Application Support on macOS.
+    """Where oisp keeps its files (oisp.safefile creates them: 0700, owned by the user, never
+    through a symlink). XDG_DATA_HOME/oisp on Linux, %LOCALAPPDATA%\\oisp on Windows, Application Support on macOS.
 
     Under sudo, the invoking user's directory, not root's: `sudo oisp record` must
     use the same CA the user trusted with `oisp ca env`."""
@@ -22,7 +23,7 @@ def data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share") / "oisp"
 
 
-def _sudo_ids() -> tuple[int, int] | None:
+def invoking_user() -> tuple[int, int] | None:
     """(uid, gid) of the user who ran sudo, when running as root under sudo."""
     if sys.platform == "win32" or os.geteuid() != 0:
         return None
@@ -34,7 +35,7 @@ def _sudo_ids() -> tuple[int, int] | None:
 
 
 def _sudo_user_home() -> Path | None:
-    ids = _sudo_ids()
+    ids = invoking_user()
     if ids is None:
         return None
     import pwd
@@ -43,19 +44,6 @@ def _sudo_user_home() -> Path | None:
         return Path(pwd.getpwuid(ids[0]).pw_dir)
     except KeyError:
         return None
-
-
-def give_to_invoking_user(*paths: Path) -> None:
-    """Under sudo, files made in the user's data directory belong to the user, so
-    their own `oisp ca env` and later runs can use them."""
-    ids = _sudo_ids()
-    if ids is None:
-        return
-    for path in paths:
-        try:
-            os.chown(path, *ids)
-        except OSError:
-            pass
 
 
 def default_events_path() -> Path:

@@ -14,6 +14,13 @@ import pytest
 
 REQUIRE_PRIVILEGED = os.environ.get("OISP_REQUIRE_PRIVILEGED") == "1"
 
+# Anything that hashes a credential makes the install's hash key in the data directory: tests
+# that do not choose their own keep theirs in a throw-away one, not in the real user's.
+if "XDG_DATA_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="oisp-test-data-")
+
 
 def _privilege_problem() -> str | None:
     import sys

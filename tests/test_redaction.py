@@ -108,7 +108,7 @@ def test_full_mode_hashes_all_content() -> None:
 
 def test_safe_mode_keeps_ordinary_content() -> None:
     req = next(e for e in record("safe") if e["event_type"] == "ai.request")
-    assert req["data"]["messages"][0]["content"].startswith("use [REDACTED:aws_access_key:AKIA:sha256:")
+    assert req["data"]["messages"][0]["content"].startswith("use [REDACTED:aws_bedrock:AKIA:sha256:")
 
 
 def test_minimal_mode_still_never_copies_credentials_headers() -> None:
@@ -125,28 +125,137 @@ def test_scrub_is_idempotent() -> None:
     assert n == 2 and m == 0 and once == twice
 
 
-_SECRET_SAMPLES = ["sk-ant-api03-" + "A" * 30, "sk-proj-" + "b1" * 12, "sk-or-v1-" + "c" * 20, "sk-" + "d" * 20,
+_SECRET_SAMPLES = ["sk-ant-api03-" + "A1" * 15, "sk-proj-" + "b1" * 12, "sk-or-v1-" + "c" * 20, "sk-" + "dD" * 10,
                    "AKIA" + "E" * 16, "ghp_" + "f" * 24, "xoxb-" + "1" * 12, "eyJhbGc1.eyJzdWI2.sig_nature",
-                   "AIza" + "g" * 32, "hf_" + "h" * 24, "gsk_" + "i" * 24, "xai-" + "j" * 24, "pplx-" + "k" * 24,
-                   "Bearer " + "l" * 20, "bearer " + "m.n" * 8, "?key=v", "&signature=abc", "?api-key=x&y=1"]
+                   "AIza" + "g" * 32, "hf_" + "h1" * 12, "gsk_" + "i" * 24, "xai-" + "j" * 24, "pplx-" + "k" * 24,
+                   "tgp_v1_" + "l2" * 10, "fw_" + "Mm" * 10, "ABSK" + "n+" * 10 + "=", "ya29." + "o-" * 10,
+                   "Bearer " + "l" * 20, "bearer \t" + "m.n" * 8, "x-api-key: ", "API key provided: ", "--api-key",
+                   "--api-key=", "password=", "OPENAI_API_KEY=", "Zq12ab34cd56ef78", "?key=v", "&signature=abc",
+                   "?api-key=x&y=1", "credent\u0131al=", "\u017fecret=", "\u212aey: "]  # Unicode case folding
 
 
 @settings(max_examples=2000, deadline=None)
 @given(st.lists(st.one_of(st.sampled_from(_SECRET_SAMPLES), st.text(max_size=12),
-                          st.sampled_from([" ", "\n", '"', "=", "&", "?", "sk-", "Bearer", "eyJ"])), max_size=12))
+                          st.sampled_from([" ", "\n", '"', "=", ":", "&", "?", "sk-", "Bearer", "eyJ", "[REDACTED:"])),
+                max_size=12))
 def test_the_prefilter_never_lets_a_secret_through(parts) -> None:
     """scrub_secrets skips strings its one combined search rules out; it must give exactly
     what trying every pattern gives."""
     text = "".join(parts)
-    count = 0
+    assert redact.scrub_secrets(text)[0] == redact.default_scrubber().scrub_each(text)[0]
 
-    def every_pattern(value: str) -> str:
-        nonlocal count
-        for kind, pattern, prefix_len in redact._PATTERNS:
-            value, n = pattern.subn(lambda m, k=kind, p=prefix_len: redact._marker(k, m.group(), p), value)
-            count += n
-        return redact._QUERY_SECRET.sub(
-            lambda m: m.group() if m.group(2).startswith("[REDACTED:")
-            else m.group(1) + redact._marker("query_secret", m.group(2), 0), value)
 
-    assert redact.scrub_secrets(text)[0] == every_pattern(text)
+# -- patterns from the spec, positions, full mode, the keyed hash (issue 11 item 13) -------------
+
+def _key_for(prefix: str) -> str:
+    return prefix + "Q7wE9rT2yU4iO6pA8sD0fG1h"
+
+
+def test_every_key_prefix_the_spec_lists_is_redacted() -> None:
+    from oisp.spec import default_spec
+
+    prefixes = {prefix for p in default_spec().providers for prefix in p.key_prefixes}
+    assert {"tgp_v1_", "fw_", "ABSK", "ya29.", "sk-ant-", "gsk_"} <= prefixes
+    for prefix in prefixes:
+        key = _key_for(prefix)
+        text, n = scrub_secrets(f"here: {key} there")
+        assert key not in text and n == 1 and "[REDACTED:" in text, prefix
+
+
+def test_a_provider_added_to_the_spec_is_covered_without_code() -> None:
+    from oisp.spec import Spec
+
+    spec = Spec.from_dict({"providers": [{"id": "newcorp", "hosts": ["api.newcorp.test"], "key_prefixes": ["nc_live_"]}]})
+    key = _key_for("nc_live_")
+    event = {"event_type": "network.connect", "confidence": {}, "data": {"note": f"uses {key}"}}
+    Redactor("safe", spec=spec).apply(event)
+    assert key not in json.dumps(event) and "[REDACTED:newcorp:nc_live_:" in event["data"]["note"]
+
+
+def test_a_word_after_a_short_prefix_is_not_a_key() -> None:
+    assert scrub_secrets("run fw_update_firmware_version_now and hf_hub_download_helper")[1] == 0
+
+
+@pytest.mark.parametrize("text, secret", [
+    ("Authorization: Bearer  Zx81jfk2l3jd8skQ", "Zx81jfk2l3jd8skQ"),  # two spaces
+    ("Authorization: Bearer\tZx81jfk2l3jd8skQ", "Zx81jfk2l3jd8skQ"),  # a tab
+    ("curl -H 'x-api-key: Zx81jfk2l3jd8skQ' https://api.example", "Zx81jfk2l3jd8skQ"),
+    ("tool --api-key=Zx81jfk2l3jd8skQ --model m", "Zx81jfk2l3jd8skQ"),
+    ("tool --api-key Zx81jfk2l3jd8skQ", "Zx81jfk2l3jd8skQ"),
+    ("Incorrect API key provided: Zx81jfk2l3jd8skQ. You can find your API key at", "Zx81jfk2l3jd8skQ"),
+    ("OPENAI_API_KEY=Zx81jfk2l3jd8skQ python app.py", "Zx81jfk2l3jd8skQ"),
+    ('{"client_secret": "Zx81jfk2l3jd8skQ"}', "Zx81jfk2l3jd8skQ"),
+    ("db password=hunter2 ok", "hunter2"),
+    ("github_token: Zx81jfk2l3jd8skQ", "Zx81jfk2l3jd8skQ"),
+])
+def test_unprefixed_secrets_in_auth_positions(text, secret) -> None:
+    scrubbed, n = scrub_secrets(text)
+    assert secret not in scrubbed and n >= 1, scrubbed
+
+
+@pytest.mark.parametrize("text", ["set max_tokens=1024 and temperature=0.2", "the key: understanding matters",
+                                  "monkey=bananas123Abc", "token limits apply", "a keyboard and a passport"])
+def test_ordinary_text_is_left_alone(text) -> None:
+    assert scrub_secrets(text) == (text, 0)
+
+
+def test_command_lines_are_scrubbed_at_attribution_in_every_mode() -> None:
+    import subprocess
+
+    from oisp.events.attribution import ProcessAttributor
+
+    secret = "Zx81jfk2l3jd8skQ0a9s"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "--token", secret,
+                              "-H", f"x-api-key: {secret}9"])
+    try:
+        info = ProcessAttributor().process(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert secret not in json.dumps(info) and info["cmdline_args"][3] == "--token"
+    assert info["cmdline_args"][4].startswith("[REDACTED:value::sha256:")
+
+
+def _full_mode_event() -> dict:
+    return {"event_type": "ai.response", "confidence": {},
+            "process": {"pid": 1, "cmdline_args": ["llm", "-m", "gpt-4o", "summarise my medical record"],
+                        "cmdline": "llm -m gpt-4o 'summarise my medical record'"},
+            "data": {"tools": [{"type": "function", "function": {"name": "lookup", "description": "finds the patient",
+                                                                 "parameters": {"properties": {"q": {
+                                                                     "type": "string", "description": "their name"}}}}}],
+                     "error": {"type": "invalid_request_error", "code": "bad", "message": "echo: my medical record",
+                               "param": "messages[0]: my medical record"}}}
+
+
+def test_full_mode_hashes_command_line_arguments_tool_descriptions_and_errors() -> None:
+    event = Redactor("full").apply(_full_mode_event())
+    text = json.dumps(event)
+    assert "medical" not in text and "patient" not in text and "their name" not in text
+    assert event["process"]["cmdline_args"][0] == "llm" and event["process"]["cmdline"].startswith("llm '[REDACTED:content:")
+    assert event["data"]["error"]["type"] == "invalid_request_error" and event["data"]["error"]["code"] == "bad"
+    assert event["data"]["tools"][0]["function"]["name"] == "lookup"
+
+
+def test_safe_mode_keeps_them() -> None:
+    event = Redactor("safe").apply(_full_mode_event())
+    assert "summarise my medical record" in event["process"]["cmdline_args"]
+
+
+def test_hashes_are_keyed_per_install_and_stable_across_runs(tmp_path) -> None:
+    import hashlib
+    import os
+    import stat
+    import subprocess
+
+    program = "from oisp.events.redact import secret_hash; print(secret_hash('sk-proj-the-same-key'))"
+
+    def run(install: str) -> str:
+        env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / install)}
+        return subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    first, again, other = run("a"), run("a"), run("b")
+    assert first == again != other and first.startswith("sha256:") and len(first) == len("sha256:") + 16
+    assert first != "sha256:" + hashlib.sha256(b"sk-proj-the-same-key").hexdigest()[:16]  # not guessable offline
+    key = tmp_path / "a" / "oisp" / "hash.key"
+    assert len(key.read_bytes()) == 32 and stat.S_IMODE(key.stat().st_mode) == 0o600

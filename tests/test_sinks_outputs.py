@@ -130,3 +130,160 @@ def test_fanout_isolates_a_failing_sink(tmp_path) -> None:
     report = fan.report()
     assert report["broken"]["lost"] == 3 and report["jsonl"]["emitted"] == 3
     assert len((tmp_path / "ok.jsonl").read_text().splitlines()) == 3
+
+
+# -- the webhook URL is a secret (issue 11 item 13) ----------------------------------------------
+
+def test_webhook_url_from_the_environment_or_a_file_keeps_it_out_of_ps(tmp_path, monkeypatch, capsys) -> None:
+    from oisp.sinks.webhook import webhook_url
+
+    url = "https://hooks.example/services/T0K3Nsecret?token=abc123"
+    monkeypatch.setenv("OISP_WEBHOOK_URL", url)
+    assert webhook_url(None) == url
+    (tmp_path / "hook").write_text(url + "\n")
+    assert webhook_url(f"@{tmp_path / 'hook'}") == url
+    assert capsys.readouterr().err == ""
+    assert webhook_url(url) == url  # still accepted on the command line, with a warning that does not repeat it
+    err = capsys.readouterr().err
+    assert "visible to every user" in err and "T0K3N" not in err
+    monkeypatch.delenv("OISP_WEBHOOK_URL")
+    assert webhook_url(None) is None
+
+
+def test_webhook_shows_only_scheme_and_host(caplog) -> None:
+    from oisp.sinks.webhook import display_url
+
+    assert display_url("https://user:pw@hooks.example:8443/p/SECRET?t=SECRET2") == "https://hooks.example:8443"
+    assert display_url("http://[::1]:9/x") == "http://[::1]:9"
+    sink = WebhookSink("http://127.0.0.1:9/hook/PATHSECRET?token=QUERYSECRET", max_retries=0, flush_interval=0.01)
+    sink.emit(ev(1))
+    with caplog.at_level("DEBUG"):
+        sink.close(timeout=5)
+    shown = caplog.text + repr(sink) + str(sink.stats.last_error)
+    assert sink.stats.lost == 1 and "127.0.0.1:9" in caplog.text
+    assert "PATHSECRET" not in shown and "QUERYSECRET" not in shown
+
+
+# -- item 14: terminal escapes in --pretty, a webhook that never answers -------------------------
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J"  # sets the terminal's title, then clears the screen
+CONTROLS = [chr(c) for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0))]
+
+
+def _hostile_events() -> list[dict]:
+    """Real events from the recorder: a prompt, a model name, a reply and a process name carrying escape
+    sequences (HTTP itself refuses them in a path or a header)."""
+    from oisp.decode import Direction, FlowContext
+    from oisp.events import FlowRecorder
+
+    body = json.dumps({"model": f"gpt-4o{HOSTILE}", "messages": [{"role": "user", "content": f"hi {HOSTILE}\x9b2J"}]})
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nUser-Agent: ua\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body.encode())}\r\n\r\n{body}").encode()
+    reply = json.dumps({"id": "c1", "model": f"gpt-4o{HOSTILE}", "choices": [{"index": 0, "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": f"{HOSTILE}\x9b2J\x7f echoed"}}]}).encode()
+    response = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(reply) + reply
+    rec = FlowRecorder(FlowContext(("10.0.0.2", 1), ("10.0.0.3", 443), 1.0, sni="api.openai.com",
+                                   process_name=f"evil{HOSTILE}"))
+    events = rec.feed(Direction.REQUEST, request, 2.0) + rec.feed(Direction.RESPONSE, response, 3.0) + rec.close(4.0)
+    events.append({**ev(9), "event_type": "process.exec", "data": {"note": f"x{HOSTILE}\x9b"}})
+    return events
+
+
+def test_pretty_output_shows_control_characters_escaped() -> None:
+    events = _hostile_events()
+    assert {e["event_type"] for e in events} >= {"ai.request", "ai.response", "network.flow", "network.connect"}
+    buf = io.StringIO()
+    sink = StdoutSink(buf, pretty=True)
+    for event in events:
+        sink.emit(event)
+    out = buf.getvalue()
+    assert not [c for c in CONTROLS if c in out], repr(out)
+    assert "\\x1b]0;pwned\\x07\\x1b[2J" in out  # shown, harmlessly
+    assert out.count("\n") == len(events)
+
+
+def test_json_to_a_terminal_shows_c1_and_del_escaped_and_stays_json() -> None:
+    import os
+
+    primary, secondary = os.openpty()
+    try:
+        with open(secondary, "w", closefd=False) as tty:
+            sink = StdoutSink(tty)
+            for event in _hostile_events():
+                sink.emit(event)
+            tty.flush()
+        os.set_blocking(primary, False)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except BlockingIOError:
+                break
+            out += chunk
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    text = out.decode().replace("\r\n", "\n")
+    assert not [c for c in CONTROLS if c in text], repr(text)
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert any(HOSTILE in json.dumps(line) or "\\u001b" in json.dumps(line) for line in lines)
+    assert any("\x9b2J\x7f echoed" in (e["data"].get("choices") or [{}])[0].get("message", {}).get("content", "")
+               for e in lines if e["event_type"] == "ai.response")  # the content itself is intact
+
+
+@pytest.fixture()
+def silent_server():
+    """Accepts connections and reads them, but never answers."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list = []
+    stop = threading.Event()
+
+    def run() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            held.append(conn)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    yield listener.getsockname()[1], held
+    stop.set()
+    t.join(2)
+    for conn in held:
+        conn.close()
+    listener.close()
+
+
+def test_webhook_close_is_bounded_and_counts_what_is_left_as_lost(silent_server) -> None:
+    port, held = silent_server
+    sink = WebhookSink(f"http://127.0.0.1:{port}/hook", batch_size=5, flush_interval=0.05, timeout=60)
+    for i in range(5):
+        sink.emit(ev(i))  # a full batch: sent at once, then waits for an answer that never comes
+    deadline = time.monotonic() + 5
+    while not held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert held, "the webhook never connected"
+    for i in range(5, 8):
+        sink.emit(ev(i))  # queued behind it
+    t0 = time.monotonic()
+    sink.close(timeout=1.0)
+    took = time.monotonic() - t0
+    assert 0.9 <= took < 3.0
+    assert sink.stats.lost == 8 and sink.stats.emitted == 0
+
+
+def test_webhook_close_without_a_timeout_argument_is_bounded_too(silent_server) -> None:
+    port, held = silent_server
+    sink = WebhookSink(f"http://127.0.0.1:{port}/hook", batch_size=1, flush_interval=0.05, timeout=60)
+    sink.emit(ev(1))
+    closer = threading.Thread(target=sink.close, daemon=True)
+    t0 = time.monotonic()
+    closer.start()
+    closer.join(15)
+    assert not closer.is_alive() and time.monotonic() - t0 < 10
+    assert sink.stats.lost == 1

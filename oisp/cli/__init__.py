@@ -28,10 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from oisp.safefile import UnsafePathError
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except UnsafePathError as exc:  # a linked or foreign data directory, file or key log: what to do, no traceback
+        print(f"oisp {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -105,12 +105,13 @@ async def _record(args) -> int:
                       server=(str(entry.server_addr), entry.server_port), pid=entry.pid,
                       process_name=entry.process_name)
 
+    issuer = LeafIssuer(ca, keylog_filename=args.keylog)
     proxy = TransparentProxy(
         lookup=lookup, name_owner=lambda peer_addr, peer_port: lookup(peer_addr, peer_port, True),
-        issuer=LeafIssuer(ca, keylog_filename=args.keylog), spec=spec,
-        own_ports=redirector.own_ports,
-        upstream_verify=not args.no_upstream_verify, upstream_cafile=args.upstream_ca, keylog=args.keylog,
-        on_events=emit, recorder_options={"redactor": Redactor(args.redaction),
+        issuer=issuer, spec=spec, own_ports=redirector.own_ports,
+        upstream_verify=not args.no_upstream_verify, upstream_cafile=args.upstream_ca,
+        keylog=issuer.keylog_filename,  # the safely opened key log, never the path as given
+        on_events=emit, recorder_options={"redactor": Redactor(args.redaction, spec=spec),
                                           "streaming_chunks": args.streaming_chunks})
     await proxy.start(args.proxy_port)
     loop = asyncio.get_running_loop()

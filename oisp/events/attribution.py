@@ -1,4 +1,5 @@
-"""Process attribution: pid → {pid, ppid, name, exe, cmdline, user, start_time}, via psutil.
+"""Process attribution: pid → {pid, ppid, name, exe, cmdline, user, start_time}, via psutil;
+the command line without the secrets it held.
 
 Cached per pid and keyed by the process's creation time, so a pid reused by a
 new process is looked up afresh rather than given the old owner's identity.
@@ -8,7 +9,6 @@ never saw alive yields just its pid.
 
 from __future__ import annotations
 
-import shlex
 import time
 from collections import OrderedDict
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 
 from oisp.events.envelope import rfc3339
+from oisp.events.redact import scrub_cmdline
 
 
 class ProcessAttributor:
@@ -61,5 +62,7 @@ class ProcessAttributor:
                 if value not in (None, "", []):
                     info[key] = value
         if "cmdline_args" in info:
-            info["cmdline"] = shlex.join(info["cmdline_args"])
+            # Scrubbed here, at the source, in every redaction mode: `--api-key K`, `-H 'x-api-key: K'`
+            # and the like are credentials, not content.
+            info["cmdline_args"], info["cmdline"] = scrub_cmdline(info["cmdline_args"])
         return info

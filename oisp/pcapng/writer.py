@@ -22,6 +22,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from oisp.safefile import open_private_file
+
 LINKTYPE_RAW = 101  # raw IPv4 or IPv6, told apart by the version nibble
 LINKTYPE_IPV4 = 228
 LINKTYPE_IPV6 = 229
@@ -90,7 +92,8 @@ class PcapngWriter:
         """A writer on a file path, or on stdout for "-"."""
         if path == "-":
             return cls(sys.stdout.buffer, **kw)
-        return cls(open(path, "wb"), close_stream=True, **kw)
+        # Packets carry whatever crossed the wire: 0600, and never written through a link (under sudo).
+        return cls(open_private_file(path, "wb"), close_stream=True, **kw)
 
     def add_interface(self, name: str, *, description: str | None = None, linktype: int = LINKTYPE_RAW,
                       snaplen: int = 0, tsresol: int = 9) -> int:

@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import NameOID
 
 # The data directory is shared with the event sinks; paths.py is a leaf module with no side effects.
-from oisp.paths import data_dir, give_to_invoking_user
+from oisp.paths import data_dir
+from oisp.safefile import ensure_private_dir, open_private, read_nofollow, refuse_link, write_replacing
 
 CERT_FILE = "oisp-ca.pem"
 KEY_FILE = "oisp-ca-key.pem"
@@ -58,6 +59,8 @@ class CertificateAuthority:
     def load_or_create(cls, directory: Path | None = None) -> CertificateAuthority:
         directory = Path(directory) if directory is not None else ca_dir()
         cert_path, key_path = directory / CERT_FILE, directory / KEY_FILE
+        for path in (directory, cert_path, key_path):
+            refuse_link(path)  # exists() below would follow one; opening never does
         if not cert_path.exists():
             if not key_path.exists():
                 try:
@@ -82,13 +85,12 @@ class CertificateAuthority:
 
     @classmethod
     def _create(cls, cert_path: Path, key_path: Path) -> CertificateAuthority:
-        cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_private_dir(cert_path.parent)
         key = ec.generate_private_key(ec.SECP256R1())
         certificate = _self_signed_ca(key)
         _write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                    serialization.NoEncryption()))
         write_replacing(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
-        give_to_invoking_user(cert_path.parent, key_path, cert_path)
         return cls(certificate, key, cert_path, key_path)
 
     @classmethod
@@ -136,9 +138,10 @@ def _self_signed_ca(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Create the key file with owner-only access before a byte of the key is in it."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    fd = os.open(path, flags, 0o600)
-    if sys.platform == "win32":
+    if sys.platform != "win32":
+        fd = open_private(path, exclusive=True)  # 0600, not through a link, the user's under sudo
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_BINARY, 0o600)
         os.close(fd)  # the mode bits mean nothing on Windows: set an ACL on the still-empty file, then write
         _restrict_to_owner(path)
         fd = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
@@ -159,13 +162,6 @@ def _restrict_to_owner(path: Path) -> None:
         raise CAError(f"could not restrict {path} to {account} with icacls: {(done.stdout + done.stderr).strip()}")
 
 
-def write_replacing(path: Path, data: bytes) -> None:
-    """Write beside the target and rename, so a reader never sees half a certificate."""
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_bytes(data)
-    os.replace(partial, path)
-
-
 def _wait_for_certificate(cert_path: Path, key_path: Path) -> None:
     """A key without a certificate is a CA being made right now, unless the key is older than that takes."""
     try:
@@ -178,7 +174,7 @@ def _wait_for_certificate(cert_path: Path, key_path: Path) -> None:
 
 def _read(path: Path, other: Path) -> bytes:
     try:
-        return path.read_bytes()
+        return read_nofollow(path)
     except FileNotFoundError as exc:
         raise CAError(_unusable(path, f"is missing while {other} exists")) from exc
     except PermissionError as exc:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from oisp.proxy.ca import CLOCK_SKEW, CertificateAuthority
+from oisp.safefile import keylog_name
 
 LEAF_VALIDITY = datetime.timedelta(days=365)
 MAX_COMMON_NAME = 64  # longer names live in the SAN only
@@ -87,7 +88,9 @@ class BoundedLRU(Generic[K, V]):
 class LeafIssuer:
     def __init__(self, ca: CertificateAuthority, cache_size: int = 1024, keylog_filename: str | None = None) -> None:
         self.ca = ca
-        self.keylog_filename = keylog_filename  # SSLKEYLOGFILE lines for the client side, for Wireshark
+        # SSLKEYLOGFILE lines for the client side, for Wireshark. The name the contexts get is
+        # checked and pinned to a file opened safely here (see keylog_name): TLS keys, 0600.
+        self.keylog_filename = keylog_name(keylog_filename) if keylog_filename else None
         self.key = ec.generate_private_key(ec.SECP256R1())
         self._key_pem = self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption())

@@ -20,7 +20,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from oisp.proxy.ca import CertificateAuthority, write_replacing
+from oisp.proxy.ca import CertificateAuthority
+from oisp.safefile import ensure_private_dir, write_replacing
 
 BUNDLE_FILE = "ca-bundle.pem"
 INSTALLED_NAME = "oisp.crt"  # Debian's update-ca-certificates only reads *.crt
@@ -81,8 +82,8 @@ def install(ca: CertificateAuthority) -> str:
     store = _linux_store()
     _require_root("install")
     target = store.anchors / INSTALLED_NAME
-    write_replacing(target, ca.cert_pem.encode("ascii"))
-    target.chmod(0o644)  # a public certificate; the update tools run as root but readers do not
+    # A public certificate: the update tools run as root but readers do not.
+    write_replacing(target, ca.cert_pem.encode("ascii"), mode=0o644)
     _run(list(store.update))
     return f"copied to {target} and ran {' '.join(store.update)}"
 
@@ -133,7 +134,7 @@ def write_bundle(ca: CertificateAuthority, path: Path | None = None) -> tuple[Pa
     roots = [block for block in roots if _normalized(block) != ours]  # already there if installed system-wide
     text = "".join(block + "\n" for block in roots)
     text += f"# oisp CA, SHA-256 {ca.fingerprint_sha256}\n{ca.cert_pem}"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(path.parent)
     write_replacing(path, text.encode("ascii"))
     return path, len(roots) + 1, source
 

@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from oisp.sinks.base import SinkStats
 from oisp.paths import default_events_path
+from oisp.safefile import open_private_file
+from oisp.sinks.base import SinkStats
 
 
 class JsonlSink:
@@ -16,11 +17,10 @@ class JsonlSink:
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, max_bytes: int = 64 * 1024 * 1024, backups: int = 5) -> None:
         self.path = Path(path) if path else default_events_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.backups = backups
         self.stats = SinkStats()
-        self._fh = self.path.open("ab")
+        self._fh = open_private_file(self.path, "ab")  # recorded conversations: 0600, never through a link
         self._size = self._fh.tell()
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -42,7 +42,7 @@ class JsonlSink:
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         else:
             self.path.unlink()
-        self._fh = self.path.open("ab")
+        self._fh = open_private_file(self.path, "ab")
         self._size = 0
 
     def flush(self) -> None:

@@ -7,14 +7,15 @@ import argparse
 from oisp.sinks.base import FanOut, Sink
 from oisp.sinks.jsonl import JsonlSink
 from oisp.sinks.stdout import StdoutSink
-from oisp.sinks.webhook import WebhookSink
+from oisp.sinks.webhook import WebhookSink, webhook_url
 
 
 def add_sink_arguments(parser: argparse.ArgumentParser, *, default_stdout: bool) -> None:
     g = parser.add_argument_group("output")
     g.add_argument("--jsonl", metavar="PATH", nargs="?", const="", help="append events to a JSONL file (no PATH: the default file in the data directory)")
     g.add_argument("--jsonl-max-mb", type=float, default=64.0, help="rotate the JSONL file at this size (default 64)")
-    g.add_argument("--webhook", metavar="URL", help="POST batches of events to this URL")
+    g.add_argument("--webhook", metavar="URL|@FILE", help="POST batches of events to this URL, or to the one in FILE "
+                   "(default: $OISP_WEBHOOK_URL); a URL on the command line is visible to every user in ps")
     g.add_argument("--stdout", action="store_true", default=default_stdout, help="print events as JSON lines" + (" (default)" if default_stdout else ""))
     g.add_argument("--pretty", action="store_true", help="print one readable line per event instead of JSON")
     g.add_argument("--quiet", action="store_true", help="print nothing to stdout")
@@ -24,8 +25,9 @@ def sinks_from_args(args: argparse.Namespace) -> FanOut:
     sinks: list[Sink] = []
     if args.jsonl is not None:
         sinks.append(JsonlSink(args.jsonl or None, max_bytes=int(args.jsonl_max_mb * 1024 * 1024)))
-    if args.webhook:
-        sinks.append(WebhookSink(args.webhook))
+    url = webhook_url(args.webhook)
+    if url:
+        sinks.append(WebhookSink(url))
     if (args.stdout or args.pretty) and not args.quiet:
         sinks.append(StdoutSink(pretty=args.pretty))
     return FanOut(sinks)

@@ -8,6 +8,19 @@ from typing import Any, TextIO
 
 from oisp.sinks.base import SinkStats
 
+# Prompts, model names, paths and replies come from programs and providers: a terminal must
+# not act on the control characters in them (OSC sets the title or writes the clipboard, CSI
+# moves the cursor and clears the screen). C0 but newline and tab, DEL and C1 are shown escaped.
+_CONTROLS = [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0)]
+_SHOWN = str.maketrans({c: f"\\x{c:02x}" for c in _CONTROLS})
+# In JSON, C0 is escaped already; DEL and C1 get JSON's own escape, so the line stays valid JSON.
+_JSON_SHOWN = str.maketrans({c: f"\\u{c:04x}" for c in _CONTROLS if c >= 0x7F})
+
+
+def for_terminal(text: str) -> str:
+    """`text` with every control character a terminal would act on shown escaped (\\x1b)."""
+    return text.translate(_SHOWN)
+
 
 def summary(event: dict[str, Any]) -> str:
     data, proc = event.get("data", {}), event.get("process") or {}
@@ -45,7 +58,13 @@ class StdoutSink:
 
     def emit(self, event: dict[str, Any]) -> None:
         stream = self._stream or sys.stdout
-        stream.write((summary(event) if self.pretty else json.dumps(event, ensure_ascii=False)) + "\n")
+        if self.pretty:
+            line = for_terminal(summary(event))
+        else:
+            line = json.dumps(event, ensure_ascii=False)
+            if _is_terminal(stream):
+                line = line.translate(_JSON_SHOWN)
+        stream.write(line + "\n")
         self.stats.emitted += 1
 
     def flush(self) -> None:
@@ -53,3 +72,10 @@ class StdoutSink:
 
     def close(self) -> None:
         self.flush()
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
