@@ -1,0 +1,128 @@
+"""A fake OpenAI Responses API WebSocket server (``/v1/responses``), on the `websockets` library.
+
+It speaks the documented protocol: each client ``response.create`` message is
+answered with the events of the Responses SSE stream, one JSON text message
+each, permessage-deflate negotiated as websockets' server does by default.
+Answers are deterministic so a test can compare what oisp recorded with what
+the client assembled:
+
+- ``"generate": false`` (a warm-up): ``response.created`` + ``response.completed``, no output;
+- a request with tools: one ``get_weather`` function call, arguments streamed in pieces;
+- ``"model": "bad-model"``: an ``error`` event;
+- otherwise: a reasoning summary, then the text "echo: <last user text>" followed by
+  ``"stream_chunks"`` (metadata, default 3) filler words, one delta each.
+
+Any other path is an echo socket (text and binary messages sent back).
+
+    python tests/fakews.py --port 8765
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+
+from websockets.sync.server import ServerConnection, serve
+
+
+def _last_user_text(body: dict) -> str:
+    items = body.get("input")
+    if isinstance(items, str):
+        return items
+    for item in reversed(items or []):
+        if isinstance(item, dict) and item.get("role") == "user":
+            content = item.get("content")
+            if isinstance(content, str):
+                return content
+            return "".join(p.get("text", "") for p in content or [] if isinstance(p, dict))
+    return ""
+
+
+def usage(inp: int, out: int) -> dict:
+    return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": inp // 2},
+            "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 2}, "total_tokens": inp + out}
+
+
+def responses_events(body: dict, n: int) -> list[dict]:
+    """The server events answering response.create number ``n`` on a socket."""
+    rid, model = f"resp_{n}", body.get("model", "gpt-test")
+    if model == "bad-model":
+        return [{"type": "error", "status": 400, "error": {"type": "invalid_request_error", "code": "model_not_found",
+                                                             "message": "The model 'bad-model' does not exist", "param": "model"}}]
+    head = {"id": rid, "object": "response", "created_at": 1, "model": model, "status": "in_progress", "output": []}
+    events: list[dict] = [{"type": "response.created", "response": head}, {"type": "response.in_progress", "response": head}]
+    output: list[dict] = []
+    if body.get("generate") is False:
+        pass
+    elif body.get("tools"):
+        args = ['{"city"', ': "Par', 'is"}']
+        item = {"id": f"fc_{n}", "type": "function_call", "call_id": f"call_{n}", "name": "get_weather", "arguments": "", "status": "in_progress"}
+        events.append({"type": "response.output_item.added", "output_index": 0, "item": item})
+        for a in args:
+            events.append({"type": "response.function_call_arguments.delta", "item_id": item["id"], "output_index": 0, "delta": a})
+        done = {**item, "arguments": "".join(args), "status": "completed"}
+        events.append({"type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": 0, "arguments": done["arguments"]})
+        events.append({"type": "response.output_item.done", "output_index": 0, "item": done})
+        output.append(done)
+    else:
+        summary = "thinking about it"
+        rs = {"id": f"rs_{n}", "type": "reasoning", "summary": []}
+        events.append({"type": "response.output_item.added", "output_index": 0, "item": rs})
+        events.append({"type": "response.reasoning_summary_text.delta", "item_id": rs["id"], "output_index": 0, "summary_index": 0, "delta": summary})
+        rs_done = {**rs, "summary": [{"type": "summary_text", "text": summary}]}
+        events.append({"type": "response.output_item.done", "output_index": 0, "item": rs_done})
+        chunks = int((body.get("metadata") or {}).get("stream_chunks", 3))
+        pieces = [f"echo: {_last_user_text(body)}"] + [f" w{i}" for i in range(chunks)]
+        msg = {"id": f"msg_{n}", "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+        events.append({"type": "response.output_item.added", "output_index": 1, "item": msg})
+        part = {"type": "output_text", "text": "", "annotations": []}
+        events.append({"type": "response.content_part.added", "item_id": msg["id"], "output_index": 1, "content_index": 0, "part": part})
+        for p in pieces:
+            events.append({"type": "response.output_text.delta", "item_id": msg["id"], "output_index": 1, "content_index": 0, "delta": p})
+        text = "".join(pieces)
+        events.append({"type": "response.output_text.done", "item_id": msg["id"], "output_index": 1, "content_index": 0, "text": text})
+        msg_done = {**msg, "status": "completed", "content": [{**part, "text": text}]}
+        events.append({"type": "response.output_item.done", "output_index": 1, "item": msg_done})
+        output += [rs_done, msg_done]
+    final = {**head, "status": "completed", "output": output, "usage": usage(10 + n, len(output) * 5)}
+    events.append({"type": "response.completed", "response": final})
+    for i, ev in enumerate(events):
+        ev["sequence_number"] = i
+    return events
+
+
+def handler(ws: ServerConnection) -> None:
+    path = ws.request.path.split("?", 1)[0] if ws.request else ""
+    if not path.endswith("/responses"):
+        for message in ws:
+            ws.send(message)
+        return
+    n = 0
+    for message in ws:
+        body = json.loads(message)
+        if body.get("type") != "response.create":
+            continue
+        n += 1
+        for ev in responses_events(body, n):
+            ws.send(json.dumps(ev))
+
+
+def start(host: str = "127.0.0.1", port: int = 0, **options):
+    """A server in a daemon thread: returns (server, port); ``server.shutdown()`` stops it."""
+    server = serve(handler, host, port, **options)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.socket.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8765)
+    a = ap.parse_args()
+    with serve(handler, a.host, a.port) as server:
+        server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
