@@ -14,13 +14,14 @@ the client assembled:
 
 Any other path is an echo socket (text and binary messages sent back).
 
-    python tests/fakews.py --port 8765
+    python tests/fakews.py --host 10.0.0.2 --port 443 --cert leaf.pem --key leaf.key   # wss://
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import threading
 
 from websockets.sync.server import ServerConnection, serve
@@ -119,8 +120,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--cert")
+    ap.add_argument("--key")
     a = ap.parse_args()
-    with serve(handler, a.host, a.port) as server:
+    context = None
+    if a.cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(a.cert, a.key)
+    with serve(handler, a.host, a.port, ssl=context) as server:
+        print("serving", flush=True)
         server.serve_forever()
 
 
