@@ -356,3 +356,51 @@ def test_session_limits_are_parameters() -> None:
     s = WebSocketSession([("sec-websocket-extensions", "permessage-deflate")], lambda m: None, max_message=10)
     msgs = s.feed(Direction.REQUEST, frame("héllo wörld, more".encode()), 1.0)
     assert len(msgs) == 1 and msgs[0].truncated and len(msgs[0].data) <= 10 and msgs[0].data.decode() == "héllo wö"
+
+
+@pytest.mark.parametrize("params", [
+    {},
+    {"client_no_context_takeover": True, "server_no_context_takeover": True},
+    {"client_max_window_bits": 9, "server_max_window_bits": 10},
+    {"client_max_window_bits": 9, "client_no_context_takeover": True, "server_max_window_bits": 15},
+], ids=["takeover", "no-takeover", "window-bits", "mixed"])
+def test_permessage_deflate_parameters_as_wsproto_peers_negotiate_them(params) -> None:
+    """Both ends are wsproto connections (an independent encoder): handshake, fragments, pings, close."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
+    from wsproto.extensions import PerMessageDeflate
+
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    trace: Trace = []
+
+    def c2s(event) -> None:
+        data = client.send(event)
+        server.receive_data(data)
+        list(server.events())
+        trace.append((Direction.REQUEST, data, 1.0))
+
+    def s2c(event) -> None:
+        data = server.send(event)
+        client.receive_data(data)
+        list(client.events())
+        trace.append((Direction.RESPONSE, data, 2.0))
+
+    c2s(Request(host="api.openai.com", target="/v1/responses", extensions=[PerMessageDeflate(**params)]))
+    s2c(AcceptConnection(extensions=[PerMessageDeflate()]))
+    assert b"permessage-deflate" in trace[1][1]
+    texts = [f"question {i}: " + "the same words again and again " * 20 for i in range(3)]
+    for i, text in enumerate(texts):
+        create = json.dumps({"type": "response.create", "model": "m", "input": text})
+        c2s(TextMessage(data=create[:40], message_finished=False))  # fragmented
+        c2s(Ping(b"p"))  # a control frame between fragments
+        c2s(TextMessage(data=create[40:]))
+        for ev in fakews.responses_events({"model": "m", "input": text}, i + 1):
+            s2c(TextMessage(data=json.dumps(ev)))
+    c2s(CloseConnection(code=4000, reason="bye"))
+    events, rec = record(trace)
+    assert rec.stats.decode_errors == 0, rec.stats.errors
+    assert [e["data"]["messages"][0]["content"] for e in events if e["event_type"] == "ai.request"] == texts
+    assert [e["data"]["choices"][0]["message"]["content"] for e in events if e["event_type"] == "ai.response"] == [
+        f"echo: {t} w0 w1 w2" for t in texts]
+    ws = [e for e in events if e["event_type"] == "network.flow"][0]["data"]["websocket"]
+    assert (ws["close_code"], ws["close_reason"], ws["closed_by"], ws["client"]["pings"]) == (4000, "bye", "client", 3)

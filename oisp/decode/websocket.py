@@ -54,7 +54,8 @@ class BoundedDeflate(PerMessageDeflate):
     """wsproto's permessage-deflate with inflation bounded per message.
 
     wsproto inflates a frame's payload in one ``decompress`` call, whatever it
-    grows to. Here each call inflates at most ``_STEP`` bytes; output past
+    grows to, and a ping between two fragments of a compressed message makes it
+    read the rest of that message as uncompressed. Here each call inflates at most ``_STEP`` bytes; output past
     ``keep`` bytes of a message is dropped (``truncated`` says so) and a
     message inflating past ``cap`` is refused as too big.
     """
@@ -95,9 +96,13 @@ class BoundedDeflate(PerMessageDeflate):
         return self._inflate(bytes(data))
 
     def frame_inbound_complete(self, proto: FrameDecoder | FrameProtocol, fin: bool) -> bytes | CloseReason | None:
+        if not self._inbound_is_compressible:
+            # A control frame, maybe between a message's fragments: the message stays compressed.
+            # (wsproto forgets it here, and reads the next fragment as uncompressed.)
+            return None
         if not fin:
             return None
-        if not self._inbound_is_compressible or not self._inbound_compressed:
+        if not self._inbound_compressed:
             self._inbound_compressed = None
             return None
         data = self._inflate(_SYNC_TAIL)
