@@ -93,8 +93,86 @@ def responses_events(body: dict, n: int) -> list[dict]:
     return events
 
 
+AUDIO_CHUNK = "AAAA" * 300  # base64 of 900 zero bytes of "audio"
+
+
+def realtime_usage(n: int) -> dict:
+    return {"total_tokens": 30 + n, "input_tokens": 20, "output_tokens": 10 + n,
+            "input_token_details": {"text_tokens": 12, "audio_tokens": 8, "cached_tokens": 4},
+            "output_token_details": {"text_tokens": 6 + n, "audio_tokens": 4}}
+
+
+class Realtime:
+    """The Realtime API's GA events for one session (text, audio transcript, or a function call)."""
+
+    def __init__(self, model: str) -> None:
+        self.session = {"type": "realtime", "id": "sess_1", "model": model, "output_modalities": ["text"], "tools": []}
+        self.items: list[dict] = []
+        self.n = 0
+
+    def on(self, ev: dict) -> list[dict]:
+        kind = ev.get("type")
+        if kind == "session.update":
+            self.session.update(ev.get("session") or {})
+            return [{"type": "session.updated", "session": self.session}]
+        if kind == "conversation.item.create":
+            item = {"id": f"item_{len(self.items)}", "status": "completed", **ev["item"]}
+            self.items.append(item)
+            return [{"type": "conversation.item.added", "item": item}, {"type": "conversation.item.done", "item": item}]
+        if kind == "input_audio_buffer.commit":
+            item = {"id": f"item_{len(self.items)}", "type": "message", "role": "user",
+                    "content": [{"type": "input_audio", "transcript": "spoken words"}]}
+            self.items.append(item)
+            return [{"type": "input_audio_buffer.committed", "item_id": item["id"]}, {"type": "conversation.item.added", "item": item}]
+        if kind != "response.create":
+            return []
+        self.n += 1
+        rid = f"resp_rt_{self.n}"
+        opts = {**self.session, **(ev.get("response") or {})}
+        out: list[dict] = [{"type": "response.created", "response": {"id": rid, "object": "realtime.response", "status": "in_progress", "output": []}}]
+        item_id = f"out_{self.n}"
+        if opts.get("tools"):
+            item = {"id": item_id, "type": "function_call", "call_id": f"call_rt_{self.n}", "name": opts["tools"][0]["name"], "arguments": ""}
+            out.append({"type": "response.output_item.added", "response_id": rid, "output_index": 0, "item": item})
+            args = ['{"q": ', '"x"}']
+            for a in args:
+                out.append({"type": "response.function_call_arguments.delta", "response_id": rid, "item_id": item_id,
+                            "output_index": 0, "call_id": item["call_id"], "delta": a})
+            done = {**item, "arguments": "".join(args), "status": "completed"}
+        else:
+            last = next((c.get("text") or c.get("transcript") or "" for i in reversed(self.items) if i.get("role") == "user"
+                         for c in i.get("content", [])), "")
+            pieces = [f"echo: {last}", " and", " more"]
+            audio = "audio" in (opts.get("output_modalities") or [])
+            item = {"id": item_id, "type": "message", "role": "assistant", "content": []}
+            out.append({"type": "response.output_item.added", "response_id": rid, "output_index": 0, "item": item})
+            for p in pieces:
+                if audio:
+                    out.append({"type": "response.output_audio.delta", "response_id": rid, "item_id": item_id, "delta": AUDIO_CHUNK})
+                    out.append({"type": "response.output_audio_transcript.delta", "response_id": rid, "item_id": item_id, "delta": p})
+                else:
+                    out.append({"type": "response.output_text.delta", "response_id": rid, "item_id": item_id, "delta": p})
+            part = {"type": "output_audio", "transcript": "".join(pieces)} if audio else {"type": "output_text", "text": "".join(pieces)}
+            done = {**item, "content": [part], "status": "completed"}
+        out.append({"type": "response.output_item.done", "response_id": rid, "output_index": 0, "item": done})
+        out.append({"type": "response.done", "response": {"id": rid, "object": "realtime.response", "status": "completed",
+                                                          "output": [done], "usage": realtime_usage(self.n)}})
+        self.items.append(done)
+        return out
+
+
+def realtime(ws: ServerConnection, model: str) -> None:
+    rt = Realtime(model)
+    ws.send(json.dumps({"type": "session.created", "event_id": "event_0", "session": rt.session}))
+    for message in ws:
+        for i, ev in enumerate(rt.on(json.loads(message))):
+            ws.send(json.dumps({"event_id": f"event_{rt.n}_{i}", **ev}))
+
+
 def handler(ws: ServerConnection) -> None:
-    path = ws.request.path.split("?", 1)[0] if ws.request else ""
+    path, _, query = (ws.request.path if ws.request else "").partition("?")
+    if path.endswith("/realtime"):
+        return realtime(ws, dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("model", "gpt-realtime"))
     if not path.endswith("/responses"):
         for message in ws:
             ws.send(message)

@@ -7,6 +7,7 @@ tests/fakews.py records each read in order; FlowRecorder is fed that trace
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import socket
@@ -218,10 +219,12 @@ def _normal(trace: Trace) -> list[dict]:
     return normalise(events)
 
 
-def test_the_same_bytes_cut_at_every_position_give_the_same_events(server) -> None:
-    trace, _ = sdk_conversation(server)
+@pytest.mark.parametrize("kind", ["responses", "realtime"])
+def test_the_same_bytes_cut_at_every_position_give_the_same_events(server, kind) -> None:
+    trace, _ = sdk_conversation(server) if kind == "responses" else sdk_realtime(server)
     reference = _normal(trace)
-    assert sum(e["event_type"] == "ai.streaming_chunk" for e in reference) == 5 + 3  # text deltas, argument deltas
+    chunks = sum(e["event_type"] == "ai.streaming_chunk" for e in reference)
+    assert chunks == (5 + 3 if kind == "responses" else 3 + 2 + 3)  # text or transcript deltas, argument deltas
     size = sum(len(d) for _, d, _ in trace)
     stride = max(1, size // 3000)  # every position of a conversation of a few kB
     for cut in cut_everywhere(trace, stride):
@@ -404,3 +407,80 @@ def test_permessage_deflate_parameters_as_wsproto_peers_negotiate_them(params) -
         f"echo: {t} w0 w1 w2" for t in texts]
     ws = [e for e in events if e["event_type"] == "network.flow"][0]["data"]["websocket"]
     assert (ws["close_code"], ws["close_reason"], ws["closed_by"], ws["client"]["pings"]) == (4000, "bye", "client", 3)
+
+
+# -- Realtime API ----------------------------------------------------------------------------
+
+def sdk_realtime(port: int) -> tuple[Trace, list[dict]]:
+    """A Realtime session by the openai SDK: text turn, a function call, an audio turn (audio in and out)."""
+    relay = Relay(port)
+    client = OpenAI(api_key=API_KEY, base_url="http://api.openai.com/v1")
+    sock = socket.create_connection(("127.0.0.1", relay.port))
+    results: list[dict] = []
+
+    def turn() -> dict:
+        got = {"text": "", "audio": 0, "final": None}
+        for event in conn:
+            if event.type in ("response.output_text.delta", "response.output_audio_transcript.delta"):
+                got["text"] += event.delta
+            elif event.type == "response.output_audio.delta":
+                got["audio"] += len(base64.b64decode(event.delta))
+            elif event.type == "response.done":
+                got["final"] = event.response
+                return got
+        raise AssertionError("the session ended mid-response")
+
+    with client.realtime.connect(model="gpt-realtime", websocket_connection_options={"sock": sock, "proxy": None, "compression": "deflate"}) as conn:
+        conn.session.update(session={"type": "realtime", "instructions": "answer briefly", "output_modalities": ["text"]})
+        conn.conversation.item.create(item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi realtime"}]})
+        conn.response.create()
+        results.append(turn())
+        conn.response.create(response={"tools": [{"type": "function", "name": "lookup", "description": "look it up", "parameters": {"type": "object"}}]})
+        results.append(turn())
+        conn.session.update(session={"type": "realtime", "output_modalities": ["audio"]})
+        for _ in range(3):
+            conn.input_audio_buffer.append(audio=base64.b64encode(b"\x01\x02" * 1500).decode())
+        conn.input_audio_buffer.commit()
+        conn.response.create()
+        results.append(turn())
+    return relay.wait(), results
+
+
+def test_a_realtime_session_gives_one_exchange_per_response(server) -> None:
+    trace, results = sdk_realtime(server)
+    assert b"/v1/realtime?model=gpt-realtime" in trace[0][1]
+    events, rec = record(trace)
+    assert rec.stats.decode_errors == 0, rec.stats.errors
+    for ev in events:
+        jsonschema.validate(ev, load_schema(ev["event_type"]))
+    reqs = [e["data"] for e in events if e["event_type"] == "ai.request"]
+    resps = [e["data"] for e in events if e["event_type"] == "ai.response"]
+    assert len(reqs) == len(resps) == 3
+    text, tool, audio = zip(reqs, resps, results)
+
+    req, resp, got = text
+    assert req["model"] == {"id": "gpt-realtime"} and req["parameters"] == {"modalities": ["text"]}
+    assert [(m["role"], m["content"]) for m in req["messages"]] == [("system", "answer briefly"), ("user", "hi realtime")]
+    assert resp["choices"][0]["message"]["content"] == got["text"] == got["final"].output[0].content[0].text
+    u = got["final"].usage
+    assert resp["usage"] == {
+        "prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens, "total_tokens": u.total_tokens,
+        "cached_tokens": u.input_token_details.cached_tokens, "input_text_tokens": u.input_token_details.text_tokens,
+        "input_audio_tokens": u.input_token_details.audio_tokens, "output_text_tokens": u.output_token_details.text_tokens,
+        "output_audio_tokens": u.output_token_details.audio_tokens}
+    assert resp["provider_request_id"] == got["final"].id and resp["finish_reason"] == "stop" and resp["success"]
+    assert resp["provider"]["endpoint"] == "ws://api.openai.com/v1/realtime"
+
+    req, resp, got = tool
+    assert req["tools"] == [{"type": "function", "name": "lookup", "description": "look it up"}]
+    assert req["messages"][-1] == {"role": "assistant", "content": results[0]["text"], "content_length": len(results[0]["text"])}
+    call = got["final"].output[0]
+    assert [(c["id"], c["name"], c["arguments"]) for c in resp["tool_calls"]] == [(call.call_id, call.name, call.arguments)]
+    assert resp["finish_reason"] == "tool_calls"
+
+    req, resp, got = audio
+    assert req["parameters"] == {"modalities": ["audio"]} and req["messages"][-1]["content"] == "spoken words"
+    assert resp["choices"][0]["message"]["content"] == got["text"] == got["final"].output[0].content[0].transcript
+    flow = [e["data"] for e in events if e["event_type"] == "network.flow"][0]["websocket"]
+    assert flow["client"]["audio_bytes"] == 3 * 3000 and flow["server"]["audio_bytes"] == got["audio"] > 0
+    assert "AAAA" not in json.dumps(events) and "AQIBAg" not in json.dumps(events)  # audio is never written

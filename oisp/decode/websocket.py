@@ -147,6 +147,7 @@ class SideStats:
     pings: int = 0
     pongs: int = 0
     truncated: int = 0
+    audio_bytes: int = 0  # audio the AI protocol carried (decoded size), counted and never kept
 
 
 @dataclass

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from typing import Any, Callable
+from urllib.parse import parse_qsl
 
 from oisp.decode.context import Direction
-from oisp.decode.providers.openai_ws import ResponsesSocket
+from oisp.decode.providers.openai_ws import RealtimeSocket, ResponsesSocket
 from oisp.decode.records import DecodeRecord, Exchange
 from oisp.decode.websocket import SessionStats, WebSocketSession, WSMessage
 from oisp.spec import EndpointMatch
@@ -25,8 +26,9 @@ from oisp.spec import EndpointMatch
 PROTOCOL = "WebSocket"
 
 # The spec's api name of an upgrade → the protocol its socket speaks.
-SOCKET_PROTOCOLS: dict[str, Callable[[Callable[[float], Exchange]], Any]] = {
-    "openai.responses": ResponsesSocket,
+SOCKET_PROTOCOLS: dict[str, Callable[[Callable[[float], Exchange], str | None], Any]] = {
+    "openai.responses": lambda open_exchange, _model: ResponsesSocket(open_exchange),
+    "openai.realtime": RealtimeSocket,
 }
 
 
@@ -49,7 +51,8 @@ class WebSocketTracker:
         self._match = match
         self._streams = 0
         make = SOCKET_PROTOCOLS.get(match.api) if match is not None else None
-        self._protocol = make(self._open) if make is not None else None
+        model = dict(parse_qsl(upgrade.query)).get("model")  # Realtime names its model in the URL
+        self._protocol = make(self._open, model) if make is not None else None
         self._ended = False
 
     def feed(self, direction: Direction, data: bytes, ts: float) -> list[DecodeRecord]:
@@ -66,6 +69,9 @@ class WebSocketTracker:
     def _end(self, ts: float) -> list[DecodeRecord]:
         self._ended = True
         out = self._protocol.close(ts) if self._protocol is not None else []
+        audio = getattr(self._protocol, "audio_bytes", None)
+        if audio:
+            self.session.stats.client.audio_bytes, self.session.stats.server.audio_bytes = audio["client"], audio["server"]
         return [*out, SessionComplete(self.upgrade, self.session, ts)]
 
     def _message(self, msg: WSMessage) -> list[DecodeRecord]:

@@ -249,7 +249,7 @@ def websocket_flow_data(rec: SessionComplete, ctx: FlowContext) -> dict[str, Any
         ws[key] = {
             "messages": side.messages, "text_messages": side.text_messages, "binary_messages": side.binary_messages,
             "wire_bytes": side.wire_bytes, "payload_bytes": side.payload_bytes, "pings": side.pings, "pongs": side.pongs,
-            "truncated_messages": side.truncated,
+            "truncated_messages": side.truncated, "audio_bytes": side.audio_bytes,
         }
     if st.close_code is not None:
         ws["close_code"] = st.close_code
