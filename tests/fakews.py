@@ -12,7 +12,9 @@ the client assembled:
 - otherwise: a reasoning summary, then the text "echo: <last user text>" followed by
   ``"stream_chunks"`` (metadata, default 3) filler words, one delta each.
 
-Any other path is an echo socket (text and binary messages sent back).
+``/v1/realtime`` speaks the Realtime API (class Realtime), ``…BidiGenerateContent``
+Gemini's Live API (gemini_live). Any other path is an echo socket (text and
+binary messages sent back).
 
     python tests/fakews.py --host 10.0.0.2 --port 443 --cert leaf.pem --key leaf.key   # wss://
 """
@@ -169,8 +171,45 @@ def realtime(ws: ServerConnection, model: str) -> None:
             ws.send(json.dumps({"event_id": f"event_{rt.n}_{i}", **ev}))
 
 
+def live_usage(n: int) -> dict:
+    return {"promptTokenCount": 7 + n, "responseTokenCount": 3, "totalTokenCount": 10 + n,
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 7 + n}], "responseTokensDetails": [{"modality": "TEXT", "tokenCount": 3}]}
+
+
+def gemini_live(ws: ServerConnection) -> None:
+    """BidiGenerateContent: setupComplete, then per turn serverContent pieces and turnComplete, or a toolCall;
+    every answer as a binary frame holding JSON, as Google's server sends them."""
+    def send(obj: dict) -> None:
+        ws.send(json.dumps(obj).encode())
+
+    setup = json.loads(ws.recv())["setup"]
+    send({"setupComplete": {}})
+    n = 0
+    for message in ws:
+        ev = json.loads(message)
+        # protobuf JSON: either spelling (google-genai sends client_content, with turnComplete inside)
+        content, tool = ev.get("clientContent") or ev.get("client_content"), ev.get("toolResponse") or ev.get("tool_response")
+        if content and (content.get("turnComplete") or content.get("turn_complete")):
+            text = "".join(p.get("text", "") for t in content.get("turns", []) for p in t.get("parts", []))
+        elif tool:
+            text = "tool said " + json.dumps((tool.get("functionResponses") or tool.get("function_responses"))[0]["response"])
+        else:
+            continue
+        n += 1
+        if setup.get("tools") and "weather" in text:
+            send({"toolCall": {"functionCalls": [{"id": f"fc_{n}", "name": "get_weather", "args": {"city": "Paris"}}]},
+                  "usageMetadata": live_usage(n)})
+            continue
+        for piece in [f"echo: {text}", " and", " more"]:
+            send({"serverContent": {"modelTurn": {"role": "model", "parts": [{"text": piece}]}}})
+        send({"serverContent": {"generationComplete": True}})
+        send({"serverContent": {"turnComplete": True}, "usageMetadata": live_usage(n)})
+
+
 def handler(ws: ServerConnection) -> None:
     path, _, query = (ws.request.path if ws.request else "").partition("?")
+    if "BidiGenerateContent" in path:
+        return gemini_live(ws)
     if path.endswith("/realtime"):
         return realtime(ws, dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("model", "gpt-realtime"))
     if not path.endswith("/responses"):

@@ -484,3 +484,78 @@ def test_a_realtime_session_gives_one_exchange_per_response(server) -> None:
     flow = [e["data"] for e in events if e["event_type"] == "network.flow"][0]["websocket"]
     assert flow["client"]["audio_bytes"] == 3 * 3000 and flow["server"]["audio_bytes"] == got["audio"] > 0
     assert "AAAA" not in json.dumps(events) and "AQIBAg" not in json.dumps(events)  # audio is never written
+
+
+# -- Gemini Live ----------------------------------------------------------------------------
+
+def wsproto_trace(target: str, host: str, client_msgs: list, server_msgs: list, extensions=True) -> Trace:
+    """A session between two wsproto peers: the handshake, then each client message followed by the server's answers."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
+    from wsproto.extensions import PerMessageDeflate
+
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    trace: Trace = []
+    t = [100.0]
+
+    def send(src, dst, direction, event) -> None:
+        data = src.send(event)
+        dst.receive_data(data)
+        list(dst.events())
+        t[0] += 0.01
+        trace.append((direction, data, t[0]))
+
+    send(client, server, Direction.REQUEST, Request(host=host, target=target, extensions=[PerMessageDeflate()] if extensions else []))
+    send(server, client, Direction.RESPONSE, AcceptConnection(extensions=[PerMessageDeflate()] if extensions else []))
+    for msg, answers in zip(client_msgs, server_msgs):
+        send(client, server, Direction.REQUEST, TextMessage(data=json.dumps(msg)))
+        for a in answers:
+            send(server, client, Direction.RESPONSE, BytesMessage(data=json.dumps(a).encode()))
+    send(client, server, Direction.REQUEST, CloseConnection(code=1000))
+    return trace
+
+
+LIVE_KEY = "AIzaSyLIVEKEY0123456789abcdefghijklmnopq"
+LIVE_CLIENT = [
+    {"setup": {"model": "models/gemini-live-x", "generationConfig": {"responseModalities": ["AUDIO"], "temperature": 0.2},
+               "systemInstruction": {"parts": [{"text": "be kind"}]}}},
+    {"client_content": {"turns": [{"role": "user", "parts": [{"text": "say hi"}]}], "turnComplete": True}},
+    {"realtimeInput": {"audio": {"mimeType": "audio/pcm;rate=16000", "data": base64.b64encode(b"\x00\x01" * 800).decode()}}},
+]
+LIVE_SERVER = [
+    [{"setupComplete": {}}],
+    [{"serverContent": {"modelTurn": {"parts": [{"inlineData": {"mimeType": "audio/pcm", "data": base64.b64encode(b"\x07" * 960).decode()}}]},
+                        "outputTranscription": {"text": "hi "}}},
+     {"serverContent": {"outputTranscription": {"text": "there"}}},
+     {"serverContent": {"turnComplete": True}, "usageMetadata": fakews.live_usage(1)}],
+    [{"serverContent": {"outputTranscription": {"text": "heard you"}}},
+     {"serverContent": {"interrupted": True}},
+     {"serverContent": {"turnComplete": True}}],
+]
+
+
+def test_gemini_live_turns_audio_counted_and_the_url_key_never_written() -> None:
+    target = f"/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent?key={LIVE_KEY}"
+    trace = wsproto_trace(target, "generativelanguage.googleapis.com", LIVE_CLIENT, LIVE_SERVER)
+    events, rec = record(trace)
+    assert rec.stats.decode_errors == 0, rec.stats.errors
+    for ev in events:
+        jsonschema.validate(ev, load_schema(ev["event_type"]))
+    reqs = [e["data"] for e in events if e["event_type"] == "ai.request"]
+    resps = [e["data"] for e in events if e["event_type"] == "ai.response"]
+    assert len(reqs) == len(resps) == 2
+    assert reqs[0]["model"] == {"id": "gemini-live-x"} and reqs[0]["parameters"] == {"temperature": 0.2, "modalities": ["audio"]}
+    assert [(m["role"], m["content"]) for m in reqs[0]["messages"]] == [("system", "be kind"), ("user", "say hi")]
+    assert resps[0]["choices"][0]["message"]["content"] == "hi there" and resps[0]["finish_reason"] == "stop"
+    assert resps[0]["usage"] == {"prompt_tokens": 8, "completion_tokens": 3, "total_tokens": 11, "input_text_tokens": 8, "output_text_tokens": 3}
+    # the second turn was the server's, on realtime audio; it was interrupted
+    assert reqs[1]["messages"][-1] == {"role": "assistant", "content": "hi there", "content_length": 8}
+    assert resps[1]["choices"][0]["message"]["content"] == "heard you" and resps[1]["finish_reason"] == "other"
+    assert reqs[0]["auth"]["key_prefix"] == "AIza" and reqs[0]["provider"]["endpoint"].endswith("BidiGenerateContent")
+    flow = [e["data"] for e in events if e["event_type"] == "network.flow"][0]
+    assert flow["websocket"]["client"]["audio_bytes"] == 1600 and flow["websocket"]["server"]["audio_bytes"] == 960
+    text = json.dumps(events)
+    assert LIVE_KEY not in text and "LIVEKEY" not in text
+    reference = _normal(trace)
+    for cut in cut_everywhere(trace):
+        assert _normal(cut) == reference

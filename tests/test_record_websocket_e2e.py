@@ -35,7 +35,7 @@ def lab(tmp_path):
     pair = VethPair.create()
     hosts_dir = Path("/etc/netns") / pair.a.name
     hosts_dir.mkdir(parents=True, exist_ok=True)
-    (hosts_dir / "hosts").write_text(f"127.0.0.1 localhost\n{pair.b_ip4} api.openai.com\n")
+    (hosts_dir / "hosts").write_text(f"127.0.0.1 localhost\n{pair.b_ip4} api.openai.com generativelanguage.googleapis.com\n")
     upstream_ca, cert, key = make_test_pki(tmp_path)
     server = pair.b.popen(sys.executable, str(HERE / "fakews.py"), "--host", pair.b_ip4, "--port", "443",
                           "--cert", cert, "--key", key, stdout=subprocess.PIPE, text=True)
@@ -59,8 +59,8 @@ def lab(tmp_path):
         shutil.rmtree(hosts_dir, ignore_errors=True)
 
 
-def run_client(lab, name: str) -> tuple[subprocess.Popen, object]:
-    client = subprocess.Popen(lab["pair"].a.cmd(sys.executable, str(HERE / "agents" / "ws_clients.py"), name, "wss://api.openai.com"),
+def run_client(lab, name: str, base: str = "wss://api.openai.com") -> tuple[subprocess.Popen, object]:
+    client = subprocess.Popen(lab["pair"].a.cmd(sys.executable, str(HERE / "agents" / "ws_clients.py"), name, base),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "SSL_CERT_FILE": lab["our_ca"]})
     out, err = client.communicate(timeout=60)
@@ -111,3 +111,28 @@ def test_a_plain_websocket_is_relayed_and_recorded_as_a_session(lab):
     assert len(flow) == 1 and flow[0]["process"]["pid"] == client.pid
     ws = flow[0]["data"]["websocket"]
     assert ws["path"] == "/echo" and ws["client"]["messages"] == ws["server"]["messages"] == 1
+
+
+def test_gemini_live_is_recorded_turn_by_turn(lab):
+    client, got = run_client(lab, "gemini_live", "wss://generativelanguage.googleapis.com")
+    assert got[0]["text"] == "echo: hello live and more" and got[1]["calls"] == [["fc_2", "get_weather", {"city": "Paris"}]]
+    events = settled_events(lab, 1)
+    for ev in events:
+        jsonschema.validate(ev, load_schema(ev["event_type"]))
+    requests = [e for e in events if e["event_type"] == "ai.request"]
+    responses = [e for e in events if e["event_type"] == "ai.response"]
+    assert len(requests) == len(responses) == 3
+    for event in requests + responses:
+        assert event["process"]["pid"] == client.pid
+    first = requests[0]["data"]
+    assert first["provider"]["name"] == "google" and first["model"] == {"id": "gemini-live-test"}
+    assert [(m["role"], m["content"]) for m in first["messages"]] == [("system", "be brief"), ("user", "hello live")]
+    assert first["tools"] == [{"type": "function", "name": "get_weather", "description": "the weather"}]
+    assert requests[2]["data"]["messages"][-1]["role"] == "tool"
+    assert [r["data"]["choices"][0]["message"]["content"] for r in responses] == [g["text"] for g in got]
+    assert [[[c["id"], c["name"], json.loads(c["arguments"])] for c in r["data"]["tool_calls"]] for r in responses] == [g["calls"] for g in got]
+    assert [[r["data"]["usage"]["prompt_tokens"], r["data"]["usage"]["completion_tokens"]] for r in responses] == [g["usage"] for g in got]
+    assert [r["data"]["finish_reason"] for r in responses] == ["stop", "tool_calls", "stop"]
+    flow = [e["data"] for e in events if e["event_type"] == "network.flow"]
+    assert len(flow) == 1 and flow[0]["websocket"]["server"]["binary_messages"] > 0
+    assert "TESTKEYlive" not in lab["events"].read_text()

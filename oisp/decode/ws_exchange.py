@@ -18,6 +18,7 @@ from typing import Any, Callable
 from urllib.parse import parse_qsl
 
 from oisp.decode.context import Direction
+from oisp.decode.providers.gemini_live import LiveSocket
 from oisp.decode.providers.openai_ws import RealtimeSocket, ResponsesSocket
 from oisp.decode.records import DecodeRecord, Exchange
 from oisp.decode.websocket import SessionStats, WebSocketSession, WSMessage
@@ -29,6 +30,7 @@ PROTOCOL = "WebSocket"
 SOCKET_PROTOCOLS: dict[str, Callable[[Callable[[float], Exchange], str | None], Any]] = {
     "openai.responses": lambda open_exchange, _model: ResponsesSocket(open_exchange),
     "openai.realtime": RealtimeSocket,
+    "gemini.live": LiveSocket,
 }
 
 
@@ -75,8 +77,8 @@ class WebSocketTracker:
         return [*out, SessionComplete(self.upgrade, self.session, ts)]
 
     def _message(self, msg: WSMessage) -> list[DecodeRecord]:
-        if self._protocol is None or not msg.text or self._ended:
-            return []
+        if self._protocol is None or self._ended or not (msg.text or msg.data[:1] == b"{"):
+            return []  # binary messages count only when they hold JSON (Gemini Live sends its answers so)
         if msg.truncated:
             self._on_error(f"WebSocket message of {msg.size} bytes truncated, not decoded")
             return []

@@ -1,6 +1,6 @@
 """Real WebSocket clients for interception tests; each prints one JSON result: what it assembled.
 
-usage: ws_clients.py CLIENT WSS_BASE   (CLIENT: openai_responses | plain)
+usage: ws_clients.py CLIENT WSS_BASE   (CLIENT: openai_responses | gemini_live | plain)
 They trust whatever SSL_CERT_FILE names, as in real use.
 """
 
@@ -39,6 +39,43 @@ def openai_responses(base):
     return out
 
 
+def gemini_live(base):
+    import asyncio
+
+    from google import genai
+    from google.genai import types
+
+    client = genai.Client(api_key="AIzaTESTKEYlive0123456789abcdefghijklmn", http_options=types.HttpOptions(base_url=base.replace("wss://", "https://")))
+    weather = types.FunctionDeclaration(name="get_weather", description="the weather", parameters={"type": "OBJECT", "properties": {"city": {"type": "STRING"}}})
+    config = {"response_modalities": ["TEXT"], "system_instruction": "be brief", "tools": [types.Tool(function_declarations=[weather])]}
+
+    async def turn(session):
+        got = {"text": "", "calls": [], "usage": None}
+        async for msg in session.receive():
+            if msg.text:
+                got["text"] += msg.text
+            if msg.tool_call:
+                got["calls"] += [[fc.id, fc.name, fc.args] for fc in msg.tool_call.function_calls]
+            if msg.usage_metadata:
+                got["usage"] = [msg.usage_metadata.prompt_token_count, msg.usage_metadata.response_token_count]
+            if msg.tool_call:
+                break
+        return got
+
+    async def go():
+        out = []
+        async with client.aio.live.connect(model="gemini-live-test", config=config) as session:
+            await session.send_client_content(turns={"role": "user", "parts": [{"text": "hello live"}]}, turn_complete=True)
+            out.append(await turn(session))
+            await session.send_client_content(turns={"role": "user", "parts": [{"text": "weather in Paris?"}]}, turn_complete=True)
+            out.append(await turn(session))
+            await session.send_tool_response(function_responses=[types.FunctionResponse(id="fc_2", name="get_weather", response={"sky": "clear"})])
+            out.append(await turn(session))
+        return out
+
+    return asyncio.run(go())
+
+
 def plain(base):
     from websockets.sync.client import connect
 
@@ -49,4 +86,4 @@ def plain(base):
 
 if __name__ == "__main__":
     name, base = sys.argv[1], sys.argv[2]
-    print(json.dumps({"openai_responses": openai_responses, "plain": plain}[name](base)))
+    print(json.dumps({"openai_responses": openai_responses, "gemini_live": gemini_live, "plain": plain}[name](base)))
