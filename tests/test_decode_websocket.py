@@ -488,7 +488,7 @@ def test_a_realtime_session_gives_one_exchange_per_response(server) -> None:
 
 # -- Gemini Live ----------------------------------------------------------------------------
 
-def wsproto_trace(target: str, host: str, client_msgs: list, server_msgs: list, extensions=True) -> Trace:
+def wsproto_trace(target: str, host: str, client_msgs: list, server_msgs: list, extensions=True, headers=()) -> Trace:
     """A session between two wsproto peers: the handshake, then each client message followed by the server's answers."""
     from wsproto import ConnectionType, WSConnection
     from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
@@ -505,7 +505,8 @@ def wsproto_trace(target: str, host: str, client_msgs: list, server_msgs: list, 
         t[0] += 0.01
         trace.append((direction, data, t[0]))
 
-    send(client, server, Direction.REQUEST, Request(host=host, target=target, extensions=[PerMessageDeflate()] if extensions else []))
+    send(client, server, Direction.REQUEST, Request(host=host, target=target, extensions=[PerMessageDeflate()] if extensions else [],
+                                                          extra_headers=list(headers)))
     send(server, client, Direction.RESPONSE, AcceptConnection(extensions=[PerMessageDeflate()] if extensions else []))
     for msg, answers in zip(client_msgs, server_msgs):
         send(client, server, Direction.REQUEST, TextMessage(data=json.dumps(msg)))
@@ -559,3 +560,29 @@ def test_gemini_live_turns_audio_counted_and_the_url_key_never_written() -> None
     reference = _normal(trace)
     for cut in cut_everywhere(trace):
         assert _normal(cut) == reference
+
+
+@pytest.mark.parametrize("kind", ["realtime-ephemeral-bearer", "live-access-token"])
+def test_ephemeral_secrets_of_a_session_are_hashed_never_written(kind) -> None:
+    secret = "ek_68a1SECRETSECRETSECRET0123" if kind.startswith("realtime") else "auth_tokens/SECRETSECRETSECRET0123"
+    leaked = "sk-proj-" + "LEAKED" * 5  # a key pasted into instructions: the Redactor's patterns still apply
+    if kind.startswith("realtime"):
+        target, host, headers = "/v1/realtime?model=gpt-realtime", "api.openai.com", [(b"authorization", f"Bearer {secret}".encode())]
+        msgs = [{"type": "session.update", "session": {"type": "realtime", "instructions": f"key {leaked}"}},
+                {"type": "response.create"}]
+        answers = [[{"type": "session.updated", "session": {"model": "gpt-realtime"}}],
+                   [{"type": "response.created", "response": {"id": "r1"}},
+                    {"type": "response.done", "response": {"id": "r1", "status": "completed", "output": []}}]]
+    else:
+        target = f"/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContentConstrained?access_token={secret}"
+        host, headers = "generativelanguage.googleapis.com", []
+        msgs = [{"setup": {"model": "models/m", "systemInstruction": {"parts": [{"text": f"key {leaked}"}]}}},
+                {"clientContent": {"turns": [{"role": "user", "parts": [{"text": "x"}]}], "turnComplete": True}}]
+        answers = [[{"setupComplete": {}}], [{"serverContent": {"turnComplete": True}}]]
+    events, rec = record(wsproto_trace(target, host, msgs, answers, headers=headers))
+    assert rec.stats.decode_errors == 0
+    req = [e["data"] for e in events if e["event_type"] == "ai.request"]
+    assert len(req) == 1 and req[0]["auth"]["key_hash"].startswith("sha256:")
+    assert "[REDACTED:openai_project_key" in req[0]["messages"][0]["content"]
+    text = json.dumps(events)
+    assert "SECRETSECRET" not in text and "LEAKED" not in text

@@ -3,8 +3,9 @@
 As in test_record_e2e.py: namespace `b` runs tests/fakews.py (wss on :443,
 permessage-deflate as websockets' server negotiates it); in `a`, the hosts file
 names it api.openai.com, `oisp record` runs as the sensor, and unmodified
-clients (the openai SDK's responses.connect(), a plain websockets client) talk
-to wss://api.openai.com.
+clients (the openai SDK's responses.connect() and realtime.connect(),
+google-genai's aio.live.connect(), a plain websockets client) talk to
+wss://api.openai.com and wss://generativelanguage.googleapis.com.
 """
 
 from __future__ import annotations
@@ -99,6 +100,24 @@ def test_responses_websocket_mode_is_recorded_like_http(lab):
     assert len(flow) == 1 and flow[0]["websocket"]["client"]["messages"] == 3
     assert flow[0]["websocket"]["extensions"][0].startswith("permessage-deflate")
     assert flow[0]["tls"]["sni"] == "api.openai.com" and flow[0]["websocket"]["close_code"] == 1000
+    assert "TESTKEYws" not in lab["events"].read_text()
+
+
+def test_a_realtime_session_is_recorded_response_by_response(lab):
+    client, got = run_client(lab, "openai_realtime")
+    assert [g["text"] for g in got] == ["echo: first question and more", "echo: second question and more"]
+    events = settled_events(lab, 1)
+    requests = [e for e in events if e["event_type"] == "ai.request"]
+    responses = [e for e in events if e["event_type"] == "ai.response"]
+    assert len(requests) == len(responses) == 2
+    for event in requests + responses:
+        assert event["process"]["pid"] == client.pid
+        jsonschema.validate(event, load_schema(event["event_type"]))
+    assert [r["data"]["model"]["id"] for r in requests] == ["gpt-realtime"] * 2
+    assert [m["content"] for m in requests[1]["data"]["messages"]] == ["answer briefly", "first question", got[0]["text"], "second question"]
+    assert [r["data"]["provider_request_id"] for r in responses] == [g["id"] for g in got]
+    assert [r["data"]["choices"][0]["message"]["content"] for r in responses] == [g["text"] for g in got]
+    assert [[r["data"]["usage"]["prompt_tokens"], r["data"]["usage"]["completion_tokens"]] for r in responses] == [g["usage"] for g in got]
     assert "TESTKEYws" not in lab["events"].read_text()
 
 

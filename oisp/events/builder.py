@@ -27,7 +27,7 @@ _FINISH = {
     "error": "error", "error_toxic": "content_filter",
 }
 _KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
-_KEY_QUERY = ("key", "api_key", "api-key")
+_KEY_QUERY = ("key", "api_key", "api-key", "access_token")  # access_token: Gemini Live's ephemeral tokens
 
 
 def finish_reason(raw: str | None) -> str | None:

@@ -1,6 +1,6 @@
 """Real WebSocket clients for interception tests; each prints one JSON result: what it assembled.
 
-usage: ws_clients.py CLIENT WSS_BASE   (CLIENT: openai_responses | gemini_live | plain)
+usage: ws_clients.py CLIENT WSS_BASE   (CLIENT: openai_responses | openai_realtime | gemini_live | plain)
 They trust whatever SSL_CERT_FILE names, as in real use.
 """
 
@@ -34,6 +34,27 @@ def openai_responses(base):
                     got["id"] = r.id
                     got["calls"] = [[o.call_id, o.name, o.arguments] for o in r.output if o.type == "function_call"]
                     got["usage"] = [r.usage.input_tokens, r.usage.output_tokens]
+                    break
+            out.append(got)
+    return out
+
+
+def openai_realtime(base):
+    import openai
+
+    client = openai.OpenAI(api_key=KEY, base_url=base.replace("wss://", "https://") + "/v1", max_retries=0)
+    out = []
+    with client.realtime.connect(model="gpt-realtime", websocket_connection_options={"compression": "deflate", "proxy": None}) as conn:
+        conn.session.update(session={"type": "realtime", "instructions": "answer briefly", "output_modalities": ["text"]})
+        for text in ("first question", "second question"):
+            conn.conversation.item.create(item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]})
+            conn.response.create()
+            got = {"text": ""}
+            for event in conn:
+                if event.type == "response.output_text.delta":
+                    got["text"] += event.delta
+                elif event.type == "response.done":
+                    got["id"], got["usage"] = event.response.id, [event.response.usage.input_tokens, event.response.usage.output_tokens]
                     break
             out.append(got)
     return out
@@ -86,4 +107,5 @@ def plain(base):
 
 if __name__ == "__main__":
     name, base = sys.argv[1], sys.argv[2]
-    print(json.dumps({"openai_responses": openai_responses, "gemini_live": gemini_live, "plain": plain}[name](base)))
+    print(json.dumps({"openai_responses": openai_responses, "openai_realtime": openai_realtime, "gemini_live": gemini_live,
+                      "plain": plain}[name](base)))
