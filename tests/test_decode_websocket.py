@@ -586,3 +586,25 @@ def test_ephemeral_secrets_of_a_session_are_hashed_never_written(kind) -> None:
     assert "[REDACTED:openai_project_key" in req[0]["messages"][0]["content"]
     text = json.dumps(events)
     assert "SECRETSECRET" not in text and "LEAKED" not in text
+
+
+def test_frames_sent_before_the_101_and_with_it_are_decoded() -> None:
+    """A client may send its first message right behind the upgrade; the server its first with the 101."""
+    create = json.dumps({"type": "response.create", "model": "m", "input": "early"}).encode()
+    answer = json.dumps({"type": "response.completed", "response": {"id": "r", "status": "completed", "output": []}}).encode()
+    dec = FlowDecoder(FlowContext(("127.0.0.1", 1), ("127.0.0.1", 80), 0.0))
+    out = dec.feed(Direction.REQUEST, UPGRADE + frame(deflated(create), rsv1=True), 0.0)
+    out += dec.feed(Direction.RESPONSE, SWITCHED + frame(deflated(answer), rsv1=True, mask=False), 1.0)
+    assert dec.stats.decode_errors == 0, dec.stats.errors
+    done = [r.exchange for r in out if r.exchange.protocol == "WebSocket"]
+    assert [e.ai_request.messages[0].content for e in done[:1]] == ["early"] and done[-1].ai_response.response_id == "r"
+
+
+def test_a_refused_upgrade_is_plain_http_and_no_session() -> None:
+    dec = FlowDecoder(FlowContext(("127.0.0.1", 1), ("127.0.0.1", 80), 0.0))
+    dec.feed(Direction.REQUEST, UPGRADE, 0.0)
+    body = b'{"error": {"message": "no"}}'
+    out = dec.feed(Direction.RESPONSE, b"HTTP/1.1 401 Unauthorized\r\nContent-Length: %d\r\n\r\n" % len(body) + body, 1.0)
+    out += dec.close(2.0)
+    assert [type(r).__name__ for r in out] == ["ResponseComplete"] and out[0].exchange.status == 401
+    assert dec.stats.protocol == "HTTP/1.1" and dec.stats.decode_errors == 0
