@@ -20,7 +20,7 @@ from oisp.decode.messages import Body, End, HttpMessage, RequestHead, ResponseHe
 from oisp.decode.providers import FORMATS, ResponseAssembler
 from oisp.decode.records import DecodeRecord, Exchange, RequestComplete, ResponseComplete, StreamDelta
 from oisp.decode.sse import SSEParser
-from oisp.spec import Spec
+from oisp.spec import EndpointMatch, Spec
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
@@ -54,6 +54,7 @@ class _Live:
     closer: Callable[[bytes, float], list[dict[str, Any]]] | None = None
     whole_body: bool = False
     chunks: int = 0
+    upgrade_match: EndpointMatch | None = None  # a WebSocket upgrade's endpoint: the socket's, not an AI exchange
 
 
 class ExchangeTracker:
@@ -118,6 +119,9 @@ class ExchangeTracker:
         body = _json(ex.request_body) if ex.request_body else None
         body = body if isinstance(body, dict) else None
         ex.match = self._spec.match(ex.authority, ex.target, port=self._ctx.server[1], body=body)
+        if ex.match is not None and (header(ex.request_headers, "upgrade") or "").lower() == "websocket":
+            # The upgrade GET asks for nothing: the AI requests come over the socket it opens.
+            live.upgrade_match, ex.match = ex.match, None
         if ex.match is not None:
             fmt = FORMATS.get(ex.match.api, FORMATS["generic"])
             info = self._guard(lambda: fmt.parse_request(body or {}))
@@ -129,6 +133,16 @@ class ExchangeTracker:
         out.append(RequestComplete(ex))
         if ex.status is not None:
             self._start_response(live, out, ts)
+
+    def take_upgrade(self, stream: int, headers: list[tuple[str, str]], ts: float) -> tuple[Exchange, EndpointMatch | None] | None:
+        """A 101 answering ``stream``'s WebSocket upgrade: that exchange leaves this tracker, with the endpoint its socket speaks."""
+        live = self._live.get(stream)
+        if live is None or (header(live.exchange.request_headers, "upgrade") or "").lower() != "websocket":
+            return None
+        del self._live[stream]
+        ex = live.exchange
+        ex.status, ex.response_headers, ex.response_ts, ex.complete = 101, headers, ts, True
+        return ex, live.upgrade_match
 
     # -- response --------------------------------------------------------------------------
     def _start_response(self, live: _Live, out: list[DecodeRecord], ts: float) -> None:

@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 
 from oisp.decode.context import Direction, FlowContext
 from oisp.decode.exchange import ExchangeTracker
-from oisp.decode.http1 import Http1Decoder
+from oisp.decode.http1 import Http1Decoder, Upgraded
 from oisp.decode.http2 import PREFACE, Http2Decoder
 from oisp.decode.messages import ProtocolError
 from oisp.decode.records import DecodeRecord
+from oisp.decode.ws_exchange import WebSocketTracker
 from oisp.spec import Spec, default_spec
 
 
@@ -32,13 +33,16 @@ class FlowDecoder:
     rest of the connection is skipped (HTTP/1.1 cannot be resynchronised safely).
     """
 
-    def __init__(self, ctx: FlowContext, spec: Spec | None = None) -> None:
+    def __init__(self, ctx: FlowContext, spec: Spec | None = None, **ws_limits: int) -> None:
+        """``ws_limits``: ``max_message`` / ``max_inflate`` of a WebSocket (see oisp.decode.websocket)."""
         self.ctx = ctx
+        self._ws_limits = ws_limits
         self.stats = DecodeStats()
         self._spec = spec or default_spec()
         self._http: Http1Decoder | Http2Decoder | None = None
         self._tracker: ExchangeTracker | None = None
         self._held: list[tuple[Direction, bytes, float]] = []  # bytes seen before the protocol is known
+        self._ws: WebSocketTracker | None = None  # after a 101 to a WebSocket upgrade
         self._closed = False
         alpn = (ctx.alpn or "").lower()
         if alpn == "h2":
@@ -53,6 +57,8 @@ class FlowDecoder:
             self.stats.bytes_response += len(data)
         if self.stats.abandoned or self._closed or not data:
             return []
+        if self._ws is not None:
+            return self._run(lambda: self._ws.feed(direction, data, ts))  # type: ignore[union-attr]
         if self._http is None:
             self._held.append((direction, bytes(data), ts))
             if not self._sniff():
@@ -69,7 +75,9 @@ class FlowDecoder:
             return []
         self._closed = True
         out: list[DecodeRecord] = []
-        if self._http is not None and not self.stats.abandoned:
+        if self._ws is not None:
+            out += self._run(lambda: self._ws.close(ts))  # type: ignore[union-attr]
+        elif self._http is not None and not self.stats.abandoned:
             out += self._run(lambda: self._track(self._http.close(ts)))  # type: ignore[union-attr]
         if self._tracker is not None:
             out += self._run(lambda: self._tracker.close(ts))  # type: ignore[union-attr]
@@ -95,7 +103,22 @@ class FlowDecoder:
     def _track(self, messages: list) -> list[DecodeRecord]:
         out: list[DecodeRecord] = []
         for m in messages:
-            out += self._tracker.handle(m)  # type: ignore[union-attr]
+            if isinstance(m, Upgraded):
+                out += self._upgrade(m)
+            else:
+                out += self._tracker.handle(m)  # type: ignore[union-attr]
+        return out
+
+    def _upgrade(self, m: Upgraded) -> list[DecodeRecord]:
+        """A 101: a WebSocket takes the connection over, starting with what each side sent after the switch."""
+        taken = self._tracker.take_upgrade(m.stream, m.headers, m.ts)  # type: ignore[union-attr]
+        if taken is None:
+            return []  # another protocol (h2c …): not decoded, as before
+        self.stats.protocol = "WebSocket"
+        self._ws = WebSocketTracker(*taken, self._count_error, **self._ws_limits)
+        out: list[DecodeRecord] = []
+        for d in Direction:
+            out += self._ws.feed(d, self._http.take_tunnel(d), m.ts)  # type: ignore[union-attr]
         return out
 
     def _run(self, step) -> list[DecodeRecord]:

@@ -11,7 +11,10 @@ side may send next, from what both sides said (RFC 9112 §6, §9):
   Content-Length nor chunked framing runs to the close; 1xx responses are
   skipped, the final response follows;
 - 101 Switching Protocols (after a request with Upgrade) and a 2xx to CONNECT
-  turn the connection into a tunnel: nothing more is decoded on either side;
+  turn the connection into a tunnel: nothing more is decoded on either side.
+  A 101 is announced as :class:`Upgraded`, and the bytes each side sent after
+  the switch are kept for :meth:`Http1Decoder.take_tunnel` (the WebSocket
+  decoder takes over from there);
 - a request or response with ``Connection: close``, or an HTTP/1.0 request,
   ends the connection after the exchange: a further request byte is an error,
   further response bytes are ignored.
@@ -24,12 +27,22 @@ message for message.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 from oisp.decode.context import Direction
 from oisp.decode.http1_wire import END, MAX_HEAD_BYTES, Head, WireReader, parse_request, parse_response
-from oisp.decode.messages import Body, End, HttpMessage, ProtocolError, RequestHead, ResponseHead
+from oisp.decode.messages import Body, End, Headers, HttpMessage, ProtocolError, RequestHead, ResponseHead
 
-__all__ = ["MAX_HEAD_BYTES", "Http1Decoder"]
+__all__ = ["MAX_HEAD_BYTES", "Http1Decoder", "Upgraded"]
+
+
+@dataclass(frozen=True)
+class Upgraded:
+    """The server answered ``stream``'s Upgrade request with 101: the connection speaks another protocol now."""
+
+    stream: int
+    headers: Headers  # the 101's header fields (Sec-WebSocket-Extensions, -Protocol …)
+    ts: float
 
 # What each side is doing. The request side moves IDLE → BODY → DONE → IDLE …;
 # the response side IDLE (nothing to answer) → HEAD → BODY → IDLE ….
@@ -59,6 +72,7 @@ class Http1Decoder:
         self._resp_keep_alive = True  # may another response follow the current one?
         self._switch_proposed = False  # the current request asked for a new protocol (Upgrade, CONNECT)
         self._switched = False
+        self._upgraded = False  # switched by a 101: the tunnel's first bytes are kept for take_tunnel
         self._response_over = False  # the current request's response has ended
 
     def feed(self, direction: Direction, data: bytes, ts: float) -> list[HttpMessage]:
@@ -129,7 +143,7 @@ class Http1Decoder:
         if self._switch_proposed:
             # Until the response says whether the protocol changes, the bytes that follow are not ours to parse.
             self._req_state = _TUNNEL if self._switched else _SWITCH_PENDING
-            if self._switched:
+            if self._switched and not self._upgraded:
                 self._requests.discard()
         elif not self._req_keep_alive:
             self._req_state = _MUST_CLOSE
@@ -185,6 +199,8 @@ class Http1Decoder:
             if status == 101:
                 if not req.upgrade:
                     raise ProtocolError("HTTP/1.1: 101 Switching Protocols without an Upgrade request")
+                self._upgraded = True
+                out.append(Upgraded(stream, head.headers, ts))
                 self._switch_protocols()
             return  # 100 Continue, 103 Early Hints: the final response follows
         out.append(ResponseHead(stream, status, head.headers, ts))
@@ -217,5 +233,15 @@ class Http1Decoder:
     def _switch_protocols(self) -> None:
         self._switched = True
         self._resp_state = _TUNNEL
-        self._responses.discard()
+        if not self._upgraded:
+            self._responses.discard()
         self._settle_requests()  # a request still sending its body finishes it first
+
+    def take_tunnel(self, direction: Direction) -> bytes:
+        """After :class:`Upgraded`: what that side sent after the switch so far (once; later bytes are the caller's)."""
+        if not self._upgraded or (self._req_state if direction is Direction.REQUEST else self._resp_state) is not _TUNNEL:
+            return b""
+        wire = self._requests if direction is Direction.REQUEST else self._responses
+        data = bytes(wire.buf[wire.pos:])
+        wire.discard()
+        return data

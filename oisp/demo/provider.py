@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-HOSTS = ["api.openai.com", "api.anthropic.com", "api.mistral.ai", "example.test"]
+HOSTS = ["api.openai.com", "api.anthropic.com", "api.mistral.ai", "example.test", "generativelanguage.googleapis.com"]
 MAX_BODY = 1 << 20  # a request body larger than this is refused (413)
 
 

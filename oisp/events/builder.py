@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl
 
 from oisp.decode import Exchange, FlowContext
 from oisp.decode.messages import header
+from oisp.decode.ws_exchange import PROTOCOL as WEBSOCKET, SessionComplete
 from oisp.events.envelope import rfc3339
 from oisp.events.redact import secret_hash
 from oisp.spec import Spec
@@ -26,7 +27,7 @@ _FINISH = {
     "error": "error", "error_toxic": "content_filter",
 }
 _KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
-_KEY_QUERY = ("key", "api_key", "api-key")
+_KEY_QUERY = ("key", "api_key", "api-key", "access_token")  # access_token: Gemini Live's ephemeral tokens
 
 
 def finish_reason(raw: str | None) -> str | None:
@@ -64,8 +65,12 @@ def auth_info(ex: Exchange, spec: Spec) -> dict[str, Any]:
     return {"type": kind, "key_prefix": spec.key_prefix(secret), "key_hash": secret_hash(secret)}
 
 
+def _websocket(ex: Exchange) -> bool:
+    return ex.protocol == WEBSOCKET
+
+
 def _endpoint(ex: Exchange, ctx: FlowContext) -> str:
-    scheme = "https" if ctx.tls else "http"
+    scheme = ("wss" if ctx.tls else "ws") if _websocket(ex) else "https" if ctx.tls else "http"
     return f"{scheme}://{ex.authority or ctx.server[0]}{ex.path}"
 
 
@@ -122,15 +127,17 @@ def response_data(ex: Exchange, ctx: FlowContext, request_id: str) -> dict[str, 
     latency = _ms(ex.request_end_ts, ex.response_end_ts)
     if latency is not None:
         data["latency_ms"] = latency
+    # Over a WebSocket the status is the upgrade's 101; what the response says decides success.
+    ok_status = 200 <= status < 300 or (status == 101 and _websocket(ex))
     if info is None:
-        data["success"] = 200 <= status < 300 and ex.complete
+        data["success"] = ok_status and ex.complete
         return data
     error = dict(info.error) if info.error else None
-    data["success"] = 200 <= status < 300 and ex.complete and error is None
+    data["success"] = ok_status and ex.complete and error is None
     if error:
         data["error"] = error
     elif not data["success"]:
-        data["error"] = {"type": "http_error" if status >= 400 else "incomplete", "message": f"HTTP {status}" if status else "no response"}
+        data["error"] = {"type": "http_error" if status >= 400 else "incomplete", "message": f"HTTP {status}" if status and not ok_status else "no response"}
     if info.response_id:
         data["provider_request_id"] = str(info.response_id)
     model = info.model or (ex.ai_request.model if ex.ai_request else None)
@@ -223,4 +230,32 @@ def flow_data(ex: Exchange, ctx: FlowContext) -> dict[str, Any]:
     tls = _tls(ctx)
     if tls:
         data["tls"] = tls
+    return data
+
+
+def websocket_flow_data(rec: SessionComplete, ctx: FlowContext) -> dict[str, Any]:
+    """One WebSocket session: its upgrade (as an HTTP exchange) and what went over the socket."""
+    ex, st = rec.exchange, rec.stats
+    data = flow_data(ex, ctx)
+    data["direction"] = "bidirectional"
+    data["bytes_sent"] = ex.request_wire_bytes + st.client.wire_bytes
+    data["bytes_received"] = ex.response_wire_bytes + st.server.wire_bytes
+    data["duration_ms"] = _ms(ex.request_ts, rec.ts) or 0
+    data["end_time"] = rfc3339(rec.ts)
+    ws: dict[str, Any] = {"path": ex.path, "extensions": list(rec.session.extensions)}
+    if rec.session.subprotocol:
+        ws["subprotocol"] = rec.session.subprotocol
+    for key, side in (("client", st.client), ("server", st.server)):
+        ws[key] = {
+            "messages": side.messages, "text_messages": side.text_messages, "binary_messages": side.binary_messages,
+            "wire_bytes": side.wire_bytes, "payload_bytes": side.payload_bytes, "pings": side.pings, "pongs": side.pongs,
+            "truncated_messages": side.truncated, "audio_bytes": side.audio_bytes,
+        }
+    if st.close_code is not None:
+        ws["close_code"] = st.close_code
+        ws["closed_by"] = st.closed_by
+        if st.close_reason:
+            ws["close_reason"] = st.close_reason
+    ws["decode_errors"] = st.decode_errors
+    data["websocket"] = ws
     return data

@@ -2,7 +2,8 @@
 
 It wraps :class:`oisp.decode.FlowDecoder`, turns its records into OISP events
 (network.connect at the start, ai.request / ai.response per AI exchange,
-optional ai.streaming_chunk, network.flow per HTTP exchange), attaches the
+optional ai.streaming_chunk, network.flow per HTTP exchange and per WebSocket
+session — an AI request made over a WebSocket has no flow of its own), attaches the
 attributed process and runs redaction on each event before returning it.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from oisp.decode import Direction, FlowContext, FlowDecoder, RequestComplete, ResponseComplete, StreamDelta
+from oisp.decode.ws_exchange import PROTOCOL as WEBSOCKET, SessionComplete
 from oisp.events import builder
 from oisp.events.attribution import ProcessAttributor
 from oisp.events.envelope import make_event
@@ -69,6 +71,9 @@ class FlowRecorder:
     def _convert(self, records: list) -> list[Event]:
         events: list[Event] = []
         for rec in records:
+            if isinstance(rec, SessionComplete):
+                events.append(self._event("network.flow", builder.websocket_flow_data(rec, self.ctx), rec.ts))
+                continue
             ex = rec.exchange
             is_ai = ex.match is not None
             if isinstance(rec, RequestComplete) and is_ai:
@@ -82,7 +87,7 @@ class FlowRecorder:
                 if is_ai:
                     rid = self._request_ids.pop(ex.stream)
                     events.append(self._ai_event("ai.response", builder.response_data(ex, self.ctx, rid), end, ex))
-                if is_ai or self._all_http:
+                if (is_ai or self._all_http) and ex.protocol != WEBSOCKET:
                     events.append(self._event("network.flow", builder.flow_data(ex, self.ctx), end))
         return events
 

@@ -243,7 +243,8 @@ class ResponsesAssembler(ResponseAssembler):
             if isinstance(obj.get("response"), Mapping):
                 self.on_body(obj["response"], ts)
         elif kind == "error":
-            self._error(obj)
+            # SSE puts code and message on the event; the WebSocket modes nest them under "error".
+            self._error(obj["error"] if isinstance(obj.get("error"), Mapping) else obj)
             self.info.finish_reason = "error"
         return []
 
