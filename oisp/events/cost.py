@@ -268,9 +268,14 @@ def load_prices(path: str | None = None) -> PriceTable:
     Raises :class:`PriceTableError` for a file that cannot be used, so a caller can say
     so at start instead of recording calls with wrong prices.
     """
+    from_env = not path
     path = path or os.environ.get(ENV_VAR) or None
-    table = bundled()
-    return table.overlaid(PriceTable.load(path)) if path else table
+    if not path:
+        return bundled()
+    try:
+        return bundled().overlaid(PriceTable.load(path))
+    except PriceTableError as e:
+        raise PriceTableError(f"{e} (named by ${ENV_VAR})" if from_env else str(e)) from None
 
 
 def annotate(data: dict[str, Any], table: PriceTable) -> None:
