@@ -122,6 +122,22 @@ def test_anthropic_long_context_tier_counts_cache_tokens() -> None:
     assert small == pytest.approx((1000 * 3 + 150_000 * 0.30 + 2000 * 15) / M)
 
 
+def test_openai_long_context_tier_above_272k() -> None:
+    # gpt-5.4 above 272K input tokens: 2x input (cached too) and 1.5x output for the whole call.
+    usage = {"prompt_tokens": 300_000, "cached_tokens": 100_000, "completion_tokens": 4000, "reasoning_tokens": 3000}
+    got = bundled().cost("openai", "gpt-5.4-2026-03-05", usage)["usd"]
+    assert got == pytest.approx((200_000 * 5.0 + 100_000 * 0.50 + 4000 * 22.50) / M)
+    short = bundled().cost("openai", "gpt-5.4", {**usage, "prompt_tokens": 272_000})["usd"]
+    assert short == pytest.approx((172_000 * 2.50 + 100_000 * 0.25 + 4000 * 15) / M)
+
+
+def test_haiku_5_5_prompt_tier_above_100k() -> None:
+    # 90k uncached + 20k written (1h) = 110k > 100k: 0.50 input, 1.00 1h write, 2.50 output.
+    usage = {"prompt_tokens": 110_000, "cache_write_tokens": 20_000, "cache_write_1h_tokens": 20_000, "completion_tokens": 500}
+    got = bundled().cost("anthropic", "claude-haiku-5-5", usage)["usd"]
+    assert got == pytest.approx((90_000 * 0.50 + 20_000 * 1.00 + 500 * 2.50) / M)
+
+
 def test_every_priced_fixture_validates_and_says_bundled() -> None:
     priced = 0
     for case in CASES.values():
@@ -144,6 +160,8 @@ def test_every_priced_fixture_validates_and_says_bundled() -> None:
     ("anthropic", "claude-opus-4-1-20250805", "claude-opus-4-1"),
     ("anthropic", "claude-opus-4-20250514", "claude-opus-4"),
     ("anthropic", "claude-3-5-haiku-latest", "claude-3-5-haiku"),
+    ("anthropic", "claude-opus-5-5", "claude-opus-5-5"),
+    ("anthropic", "claude-opus-5-20260724", "claude-opus-5"),
     ("google_gemini", "gemini-2.0-flash-001", "gemini-2.0-flash"),
     ("azure_openai", "gpt-4o-2024-11-20", "gpt-4o"),
 ])
@@ -164,10 +182,13 @@ def test_no_loose_match_to_a_shorter_model() -> None:
     for model in ("gpt-4o-mini", "gpt-4o-mini-2024-07-18", "gpt-4o-audio-preview", "gpt-4o-2024-08-06-ft", "chatgpt-4o-latest", "gpt-4"):
         assert only_4o.lookup("openai", model) is None, model
     assert only_4o.lookup("openai", "gpt-4o-2024-08-06") is not None
+    only_opus_5 = PriceTable.parse({"as_of": "2026-01-01", "providers": {"anthropic": {"models": {"claude-opus-5": {"input": 5, "output": 25}}}}}, "user", "t")
+    assert only_opus_5.lookup("anthropic", "claude-opus-5-5") is None and only_opus_5.lookup("anthropic", "claude-opus-5-5-20261001") is None
+    assert only_opus_5.lookup("anthropic", "claude-opus-5-20260724") is not None
 
 
 @pytest.mark.parametrize("provider,model", [
-    ("openai", "gpt-9-turbo"), ("openai", None), ("ollama", "llama3.2"), ("anthropic", "claude-opus-4-7"),
+    ("openai", "gpt-9-turbo"), ("openai", None), ("ollama", "llama3.2"), ("anthropic", "claude-opus-4-9"),
     ("anthropic", "claude-opus"), (None, "gpt-4o"), ("openai", "o1-pro"),
 ])
 def test_unknown_model_has_no_cost(provider, model) -> None:
