@@ -207,6 +207,14 @@ def test_missing_rate_gives_no_cost_not_a_wrong_one() -> None:
     assert bundled().cost("openai", "gpt-4o", {"total_tokens": 5}) is None
 
 
+def test_absurd_counts_give_no_cost_and_no_crash() -> None:
+    # JSON integers are unbounded: 10**400 tokens must not raise OverflowError in the recorder.
+    for usage in ({"prompt_tokens": 10**400, "completion_tokens": 1}, {"prompt_tokens": 5, "completion_tokens": 10**13},
+                  {"prompt_tokens": -5, "completion_tokens": True}):
+        cost = bundled().cost("openai", "gpt-4o", usage)
+        assert cost is None or cost["usd"] == 0
+
+
 def test_unsplit_cache_write_is_billed_at_the_5m_rate() -> None:
     usage = {"prompt_tokens": 1100, "cache_write_tokens": 1000, "completion_tokens": 0}
     got = bundled().cost("anthropic", "claude-haiku-4-5-20251001", usage)["usd"]

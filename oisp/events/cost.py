@@ -70,6 +70,7 @@ ENV_VAR = "OISP_PRICES"
 RATE_FIELDS = ("input", "cached_input", "cache_write_5m", "cache_write_1h", "output", "reasoning")
 _SNAPSHOT = re.compile(r"^(?P<base>.+?)-(?:\d{8}|\d{4}-\d{2}-\d{2}|\d{4}|\d{3}|latest)$")
 _PER_TOKEN = 1_000_000
+_MAX_TOKENS = 10**12  # more than any one call: a count above it is hostile or broken, not priced
 
 
 class PriceTableError(ValueError):
@@ -190,7 +191,7 @@ def usage_cost(price: Price, usage: Mapping[str, Any]) -> float | None:
     n = {k: _count(usage.get(k)) for k in (
         "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
         "cache_write_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens")}
-    if "prompt_tokens" not in usage and "completion_tokens" not in usage:
+    if "prompt_tokens" not in usage and "completion_tokens" not in usage or max(n.values()) > _MAX_TOKENS:
         return None
     prompt, completion = n["prompt_tokens"], n["completion_tokens"]
     r = price.rates_for(prompt)
