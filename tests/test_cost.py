@@ -318,6 +318,9 @@ def test_status_sums_known_costs_and_flags_unpriced() -> None:
     assert (status.usd, status.cost, status.tokens) == (pytest.approx(0.0127), "~$0.0127", 15)
     status.see({"event_type": "ai.response", "data": {"usage": {"total_tokens": 7}}})  # a model without a price
     assert status.cost == "~$0.0127+?"
+    small = Status()
+    small.see({"event_type": "ai.response", "data": {"usage": {"cost": {"usd": 0.00000585}}}})
+    assert small.cost == "~$0.000006"  # sub-cent totals keep their digits
 
 
 def test_schema_constrains_the_cost_object() -> None:
@@ -355,4 +358,4 @@ def test_record_prices_real_sdk_calls_with_the_users_file(lab) -> None:
         {"usd": pytest.approx((11 * 1.0 + 7 * 2.0) / M), "estimate": True, "prices_as_of": "2026-11-30", "source": "user"},
         {"usd": pytest.approx((13 * 3 + 5 * 15) / M), "estimate": True, "prices_as_of": AS_OF, "source": "bundled"},
     ]
-    assert "cost ~$0.0001 (estimate)" in summary  # 0.000025 + 0.000114
+    assert "cost ~$0.000139 (estimate)" in summary  # 0.000025 + 0.000114

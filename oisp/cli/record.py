@@ -65,7 +65,7 @@ class Status:
     @property
     def cost(self) -> str:
         """The running estimate; "+?" says some calls had no price."""
-        return f"~${self.usd:.4f}" + ("+?" if self.unpriced else "")
+        return f"~${self.usd:.{4 if self.usd >= 0.01 else 6}f}" + ("+?" if self.unpriced else "")
 
 
 def run(args) -> int:

@@ -32,7 +32,8 @@ How each provider's fields land there (the decoders do this; the hard cases):
 - Gemini: ``promptTokenCount`` INCLUDES ``cachedContentTokenCount``; ``thoughtsTokenCount``
   is NOT included in ``candidatesTokenCount`` and is billed as output, so
   completion_tokens = candidates + thoughts. Streamed, each chunk's ``usageMetadata`` is the
-  running total and the last one wins.
+  running total and the last one wins. ``toolUsePromptTokenCount`` (tool results fed back
+  by Google's own tools) is outside promptTokenCount and not counted.
 
 The cost, in USD, with rates per million tokens:
 
