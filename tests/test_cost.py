@@ -272,6 +272,8 @@ def test_env_var_names_the_user_file(tmp_path, monkeypatch) -> None:
     ("{not json", "not valid JSON"),
     ('{"providers": {}}', "as_of"),
     ('{"as_of": "30/11/2026", "providers": {}}', "as_of"),
+    ('{"as_of": "2026-W48-1", "providers": {}}', "as_of"),
+    ('{"as_of": "2026-02-30", "providers": {}}', "as_of"),
     ('{"as_of": "2026-11-30"}', "providers"),
     ('{"as_of": "2026-11-30", "providers": {"openai": {"models": {"gpt-4o": {"input": -1, "output": 8}}}}}', r"gpt-4o\.input"),
     ('{"as_of": "2026-11-30", "providers": {"openai": {"models": {"gpt-4o": {"input": 1}}}}}', r"\"output\" is required"),

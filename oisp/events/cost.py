@@ -121,7 +121,7 @@ class PriceTable:
             raise PriceTableError(f"{where}: unknown top-level field(s) {sorted(unknown)}")
         as_of = doc.get("as_of")
         try:
-            date.fromisoformat(as_of if isinstance(as_of, str) and len(as_of) == 10 else "")
+            date.fromisoformat(as_of if isinstance(as_of, str) and re.fullmatch(r"\d{4}-\d\d-\d\d", as_of) else "")
         except ValueError:
             raise PriceTableError(f"{where}: \"as_of\" must be a date, YYYY-MM-DD (got {as_of!r})") from None
         providers = doc.get("providers")
