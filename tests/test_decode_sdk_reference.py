@@ -39,7 +39,9 @@ def sdk_result(case: Case) -> dict:
                 r = s.get_final_response()
             calls = [{"id": o.call_id, "name": o.name, "arguments": o.arguments} for o in r.output if o.type == "function_call"]
             u = r.usage
-            return {"text": r.output_text, "tool_calls": calls, "usage": {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens, "total_tokens": u.total_tokens}}
+            usage = {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens, "total_tokens": u.total_tokens,
+                     "cached_tokens": u.input_tokens_details.cached_tokens, "reasoning_tokens": u.output_tokens_details.reasoning_tokens}
+            return {"text": r.output_text, "tool_calls": calls, "usage": usage}
         req.pop("stream_options", None)
         if case.sdk == "openai.chat.json":
             c = client.chat.completions.create(**req)
@@ -51,6 +53,10 @@ def sdk_result(case: Case) -> dict:
         msg = c.choices[0].message
         calls = [{"id": t.id, "name": t.function.name, "arguments": t.function.arguments} for t in msg.tool_calls or []]
         usage = {} if c.usage is None else {"prompt_tokens": c.usage.prompt_tokens, "completion_tokens": c.usage.completion_tokens, "total_tokens": c.usage.total_tokens}
+        if c.usage is not None and c.usage.prompt_tokens_details is not None:
+            usage["cached_tokens"] = c.usage.prompt_tokens_details.cached_tokens
+        if c.usage is not None and c.usage.completion_tokens_details is not None:
+            usage["reasoning_tokens"] = c.usage.completion_tokens_details.reasoning_tokens
         return {"text": msg.content or "", "tool_calls": calls, "usage": usage, "finish": c.choices[0].finish_reason}
     client = anthropic.Anthropic(api_key="sk-ant-test", base_url=f"https://{case.host}", http_client=anthropic.DefaultHttpxClient(transport=transport(case)))
     if case.sdk == "anthropic.json":
@@ -63,7 +69,18 @@ def sdk_result(case: Case) -> dict:
     text = "".join(b.text for b in m.content if b.type == "text")
     thinking = "".join(b.thinking for b in m.content if b.type == "thinking")
     calls = [{"id": b.id, "name": b.name, "input": b.input} for b in m.content if b.type == "tool_use"]
-    return {"text": text, "thinking": thinking, "tool_calls": calls, "usage": {"prompt_tokens": m.usage.input_tokens, "completion_tokens": m.usage.output_tokens}, "finish": m.stop_reason}
+    u = m.usage
+    # Anthropic's input_tokens excludes cache reads and writes; OISP's prompt_tokens includes them.
+    usage = {"prompt_tokens": u.input_tokens + (u.cache_read_input_tokens or 0) + (u.cache_creation_input_tokens or 0),
+             "completion_tokens": u.output_tokens}
+    if u.cache_read_input_tokens is not None:
+        usage["cached_tokens"] = u.cache_read_input_tokens
+    if u.cache_creation_input_tokens is not None:
+        usage["cache_write_tokens"] = u.cache_creation_input_tokens
+    if u.cache_creation is not None:
+        usage["cache_write_5m_tokens"] = u.cache_creation.ephemeral_5m_input_tokens
+        usage["cache_write_1h_tokens"] = u.cache_creation.ephemeral_1h_input_tokens
+    return {"text": text, "thinking": thinking, "tool_calls": calls, "usage": usage, "finish": m.stop_reason}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

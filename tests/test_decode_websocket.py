@@ -583,7 +583,7 @@ def test_ephemeral_secrets_of_a_session_are_hashed_never_written(kind) -> None:
     assert rec.stats.decode_errors == 0
     req = [e["data"] for e in events if e["event_type"] == "ai.request"]
     assert len(req) == 1 and req[0]["auth"]["key_hash"].startswith("sha256:")
-    assert "[REDACTED:openai_project_key" in req[0]["messages"][0]["content"]
+    assert "[REDACTED:openai:sk-proj-:" in req[0]["messages"][0]["content"]
     text = json.dumps(events)
     assert "SECRETSECRET" not in text and "LEAKED" not in text
 

@@ -32,6 +32,8 @@ def register(sub) -> None:
                         help="do not verify upstream certificates (unsafe; for lab setups only)")
     parser.add_argument("--keylog", metavar="FILE", help="write TLS keys (SSLKEYLOGFILE format) for Wireshark")
     parser.add_argument("--spec", metavar="FILE", help="AI endpoint spec to use instead of the bundled one")
+    parser.add_argument("--prices", metavar="FILE",
+                        help="prices (USD per million tokens) overriding or adding to the bundled table (default: $OISP_PRICES)")
     parser.add_argument("--proxy-port", type=int, default=DEFAULT_PROXY_PORT, help="local proxy port (default 8443)")
     parser.add_argument("--redaction", choices=["safe", "full", "minimal"], default="safe")
     parser.add_argument("--streaming-chunks", action="store_true", help="also emit ai.streaming_chunk events")
@@ -44,7 +46,8 @@ class Status:
     """Counts for the live status line."""
 
     def __init__(self):
-        self.requests = self.responses = self.tokens = 0
+        self.requests = self.responses = self.tokens = self.unpriced = 0
+        self.usd = 0.0
 
     def see(self, event: dict) -> None:
         kind = event.get("event_type")
@@ -52,12 +55,29 @@ class Status:
             self.requests += 1
         elif kind == "ai.response":
             self.responses += 1
-            self.tokens += int((event.get("data", {}).get("usage") or {}).get("total_tokens") or 0)
+            usage = event.get("data", {}).get("usage") or {}
+            self.tokens += int(usage.get("total_tokens") or 0)
+            if "cost" in usage:
+                self.usd += usage["cost"]["usd"]
+            elif usage:  # tokens were spent on a model the price table does not know
+                self.unpriced += 1
+
+    @property
+    def cost(self) -> str:
+        """The running estimate; "+?" says some calls had no price."""
+        return f"~${self.usd:.{4 if self.usd >= 0.01 else 6}f}" + ("+?" if self.unpriced else "")
 
 
 def run(args) -> int:
     from oisp.divert.preflight import check_privileges
 
+    from oisp.events.cost import PriceTableError, load_prices
+
+    try:
+        args.price_table = load_prices(args.prices)
+    except PriceTableError as e:
+        print(f"oisp record: {e}", file=sys.stderr)
+        return 2
     problems = check_privileges()
     if problems:
         for problem in problems:
@@ -111,7 +131,7 @@ async def _record(args) -> int:
         issuer=issuer, spec=spec, own_ports=redirector.own_ports,
         upstream_verify=not args.no_upstream_verify, upstream_cafile=args.upstream_ca,
         keylog=issuer.keylog_filename,  # the safely opened key log, never the path as given
-        on_events=emit, recorder_options={"redactor": Redactor(args.redaction, spec=spec),
+        on_events=emit, recorder_options={"redactor": Redactor(args.redaction, spec=spec), "prices": args.price_table,
                                           "streaming_chunks": args.streaming_chunks})
     await proxy.start(args.proxy_port)
     loop = asyncio.get_running_loop()
@@ -136,7 +156,7 @@ async def _record(args) -> int:
             if live:
                 engine = redirector.counters()["reflector"].get("engine", {})
                 print(f"\rflows {proxy.stats['intercepted']}+{proxy.stats['passed_through']}  "
-                      f"requests {status.requests}  responses {status.responses}  tokens {status.tokens}  "
+                      f"requests {status.requests}  responses {status.responses}  tokens {status.tokens}  cost {status.cost}  "
                       f"drops {engine.get('dropped', 0)}   ", end="", file=sys.stderr, flush=True)
     finally:
         await loop.run_in_executor(None, redirector.stop)  # first: nothing new reaches the proxy
@@ -148,6 +168,6 @@ async def _record(args) -> int:
                 print(f"oisp record: sink {name} lost {stats['lost']} events ({stats['last_error']})", file=sys.stderr)
         if live:
             print(file=sys.stderr)
-        print(f"oisp record: {status.requests} requests, {status.responses} responses, {status.tokens} tokens",
-              file=sys.stderr)
+        print(f"oisp record: {status.requests} requests, {status.responses} responses, {status.tokens} tokens, "
+              f"cost {status.cost} (estimate)", file=sys.stderr)
     return 0

@@ -3,8 +3,9 @@
 It wraps :class:`oisp.decode.FlowDecoder`, turns its records into OISP events
 (network.connect at the start, ai.request / ai.response per AI exchange,
 optional ai.streaming_chunk, network.flow per HTTP exchange and per WebSocket
-session — an AI request made over a WebSocket has no flow of its own), attaches the
-attributed process and runs redaction on each event before returning it.
+session — an AI request made over a WebSocket has no flow of its own), prices each
+ai.response from a price table (``usage.cost``), attaches the attributed process
+and runs redaction on each event before returning it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from oisp.decode import Direction, FlowContext, FlowDecoder, RequestComplete, ResponseComplete, StreamDelta
 from oisp.decode.ws_exchange import PROTOCOL as WEBSOCKET, SessionComplete
-from oisp.events import builder
+from oisp.events import builder, cost
 from oisp.events.attribution import ProcessAttributor
 from oisp.events.envelope import make_event
 from oisp.events.redact import Redactor
@@ -34,8 +35,10 @@ class FlowRecorder:
         streaming_chunks: bool = False,
         capture_method: str = "mitm_proxy",
         all_http: bool = False,
+        prices: cost.PriceTable | None = None,
     ) -> None:
-        """``all_http``: emit network.flow for every HTTP exchange, not only AI ones."""
+        """``all_http``: emit network.flow for every HTTP exchange, not only AI ones.
+        ``prices``: the table ai.response costs come from (default: the bundled one)."""
         self.ctx = ctx
         self.spec = spec or default_spec()
         self.decoder = FlowDecoder(ctx, self.spec)
@@ -43,6 +46,7 @@ class FlowRecorder:
         self._streaming_chunks = streaming_chunks
         self._capture_method = capture_method
         self._all_http = all_http
+        self._prices = prices or cost.bundled()
         self._process = (attributor or ProcessAttributor()).process(ctx.pid) if ctx.pid is not None else None
         if self._process is None and ctx.process_name:
             self._process = {"name": ctx.process_name}
@@ -86,7 +90,9 @@ class FlowRecorder:
                 end = ex.response_end_ts or ex.request_ts
                 if is_ai:
                     rid = self._request_ids.pop(ex.stream)
-                    events.append(self._ai_event("ai.response", builder.response_data(ex, self.ctx, rid), end, ex))
+                    data = builder.response_data(ex, self.ctx, rid)
+                    cost.annotate(data, self._prices)
+                    events.append(self._ai_event("ai.response", data, end, ex))
                 if (is_ai or self._all_http) and ex.protocol != WEBSOCKET:
                     events.append(self._event("network.flow", builder.flow_data(ex, self.ctx), end))
         return events

@@ -39,19 +39,28 @@ class MessagesAssembler(ResponseAssembler):
     def __init__(self) -> None:
         super().__init__()
         self._blocks: dict[int, Any] = {}  # block index → ToolCall (tool_use) or block type
+        self._raw_usage: dict[str, int] = {}  # Anthropic's usage fields as last reported
 
     def _usage(self, u: Any) -> None:
+        """message_start's usage, then message_delta's, whose counts are cumulative: the last
+        value of each field wins. input_tokens excludes cache reads and writes; OISP's
+        prompt_tokens includes them (as OpenAI's does), so the sum is taken here."""
         if not isinstance(u, Mapping):
             return
+        raw = self._raw_usage
+        set_usage(raw, input=u.get("input_tokens"), output=u.get("output_tokens"),
+                  read=u.get("cache_read_input_tokens"), write=u.get("cache_creation_input_tokens"))
+        split = u.get("cache_creation")
+        if isinstance(split, Mapping):
+            set_usage(raw, write_5m=split.get("ephemeral_5m_input_tokens"), write_1h=split.get("ephemeral_1h_input_tokens"))
         usage = self.info.usage
-        set_usage(
-            usage,
-            prompt_tokens=u.get("input_tokens"),
-            completion_tokens=u.get("output_tokens"),
-            cached_tokens=u.get("cache_read_input_tokens"),
-        )
-        if "prompt_tokens" in usage or "completion_tokens" in usage:
-            usage["total_tokens"] = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+        if "input" in raw or "output" in raw:
+            prompt = raw.get("input", 0) + raw.get("read", 0) + raw.get("write", 0)
+            usage.update(prompt_tokens=prompt, completion_tokens=raw.get("output", 0), total_tokens=prompt + raw.get("output", 0))
+        for ours, theirs in (("cached_tokens", "read"), ("cache_write_tokens", "write"),
+                             ("cache_write_5m_tokens", "write_5m"), ("cache_write_1h_tokens", "write_1h")):
+            if theirs in raw:
+                usage[ours] = raw[theirs]
 
     def on_json(self, obj: Any, ts: float, event: str | None = None) -> list[dict[str, Any]]:
         if not isinstance(obj, Mapping):

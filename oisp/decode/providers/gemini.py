@@ -43,6 +43,10 @@ def parse_request(body: Mapping[str, Any]) -> AIRequestInfo:
 class GenerateAssembler(ResponseAssembler):
     """Each streamed element is a full GenerateContentResponse holding the next piece."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._candidates: dict[str, int] = {}  # candidatesTokenCount as last reported
+
     def on_json(self, obj: Any, ts: float, event: str | None = None) -> list[dict[str, Any]]:
         if isinstance(obj, list):  # the non-SSE form, if handed over whole
             return [d for o in obj for d in self.on_json(o, ts)]
@@ -56,14 +60,19 @@ class GenerateAssembler(ResponseAssembler):
         info.model = info.model or obj.get("modelVersion")
         u = obj.get("usageMetadata")
         if isinstance(u, Mapping):
+            # Each chunk's usageMetadata is the running total. promptTokenCount includes
+            # cachedContentTokenCount; thoughtsTokenCount is NOT in candidatesTokenCount but
+            # is output, so OISP's completion_tokens (all output, reasoning included) is the sum.
             set_usage(
                 info.usage,
                 prompt_tokens=u.get("promptTokenCount"),
-                completion_tokens=u.get("candidatesTokenCount"),
                 total_tokens=u.get("totalTokenCount"),
                 cached_tokens=u.get("cachedContentTokenCount"),
                 reasoning_tokens=u.get("thoughtsTokenCount"),
             )
+            set_usage(self._candidates, n=u.get("candidatesTokenCount"))
+            if "n" in self._candidates or "reasoning_tokens" in info.usage:
+                info.usage["completion_tokens"] = self._candidates.get("n", 0) + info.usage.get("reasoning_tokens", 0)
         deltas = []
         for cand in obj.get("candidates") or []:
             if not isinstance(cand, Mapping):

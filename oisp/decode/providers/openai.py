@@ -74,6 +74,8 @@ def _openai_usage(usage: dict[str, int], u: Any) -> None:
     ptd, ctd = u.get("prompt_tokens_details"), u.get("completion_tokens_details")
     if isinstance(ptd, Mapping):
         set_usage(usage, cached_tokens=ptd.get("cached_tokens"))
+    if "cached_tokens" not in usage:  # DeepSeek's name for them (also inside prompt_tokens)
+        set_usage(usage, cached_tokens=u.get("prompt_cache_hit_tokens"))
     if isinstance(ctd, Mapping):
         set_usage(usage, reasoning_tokens=ctd.get("reasoning_tokens"))
 
