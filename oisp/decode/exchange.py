@@ -182,14 +182,14 @@ class ExchangeTracker:
         ctype = (header(ex.response_headers, "content-type") or "").lower()
         api = ex.match.api if ex.match else ""
         if "text/event-stream" in ctype:
-            sse = SSEParser()
+            sse = SSEParser(self._on_error)
             live.framer = lambda data, t: [d for ev in sse.feed(data) for d in asm.on_sse(ev, t)]
         elif "ndjson" in ctype or "jsonl" in ctype or api.startswith("ollama."):
-            nd = NDJSONSplitter()
+            nd = NDJSONSplitter(self._on_error)
             live.framer = lambda data, t: [d for line in nd.feed(data) for d in self._on_json(asm, line, t)]
             live.closer = lambda _unused, t: [d for line in nd.close() for d in self._on_json(asm, line, t)]
         elif api == "gemini.generate" and ex.match is not None and ex.match.streaming_path:
-            arr = JSONArraySplitter()
+            arr = JSONArraySplitter(self._on_error)
             live.framer = lambda data, t: [d for el in arr.feed(data) for d in self._on_json(asm, el, t)]
         else:
             live.whole_body = True
