@@ -161,3 +161,137 @@ def test_not_a_capture_is_a_clean_error(tmp_path, capsys) -> None:
     bad = tmp_path / "x.pcapng"
     bad.write_bytes(b"hello world")
     assert main(["decode", str(bad)]) == 2
+
+
+# -- damaged captures: a clear error or a counted skip, and nothing readable lost ----------
+
+import struct  # noqa: E402
+
+from oisp.pcapng import CaptureFormatError, read_packets  # noqa: E402
+from oisp.pcapng.reader import ReadStats  # noqa: E402
+
+
+def _clean_capture(tmp_path) -> tuple[Path, list[dict]]:
+    case = next(c for c in load_cases() if c.name == "ollama_chat_ndjson")
+    path = tmp_path / "clean.pcapng"
+    scapy_all.wrpcapng(str(path), segments_for(case))
+    events: list[dict] = []
+    decode_capture(str(path), events.append)
+    return path, events
+
+
+def _blocks(data: bytes) -> list[tuple[int, int]]:
+    """(offset, length) of each block of a little-endian pcapng file, from its length fields."""
+    out, pos = [], 0
+    while pos < len(data):
+        total = struct.unpack_from("<I", data, pos + 4)[0]
+        out.append((pos, total))
+        pos += total
+    return out
+
+
+def _epb(if_id: int, payload: bytes) -> bytes:
+    body = struct.pack("<IIIII", if_id, 0, 0, len(payload), len(payload)) + payload + b"\0" * (-len(payload) % 4)
+    total = 12 + len(body)
+    return struct.pack("<II", 6, total) + body + struct.pack("<I", total)
+
+
+def test_truncated_anywhere_keeps_every_whole_packet(tmp_path) -> None:
+    path, _ = _clean_capture(tmp_path)
+    data = path.read_bytes()
+    full = list(read_packets(path))
+    ends = [off + total for off, total in _blocks(data)]
+    cut_file = tmp_path / "cut.pcapng"
+    for cut in range(4, len(data), 7):
+        cut_file.write_bytes(data[:cut])
+        stats = ReadStats()
+        got = list(read_packets(cut_file, stats))
+        whole_blocks = sum(1 for e in ends if e <= cut)
+        # Every packet whose block is whole is read; a block cut short is one counted skip.
+        assert got == full[: len(got)] and stats.skipped == (0 if cut in ends else 1), cut
+        assert len(got) == len(full) - sum(1 for e in ends[2:] if e > cut) or whole_blocks < 2, cut
+
+
+def test_a_packet_on_an_undescribed_interface_is_skipped_and_counted(tmp_path, capsys) -> None:
+    path, clean_events = _clean_capture(tmp_path)
+    data = path.read_bytes()
+    off, total = _blocks(data)[5]
+    damaged = tmp_path / "bad-if.pcapng"
+    damaged.write_bytes(data[: off + total] + _epb(7, b"\x00" * 60) + data[off + total :])
+    events: list[dict] = []
+    counts = decode_capture(str(damaged), events.append)
+    assert counts["skipped_blocks"] == 1 and comparable(events) == comparable(clean_events)
+    assert main(["decode", str(damaged), "--quiet"]) == 0
+    assert "1 unreadable blocks skipped" in capsys.readouterr().err
+
+
+def test_a_short_interface_block_is_skipped_and_its_packets_with_it(tmp_path) -> None:
+    path, _ = _clean_capture(tmp_path)
+    data = path.read_bytes()
+    (shb_off, shb_len), (idb_off, idb_len) = _blocks(data)[:2]
+    short_idb = struct.pack("<II", 1, 16) + b"\x01\x00\x00\x00" + struct.pack("<I", 16)  # 4 bytes of body: no snaplen
+    damaged = tmp_path / "bad-idb.pcapng"
+    damaged.write_bytes(data[:idb_off] + short_idb + data[idb_off + idb_len :])
+    stats = ReadStats()
+    assert list(read_packets(damaged, stats)) == [] and stats.skipped == len(_blocks(data)) - 1
+
+
+def test_damage_part_way_decodes_what_came_before_and_says_so(tmp_path, capsys) -> None:
+    path, clean_events = _clean_capture(tmp_path)
+    data = path.read_bytes()
+    damaged = tmp_path / "damaged.pcapng"
+    damaged.write_bytes(data + struct.pack("<II", 6, 0xFFFFFF00) + b"\0" * 64)  # a block of impossible length
+    assert main(["decode", str(damaged)]) == 1
+    out = capsys.readouterr()
+    assert comparable([json.loads(line) for line in out.out.splitlines()]) == comparable(clean_events)
+    assert "impossible length" in out.err and "decoded what came before" in out.err and "Traceback" not in out.err
+    # The same damage with nothing readable before it: not a capture, status 2.
+    shb = data[: _blocks(data)[0][1]]
+    damaged.write_bytes(shb + struct.pack("<II", 6, 4) + b"\0" * 16)
+    assert main(["decode", str(damaged)]) == 2
+
+
+def test_pcap_record_of_impossible_length_and_short_header(tmp_path, capsys) -> None:
+    case = next(c for c in load_cases() if c.name == "ollama_chat_ndjson")
+    path = tmp_path / "cap.pcap"
+    scapy_all.wrpcap(str(path), segments_for(case))
+    clean: list[dict] = []
+    decode_capture(str(path), clean.append)
+    data = path.read_bytes()
+    path.write_bytes(data + struct.pack("<IIII", 0, 0, 0xFFFFFFF0, 0xFFFFFFF0) + b"\0" * 32)
+    assert main(["decode", str(path)]) == 1
+    out = capsys.readouterr()
+    assert comparable([json.loads(line) for line in out.out.splitlines()]) == comparable(clean) and "claims" in out.err
+    path.write_bytes(data[:10])
+    assert main(["decode", str(path)]) == 2
+    assert "pcap file header cut short" in capsys.readouterr().err
+
+
+def test_a_spec_file_of_another_shape_is_a_clean_error(tmp_path, capsys) -> None:
+    path, _ = _clean_capture(tmp_path)
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"not": "a spec"}')
+    assert main(["decode", str(path), "--spec", str(spec)]) == 2
+    assert "not an AI endpoint spec" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_damage_never_raises_anything_else(tmp_path, seed: int) -> None:
+    """Bytes flipped, blocks cut, lengths changed: read_packets yields or raises CaptureFormatError, no other error."""
+    path, _ = _clean_capture(tmp_path)
+    data = path.read_bytes()
+    rng = random.Random(seed)
+    damaged = tmp_path / "fuzz.pcapng"
+    for _ in range(60):
+        b = bytearray(data)
+        for _ in range(rng.randint(1, 6)):
+            i = rng.randrange(len(b))
+            b[i] = rng.randrange(256) if rng.random() < 0.7 else (b[i] ^ 0x80)
+        if rng.random() < 0.3:
+            del b[rng.randrange(len(b)) :]
+        damaged.write_bytes(bytes(b))
+        events: list[dict] = []
+        try:
+            decode_capture(str(damaged), events.append)
+        except CaptureFormatError:
+            pass

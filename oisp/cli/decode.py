@@ -15,6 +15,7 @@ from oisp.decode import Direction, FlowContext
 from oisp.events import FlowRecorder, RedactionMode, Redactor
 from oisp.events.attribution import ProcessAttributor
 from oisp.pcapng import CaptureFormatError, FlowClosed, FlowData, TcpReassembler, parse_segment, read_packets
+from oisp.pcapng.reader import ReadStats
 from oisp.sinks.options import add_sink_arguments, sinks_from_args
 from oisp.spec import load_spec
 
@@ -32,22 +33,35 @@ def register(subparsers: Any) -> None:
 
 
 def decode_capture(path: str, emit, *, ports: list[int] | None = None, spec=None, redactor=None, all_http: bool = False, streaming_chunks: bool = False) -> dict[str, int]:
-    """Decode every TCP connection of a capture; ``emit(event)`` receives each event. Returns counters."""
+    """Decode every TCP connection of a capture; ``emit(event)`` receives each event. Returns counters.
+
+    A capture damaged part way is decoded up to the damage, its connections
+    closed there, and the reason returned as ``counts["damaged"]``; a file that
+    is no capture at all raises CaptureFormatError.
+    """
     spec = spec or load_spec()
     redactor = redactor or Redactor()
     attributor = ProcessAttributor()
     recorders: dict[int, FlowRecorder] = {}
     held_connect: dict[int, dict] = {}
-    counts = {"packets": 0, "connections": 0, "events": 0, "decode_errors": 0}
+    counts: dict[str, Any] = {"packets": 0, "connections": 0, "events": 0, "decode_errors": 0, "skipped_blocks": 0, "tcp_gaps": 0, "damaged": None}
+    read_stats = ReadStats()
 
     def segments():
-        for pkt in read_packets(path):
-            seg = parse_segment(pkt)
-            if seg is not None:
-                counts["packets"] += 1
-                yield seg
+        packets = read_packets(path, read_stats)
+        try:
+            for pkt in packets:
+                seg = parse_segment(pkt)
+                if seg is not None:
+                    counts["packets"] += 1
+                    yield seg
+        except CaptureFormatError as e:
+            if not counts["packets"] and not read_stats.skipped:
+                raise  # nothing was readable: not a capture
+            counts["damaged"] = str(e)
 
-    for item in TcpReassembler().segments(segments()):
+    reassembler = TcpReassembler()
+    for item in reassembler.segments(segments()):
         flow = item.flow
         if ports and flow.server[1] not in ports:
             continue
@@ -72,14 +86,24 @@ def decode_capture(path: str, emit, *, ports: list[int] | None = None, spec=None
             for out in (connect, event) if connect else (event,):
                 emit(out)
                 counts["events"] += 1
+    counts["skipped_blocks"], counts["tcp_gaps"] = read_stats.skipped, reassembler.gaps
+    counts["problems"] = read_stats.problems
     return counts
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        spec = load_spec(args.spec) if args.spec else None
+    except OSError as e:
+        print(f"oisp decode: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, LookupError, TypeError, AttributeError) as e:  # what Spec.from_dict meets in a file of another shape
+        print(f"oisp decode: {args.spec}: not an AI endpoint spec ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
     fan = sinks_from_args(args)
     try:
         counts = decode_capture(
-            args.capture, fan.emit, ports=args.port, spec=load_spec(args.spec) if args.spec else None, redactor=Redactor(args.redaction),
+            args.capture, fan.emit, ports=args.port, spec=spec, redactor=Redactor(args.redaction),
             all_http=args.all_http, streaming_chunks=args.streaming_chunks,
         )
     except (OSError, CaptureFormatError) as e:
@@ -88,7 +112,13 @@ def run(args: argparse.Namespace) -> int:
     finally:
         fan.close()
     print(
-        f"{counts['packets']} TCP packets, {counts['connections']} connections, {counts['events']} events, {counts['decode_errors']} decode errors",
+        f"{counts['packets']} TCP packets, {counts['connections']} connections, {counts['events']} events, {counts['decode_errors']} decode errors, "
+        f"{counts['skipped_blocks']} unreadable blocks skipped, {counts['tcp_gaps']} gaps in TCP streams",
         file=sys.stderr,
     )
+    for problem in counts["problems"]:
+        print(f"oisp decode: skipped: {problem}", file=sys.stderr)
+    if counts["damaged"]:
+        print(f"oisp decode: {args.capture}: {counts['damaged']}; decoded what came before", file=sys.stderr)
+        return 1
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from oisp.decode.content_encoding import BodyDecoder, ContentDecodingError
 from oisp.decode.context import Direction, FlowContext
@@ -22,7 +22,8 @@ from oisp.decode.records import DecodeRecord, Exchange, RequestComplete, Respons
 from oisp.decode.sse import SSEParser
 from oisp.spec import EndpointMatch, Spec
 
-MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_BODY_BYTES = 32 * 1024 * 1024  # decoded bytes of one message body that are kept or parsed; the rest is not decoded
+_PIECE = 256 * 1024  # decoded bytes handed on at a time, so a framed body is parsed as it inflates
 
 
 def _json(data: bytes) -> Any:
@@ -32,21 +33,62 @@ def _json(data: bytes) -> Any:
         return None
 
 
-def _decoder(headers: list[tuple[str, str]], exchange: Exchange) -> BodyDecoder | None:
-    try:
-        return BodyDecoder(header(headers, "content-encoding"))
-    except ContentDecodingError:
-        exchange.problems.append("content_decoding_failed")
-        return None
+class _BodyIn:
+    """One message body's content decoding, within MAX_BODY_BYTES of output.
+
+    Past the budget the body is marked truncated and nothing more of it is
+    decoded: a small compressed body can expand without end, and what is not
+    decoded costs neither memory nor time. Decoding problems are counted once
+    and stop the body's decoding too; the connection itself is unaffected.
+    """
+
+    def __init__(self, headers: list[tuple[str, str]], exchange: Exchange, on_error: Callable[[str], None], on_truncated: Callable[[], None]) -> None:
+        self._ex = exchange
+        self._on_error = on_error
+        self._on_truncated = on_truncated
+        self._left = MAX_BODY_BYTES
+        self.truncated = False
+        self._decoder: BodyDecoder | None
+        try:
+            self._decoder = BodyDecoder(header(headers, "content-encoding"))
+        except ContentDecodingError:
+            exchange.problems.append("content_decoding_failed")
+            self._decoder = None
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        """The decoded bytes ``data`` adds, at most _PIECE at a time."""
+        decoder = self._decoder
+        if decoder is None:
+            return
+        decoder.feed(data)
+        while True:
+            try:
+                piece = decoder.read(min(_PIECE, self._left + 1))
+            except ContentDecodingError:
+                self._ex.problems.append("content_decoding_failed")
+                self._on_error("content decoding failed")
+                self._decoder = None
+                return
+            if not piece:
+                return
+            if len(piece) > self._left:
+                self.truncated, self._decoder = True, None
+                self._ex.problems.append("body_truncated")
+                self._on_truncated()
+                if self._left:
+                    yield piece[: self._left]
+                return
+            self._left -= len(piece)
+            yield piece
 
 
 @dataclass
 class _Live:
     exchange: Exchange
-    req_decoder: BodyDecoder | None
+    req_in: _BodyIn
     req_body: bytearray = field(default_factory=bytearray)
     request_done: bool = False
-    resp_decoder: BodyDecoder | None = None
+    resp_in: _BodyIn | None = None
     resp_body: bytearray = field(default_factory=bytearray)
     assembler: ResponseAssembler | None = None
     # Turns decoded response bytes into assembler calls; None until the response can be parsed.
@@ -58,18 +100,19 @@ class _Live:
 
 
 class ExchangeTracker:
-    def __init__(self, ctx: FlowContext, spec: Spec, protocol: str, on_error: Callable[[str], None]) -> None:
+    def __init__(self, ctx: FlowContext, spec: Spec, protocol: str, on_error: Callable[[str], None], on_truncated: Callable[[], None]) -> None:
         self._ctx = ctx
         self._spec = spec
         self._protocol = protocol
         self._on_error = on_error
+        self._on_truncated = on_truncated  # a body reached MAX_BODY_BYTES
         self._live: dict[int, _Live] = {}
 
     def handle(self, msg: HttpMessage) -> list[DecodeRecord]:
         out: list[DecodeRecord] = []
         if isinstance(msg, RequestHead):
             ex = Exchange(msg.stream, self._protocol, msg.method, msg.target, msg.authority or self._ctx.sni, msg.headers, msg.ts)
-            self._live[msg.stream] = _Live(ex, _decoder(msg.headers, ex))
+            self._live[msg.stream] = _Live(ex, self._body_in(msg.headers, ex))
             return out
         live = self._live.get(msg.stream)
         if live is None:
@@ -77,20 +120,21 @@ class ExchangeTracker:
         ex = live.exchange
         if isinstance(msg, ResponseHead):
             ex.status, ex.response_headers, ex.response_ts = msg.status, msg.headers, msg.ts
-            live.resp_decoder = _decoder(msg.headers, ex)
+            live.resp_in = self._body_in(msg.headers, ex)
             if live.request_done:
                 self._start_response(live, out, msg.ts)
         elif isinstance(msg, Body):
             if msg.direction is Direction.REQUEST:
                 ex.request_wire_bytes += len(msg.data)
-                self._keep(live, live.req_body, self._decode(live.req_decoder, msg.data, ex))
+                for piece in live.req_in.pieces(msg.data):
+                    live.req_body += piece
             else:
                 ex.response_wire_bytes += len(msg.data)
-                data = self._decode(live.resp_decoder, msg.data, ex)
-                if live.framer is not None:
-                    self._deltas(live, live.framer, data, msg.ts, out)
-                else:
-                    self._keep(live, live.resp_body, data)
+                for piece in live.resp_in.pieces(msg.data) if live.resp_in is not None else ():
+                    if live.framer is not None:
+                        self._deltas(live, live.framer, piece, msg.ts, out)
+                    else:
+                        live.resp_body += piece
         elif isinstance(msg, End):
             if msg.direction is Direction.REQUEST and not live.request_done:
                 self._finish_request(live, msg.ts, out)
@@ -116,7 +160,7 @@ class ExchangeTracker:
         live.request_done = True
         ex.request_end_ts = ts
         ex.request_body = bytes(live.req_body)
-        body = _json(ex.request_body) if ex.request_body else None
+        body = _json(ex.request_body) if ex.request_body and not live.req_in.truncated else None
         body = body if isinstance(body, dict) else None
         ex.match = self._spec.match(ex.authority, ex.target, port=self._ctx.server[1], body=body)
         if ex.match is not None and (header(ex.request_headers, "upgrade") or "").lower() == "websocket":
@@ -152,14 +196,14 @@ class ExchangeTracker:
         ctype = (header(ex.response_headers, "content-type") or "").lower()
         api = ex.match.api if ex.match else ""
         if "text/event-stream" in ctype:
-            sse = SSEParser()
+            sse = SSEParser(self._on_error)
             live.framer = lambda data, t: [d for ev in sse.feed(data) for d in asm.on_sse(ev, t)]
         elif "ndjson" in ctype or "jsonl" in ctype or api.startswith("ollama."):
-            nd = NDJSONSplitter()
+            nd = NDJSONSplitter(self._on_error)
             live.framer = lambda data, t: [d for line in nd.feed(data) for d in self._on_json(asm, line, t)]
             live.closer = lambda _unused, t: [d for line in nd.close() for d in self._on_json(asm, line, t)]
         elif api == "gemini.generate" and ex.match is not None and ex.match.streaming_path:
-            arr = JSONArraySplitter()
+            arr = JSONArraySplitter(self._on_error)
             live.framer = lambda data, t: [d for el in arr.feed(data) for d in self._on_json(asm, el, t)]
         else:
             live.whole_body = True
@@ -188,9 +232,10 @@ class ExchangeTracker:
         if live.assembler is not None:
             if live.framer is None and ex.status is not None:
                 self._start_response(live, out, ts)
-            if live.closer is not None:
+            truncated = live.resp_in is not None and live.resp_in.truncated
+            if live.closer is not None and not truncated:  # a truncated stream's last piece is cut short
                 self._deltas(live, live.closer, b"", ts, out)
-            if live.whole_body and live.resp_body:
+            if live.whole_body and live.resp_body and not truncated:
                 obj = _json(bytes(live.resp_body))
                 if obj is None:
                     ex.problems.append("response_body_not_json")
@@ -201,22 +246,8 @@ class ExchangeTracker:
         out.append(ResponseComplete(ex))
 
     # -- helpers ---------------------------------------------------------------------------
-    def _decode(self, decoder: BodyDecoder | None, data: bytes, ex: Exchange) -> bytes:
-        if decoder is None:
-            return b""
-        try:
-            return decoder.decompress(data)
-        except ContentDecodingError:
-            ex.problems.append("content_decoding_failed")
-            self._on_error("content decoding failed")
-            return b""
-
-    @staticmethod
-    def _keep(live: _Live, buf: bytearray, data: bytes) -> None:
-        room = MAX_BODY_BYTES - len(buf)
-        if len(data) > room and "body_truncated" not in live.exchange.problems:
-            live.exchange.problems.append("body_truncated")
-        buf += data[: max(room, 0)]
+    def _body_in(self, headers: list[tuple[str, str]], ex: Exchange) -> _BodyIn:
+        return _BodyIn(headers, ex, self._on_error, self._on_truncated)
 
     def _guard(self, fn: Callable[[], Any]) -> Any:
         # A provider parser meeting a body it did not expect must cost one count, not the flow.

@@ -22,6 +22,7 @@ class DecodeStats:
     last_error: str | None = None
     protocol: str | None = None
     abandoned: bool = False  # a protocol error stopped decoding this connection
+    bodies_truncated: int = 0  # message bodies decoded only up to MAX_BODY_BYTES
     errors: list[str] = field(default_factory=list)  # the first few messages, for diagnostics
 
 
@@ -95,7 +96,7 @@ class FlowDecoder:
     def _choose(self, http: Http1Decoder | Http2Decoder) -> None:
         self._http = http
         self.stats.protocol = http.protocol
-        self._tracker = ExchangeTracker(self.ctx, self._spec, http.protocol, self._count_error)
+        self._tracker = ExchangeTracker(self.ctx, self._spec, http.protocol, self._count_error, self._count_truncated)
 
     def _http_feed(self, direction: Direction, data: bytes, ts: float) -> list[DecodeRecord]:
         return self._track(self._http.feed(direction, data, ts))  # type: ignore[union-attr]
@@ -130,6 +131,9 @@ class FlowDecoder:
             self._count_error(f"{type(e).__name__}: {e}")
         self.stats.abandoned = True
         return []
+
+    def _count_truncated(self) -> None:
+        self.stats.bodies_truncated += 1
 
     def _count_error(self, message: str) -> None:
         self.stats.decode_errors += 1

@@ -25,6 +25,15 @@ from oisp.decode.messages import Body, End, HttpMessage, ProtocolError, RequestH
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _FRAME_HEADER = 9
+# A header block (HEADERS or PUSH_PROMISE and its CONTINUATIONs) larger than this is refused, as an
+# HTTP/1.1 head is past MAX_HEAD_BYTES. Skipping it is not an option: HPACK state depends on every block.
+MAX_HEADER_BLOCK_BYTES = 256 * 1024
+
+
+def _extend(block: bytearray, data: bytes) -> None:
+    if len(block) + len(data) > MAX_HEADER_BLOCK_BYTES:
+        raise ProtocolError(f"HTTP/2: header block larger than {MAX_HEADER_BLOCK_BYTES} bytes")
+    block += data
 
 
 class Http2Decoder:
@@ -71,14 +80,15 @@ class Http2Decoder:
         if partial is not None and not isinstance(frame, ContinuationFrame):
             raise ProtocolError("HTTP/2: header block interrupted")
         if isinstance(frame, (HeadersFrame, PushPromiseFrame)):
-            block = bytearray(frame.data)
+            block = bytearray()
             self._partial[direction] = (frame.stream_id, set(frame.flags), block, isinstance(frame, PushPromiseFrame))
+            _extend(block, frame.data)
             if "END_HEADERS" in frame.flags:
                 self._header_block(direction, ts, out)
         elif isinstance(frame, ContinuationFrame):
             if partial is None or partial[0] != frame.stream_id:
                 raise ProtocolError("HTTP/2: CONTINUATION without HEADERS")
-            partial[2].extend(frame.data)
+            _extend(partial[2], frame.data)
             if "END_HEADERS" in frame.flags:
                 self._header_block(direction, ts, out)
         elif isinstance(frame, DataFrame):

@@ -6,15 +6,28 @@ comment; one space after the colon is removed; ``data`` lines join with LF; an
 empty line dispatches; an event with no data is not dispatched; ``id`` with a
 NUL is ignored; ``retry`` must be all ASCII digits; an unterminated event at the
 end of the stream is discarded.
+
+Bounds: only newly fed bytes are scanned for line ends, so a line arriving in
+many pieces costs time linear in its length; a line longer than
+MAX_LINE_BYTES, or an event whose data exceed MAX_EVENT_BYTES, is dropped and
+reported to ``on_error`` once.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 _EOL = re.compile(rb"\r\n|\r|\n")
 _BOM = b"\xef\xbb\xbf"
+# A whole response object (OpenAI's response.completed, say) travels as one line: room for long answers.
+MAX_LINE_BYTES = 8 * 1024 * 1024
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+
+
+def _ignore(message: str) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -26,44 +39,66 @@ class SSEEvent:
 
 
 class SSEParser:
-    def __init__(self) -> None:
-        self._buf = b""
+    def __init__(self, on_error: Callable[[str], None] = _ignore) -> None:
+        self._on_error = on_error
+        self._buf = bytearray()  # the unfinished line: it holds no line end
+        self._overlong = False  # the unfinished line passed MAX_LINE_BYTES: it is being skipped
         self._skip_lf = False
         self._bom_checked = False
         self._data: list[str] = []
+        self._data_size = 0
         self._event = ""
         self._last_id = ""
         self._retry: int | None = None
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        buf = self._buf + chunk if self._buf else bytes(chunk)
-        if self._skip_lf and buf:
-            if buf[:1] == b"\n":
-                buf = buf[1:]
-            self._skip_lf = False
+        data = bytes(chunk)
         if not self._bom_checked:
-            if len(buf) < 3 and _BOM.startswith(buf):
-                self._buf = buf
+            data = bytes(self._buf) + data  # at most the first two bytes of a BOM wait here
+            self._buf.clear()
+            if len(data) < 3 and _BOM.startswith(data):
+                self._buf += data
                 return []
-            if buf.startswith(_BOM):
-                buf = buf[3:]
+            if data.startswith(_BOM):
+                data = data[3:]
             self._bom_checked = True
+        if self._skip_lf and data:
+            if data[:1] == b"\n":
+                data = data[1:]
+            self._skip_lf = False
         out: list[SSEEvent] = []
         pos = 0
-        for m in _EOL.finditer(buf):
-            self._line(buf[pos : m.start()].decode("utf-8", "replace"), out)
+        for m in _EOL.finditer(data):
+            piece = data[pos : m.start()]
             pos = m.end()
             # A CR ending the chunk may be the first half of a CRLF still to come.
-            if pos == len(buf) and m.group() == b"\r":
+            if pos == len(data) and m.group() == b"\r":
                 self._skip_lf = True
-        self._buf = buf[pos:]
+            if self._overlong:
+                self._overlong = False
+                continue
+            line = bytes(self._buf) + piece if self._buf else piece
+            self._buf.clear()
+            if len(line) > MAX_LINE_BYTES:
+                self._on_error(f"SSE line longer than {MAX_LINE_BYTES} bytes")
+                continue
+            self._line(line.decode("utf-8", "replace"), out)
+        rest = data[pos:]
+        if rest and not self._overlong:
+            if len(self._buf) + len(rest) > MAX_LINE_BYTES:
+                self._on_error(f"SSE line longer than {MAX_LINE_BYTES} bytes")
+                self._overlong = True
+                self._buf.clear()
+            else:
+                self._buf += rest
         return out
 
     def _line(self, line: str, out: list[SSEEvent]) -> None:
         if not line:
-            if self._data:
+            if self._data and self._data_size <= MAX_EVENT_BYTES:
                 out.append(SSEEvent(self._event or "message", "\n".join(self._data), self._last_id, self._retry))
             self._data = []
+            self._data_size = 0
             self._event = ""
             return
         if line[0] == ":":
@@ -72,6 +107,13 @@ class SSEParser:
         if colon and value[:1] == " ":
             value = value[1:]
         if name == "data":
+            if self._data_size > MAX_EVENT_BYTES:
+                return  # this event is being dropped
+            self._data_size += len(value) + 1
+            if self._data_size > MAX_EVENT_BYTES:
+                self._on_error(f"SSE event larger than {MAX_EVENT_BYTES} bytes")
+                self._data = []
+                return
             self._data.append(value)
         elif name == "event":
             self._event = value

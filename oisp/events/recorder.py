@@ -98,8 +98,10 @@ class FlowRecorder:
         return events
 
     def _ai_event(self, event_type: str, data: dict[str, Any], ts: float, ex) -> Event:
-        complete = ex.complete or event_type != "ai.response"
+        complete = (ex.complete or event_type != "ai.response") and "body_truncated" not in ex.problems
         reasons = ["tls_decrypted" if self.ctx.tls else "plaintext_capture", f"endpoint_{ex.match.detection}"]
+        if "body_truncated" in ex.problems:
+            reasons.append("body_truncated")  # decoded only up to the decoder's budget
         extra = {
             "content_source": "mitm_decryption" if self.ctx.tls else "plaintext_capture",
             "ai_detection_method": ex.match.detection,

@@ -3,6 +3,10 @@
 Handles Ethernet, Linux cooked (SLL, SLL2), BSD loopback (NULL/LOOP) and raw IP;
 IPv4 and IPv6; out-of-order and retransmitted segments; SYN to tell client from
 server (or, for a capture that starts mid-connection, the lower port is the server).
+
+Out-of-order bytes wait for the gap before them to fill, up to
+MAX_PENDING_BYTES a direction; past that the capture lost the gap's bytes, so
+the stream goes on from the earliest held segment and ``gaps`` counts it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ _RAW_ALIASES = {12, 14, LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6}
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 
 Endpoint = tuple[str, int]
+MAX_PENDING_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,24 @@ def parse_segment(pkt: Packet) -> Segment | None:
 class _Half:
     next_seq: int | None = None
     pending: dict[int, tuple[bytes, float]] = field(default_factory=dict)
+    pending_bytes: int = 0
     fin: bool = False
+
+    def hold(self, seq: int, payload: bytes, ts: float) -> None:
+        if seq not in self.pending:
+            self.pending[seq] = (payload, ts)
+            self.pending_bytes += len(payload)
+
+    def take(self, seq: int) -> tuple[bytes, float]:
+        payload, ts = self.pending.pop(seq)
+        self.pending_bytes -= len(payload)
+        return payload, ts
+
+    def earliest(self) -> int:
+        """The held segment that starts first, counted from next_seq (one already passed comes first)."""
+        assert self.next_seq is not None
+        nxt = self.next_seq
+        return min(self.pending, key=lambda s: (s - nxt + 0x80000000) & 0xFFFFFFFF)
 
 
 @dataclass
@@ -116,6 +138,7 @@ class TcpReassembler:
     def __init__(self) -> None:
         self.flows: dict[frozenset[Endpoint], TcpFlow] = {}
         self.last_ts = 0.0
+        self.gaps = 0  # holes in a stream the capture never filled
 
     def segments(self, segs: Iterable[Segment]) -> Iterator[FlowData | FlowClosed]:
         for seg in segs:
@@ -160,8 +183,14 @@ class TcpReassembler:
                 return
             payload, seq = payload[skip:], half.next_seq
         if seq != half.next_seq:
-            half.pending.setdefault(seq, (payload, ts))
-            return
+            half.hold(seq, payload, ts)
+            if half.pending_bytes <= MAX_PENDING_BYTES:
+                return
+            self.gaps += 1  # the gap's bytes are not in the capture: go on from the first segment after it
+            half.next_seq = min((s for s in half.pending if _seq_lt(half.next_seq, s)), key=lambda s: (s - half.next_seq) & 0xFFFFFFFF)  # type: ignore[operator]
+            nxt = self._next_pending(half)
+            assert nxt is not None  # the segment next_seq now points at
+            seq, (payload, ts) = nxt
         while True:
             yield FlowData(flow, from_client, payload, ts)
             half.next_seq = (seq + len(payload)) & 0xFFFFFFFF
@@ -173,13 +202,13 @@ class TcpReassembler:
     @staticmethod
     def _next_pending(half: _Half) -> tuple[int, tuple[bytes, float]] | None:
         assert half.next_seq is not None
-        for seq in sorted(half.pending, key=lambda s: (s - half.next_seq) & 0xFFFFFFFF):  # type: ignore[operator]
-            payload, ts = half.pending.pop(seq)
-            if _seq_lt(seq, half.next_seq) or seq == half.next_seq:
-                skip = (half.next_seq - seq) & 0xFFFFFFFF
-                if skip < len(payload):
-                    return half.next_seq, (payload[skip:], ts)
-                continue
-            half.pending[seq] = (payload, ts)
-            return None
+        while half.pending:
+            # The next segment usually starts exactly where the stream is; else look for an overlap.
+            seq = half.next_seq if half.next_seq in half.pending else half.earliest()
+            if not (_seq_lt(seq, half.next_seq) or seq == half.next_seq):
+                return None  # a gap remains before every held segment
+            payload, ts = half.take(seq)
+            skip = (half.next_seq - seq) & 0xFFFFFFFF
+            if skip < len(payload):
+                return half.next_seq, (payload[skip:], ts)
         return None

@@ -84,21 +84,21 @@ class MessagesAssembler(ResponseAssembler):
                 return [{"delta": {"tool_calls": [{"id": call.id, "name": call.name}]}, "finish_reason": None, "index": 0}]
             self._blocks[idx] = block.get("type")
             if isinstance(block.get("text"), str) and block["text"]:
-                info.choice(0).text += block["text"]
+                info.choice(0).add_text(block["text"])
                 self._token(ts)
             return []
         if kind == "content_block_delta" and isinstance(obj.get("delta"), Mapping):
             d, target = obj["delta"], self._blocks.get(obj.get("index"))
             dt = d.get("type")
             if dt == "text_delta" and isinstance(d.get("text"), str):
-                info.choice(0).text += d["text"]
+                info.choice(0).add_text(d["text"])
                 self._token(ts)
                 return [{"delta": {"content": d["text"]}, "finish_reason": None, "index": 0}]
             if dt == "thinking_delta" and isinstance(d.get("thinking"), str):
-                info.thinking += d["thinking"]
+                info.add_thinking(d["thinking"])
                 self._token(ts)
             elif dt == "input_json_delta" and isinstance(target, ToolCall) and isinstance(d.get("partial_json"), str):
-                target.arguments += d["partial_json"]
+                target.add_arguments(d["partial_json"])
                 self._token(ts)
                 return [{"delta": {"tool_calls": [{"id": target.id, "arguments": d["partial_json"]}]}, "finish_reason": None, "index": 0}]
             return []
@@ -128,7 +128,7 @@ class MessagesAssembler(ResponseAssembler):
             if block.get("type") == "text" and isinstance(block.get("text"), str):
                 text.append(block["text"])
             elif block.get("type") == "thinking" and isinstance(block.get("thinking"), str):
-                info.thinking += block["thinking"]
+                info.add_thinking(block["thinking"])
             elif block.get("type") in ("tool_use", "server_tool_use"):
                 info.tool_calls.append(ToolCall(block.get("id"), block.get("name"), json.dumps(block.get("input", {}))))
         info.choice(0).text = "".join(text)

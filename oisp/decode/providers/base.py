@@ -18,6 +18,34 @@ ROLE_MAP = {"model": "assistant", "chatbot": "assistant", "developer": "system",
 OISP_ROLES = {"system", "user", "assistant", "tool", "function"}
 
 
+class Appended:
+    """A str field that streams extend piece by piece: ``add`` is O(len(piece)).
+
+    ``obj.text += piece`` on an attribute copies the whole string every time
+    (O(n²) over a long stream); here the pieces wait in a list and are joined
+    once, when the field is read. Reading and assigning behave as for a str.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._key = f"_{name}_parts"
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return ""  # the dataclass default
+        parts = obj.__dict__.get(self._key)
+        if not parts:
+            return ""
+        if len(parts) > 1:
+            parts[:] = ["".join(parts)]
+        return parts[0]
+
+    def __set__(self, obj: Any, value: str) -> None:
+        obj.__dict__[self._key] = [value] if value else []
+
+    def add(self, obj: Any, piece: str) -> None:
+        obj.__dict__.setdefault(self._key, []).append(piece)
+
+
 @dataclass
 class Message:
     role: str
@@ -31,8 +59,11 @@ class Message:
 class ToolCall:
     id: str | None
     name: str | None
-    arguments: str = ""
+    arguments: str = Appended()  # type: ignore[assignment]
     type: str = "function"
+
+    def add_arguments(self, piece: str) -> None:
+        ToolCall.__dict__["arguments"].add(self, piece)
 
 
 @dataclass
@@ -48,8 +79,11 @@ class AIRequestInfo:
 @dataclass
 class Choice:
     index: int
-    text: str = ""
+    text: str = Appended()  # type: ignore[assignment]
     finish_reason: str | None = None
+
+    def add_text(self, piece: str) -> None:
+        Choice.__dict__["text"].add(self, piece)
 
 
 @dataclass
@@ -57,13 +91,16 @@ class AIResponseInfo:
     response_id: str | None = None
     model: str | None = None
     choices: dict[int, Choice] = field(default_factory=dict)
-    thinking: str = ""
+    thinking: str = Appended()  # type: ignore[assignment]
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: str | None = None  # as the provider spelled it
     usage: dict[str, int] = field(default_factory=dict)
     error: dict[str, str] | None = None
     first_token_ts: float | None = None
     chunk_count: int = 0
+
+    def add_thinking(self, piece: str) -> None:
+        AIResponseInfo.__dict__["thinking"].add(self, piece)
 
     @property
     def text(self) -> str:

@@ -39,7 +39,7 @@ class ChatAssembler(ResponseAssembler):
             text = content.get("text") if isinstance(content, Mapping) else None
             if isinstance(text, str):
                 self._token(ts)
-                info.choice(0).text += text
+                info.choice(0).add_text(text)
                 return [{"delta": {"content": text}, "finish_reason": None, "index": 0}]
         elif kind == "tool-call-start":
             tc = _tool_call(delta)
@@ -49,7 +49,7 @@ class ChatAssembler(ResponseAssembler):
         elif kind == "tool-call-delta" and info.tool_calls:
             fn = _tool_call(delta).get("function")
             if isinstance(fn, Mapping) and isinstance(fn.get("arguments"), str):
-                info.tool_calls[-1].arguments += fn["arguments"]
+                info.tool_calls[-1].add_arguments(fn["arguments"])
         elif kind == "message-end" and isinstance(delta, Mapping):
             info.finish_reason = info.choice(0).finish_reason = delta.get("finish_reason")
             self._usage(delta.get("usage"))

@@ -87,9 +87,9 @@ class GenerateAssembler(ResponseAssembler):
                 if isinstance(part.get("text"), str):
                     self._token(ts)
                     if part.get("thought"):
-                        info.thinking += part["text"]
+                        info.add_thinking(part["text"])
                     else:
-                        choice.text += part["text"]
+                        choice.add_text(part["text"])
                         delta["content"] = delta.get("content", "") + part["text"]
                 fc = part.get("functionCall")
                 if isinstance(fc, Mapping):

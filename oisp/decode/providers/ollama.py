@@ -65,11 +65,11 @@ class NDJSONAssembler(ResponseAssembler):
         thinking = msg.get("thinking") if msg else obj.get("thinking")
         if isinstance(text, str) and text:
             self._token(ts)
-            choice.text += text
+            choice.add_text(text)
             delta["content"] = text
         if isinstance(thinking, str) and thinking:
             self._token(ts)
-            info.thinking += thinking
+            info.add_thinking(thinking)
         for tc in msg.get("tool_calls") or []:
             fn = tc.get("function") if isinstance(tc, Mapping) and isinstance(tc.get("function"), Mapping) else None
             if fn is not None:

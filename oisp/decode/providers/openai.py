@@ -110,12 +110,12 @@ class ChatAssembler(ResponseAssembler):
             if isinstance(d.get("role"), str):
                 delta["role"] = d["role"]
             if isinstance(d.get("content"), str) and d["content"]:
-                choice.text += d["content"]
+                choice.add_text(d["content"])
                 delta["content"] = d["content"]
                 self._token(ts)
             thinking = d.get("reasoning_content") or d.get("reasoning")
             if isinstance(thinking, str) and thinking:
-                info.thinking += thinking
+                info.add_thinking(thinking)
                 self._token(ts)
             calls = []
             for tc in d.get("tool_calls") or []:
@@ -139,7 +139,7 @@ class ChatAssembler(ResponseAssembler):
             call = self._calls[key] = ToolCall(tc.get("id"), fn.get("name"), "", tc.get("type") or "function")
             self.info.tool_calls.append(call)
         if isinstance(fn.get("arguments"), str):
-            call.arguments += fn["arguments"]
+            call.add_arguments(fn["arguments"])
         self._token(ts)
         return {k: v for k, v in (("id", tc.get("id")), ("name", fn.get("name")), ("arguments", fn.get("arguments"))) if v is not None}
 
@@ -161,7 +161,7 @@ class ChatAssembler(ResponseAssembler):
             choice.text = text if isinstance(text, str) else ""
             thinking = msg.get("reasoning_content") or msg.get("reasoning")
             if isinstance(thinking, str):
-                info.thinking += thinking
+                info.add_thinking(thinking)
             for tc in msg.get("tool_calls") or []:
                 if isinstance(tc, Mapping):
                     fn = tc.get("function") if isinstance(tc.get("function"), Mapping) else {}
@@ -224,11 +224,11 @@ class ResponsesAssembler(ResponseAssembler):
         elif kind == "response.output_text.delta" and isinstance(obj.get("delta"), str):
             self._token(ts)
             self._streamed_text.append(obj["delta"])
-            self.info.choice(0).text += obj["delta"]
+            self.info.choice(0).add_text(obj["delta"])
             return [{"delta": {"content": obj["delta"]}, "finish_reason": None, "index": 0}]
         elif kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta") and isinstance(obj.get("delta"), str):
             self._token(ts)
-            self.info.thinking += obj["delta"]
+            self.info.add_thinking(obj["delta"])
         elif kind == "response.output_item.added":
             item = obj.get("item")
             if isinstance(item, Mapping) and item.get("type") == "function_call":
@@ -239,7 +239,7 @@ class ResponsesAssembler(ResponseAssembler):
             self._token(ts)
             call = self._calls.get(str(obj.get("item_id")))
             if call is not None:
-                call.arguments += obj["delta"]
+                call.add_arguments(obj["delta"])
                 return [{"delta": {"tool_calls": [{"id": call.id, "arguments": obj["delta"]}]}, "finish_reason": None, "index": 0}]
         elif kind in ("response.completed", "response.incomplete", "response.failed"):
             if isinstance(obj.get("response"), Mapping):
