@@ -32,12 +32,24 @@ def register(sub) -> None:
                         help="do not verify upstream certificates (unsafe; for lab setups only)")
     parser.add_argument("--keylog", metavar="FILE", help="write TLS keys (SSLKEYLOGFILE format) for Wireshark")
     parser.add_argument("--spec", metavar="FILE", help="AI endpoint spec to use instead of the bundled one")
-    parser.add_argument("--proxy-port", type=int, default=DEFAULT_PROXY_PORT, help="local proxy port (default 8443)")
+    parser.add_argument("--proxy-port", type=tcp_port, default=DEFAULT_PROXY_PORT, help="local proxy port (default 8443)")
     parser.add_argument("--redaction", choices=["safe", "full", "minimal"], default="safe")
     parser.add_argument("--streaming-chunks", action="store_true", help="also emit ai.streaming_chunk events")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     add_sink_arguments(parser, default_stdout=False)
     parser.set_defaults(func=run)
+
+
+def tcp_port(text: str) -> int:
+    """A port a client's connection can be reflected to: 1..65535 (0 would mean "any" to
+    bind, but the reflector must know the port before the proxy listens)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1..65535)")
+    return port
 
 
 class Status:
