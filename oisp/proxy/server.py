@@ -41,6 +41,11 @@ from oisp.proxy.sessions import UpstreamSessions
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 15.0
+# The application protocols the proxy offers upstream, and so can decode. A client's ALPN
+# list is cut down to these (in its order) before it names an upstream context: every
+# distinct list would otherwise make a context of its own (~840 KiB with the trust store,
+# kept for good), and any local program can send lists at will.
+KNOWN_ALPN = ("h2", "http/1.1")
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,11 @@ class PinnedHosts:
     def __contains__(self, sni: object) -> bool:
         with self._lock:
             return sni in self._hosts
+
+
+def known_alpn(offered: list[str]) -> list[str]:
+    """The protocols of `offered` the proxy speaks, in the client's order, each once."""
+    return list(dict.fromkeys(p for p in offered if p in KNOWN_ALPN))
 
 
 def _plain(address: str) -> str:
@@ -283,19 +293,17 @@ class TransparentProxy:
         return target
 
     async def _intercept(self, conn, upstream, target: Target, hello: ClientHello, peer: tuple[str, int]) -> None:
-        context = self.upstream_context
-        if hello.alpn:
-            context = self._with_alpn(hello.alpn)
+        alpn, context = self._with_alpn(hello.alpn)
         relay = Relay()
         # When the client offers HTTP/1.1 alone (or no ALPN), upstream's choice cannot change
         # what the client speaks: both handshakes run at once. Otherwise the client is served
         # exactly what upstream chose, so its handshake waits for upstream's.
-        at_once = not hello.alpn or hello.alpn == ["http/1.1"]
+        at_once = not alpn or alpn == ["http/1.1"]
         try:
             up = await self._attach(relay, "upstream", upstream, context, server_hostname=hello.sni,
                                     session=self.upstream_sessions.get(context, target.server, hello.sni))
             if at_once:
-                client = await self._attach_client(relay, conn, hello.sni, hello.alpn)
+                client = await self._attach_client(relay, conn, hello.sni, alpn)
             await up.handshake(HANDSHAKE_TIMEOUT)
             self.stats["upstream_resumed"] += up.tls.session_reused
             if not at_once:
@@ -359,12 +367,16 @@ class TransparentProxy:
             if not relay.done.done():
                 relay.close(abort=True)
 
-    def _with_alpn(self, protocols: list[str]) -> ssl.SSLContext:
-        """An upstream context offering the client's ALPN list (one per distinct list)."""
-        key = tuple(protocols)
+    def _with_alpn(self, offered: list[str]) -> tuple[list[str], ssl.SSLContext]:
+        """What to offer upstream for a client's ALPN list (its KNOWN_ALPN part), and the
+        upstream context offering that: one per distinct list, so at most a handful."""
+        alpn = known_alpn(offered)
+        if not alpn:
+            return alpn, self.upstream_context
+        key = tuple(alpn)
         if key not in self._alpn_contexts:
-            self._alpn_contexts[key] = self._upstream_context(protocols)
-        return self._alpn_contexts[key]
+            self._alpn_contexts[key] = self._upstream_context(alpn)
+        return alpn, self._alpn_contexts[key]
 
     def _client_rejected(self, sni: str, target: Target, exc: BaseException) -> None:
         """A client that refuses our certificate pins its server: remember, and say so."""
