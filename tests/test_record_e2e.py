@@ -40,9 +40,10 @@ def lab(tmp_path, request):
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
     processes = [provider]
 
-    def start_sensor(*options: str) -> subprocess.Popen:
+    def start_sensor(*options: str, **popen) -> subprocess.Popen:
         sensor = pair.a.popen(sys.executable, "-m", "oisp", "record", "-o", str(tmp_path / "events.jsonl"),
-                              "--upstream-ca", upstream_ca, *options, stderr=subprocess.PIPE, text=True, env=env)
+                              "--upstream-ca", upstream_ca, *options, stderr=subprocess.PIPE, text=True, env=env,
+                              **popen)
         processes.append(sensor)
         for line in sensor.stderr:
             if "recording" in line:
@@ -186,3 +187,42 @@ def test_killing_the_sensor_mid_stream_fails_open(lab):
     out, err = stream.communicate(timeout=40)
     ended = time.monotonic() - killed
     assert stream.returncode != 0 and ended < 5, (ended, err[-300:])
+
+
+HOLD = """
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[1])):
+    try:
+        s = socket.create_connection(("api.openai.com", 443), timeout=3)
+        s.sendall(b"x")
+        held.append(s)
+    except OSError:
+        pass
+print(len(held), flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_proxy_out_of_descriptors_stops_the_recording_and_traffic_flows(lab):
+    """The sensor's hard open-file limit is low (so raising the soft one to it does not
+    help); held connections exhaust it. The proxy cannot serve for its give-up time, so
+    `oisp record` stops redirecting, says why and exits non-zero; connections then go
+    straight to the server."""
+    import resource
+
+    assert stop_sensor(lab) == 0
+    sensor = lab["start_sensor"](preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160)))
+    lab["sensor"] = sensor
+    hold = subprocess.Popen(lab["pair"].a.cmd(sys.executable, "-c", HOLD, "200"), stdout=subprocess.PIPE, text=True)
+    try:
+        assert int(hold.stdout.readline()) > 0
+        assert sensor.wait(40) == 1  # the proxy's give-up time is 10 s
+        said = sensor.stderr.read()
+        assert "the proxy could not serve" in said and "Too many open files" in said, said[-2000:]
+        done = lab["pair"].a.run("curl", "-sS", "-m", "5", "--cacert", lab["upstream_ca"],
+                                 "https://api.openai.com/plain", check=False)
+        assert done.stdout == "plain upstream reply\n", done.stderr
+    finally:
+        hold.kill()
+        hold.wait()

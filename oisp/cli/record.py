@@ -81,10 +81,24 @@ def run(args) -> int:
     # switch interval it waits for the event loop's longer stretches (decoding) to end.
     # 0.2 ms: new connections +8 %, kept-alive +2 %, concurrent unchanged (A/B, lean lab).
     sys.setswitchinterval(0.0002)
+    _raise_open_file_limit()
     try:
         return asyncio.run(_record(args))
     except KeyboardInterrupt:
         return 0
+
+
+def _raise_open_file_limit() -> None:
+    """Each proxied connection holds two descriptors (client and upstream): the usual soft
+    limit of 1024 runs out near 500 connections. The hard limit is ours to take."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # the soft limit stays: the proxy copes with running out (see ACCEPT_GIVE_UP)
 
 
 async def _record(args) -> int:
@@ -107,6 +121,7 @@ async def _record(args) -> int:
             status.see(event)
             sinks.emit(event)
 
+    stop = asyncio.Event()
     redirector = Redirector(spec, proxy_ports={443: args.proxy_port}, include=args.process, exclude=args.exclude)
 
     def lookup(peer_addr: str, peer_port: int, name_owner: bool = False):
@@ -123,7 +138,8 @@ async def _record(args) -> int:
         own_ports=redirector.own_ports,
         upstream_verify=not args.no_upstream_verify, upstream_cafile=args.upstream_ca, keylog=args.keylog,
         on_events=emit, recorder_options={"redactor": Redactor(args.redaction),
-                                          "streaming_chunks": args.streaming_chunks})
+                                          "streaming_chunks": args.streaming_chunks},
+        on_failure=lambda why: stop.set())  # a proxy that cannot serve: stop redirecting (fail open)
     await proxy.start(args.proxy_port)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, redirector.start)
@@ -131,7 +147,6 @@ async def _record(args) -> int:
         print(f"oisp record: note: {note}", file=sys.stderr)
     print(f"oisp record: recording (proxy :{args.proxy_port}); Ctrl-C to stop", file=sys.stderr, flush=True)
 
-    stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     started = time.monotonic()
@@ -161,4 +176,8 @@ async def _record(args) -> int:
             print(file=sys.stderr)
         print(f"oisp record: {status.requests} requests, {status.responses} responses, {status.tokens} tokens",
               file=sys.stderr)
+    if proxy.failure:
+        print(f"oisp record: stopped: the proxy could not serve ({proxy.failure}); connections went "
+              f"straight to their servers from then on", file=sys.stderr)
+        return 1
     return 0

@@ -46,6 +46,17 @@ HANDSHAKE_TIMEOUT = 15.0
 # distinct list would otherwise make a context of its own (~840 KiB with the trust store,
 # kept for good), and any local program can send lists at will.
 KNOWN_ALPN = ("h2", "http/1.1")
+# After accept() fails (EMFILE when descriptors run out, ENOBUFS, ...) the loop pauses,
+# doubling from the first to the second figure, and tries again: connections wait in the
+# listen backlog meanwhile. When accept() or an accepted connection's upstream socket has
+# failed so for ACCEPT_GIVE_UP seconds, with no connection dialled upstream between, the
+# proxy cannot serve: `failure` says why and `on_failure` is told, so whoever reflects
+# connections here can stop (fail open).
+ACCEPT_BACKOFF = (0.05, 1.0)
+ACCEPT_GIVE_UP = 10.0
+# accept() errors about one connection (it was reset while queued), not about the proxy.
+_ONE_CONNECTION = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
+_NO_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 @dataclass(frozen=True)
@@ -107,7 +118,8 @@ class TransparentProxy:
                  own_ports: OwnPorts | None = None,
                  upstream_verify: bool = True, upstream_cafile: str | None = None, keylog: str | None = None,
                  on_events: Callable[[list[dict]], None] = lambda events: None,
-                 recorder_options: dict | None = None, pinned: PinnedHosts | None = None):
+                 recorder_options: dict | None = None, pinned: PinnedHosts | None = None,
+                 on_failure: Callable[[str], None] = lambda why: None, accept_give_up: float = ACCEPT_GIVE_UP):
         from oisp.spec import default_spec
 
         # lookup(peer address, peer port) runs on the event loop: a table lookup, it must not
@@ -129,7 +141,12 @@ class TransparentProxy:
         self.upstream_sessions = UpstreamSessions()
         self.stats = dict.fromkeys(("connections", "intercepted", "passed_through", "pinned", "no_flow",
                                     "not_tls", "upstream_errors", "client_tls_errors", "upstream_resumed",
-                                    "bytes_up", "bytes_down"), 0)
+                                    "bytes_up", "bytes_down", "accept_errors"), 0)
+        # Why the proxy cannot serve (None while it can): see ACCEPT_GIVE_UP.
+        self.failure: str | None = None
+        self.on_failure, self.accept_give_up = on_failure, accept_give_up
+        self._accept_task: asyncio.Task | None = None
+        self._trouble_since: float | None = None  # monotonic; see ACCEPT_GIVE_UP
         self._owned_by_transport: set[socket.socket] = set()
         self._tasks: set[asyncio.Task] = set()
 
@@ -159,7 +176,14 @@ class TransparentProxy:
         listener.setblocking(False)
         self._listener = listener
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(listener))
+        self._accept_task.add_done_callback(self._accept_ended)
         return listener.getsockname()[1]
+
+    @property
+    def serving(self) -> bool:
+        """Whether the proxy accepts connections: started, its accept loop alive and not
+        failing for good."""
+        return self.failure is None and self._accept_task is not None and not self._accept_task.done()
 
     async def stop(self) -> None:
         """Stop accepting; connections in flight go on (see drain)."""
@@ -175,11 +199,49 @@ class TransparentProxy:
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        pause = ACCEPT_BACKOFF[0]
         while True:
-            conn, _ = await loop.sock_accept(listener)
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:
+                self.stats["accept_errors"] += 1
+                if exc.errno in _ONE_CONNECTION:
+                    continue
+                self._trouble(exc)
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, ACCEPT_BACKOFF[1])
+                continue
+            pause = ACCEPT_BACKOFF[0]
             task = loop.create_task(self._serve(conn))
             self._tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._tasks.discard)
+
+    def _trouble(self, exc: OSError) -> None:
+        """accept() failed, or an accepted connection got no upstream socket (descriptors)."""
+        now = time.monotonic()
+        if self._trouble_since is None:  # said once per stretch of trouble
+            self._trouble_since = now
+            log.warning("proxy: %s; retrying", exc)
+        elif self.failure is None and now - self._trouble_since >= self.accept_give_up:
+            self._failed(f"no connection served for {now - self._trouble_since:.0f} s ({exc})")
+
+    def _untroubled(self) -> None:
+        """A connection was dialled upstream: the proxy serves."""
+        if self._trouble_since is not None:
+            self._trouble_since = self.failure = None
+            log.warning("proxy: serving again")
+
+    def _accept_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._failed(f"the accept loop died ({task.exception()!r})")
+
+    def _failed(self, why: str) -> None:
+        self.failure = why
+        log.error("proxy: cannot serve: %s", why)
+        try:
+            self.on_failure(why)
+        except Exception:
+            log.exception("proxy: on_failure failed")
 
     # -- one connection -----------------------------------------------------------
     async def _serve(self, conn: socket.socket) -> None:
@@ -198,6 +260,7 @@ class TransparentProxy:
             # Both paths go upstream: dial now, while the ClientHello is on its way.
             upstream = self._dial_upstream(target.server)
             upstream_port = upstream.getsockname()[1]
+            self._untroubled()
             try:
                 hello = await self._peek_hello(conn)
             except (NotTLS, TimeoutError, asyncio.TimeoutError, ConnectionError):
@@ -213,6 +276,8 @@ class TransparentProxy:
         except OSError as exc:
             self.stats["upstream_errors"] += 1
             log.debug("connection failed: %s", exc)
+            if exc.errno in _NO_RESOURCES:
+                self._trouble(exc)
         finally:
             # A socket handed to a transport is closed by it (closing it here would free
             # its fd while the event loop still watches it).
