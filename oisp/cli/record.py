@@ -163,6 +163,7 @@ async def _record(args) -> int:
                 engine = redirector.counters()["reflector"].get("engine", {})
                 print(f"\rflows {proxy.stats['intercepted']}+{proxy.stats['passed_through']}  "
                       f"requests {status.requests}  responses {status.responses}  tokens {status.tokens}  "
+                      f"pinned {proxy.pinning.active(time.monotonic())}  "
                       f"drops {engine.get('dropped', 0)}   ", end="", file=sys.stderr, flush=True)
     finally:
         await loop.run_in_executor(None, redirector.stop)  # first: nothing new reaches the proxy

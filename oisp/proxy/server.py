@@ -5,8 +5,8 @@ For each accepted connection:
 2. peek at the ClientHello (SNI, ALPN) without consuming it;
 3. connect upstream from a port registered with the redirector, so our own
    connection is never reflected back to us;
-4. if the SNI names an AI host and the client has not shown it pins
-   certificates: TLS to upstream offering the client's ALPN list, then TLS to
+4. if the SNI names an AI host and this client program has not shown it pins
+   certificates (pinning.py): TLS to upstream offering the client's ALPN list, then TLS to
    the client with a leaf for that SNI offering exactly what upstream chose;
    the plaintext both ways goes to a FlowRecorder;
 5. otherwise relay the bytes untouched, so the client sees the real server.
@@ -24,9 +24,7 @@ import logging
 import os
 import socket
 import ssl
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,6 +33,7 @@ from oisp.events import FlowRecorder, ProcessAttributor, make_event
 from oisp.redirect.own_ports import OwnPorts, upstream_socket
 from oisp.proxy.clienthello import MAX_HELLO, ClientHello, NotTLS, hello_complete, parse_client_hello
 from oisp.proxy.deferred import DeferredFeed
+from oisp.proxy.pinning import PinningPolicy, rejects_certificate
 from oisp.proxy.relay import Relay, within
 from oisp.proxy.sessions import UpstreamSessions
 
@@ -69,26 +68,6 @@ class Target:
     process_name: str | None = None
 
 
-class PinnedHosts:
-    """SNIs whose clients rejected our certificate: later connections pass through."""
-
-    def __init__(self, limit: int = 4096):
-        self._hosts: OrderedDict[str, float] = OrderedDict()
-        self._limit = limit
-        self._lock = threading.Lock()
-
-    def add(self, sni: str) -> None:
-        with self._lock:
-            self._hosts[sni] = time.time()
-            self._hosts.move_to_end(sni)
-            while len(self._hosts) > self._limit:
-                self._hosts.popitem(last=False)
-
-    def __contains__(self, sni: object) -> bool:
-        with self._lock:
-            return sni in self._hosts
-
-
 def known_alpn(offered: list[str]) -> list[str]:
     """The protocols of `offered` the proxy speaks, in the client's order, each once."""
     return list(dict.fromkeys(p for p in offered if p in KNOWN_ALPN))
@@ -118,7 +97,7 @@ class TransparentProxy:
                  own_ports: OwnPorts | None = None,
                  upstream_verify: bool = True, upstream_cafile: str | None = None, keylog: str | None = None,
                  on_events: Callable[[list[dict]], None] = lambda events: None,
-                 recorder_options: dict | None = None, pinned: PinnedHosts | None = None,
+                 recorder_options: dict | None = None, pinning: PinningPolicy | None = None,
                  on_failure: Callable[[str], None] = lambda why: None, accept_give_up: float = ACCEPT_GIVE_UP):
         from oisp.spec import default_spec
 
@@ -133,13 +112,13 @@ class TransparentProxy:
         # One attributor for every flow: it caches each process's description (psutil reads
         # six /proc files, ~0.25 ms, which a recorder of its own paid per connection).
         self.recorder_options = {"attributor": ProcessAttributor(), **(recorder_options or {})}
-        self.pinned = pinned or PinnedHosts()
+        self.pinning = pinning or PinningPolicy()
         self.keylog = keylog
         self._verify, self._cafile = upstream_verify, upstream_cafile
         self._alpn_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
         self.upstream_context = self._upstream_context()
         self.upstream_sessions = UpstreamSessions()
-        self.stats = dict.fromkeys(("connections", "intercepted", "passed_through", "pinned", "no_flow",
+        self.stats = dict.fromkeys(("connections", "intercepted", "passed_through", "pinned", "pin_bypassed", "no_flow",
                                     "not_tls", "upstream_errors", "client_tls_errors", "upstream_resumed",
                                     "bytes_up", "bytes_down", "accept_errors"), 0)
         # Why the proxy cannot serve (None while it can): see ACCEPT_GIVE_UP.
@@ -268,7 +247,7 @@ class TransparentProxy:
                 self.stats["not_tls"] += 1
             await self._connected(upstream, target.server)
             sni = hello.sni if hello else None
-            if sni and self.spec.matches_host(sni) and sni not in self.pinned:
+            if sni and self.spec.matches_host(sni) and not await self._pinned(target, peer, sni):
                 await self._intercept(conn, upstream, target, hello, peer)
             else:
                 self.stats["passed_through"] += 1
@@ -346,6 +325,20 @@ class TransparentProxy:
         await self._attach(relay, "client", conn)
         await self._attach(relay, "upstream", upstream)
         await self._run(relay)
+
+    async def _pinned(self, target: Target, peer: tuple[str, int], sni: str) -> bool:
+        """Whether this client program passes through to `sni` (counted as a bypass)."""
+        if not self.pinning.may_be_pinned(sni):
+            return False  # the usual case: no need to name the client
+        if self.pinning.pinned(self._client_of(await self._named(target, peer)), sni, time.monotonic()):
+            self.stats["pin_bypassed"] += 1
+            return True
+        return False
+
+    def _client_of(self, target: Target) -> tuple[str | None, str | None]:
+        """Who a connection's client is, for pinning: its program (exe path, else name) and user."""
+        info = self.recorder_options["attributor"].process(target.pid) or {}
+        return info.get("exe") or info.get("name") or target.process_name, info.get("user")
 
     async def _named(self, target: Target, peer: tuple[str, int]) -> Target:
         """The target with its owner: the flow table's entry is usually named by now (the
@@ -444,18 +437,23 @@ class TransparentProxy:
         return alpn, self._alpn_contexts[key]
 
     def _client_rejected(self, sni: str, target: Target, exc: BaseException) -> None:
-        """A client that refuses our certificate pins its server: remember, and say so."""
+        """A client's handshake failed. One that refused our certificate (a TLS alert) may
+        pin its server: after repeated refusals, its later connections pass through."""
         self.stats["client_tls_errors"] += 1
-        self.stats["pinned"] += 1
-        self.pinned.add(sni)
+        if not rejects_certificate(exc):
+            return  # closed, timed out, or not about the certificate: nothing learned
+        pinned = self.pinning.rejected(self._client_of(target), sni, time.monotonic())
+        self.stats["pinned"] += pinned
         data = {"dest": {"ip": target.server[0], "port": target.server[1], "domain": sni},
                 "src": {"ip": target.client[0], "port": target.client[1]},
                 "protocol": "tcp", "success": False, "tls": {"sni": sni}}
         process = {"pid": target.pid, **({"name": target.process_name} if target.process_name else {})} \
             if target.pid else None
+        then = (f"this program's connections to {sni} pass through undecrypted for "
+                f"{self.pinning.ttl / 60:g} min" if pinned else "")
         self._emit([make_event("network.connect", data, time.time(), process=process, completeness="partial",
-                               reasons=[f"client rejected the interception certificate ({type(exc).__name__}); "
-                                        f"later connections to {sni} pass through undecrypted"])])
+                               reasons=[f"client rejected the interception certificate ({exc.reason})"
+                                        + (f"; {then}" if then else "")])])
 
     def _emit(self, events: list[dict]) -> None:
         if events:
