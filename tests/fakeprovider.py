@@ -7,7 +7,7 @@ APIs, streamed (SSE) or not.
 Answers are deterministic so a test can check the client got exactly them:
 the reply text is "echo: <last user message>", and a streamed reply is sent
 as one SSE event per word of FILLER (with `"stream_chunks": N` in the body
-choosing how many).
+choosing how many; `"think_seconds": S` waits S seconds before answering).
 """
 
 from __future__ import annotations
@@ -122,7 +122,9 @@ async def app(scope, receive, send):
             break
     path = scope["path"]
     if path.endswith("/chat/completions"):
-        content_type, parts = openai_chat(json.loads(body))
+        request = json.loads(body)
+        await asyncio.sleep(request.get("think_seconds", 0))  # a model slow to answer: nothing flows meanwhile
+        content_type, parts = openai_chat(request)
     elif path.endswith("/messages"):
         content_type, parts = anthropic_messages(json.loads(body))
     else:

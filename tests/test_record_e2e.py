@@ -226,3 +226,37 @@ def test_a_proxy_out_of_descriptors_stops_the_recording_and_traffic_flows(lab):
     finally:
         hold.kill()
         hold.wait()
+
+
+WAITING_CLIENT = """
+import httpx, sys
+body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+        "think_seconds": 60}
+with httpx.Client(timeout=20) as client:
+    with client.stream("POST", "https://api.openai.com/v1/chat/completions", json=body,
+                       headers={"authorization": "Bearer sk-proj-TESTKEY0123456789abcdefghijklmnopqrstuv"}) as r:
+        r.read()
+"""
+
+
+@pytest.mark.parametrize("kind", ["streaming", "waiting"])
+def test_a_clean_stop_ends_a_request_in_flight_at_once(lab, kind):
+    """SIGTERM while a stream is under way, or while the client waits for a slow answer
+    (no packet flows then): the sensor drains (2 s), then cuts what is left, so the
+    client sees an error within seconds, not its own read timeout (20 s here; 600 s in
+    the SDKs). Stopping the redirector first left the waiting client stranded."""
+    argv = ([str(HERE / "agents" / "ai_clients.py"), "openai_stream", "https://api.openai.com", "30000"]
+            if kind == "streaming" else ["-c", WAITING_CLIENT])
+    client = subprocess.Popen(lab["pair"].a.cmd(sys.executable, *argv), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "SSL_CERT_FILE": lab["both"]})
+    deadline = time.monotonic() + 20
+    while not any(e["event_type"] == "ai.request" for e in read_events(lab)):  # the request is through
+        assert time.monotonic() < deadline, "the request never reached the sensor"
+        time.sleep(0.05)
+    lab["sensor"].send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    out, err = client.communicate(timeout=40)
+    ended = time.monotonic() - stopped
+    assert ended < 4.5, (ended, err[-300:])
+    assert client.returncode != 0 and "Error" in err  # both take far longer than the drain
+    assert lab["sensor"].wait(10) == 0

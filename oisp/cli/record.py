@@ -3,8 +3,10 @@ endpoints into the TLS-terminating proxy and writes what they send and receive
 as OISP events.
 
 Order matters for failing open: the proxy listens before any flow is
-reflected to it, and on stop the redirector goes first, so no connection is
-ever reflected into a proxy that is not there.
+reflected to it, and on stop the redirector first stops taking new
+connections, the proxy drains and then cuts the ones in flight, and only then
+does the redirector go, so no connection is reflected into a proxy that is
+not there, nor left waiting on one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from oisp.sinks.options import add_sink_arguments, sinks_from_args
 
 DEFAULT_PROXY_PORT = 8443
+DRAIN = 2.0  # seconds a clean stop gives connections in flight before cutting them
 
 
 def register(sub) -> None:
@@ -166,9 +169,16 @@ async def _record(args) -> int:
                       f"pinned {proxy.pinning.active(time.monotonic())}  "
                       f"drops {engine.get('dropped', 0)}   ", end="", file=sys.stderr, flush=True)
     finally:
-        await loop.run_in_executor(None, redirector.stop)  # first: nothing new reaches the proxy
+        # New connections go straight to their servers; those in flight get a moment, then
+        # are cut (resets reach their clients through the still-running reflector), then
+        # the redirector goes. Stopping it first left in-flight clients waiting for their
+        # own read timeouts.
+        if redirector.reflector is not None:
+            redirector.reflector.stop_opening()
         await proxy.stop()
-        await proxy.drain(timeout=2.0)
+        await proxy.drain(timeout=DRAIN)
+        await asyncio.sleep(0.2)  # the resets' packets cross the reflector
+        await loop.run_in_executor(None, redirector.stop)
         sinks.close()
         for name, stats in sinks.report().items():
             if stats["lost"]:

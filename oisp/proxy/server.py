@@ -170,11 +170,15 @@ class TransparentProxy:
         self._listener.close()
 
     async def drain(self, timeout: float) -> None:
-        """Give connections in flight up to `timeout` seconds to finish, then cut them."""
+        """Give connections in flight up to `timeout` seconds to finish, then cut them
+        (a reset to both peers) and wait, briefly, until they are."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
-        for task in list(self._tasks):
+        cut = list(self._tasks)
+        for task in cut:
             task.cancel()
+        if cut:
+            await asyncio.wait(cut, timeout=1.0)
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
