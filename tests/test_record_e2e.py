@@ -260,3 +260,33 @@ def test_a_clean_stop_ends_a_request_in_flight_at_once(lab, kind):
     assert ended < 4.5, (ended, err[-300:])
     assert client.returncode != 0 and "Error" in err  # both take far longer than the drain
     assert lab["sensor"].wait(10) == 0
+
+
+KEPT_ALIVE = """
+import httpx, json, time
+body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "again"}]}
+ports = []
+with httpx.Client(timeout=10) as client:
+    for pause in (0, 3):
+        time.sleep(pause)  # idle, longer than the flow idle timeout
+        r = client.post("https://api.openai.com/v1/chat/completions", json=body,
+                        headers={"authorization": "Bearer sk-proj-TESTKEY0123456789abcdefghijklmnopqrstuv"})
+        assert r.json()["choices"][0]["message"]["content"] == "echo: again"
+        ports.append(r.extensions["network_stream"].get_extra_info("client_addr")[1])
+print(json.dumps(ports))
+"""
+
+
+def test_a_kept_alive_connection_idle_past_the_flow_timeout_still_works(lab):
+    """Flow idle timeout 1 s; the pooled connection is reused after 3 s: the proxy still
+    holds it, so its flow stays and the second request is recorded on it."""
+    assert stop_sensor(lab) == 0
+    lab["sensor"] = lab["start_sensor"]("--flow-idle-timeout", "1")
+    done = subprocess.run(lab["pair"].a.cmd(sys.executable, "-c", KEPT_ALIVE), capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "SSL_CERT_FILE": lab["our_ca"]})
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second = json.loads(done.stdout)
+    assert first == second  # one connection, kept alive
+    assert stop_sensor(lab) == 0
+    requests = [e for e in read_events(lab) if e["event_type"] == "ai.request"]
+    assert [r["data"]["messages"][-1]["content"] for r in requests] == ["again", "again"]

@@ -36,6 +36,9 @@ def register(sub) -> None:
     parser.add_argument("--keylog", metavar="FILE", help="write TLS keys (SSLKEYLOGFILE format) for Wireshark")
     parser.add_argument("--spec", metavar="FILE", help="AI endpoint spec to use instead of the bundled one")
     parser.add_argument("--proxy-port", type=tcp_port, default=DEFAULT_PROXY_PORT, help="local proxy port (default 8443)")
+    parser.add_argument("--flow-idle-timeout", type=seconds, default=300.0, metavar="SECONDS",
+                        help="forget a redirected connection after this long without packets, unless the proxy "
+                             "still holds it open (default 300)")
     parser.add_argument("--redaction", choices=["safe", "full", "minimal"], default="safe")
     parser.add_argument("--streaming-chunks", action="store_true", help="also emit ai.streaming_chunk events")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
@@ -53,6 +56,16 @@ def tcp_port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1..65535)")
     return port
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
 
 
 class Status:
@@ -125,7 +138,8 @@ async def _record(args) -> int:
             sinks.emit(event)
 
     stop = asyncio.Event()
-    redirector = Redirector(spec, proxy_ports={443: args.proxy_port}, include=args.process, exclude=args.exclude)
+    redirector = Redirector(spec, proxy_ports={443: args.proxy_port}, include=args.process, exclude=args.exclude,
+                            idle_timeout=args.flow_idle_timeout)
 
     def lookup(peer_addr: str, peer_port: int, name_owner: bool = False):
         entry = redirector.flows.lookup(peer_addr, peer_port, args.proxy_port, name_owner=name_owner)
@@ -133,7 +147,7 @@ async def _record(args) -> int:
             return None
         return Target(client=(str(entry.client_addr), entry.client_port),
                       server=(str(entry.server_addr), entry.server_port), pid=entry.pid,
-                      process_name=entry.process_name)
+                      process_name=entry.process_name, flow=entry)
 
     proxy = TransparentProxy(
         lookup=lookup, name_owner=lambda peer_addr, peer_port: lookup(peer_addr, peer_port, True),
@@ -142,7 +156,9 @@ async def _record(args) -> int:
         upstream_verify=not args.no_upstream_verify, upstream_cafile=args.upstream_ca, keylog=args.keylog,
         on_events=emit, recorder_options={"redactor": Redactor(args.redaction),
                                           "streaming_chunks": args.streaming_chunks},
-        on_failure=lambda why: stop.set())  # a proxy that cannot serve: stop redirecting (fail open)
+        on_failure=lambda why: stop.set(),  # a proxy that cannot serve: stop redirecting (fail open)
+        # A flow the proxy holds open never idles out (a pooled keep-alive connection).
+        on_connection=lambda target, open_: (redirector.flows.hold if open_ else redirector.flows.release)(target.flow))
     await proxy.start(args.proxy_port)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, redirector.start)

@@ -25,7 +25,7 @@ import os
 import socket
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from oisp.decode import Direction, FlowContext
@@ -66,6 +66,7 @@ class Target:
     server: tuple[str, int]
     pid: int | None = None
     process_name: str | None = None
+    flow: object = field(default=None, compare=False)  # the flow table's entry, for on_connection
 
 
 def known_alpn(offered: list[str]) -> list[str]:
@@ -98,12 +99,15 @@ class TransparentProxy:
                  upstream_verify: bool = True, upstream_cafile: str | None = None, keylog: str | None = None,
                  on_events: Callable[[list[dict]], None] = lambda events: None,
                  recorder_options: dict | None = None, pinning: PinningPolicy | None = None,
-                 on_failure: Callable[[str], None] = lambda why: None, accept_give_up: float = ACCEPT_GIVE_UP):
+                 on_failure: Callable[[str], None] = lambda why: None, accept_give_up: float = ACCEPT_GIVE_UP,
+                 on_connection: Callable[[Target, bool], None] = lambda target, open_: None):
         from oisp.spec import default_spec
 
         # lookup(peer address, peer port) runs on the event loop: a table lookup, it must not
         # block. name_owner, the same with the owner found if need be, runs in a thread.
-        self.lookup, self.name_owner = lookup, name_owner
+        # on_connection(target, True) when a connection's flow is found, (target, False)
+        # when it is closed: the flow table keeps the flow while it is open.
+        self.lookup, self.name_owner, self.on_connection = lookup, name_owner, on_connection
         self.issuer = issuer
         self.spec = spec or default_spec()
         # The redirector's registry, so it never takes our upstreams (an empty one is falsy: no `or`).
@@ -229,7 +233,7 @@ class TransparentProxy:
     # -- one connection -----------------------------------------------------------
     async def _serve(self, conn: socket.socket) -> None:
         self.stats["connections"] += 1
-        upstream, upstream_port = None, None
+        upstream, upstream_port, held = None, None, None
         try:
             peer_addr, peer_port = conn.getpeername()[:2]
             # Small writes (headers, one SSE event) must leave at once: without this, Nagle
@@ -240,6 +244,8 @@ class TransparentProxy:
             if target is None:
                 self.stats["no_flow"] += 1
                 return
+            self.on_connection(target, True)
+            held = target
             # Both paths go upstream: dial now, while the ClientHello is on its way.
             upstream = self._dial_upstream(target.server)
             upstream_port = upstream.getsockname()[1]
@@ -270,6 +276,8 @@ class TransparentProxy:
                 self._owned_by_transport.discard(sock)
             if upstream_port is not None:
                 self.own_ports.unregister(upstream_port)
+            if held is not None:
+                self.on_connection(held, False)
 
     async def _peek_hello(self, conn: socket.socket, timeout: float = HANDSHAKE_TIMEOUT) -> ClientHello:
         """Wait until the whole ClientHello is in the socket, and read it without consuming it."""
