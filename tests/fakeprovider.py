@@ -7,13 +7,14 @@ APIs (oisp.demo.provider's answers), streamed (SSE) or not.
 Answers are deterministic so a test can check the client got exactly them:
 the reply text is "echo: <last user message>", and a streamed reply is sent
 as one SSE event per word of FILLER (with `"stream_chunks": N` in the body
-choosing how many).
+choosing how many; `"think_seconds": S` waits S seconds before answering).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 
 # The wire formats and the test PKI have one home, the demo's provider; this file adds
 # the HTTP/2-capable server (hypercorn) the interception tests need.
@@ -32,6 +33,8 @@ async def app(scope, receive, send):
         body += message.get("body", b"")
         if not message.get("more_body"):
             break
+    if scope["path"].endswith("/chat/completions") and b'"think_seconds"' in body:
+        await asyncio.sleep(json.loads(body)["think_seconds"])  # a model slow to answer: nothing flows meanwhile
     status, content_type, parts = answer(scope["path"], body)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", content_type.encode()), (b"x-request-id", b"req_fake")]})

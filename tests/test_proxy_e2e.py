@@ -136,15 +136,43 @@ def test_non_ai_tls_passes_through_with_the_upstreams_certificate(lab):
     assert refused.returncode != 0  # the certificate is the real upstream's, not ours
 
 
-def test_pinning_client_fails_once_then_passes_through(lab):
-    # A client that trusts only the upstream's CA behaves like one that pins it.
+def test_pinning_client_fails_twice_then_passes_through(lab):
+    # A client that trusts only the upstream's CA behaves like one that pins it: its TLS
+    # alert (unknown CA) is a refusal of our certificate; the second one pins.
     url = f"https://api.mistral.ai:{PROXY_PORT}/plain"
-    first = lab["ns"].run("curl", "-sS", "--cacert", lab["upstream_ca"], url, check=False)
-    assert first.returncode != 0
-    second = lab["ns"].run("curl", "-sS", "--cacert", lab["upstream_ca"], url)
-    assert second.stdout == "plain upstream reply\n"
-    pinned = [e for e in events(lab) if e["event_type"] == "network.connect" and not e["data"].get("success", True)]
-    assert any(e["data"]["tls"]["sni"] == "api.mistral.ai" for e in pinned)
+    for _ in range(2):
+        refused = lab["ns"].run("curl", "-sS", "--cacert", lab["upstream_ca"], url, check=False)
+        assert refused.returncode != 0
+    third = lab["ns"].run("curl", "-sS", "--cacert", lab["upstream_ca"], url)
+    assert third.stdout == "plain upstream reply\n"
+    rejected = [e for e in events(lab) if e["event_type"] == "network.connect" and not e["data"].get("success", True)
+                and e["data"]["tls"]["sni"] == "api.mistral.ai"]
+    assert len(rejected) == 2 and "pass through undecrypted" in rejected[1]["confidence"]["reasons"][0]
+
+
+CLOSE_AFTER_HELLO = """
+import socket, ssl, sys
+tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname="api.openai.com")
+try:
+    tls.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+hello = out.read()
+for i in range(6):
+    with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5) as sock:
+        sock.sendall(hello)
+        if i % 2:  # half wait for our certificate first, then close without a word
+            sock.recv(65536)
+"""
+
+
+def test_clients_that_close_mid_handshake_never_pin_a_host(lab):
+    """Closing after the ClientHello (or after our certificate) without a TLS alert is no
+    refusal: a trusting client to the same name is still decrypted afterwards."""
+    lab["ns"].python("-c", CLOSE_AFTER_HELLO, str(PROXY_PORT))
+    before = len(events(lab))
+    assert client(lab, "openai_sync") == {"text": "echo: hello there", "usage": 18}  # trusts our CA alone
+    assert [e["event_type"] for e in events(lab)[before:]].count("ai.request") == 1
 
 
 def test_200_concurrent_streams_are_byte_exact(lab):

@@ -40,9 +40,10 @@ def lab(tmp_path, request):
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
     processes = [provider]
 
-    def start_sensor(*options: str) -> subprocess.Popen:
+    def start_sensor(*options: str, **popen) -> subprocess.Popen:
         sensor = pair.a.popen(sys.executable, "-m", "oisp", "record", "-o", str(tmp_path / "events.jsonl"),
-                              "--upstream-ca", upstream_ca, *options, stderr=subprocess.PIPE, text=True, env=env)
+                              "--upstream-ca", upstream_ca, *options, stderr=subprocess.PIPE, text=True, env=env,
+                              **popen)
         processes.append(sensor)
         for line in sensor.stderr:
             if "recording" in line:
@@ -186,3 +187,106 @@ def test_killing_the_sensor_mid_stream_fails_open(lab):
     out, err = stream.communicate(timeout=40)
     ended = time.monotonic() - killed
     assert stream.returncode != 0 and ended < 5, (ended, err[-300:])
+
+
+HOLD = """
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[1])):
+    try:
+        s = socket.create_connection(("api.openai.com", 443), timeout=3)
+        s.sendall(b"x")
+        held.append(s)
+    except OSError:
+        pass
+print(len(held), flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_proxy_out_of_descriptors_stops_the_recording_and_traffic_flows(lab):
+    """The sensor's hard open-file limit is low (so raising the soft one to it does not
+    help); held connections exhaust it. The proxy cannot serve for its give-up time, so
+    `oisp record` stops redirecting, says why and exits non-zero; connections then go
+    straight to the server."""
+    import resource
+
+    assert stop_sensor(lab) == 0
+    sensor = lab["start_sensor"](preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160)))
+    lab["sensor"] = sensor
+    hold = subprocess.Popen(lab["pair"].a.cmd(sys.executable, "-c", HOLD, "200"), stdout=subprocess.PIPE, text=True)
+    try:
+        assert int(hold.stdout.readline()) > 0
+        assert sensor.wait(40) == 1  # the proxy's give-up time is 10 s
+        said = sensor.stderr.read()
+        assert "the proxy could not serve" in said and "Too many open files" in said, said[-2000:]
+        done = lab["pair"].a.run("curl", "-sS", "-m", "5", "--cacert", lab["upstream_ca"],
+                                 "https://api.openai.com/plain", check=False)
+        assert done.stdout == "plain upstream reply\n", done.stderr
+    finally:
+        hold.kill()
+        hold.wait()
+
+
+WAITING_CLIENT = """
+import httpx, sys
+body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+        "think_seconds": 60}
+with httpx.Client(timeout=20) as client:
+    with client.stream("POST", "https://api.openai.com/v1/chat/completions", json=body,
+                       headers={"authorization": "Bearer sk-proj-TESTKEY0123456789abcdefghijklmnopqrstuv"}) as r:
+        r.read()
+"""
+
+
+@pytest.mark.parametrize("kind", ["streaming", "waiting"])
+def test_a_clean_stop_ends_a_request_in_flight_at_once(lab, kind):
+    """SIGTERM while a stream is under way, or while the client waits for a slow answer
+    (no packet flows then): the sensor drains (2 s), then cuts what is left, so the
+    client sees an error within seconds, not its own read timeout (20 s here; 600 s in
+    the SDKs). Stopping the redirector first left the waiting client stranded."""
+    argv = ([str(HERE / "agents" / "ai_clients.py"), "openai_stream", "https://api.openai.com", "30000"]
+            if kind == "streaming" else ["-c", WAITING_CLIENT])
+    client = subprocess.Popen(lab["pair"].a.cmd(sys.executable, *argv), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "SSL_CERT_FILE": lab["both"]})
+    deadline = time.monotonic() + 20
+    while not any(e["event_type"] == "ai.request" for e in read_events(lab)):  # the request is through
+        assert time.monotonic() < deadline, "the request never reached the sensor"
+        time.sleep(0.05)
+    lab["sensor"].send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    out, err = client.communicate(timeout=40)
+    ended = time.monotonic() - stopped
+    assert ended < 4.5, (ended, err[-300:])
+    assert client.returncode != 0 and "Error" in err  # both take far longer than the drain
+    assert lab["sensor"].wait(10) == 0
+
+
+KEPT_ALIVE = """
+import httpx, json, time
+body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "again"}]}
+ports = []
+with httpx.Client(timeout=10) as client:
+    for pause in (0, 3):
+        time.sleep(pause)  # idle, longer than the flow idle timeout
+        r = client.post("https://api.openai.com/v1/chat/completions", json=body,
+                        headers={"authorization": "Bearer sk-proj-TESTKEY0123456789abcdefghijklmnopqrstuv"})
+        assert r.json()["choices"][0]["message"]["content"] == "echo: again"
+        ports.append(r.extensions["network_stream"].get_extra_info("client_addr")[1])
+print(json.dumps(ports))
+"""
+
+
+def test_a_kept_alive_connection_idle_past_the_flow_timeout_still_works(lab):
+    """Flow idle timeout 1 s; the pooled connection is reused after 3 s: the proxy still
+    holds it, so its flow stays and the second request is recorded on it."""
+    assert stop_sensor(lab) == 0
+    lab["sensor"] = lab["start_sensor"]("--flow-idle-timeout", "1")
+    done = subprocess.run(lab["pair"].a.cmd(sys.executable, "-c", KEPT_ALIVE), capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "SSL_CERT_FILE": lab["our_ca"]})
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second = json.loads(done.stdout)
+    assert first == second  # one connection, kept alive
+    assert stop_sensor(lab) == 0
+    requests = [e for e in read_events(lab) if e["event_type"] == "ai.request"]
+    assert [r["data"]["messages"][-1]["content"] for r in requests] == ["again", "again"]

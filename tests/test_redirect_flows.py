@@ -127,3 +127,20 @@ def test_concurrent_writers_and_readers_agree():
     assert not raised
     assert not wrong
     assert len(table) <= 500
+
+
+def test_a_flow_the_proxy_holds_open_never_idles_out():
+    """A pooled keep-alive connection sits idle longer than any packet timeout: while the
+    proxy holds it, its flow stays; once released, it idles out from the release."""
+    table = FlowTable(idle_timeout=1.0)
+    held = table.open(entry())
+    held.last_seen = 0.0
+    table.hold(held)
+    idle = table.open(entry(client_port=40001))
+    idle.last_seen = 0.0
+    assert table.expire(now=100.0) == 1
+    assert table.get(held.key) is held and table.get(idle.key) is None
+    table.release(held, now=100.0)
+    assert table.expire(now=100.5) == 0
+    assert table.expire(now=101.0) == 1 and table.get(held.key) is None
+    assert table.counts["expired_idle"] == 2

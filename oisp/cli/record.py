@@ -3,8 +3,10 @@ endpoints into the TLS-terminating proxy and writes what they send and receive
 as OISP events.
 
 Order matters for failing open: the proxy listens before any flow is
-reflected to it, and on stop the redirector goes first, so no connection is
-ever reflected into a proxy that is not there.
+reflected to it, and on stop the redirector first stops taking new
+connections, the proxy drains and then cuts the ones in flight, and only then
+does the redirector go, so no connection is reflected into a proxy that is
+not there, nor left waiting on one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from oisp.sinks.options import add_sink_arguments, sinks_from_args
 
 DEFAULT_PROXY_PORT = 8443
+DRAIN = 2.0  # seconds a clean stop gives connections in flight before cutting them
 
 
 def register(sub) -> None:
@@ -34,12 +37,37 @@ def register(sub) -> None:
     parser.add_argument("--spec", metavar="FILE", help="AI endpoint spec to use instead of the bundled one")
     parser.add_argument("--prices", metavar="FILE",
                         help="prices (USD per million tokens) overriding or adding to the bundled table (default: $OISP_PRICES)")
-    parser.add_argument("--proxy-port", type=int, default=DEFAULT_PROXY_PORT, help="local proxy port (default 8443)")
+    parser.add_argument("--proxy-port", type=tcp_port, default=DEFAULT_PROXY_PORT, help="local proxy port (default 8443)")
+    parser.add_argument("--flow-idle-timeout", type=seconds, default=300.0, metavar="SECONDS",
+                        help="forget a redirected connection after this long without packets, unless the proxy "
+                             "still holds it open (default 300)")
     parser.add_argument("--redaction", choices=["safe", "full", "minimal"], default="safe")
     parser.add_argument("--streaming-chunks", action="store_true", help="also emit ai.streaming_chunk events")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     add_sink_arguments(parser, default_stdout=False)
     parser.set_defaults(func=run)
+
+
+def tcp_port(text: str) -> int:
+    """A port a client's connection can be reflected to: 1..65535 (0 would mean "any" to
+    bind, but the reflector must know the port before the proxy listens)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1..65535)")
+    return port
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
 
 
 class Status:
@@ -89,10 +117,24 @@ def run(args) -> int:
     # switch interval it waits for the event loop's longer stretches (decoding) to end.
     # 0.2 ms: new connections +8 %, kept-alive +2 %, concurrent unchanged (A/B, lean lab).
     sys.setswitchinterval(0.0002)
+    _raise_open_file_limit()
     try:
         return asyncio.run(_record(args))
     except KeyboardInterrupt:
         return 0
+
+
+def _raise_open_file_limit() -> None:
+    """Each proxied connection holds two descriptors (client and upstream): the usual soft
+    limit of 1024 runs out near 500 connections. The hard limit is ours to take."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # the soft limit stays: the proxy copes with running out (see ACCEPT_GIVE_UP)
 
 
 async def _record(args) -> int:
@@ -115,7 +157,9 @@ async def _record(args) -> int:
             status.see(event)
             sinks.emit(event)
 
-    redirector = Redirector(spec, proxy_ports={443: args.proxy_port}, include=args.process, exclude=args.exclude)
+    stop = asyncio.Event()
+    redirector = Redirector(spec, proxy_ports={443: args.proxy_port}, include=args.process, exclude=args.exclude,
+                            idle_timeout=args.flow_idle_timeout)
 
     def lookup(peer_addr: str, peer_port: int, name_owner: bool = False):
         entry = redirector.flows.lookup(peer_addr, peer_port, args.proxy_port, name_owner=name_owner)
@@ -123,7 +167,7 @@ async def _record(args) -> int:
             return None
         return Target(client=(str(entry.client_addr), entry.client_port),
                       server=(str(entry.server_addr), entry.server_port), pid=entry.pid,
-                      process_name=entry.process_name)
+                      process_name=entry.process_name, flow=entry)
 
     issuer = LeafIssuer(ca, keylog_filename=args.keylog)
     proxy = TransparentProxy(
@@ -132,7 +176,10 @@ async def _record(args) -> int:
         upstream_verify=not args.no_upstream_verify, upstream_cafile=args.upstream_ca,
         keylog=issuer.keylog_filename,  # the safely opened key log, never the path as given
         on_events=emit, recorder_options={"redactor": Redactor(args.redaction, spec=spec), "prices": args.price_table,
-                                          "streaming_chunks": args.streaming_chunks})
+                                          "streaming_chunks": args.streaming_chunks},
+        on_failure=lambda why: stop.set(),  # a proxy that cannot serve: stop redirecting (fail open)
+        # A flow the proxy holds open never idles out (a pooled keep-alive connection).
+        on_connection=lambda target, open_: (redirector.flows.hold if open_ else redirector.flows.release)(target.flow))
     await proxy.start(args.proxy_port)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, redirector.start)
@@ -140,7 +187,6 @@ async def _record(args) -> int:
         print(f"oisp record: note: {note}", file=sys.stderr)
     print(f"oisp record: recording (proxy :{args.proxy_port}); Ctrl-C to stop", file=sys.stderr, flush=True)
 
-    stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     started = time.monotonic()
@@ -157,11 +203,19 @@ async def _record(args) -> int:
                 engine = redirector.counters()["reflector"].get("engine", {})
                 print(f"\rflows {proxy.stats['intercepted']}+{proxy.stats['passed_through']}  "
                       f"requests {status.requests}  responses {status.responses}  tokens {status.tokens}  cost {status.cost}  "
+                      f"pinned {proxy.pinning.active(time.monotonic())}  "
                       f"drops {engine.get('dropped', 0)}   ", end="", file=sys.stderr, flush=True)
     finally:
-        await loop.run_in_executor(None, redirector.stop)  # first: nothing new reaches the proxy
+        # New connections go straight to their servers; those in flight get a moment, then
+        # are cut (resets reach their clients through the still-running reflector), then
+        # the redirector goes. Stopping it first left in-flight clients waiting for their
+        # own read timeouts.
+        if redirector.reflector is not None:
+            redirector.reflector.stop_opening()
         await proxy.stop()
-        await proxy.drain(timeout=2.0)
+        await proxy.drain(timeout=DRAIN)
+        await asyncio.sleep(0.2)  # the resets' packets cross the reflector
+        await loop.run_in_executor(None, redirector.stop)
         sinks.close()
         for name, stats in sinks.report().items():
             if stats["lost"]:
@@ -170,4 +224,8 @@ async def _record(args) -> int:
             print(file=sys.stderr)
         print(f"oisp record: {status.requests} requests, {status.responses} responses, {status.tokens} tokens, "
               f"cost {status.cost} (estimate)", file=sys.stderr)
+    if proxy.failure:
+        print(f"oisp record: stopped: the proxy could not serve ({proxy.failure}); connections went "
+              f"straight to their servers from then on", file=sys.stderr)
+        return 1
     return 0

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
+import struct
 from typing import Callable
 
 log = logging.getLogger(__name__)
@@ -176,7 +178,17 @@ class Side(asyncio.Protocol):
 
     def close(self, abort: bool = False) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.abort() if abort else self.transport.close()
+            if not abort:
+                self.transport.close()
+                return
+            # An abort is a reset, so the peer learns at once that the stream was cut (a
+            # FIN could read as the end of a body that had none).
+            sock = self.transport.get_extra_info("socket")
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except (OSError, AttributeError):
+                pass
+            self.transport.abort()
 
     def _flush(self) -> None:
         if self._out.pending and self.transport is not None and not self.transport.is_closing():

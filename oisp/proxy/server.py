@@ -5,8 +5,8 @@ For each accepted connection:
 2. peek at the ClientHello (SNI, ALPN) without consuming it;
 3. connect upstream from a port registered with the redirector, so our own
    connection is never reflected back to us;
-4. if the SNI names an AI host and the client has not shown it pins
-   certificates: TLS to upstream offering the client's ALPN list, then TLS to
+4. if the SNI names an AI host and this client program has not shown it pins
+   certificates (pinning.py): TLS to upstream offering the client's ALPN list, then TLS to
    the client with a leaf for that SNI offering exactly what upstream chose;
    the plaintext both ways goes to a FlowRecorder;
 5. otherwise relay the bytes untouched, so the client sees the real server.
@@ -24,10 +24,8 @@ import logging
 import os
 import socket
 import ssl
-import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from oisp.decode import Direction, FlowContext
@@ -35,12 +33,29 @@ from oisp.events import FlowRecorder, ProcessAttributor, make_event
 from oisp.redirect.own_ports import OwnPorts, upstream_socket
 from oisp.proxy.clienthello import MAX_HELLO, ClientHello, NotTLS, hello_complete, parse_client_hello
 from oisp.proxy.deferred import DeferredFeed
+from oisp.proxy.pinning import PinningPolicy, rejects_certificate
 from oisp.proxy.relay import Relay, within
 from oisp.proxy.sessions import UpstreamSessions
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 15.0
+# The application protocols the proxy offers upstream, and so can decode. A client's ALPN
+# list is cut down to these (in its order) before it names an upstream context: every
+# distinct list would otherwise make a context of its own (~840 KiB with the trust store,
+# kept for good), and any local program can send lists at will.
+KNOWN_ALPN = ("h2", "http/1.1")
+# After accept() fails (EMFILE when descriptors run out, ENOBUFS, ...) the loop pauses,
+# doubling from the first to the second figure, and tries again: connections wait in the
+# listen backlog meanwhile. When accept() or an accepted connection's upstream socket has
+# failed so for ACCEPT_GIVE_UP seconds, with no connection dialled upstream between, the
+# proxy cannot serve: `failure` says why and `on_failure` is told, so whoever reflects
+# connections here can stop (fail open).
+ACCEPT_BACKOFF = (0.05, 1.0)
+ACCEPT_GIVE_UP = 10.0
+# accept() errors about one connection (it was reset while queued), not about the proxy.
+_ONE_CONNECTION = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
+_NO_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 @dataclass(frozen=True)
@@ -51,26 +66,12 @@ class Target:
     server: tuple[str, int]
     pid: int | None = None
     process_name: str | None = None
+    flow: object = field(default=None, compare=False)  # the flow table's entry, for on_connection
 
 
-class PinnedHosts:
-    """SNIs whose clients rejected our certificate: later connections pass through."""
-
-    def __init__(self, limit: int = 4096):
-        self._hosts: OrderedDict[str, float] = OrderedDict()
-        self._limit = limit
-        self._lock = threading.Lock()
-
-    def add(self, sni: str) -> None:
-        with self._lock:
-            self._hosts[sni] = time.time()
-            self._hosts.move_to_end(sni)
-            while len(self._hosts) > self._limit:
-                self._hosts.popitem(last=False)
-
-    def __contains__(self, sni: object) -> bool:
-        with self._lock:
-            return sni in self._hosts
+def known_alpn(offered: list[str]) -> list[str]:
+    """The protocols of `offered` the proxy speaks, in the client's order, each once."""
+    return list(dict.fromkeys(p for p in offered if p in KNOWN_ALPN))
 
 
 def _plain(address: str) -> str:
@@ -97,12 +98,16 @@ class TransparentProxy:
                  own_ports: OwnPorts | None = None,
                  upstream_verify: bool = True, upstream_cafile: str | None = None, keylog: str | None = None,
                  on_events: Callable[[list[dict]], None] = lambda events: None,
-                 recorder_options: dict | None = None, pinned: PinnedHosts | None = None):
+                 recorder_options: dict | None = None, pinning: PinningPolicy | None = None,
+                 on_failure: Callable[[str], None] = lambda why: None, accept_give_up: float = ACCEPT_GIVE_UP,
+                 on_connection: Callable[[Target, bool], None] = lambda target, open_: None):
         from oisp.spec import default_spec
 
         # lookup(peer address, peer port) runs on the event loop: a table lookup, it must not
         # block. name_owner, the same with the owner found if need be, runs in a thread.
-        self.lookup, self.name_owner = lookup, name_owner
+        # on_connection(target, True) when a connection's flow is found, (target, False)
+        # when it is closed: the flow table keeps the flow while it is open.
+        self.lookup, self.name_owner, self.on_connection = lookup, name_owner, on_connection
         self.issuer = issuer
         self.spec = spec or default_spec()
         # The redirector's registry, so it never takes our upstreams (an empty one is falsy: no `or`).
@@ -111,15 +116,20 @@ class TransparentProxy:
         # One attributor for every flow: it caches each process's description (psutil reads
         # six /proc files, ~0.25 ms, which a recorder of its own paid per connection).
         self.recorder_options = {"attributor": ProcessAttributor(), **(recorder_options or {})}
-        self.pinned = pinned or PinnedHosts()
+        self.pinning = pinning or PinningPolicy()
         self.keylog = keylog
         self._verify, self._cafile = upstream_verify, upstream_cafile
         self._alpn_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
         self.upstream_context = self._upstream_context()
         self.upstream_sessions = UpstreamSessions()
-        self.stats = dict.fromkeys(("connections", "intercepted", "passed_through", "pinned", "no_flow",
+        self.stats = dict.fromkeys(("connections", "intercepted", "passed_through", "pinned", "pin_bypassed", "no_flow",
                                     "not_tls", "upstream_errors", "client_tls_errors", "upstream_resumed",
-                                    "bytes_up", "bytes_down"), 0)
+                                    "bytes_up", "bytes_down", "accept_errors"), 0)
+        # Why the proxy cannot serve (None while it can): see ACCEPT_GIVE_UP.
+        self.failure: str | None = None
+        self.on_failure, self.accept_give_up = on_failure, accept_give_up
+        self._accept_task: asyncio.Task | None = None
+        self._trouble_since: float | None = None  # monotonic; see ACCEPT_GIVE_UP
         self._owned_by_transport: set[socket.socket] = set()
         self._tasks: set[asyncio.Task] = set()
 
@@ -149,7 +159,14 @@ class TransparentProxy:
         listener.setblocking(False)
         self._listener = listener
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(listener))
+        self._accept_task.add_done_callback(self._accept_ended)
         return listener.getsockname()[1]
+
+    @property
+    def serving(self) -> bool:
+        """Whether the proxy accepts connections: started, its accept loop alive and not
+        failing for good."""
+        return self.failure is None and self._accept_task is not None and not self._accept_task.done()
 
     async def stop(self) -> None:
         """Stop accepting; connections in flight go on (see drain)."""
@@ -157,24 +174,66 @@ class TransparentProxy:
         self._listener.close()
 
     async def drain(self, timeout: float) -> None:
-        """Give connections in flight up to `timeout` seconds to finish, then cut them."""
+        """Give connections in flight up to `timeout` seconds to finish, then cut them
+        (a reset to both peers) and wait, briefly, until they are."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
-        for task in list(self._tasks):
+        cut = list(self._tasks)
+        for task in cut:
             task.cancel()
+        if cut:
+            await asyncio.wait(cut, timeout=1.0)
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        pause = ACCEPT_BACKOFF[0]
         while True:
-            conn, _ = await loop.sock_accept(listener)
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:
+                self.stats["accept_errors"] += 1
+                if exc.errno in _ONE_CONNECTION:
+                    continue
+                self._trouble(exc)
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, ACCEPT_BACKOFF[1])
+                continue
+            pause = ACCEPT_BACKOFF[0]
             task = loop.create_task(self._serve(conn))
             self._tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._tasks.discard)
 
+    def _trouble(self, exc: OSError) -> None:
+        """accept() failed, or an accepted connection got no upstream socket (descriptors)."""
+        now = time.monotonic()
+        if self._trouble_since is None:  # said once per stretch of trouble
+            self._trouble_since = now
+            log.warning("proxy: %s; retrying", exc)
+        elif self.failure is None and now - self._trouble_since >= self.accept_give_up:
+            self._failed(f"no connection served for {now - self._trouble_since:.0f} s ({exc})")
+
+    def _untroubled(self) -> None:
+        """A connection was dialled upstream: the proxy serves."""
+        if self._trouble_since is not None:
+            self._trouble_since = self.failure = None
+            log.warning("proxy: serving again")
+
+    def _accept_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._failed(f"the accept loop died ({task.exception()!r})")
+
+    def _failed(self, why: str) -> None:
+        self.failure = why
+        log.error("proxy: cannot serve: %s", why)
+        try:
+            self.on_failure(why)
+        except Exception:
+            log.exception("proxy: on_failure failed")
+
     # -- one connection -----------------------------------------------------------
     async def _serve(self, conn: socket.socket) -> None:
         self.stats["connections"] += 1
-        upstream, upstream_port = None, None
+        upstream, upstream_port, held = None, None, None
         try:
             peer_addr, peer_port = conn.getpeername()[:2]
             # Small writes (headers, one SSE event) must leave at once: without this, Nagle
@@ -185,9 +244,12 @@ class TransparentProxy:
             if target is None:
                 self.stats["no_flow"] += 1
                 return
+            self.on_connection(target, True)
+            held = target
             # Both paths go upstream: dial now, while the ClientHello is on its way.
             upstream = self._dial_upstream(target.server)
             upstream_port = upstream.getsockname()[1]
+            self._untroubled()
             try:
                 hello = await self._peek_hello(conn)
             except (NotTLS, TimeoutError, asyncio.TimeoutError, ConnectionError):
@@ -195,7 +257,7 @@ class TransparentProxy:
                 self.stats["not_tls"] += 1
             await self._connected(upstream, target.server)
             sni = hello.sni if hello else None
-            if sni and self.spec.matches_host(sni) and sni not in self.pinned:
+            if sni and self.spec.matches_host(sni) and not await self._pinned(target, peer, sni):
                 await self._intercept(conn, upstream, target, hello, peer)
             else:
                 self.stats["passed_through"] += 1
@@ -203,6 +265,8 @@ class TransparentProxy:
         except OSError as exc:
             self.stats["upstream_errors"] += 1
             log.debug("connection failed: %s", exc)
+            if exc.errno in _NO_RESOURCES:
+                self._trouble(exc)
         finally:
             # A socket handed to a transport is closed by it (closing it here would free
             # its fd while the event loop still watches it).
@@ -212,6 +276,8 @@ class TransparentProxy:
                 self._owned_by_transport.discard(sock)
             if upstream_port is not None:
                 self.own_ports.unregister(upstream_port)
+            if held is not None:
+                self.on_connection(held, False)
 
     async def _peek_hello(self, conn: socket.socket, timeout: float = HANDSHAKE_TIMEOUT) -> ClientHello:
         """Wait until the whole ClientHello is in the socket, and read it without consuming it."""
@@ -272,6 +338,20 @@ class TransparentProxy:
         await self._attach(relay, "upstream", upstream)
         await self._run(relay)
 
+    async def _pinned(self, target: Target, peer: tuple[str, int], sni: str) -> bool:
+        """Whether this client program passes through to `sni` (counted as a bypass)."""
+        if not self.pinning.may_be_pinned(sni):
+            return False  # the usual case: no need to name the client
+        if self.pinning.pinned(self._client_of(await self._named(target, peer)), sni, time.monotonic()):
+            self.stats["pin_bypassed"] += 1
+            return True
+        return False
+
+    def _client_of(self, target: Target) -> tuple[str | None, str | None]:
+        """Who a connection's client is, for pinning: its program (exe path, else name) and user."""
+        info = self.recorder_options["attributor"].process(target.pid) or {}
+        return info.get("exe") or info.get("name") or target.process_name, info.get("user")
+
     async def _named(self, target: Target, peer: tuple[str, int]) -> Target:
         """The target with its owner: the flow table's entry is usually named by now (the
         redirector names owners right after reflecting a SYN); if not, `name_owner` may
@@ -283,19 +363,17 @@ class TransparentProxy:
         return target
 
     async def _intercept(self, conn, upstream, target: Target, hello: ClientHello, peer: tuple[str, int]) -> None:
-        context = self.upstream_context
-        if hello.alpn:
-            context = self._with_alpn(hello.alpn)
+        alpn, context = self._with_alpn(hello.alpn)
         relay = Relay()
         # When the client offers HTTP/1.1 alone (or no ALPN), upstream's choice cannot change
         # what the client speaks: both handshakes run at once. Otherwise the client is served
         # exactly what upstream chose, so its handshake waits for upstream's.
-        at_once = not hello.alpn or hello.alpn == ["http/1.1"]
+        at_once = not alpn or alpn == ["http/1.1"]
         try:
             up = await self._attach(relay, "upstream", upstream, context, server_hostname=hello.sni,
                                     session=self.upstream_sessions.get(context, target.server, hello.sni))
             if at_once:
-                client = await self._attach_client(relay, conn, hello.sni, hello.alpn)
+                client = await self._attach_client(relay, conn, hello.sni, alpn)
             await up.handshake(HANDSHAKE_TIMEOUT)
             self.stats["upstream_resumed"] += up.tls.session_reused
             if not at_once:
@@ -359,26 +437,35 @@ class TransparentProxy:
             if not relay.done.done():
                 relay.close(abort=True)
 
-    def _with_alpn(self, protocols: list[str]) -> ssl.SSLContext:
-        """An upstream context offering the client's ALPN list (one per distinct list)."""
-        key = tuple(protocols)
+    def _with_alpn(self, offered: list[str]) -> tuple[list[str], ssl.SSLContext]:
+        """What to offer upstream for a client's ALPN list (its KNOWN_ALPN part), and the
+        upstream context offering that: one per distinct list, so at most a handful."""
+        alpn = known_alpn(offered)
+        if not alpn:
+            return alpn, self.upstream_context
+        key = tuple(alpn)
         if key not in self._alpn_contexts:
-            self._alpn_contexts[key] = self._upstream_context(protocols)
-        return self._alpn_contexts[key]
+            self._alpn_contexts[key] = self._upstream_context(alpn)
+        return alpn, self._alpn_contexts[key]
 
     def _client_rejected(self, sni: str, target: Target, exc: BaseException) -> None:
-        """A client that refuses our certificate pins its server: remember, and say so."""
+        """A client's handshake failed. One that refused our certificate (a TLS alert) may
+        pin its server: after repeated refusals, its later connections pass through."""
         self.stats["client_tls_errors"] += 1
-        self.stats["pinned"] += 1
-        self.pinned.add(sni)
+        if not rejects_certificate(exc):
+            return  # closed, timed out, or not about the certificate: nothing learned
+        pinned = self.pinning.rejected(self._client_of(target), sni, time.monotonic())
+        self.stats["pinned"] += pinned
         data = {"dest": {"ip": target.server[0], "port": target.server[1], "domain": sni},
                 "src": {"ip": target.client[0], "port": target.client[1]},
                 "protocol": "tcp", "success": False, "tls": {"sni": sni}}
         process = {"pid": target.pid, **({"name": target.process_name} if target.process_name else {})} \
             if target.pid else None
+        then = (f"this program's connections to {sni} pass through undecrypted for "
+                f"{self.pinning.ttl / 60:g} min" if pinned else "")
         self._emit([make_event("network.connect", data, time.time(), process=process, completeness="partial",
-                               reasons=[f"client rejected the interception certificate ({type(exc).__name__}); "
-                                        f"later connections to {sni} pass through undecrypted"])])
+                               reasons=[f"client rejected the interception certificate ({exc.reason})"
+                                        + (f"; {then}" if then else "")])])
 
     def _emit(self, events: list[dict]) -> None:
         if events:

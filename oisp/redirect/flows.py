@@ -10,7 +10,9 @@ server ports.
 The engine loop writes and the proxy (another thread) reads, so every method
 takes the lock. An entry ends when FIN has been seen in both directions or
 RST in either (after `linger`, so the last ACKs are still reflected), or when
-it has been idle for `idle_timeout`. The table holds at most `max_flows`;
+it has been idle for `idle_timeout` with no proxy connection open on it (the
+proxy holds it: `hold`/`release`; a pooled keep-alive connection may sit idle
+far longer than any packet timeout and must still be reflected when reused). The table holds at most `max_flows`;
 inserting into a full table evicts the least recently seen entry, counted.
 """
 
@@ -51,6 +53,7 @@ class FlowEntry:
     fin_from_proxy: bool = False
     closed_at: float | None = None  # monotonic time the flow ended (FIN both ways or RST)
     from_ring: bool = False  # the receive ring opened it on the SYN, and the reflector adopted it
+    held: int = 0  # proxy connections open on it: it never idles out meanwhile
 
     @property
     def key(self) -> FlowKey:
@@ -92,6 +95,17 @@ class FlowTable:
             entry.pid, entry.process_name = self.owner(entry.client_addr, entry.client_port,
                                                        entry.server_addr, entry.server_port)
         return entry
+
+    def hold(self, entry: FlowEntry) -> None:
+        """The proxy has a connection open on this flow (from its lookup)."""
+        with self._lock:
+            entry.held += 1
+
+    def release(self, entry: FlowEntry, now: float | None = None) -> None:
+        """The proxy closed it: from now on the flow idles out as usual."""
+        with self._lock:
+            entry.held -= 1
+            entry.last_seen = time.monotonic() if now is None else now
 
     # -- for the reflector ----------------------------------------------------------------
     def get(self, key: FlowKey) -> FlowEntry | None:
@@ -159,13 +173,15 @@ class FlowTable:
         return False
 
     def expire(self, now: float | None = None) -> int:
-        """Drop flows that ended more than `linger` ago or have been idle too long."""
+        """Drop flows that ended more than `linger` ago, or that have been idle too long
+        while the proxy holds no connection on them."""
         now = time.monotonic() if now is None else now
         idle_before, closed_before = now - self.idle_timeout, now - self.linger
         removed = []
         with self._lock:
             for key in [k for k, e in self._flows.items()
-                        if (e.closed_at is not None and e.closed_at <= closed_before) or e.last_seen <= idle_before]:
+                        if (e.closed_at is not None and e.closed_at <= closed_before)
+                        or (e.last_seen <= idle_before and not e.held)]:
                 entry = self._flows.pop(key)
                 self.counts["closed" if entry.closed_at is not None else "expired_idle"] += 1
                 removed.append(entry)

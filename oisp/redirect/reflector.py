@@ -135,6 +135,7 @@ class Reflector:
         self._unnamed: list[FlowEntry] = []  # opened in this batch, owner not known yet
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._opening = True  # new flows are taken (see stop_opening)
         self.error: BaseException | None = None
         self.counts = {"reflected_to_proxy": 0, "reflected_to_client": 0, "own_upstream": 0, "excluded": 0,
                        "batch_errors": 0}
@@ -159,6 +160,14 @@ class Reflector:
         self._thread = threading.Thread(target=self._run, name="oisp-reflector", daemon=True)
         self._thread.start()
         return self
+
+    def stop_opening(self) -> None:
+        """New connections go straight to their servers from now on; flows already open
+        are still reflected (a clean stop lets the proxy finish or cut them first)."""
+        self._opening = False
+        if self.fast_path:
+            for engine in self._engines:
+                engine.ring.fast_open_syns(False)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -215,7 +224,7 @@ class Reflector:
         handle, ring = engine.handle, engine.ring
         if self.fast_path:
             ring.fast_enable(self.ports, self.own_ports.mask, self.flows.max_flows + self.targets.max_addresses)
-            ring.fast_open_syns(self.open_syns)
+            ring.fast_open_syns(self.open_syns and self._opening)
             if self.open_syns:
                 ring.fast_guard(handle.death_pipe())
         entries = self.flows.entries()  # flows carried by the handle this one succeeds
@@ -530,6 +539,8 @@ class Reflector:
         entry = self.flows.get(key)
         if entry is not None and entry.closed_at is None:
             return True
+        if not self._opening:
+            return False
         version = int(rows["ip_version"][row])
         client = key_address(rows["src_addr"][row].tobytes(), version)
         server = key_address(key[0], version)

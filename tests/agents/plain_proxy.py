@@ -1,0 +1,34 @@
+"""Run the transparent proxy in front of one plain TCP upstream, under a low open-file
+limit: every accepted connection is treated as going to UPSTREAM and, not being TLS, is
+relayed untouched.
+
+usage: plain_proxy.py UPSTREAM_HOST UPSTREAM_PORT NOFILE GIVE_UP_SECONDS
+Prints "ready PORT" once listening (port chosen by the kernel), then, for each line read
+on stdin, one JSON line: its stats, `serving`, and what on_failure was told; exits at EOF
+on stdin.
+"""
+
+import asyncio
+import json
+import resource
+import sys
+
+from oisp.proxy.server import Target, TransparentProxy
+
+
+async def main(upstream_host, upstream_port, nofile, give_up):
+    told = []
+    proxy = TransparentProxy(
+        lookup=lambda addr, port: Target(client=(addr, port), server=(upstream_host, upstream_port)),
+        issuer=None, accept_give_up=give_up, on_failure=told.append)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    print("ready", await proxy.start(0, "127.0.0.1"), flush=True)
+    loop = asyncio.get_running_loop()
+    while await loop.run_in_executor(None, sys.stdin.readline):
+        print(json.dumps({**proxy.stats, "serving": proxy.serving, "told": told}), flush=True)
+    await proxy.stop()
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    asyncio.run(main(a[0], int(a[1]), int(a[2]), float(a[3])))
