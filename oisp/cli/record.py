@@ -124,12 +124,17 @@ async def _record(args) -> int:
         loop.add_signal_handler(sig, stop.set)
     started = time.monotonic()
     live = sys.stderr.isatty()
+    failure = None
     try:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
+            failure = redirector.failure
+            if failure:
+                print(f"\noisp record: {failure}; stopped diverting, traffic flows directly", file=sys.stderr)
+                break
             if args.duration and time.monotonic() - started >= args.duration:
                 break
             if live:
@@ -149,4 +154,4 @@ async def _record(args) -> int:
             print(file=sys.stderr)
         print(f"oisp record: {status.requests} requests, {status.responses} responses, {status.tokens} tokens",
               file=sys.stderr)
-    return 0
+    return 1 if failure else 0
