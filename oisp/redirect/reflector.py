@@ -416,14 +416,14 @@ class Reflector:
     def _fail(self, error: BaseException) -> None:
         """Redirection cannot go on (the watchdog failed open, or something unexpected
         broke): close every handle, so traffic flows directly, and keep why."""
-        self.error = self.failure = error
-        log.error("the reflector stopped (%s: %s); its divert handles are closed, traffic flows directly",
-                  type(error).__name__, error, exc_info=error)
         for engine in self._engines:
             try:
                 engine.stop()
             except Exception:
                 engine.handle.close()  # closing is what matters
+        log.error("the reflector stopped (%s: %s); its divert handles are closed, traffic flows directly",
+                  type(error).__name__, error, exc_info=error)
+        self.error = self.failure = error  # last: who reads it may count on the handles being closed
 
     def _decide(self, batch, engine: Engine) -> None:
         self._adopt()  # first: the batch may hold packets of flows the ring just opened

@@ -178,12 +178,11 @@ class DnsSniffer:
                 finally:
                     self.engine.commit(batch)
         except BaseException as e:  # the watchdog failed open, or something unexpected broke
+            self.engine.stop()  # a handle left open would hold every DNS answer on the host
             if not self._stopping.is_set():
-                self.failure = e
                 log.error("the DNS watcher stopped (%s: %s); its divert handle is closed, DNS flows directly",
                           type(e).__name__, e, exc_info=e)
-        finally:
-            self.engine.stop()  # a handle left open would hold every DNS answer on the host
+                self.failure = e
 
     def _messages(self, batch) -> list[bytes]:
         from oisp.packet import OK
