@@ -56,13 +56,17 @@ class Status:
 
 
 def run(args) -> int:
-    from oisp.divert.preflight import check_privileges
+    from oisp.divert.preflight import check_fail_open, check_privileges, sweep_orphaned_filters
 
     problems = check_privileges()
     if problems:
         for problem in problems:
             print(f"oisp record: {problem.message}\n  fix: {problem.fix}", file=sys.stderr)
         return 3
+    if removed := sweep_orphaned_filters():  # black-holing traffic since their process died
+        print(f"oisp record: removed {removed} eBPFDivert filters a dead process had left", file=sys.stderr)
+    for problem in check_fail_open():
+        print(f"oisp record: note: {problem.message}\n  fix: {problem.fix}", file=sys.stderr)
     if args.jsonl is None:
         args.jsonl = args.output or ""
     # The reflector thread decides each new flow's SYN in Python: with the default 5 ms
