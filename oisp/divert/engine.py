@@ -12,7 +12,8 @@ Counters always add up: received = sent + dropped + consumed + drained + held.
 
 Fail open: if the consumer stops giving slots back for `watchdog` seconds, the
 handle is shut down and closed so the kernel stops diverting, and the next
-call raises `EngineStalled`. A process that dies loses its handle with it.
+call raises `EngineStalled`; if the handle's guardian (Linux: it removes the
+filters should this process be killed) dies, likewise, with `GuardianLost`.
 """
 
 from __future__ import annotations

@@ -82,9 +82,9 @@ def held_prog_ids() -> set[int]:
     return ids
 
 
-def divert_filters() -> list[dict]:
-    """eBPFDivert's TC filters on every interface of this network namespace:
-    {"dev", "direction", "pref", "handle", "prog"} each ([] without `tc`)."""
+def bpf_filters() -> list[dict]:
+    """The TC filters that run a BPF program, on every interface of this network namespace:
+    {"dev", "direction", "pref", "handle", "prog", "name"} each ([] without `tc`)."""
     if shutil.which("tc") is None:
         return []
     found = []
@@ -99,10 +99,15 @@ def divert_filters() -> list[dict]:
             for entry in filters:
                 options = entry.get("options") or {}
                 prog = options.get("prog") or {}
-                if str(prog.get("name", "")).startswith(PROGRAM_PREFIX):
+                if "id" in prog:
                     found.append({"dev": name, "direction": direction, "pref": entry["pref"],
-                                  "handle": options["handle"], "prog": prog["id"]})
+                                  "handle": options["handle"], "prog": prog["id"], "name": str(prog.get("name", ""))})
     return found
+
+
+def divert_filters() -> list[dict]:
+    """eBPFDivert's filters (by their programs' names) in this network namespace."""
+    return [f for f in bpf_filters() if f["name"].startswith(PROGRAM_PREFIX)]
 
 
 def orphaned_filters() -> list[dict]:
@@ -128,8 +133,8 @@ def delete_filters(filters: list[dict]) -> int:
 
 
 def remove_filters(prog_ids: set[int]) -> int:
-    """Delete every eBPFDivert filter, on every interface of this namespace, that runs one of `prog_ids`."""
-    return delete_filters([f for f in divert_filters() if f["prog"] in prog_ids]) if prog_ids else 0
+    """Delete every TC filter, on every interface of this namespace, that runs one of `prog_ids`."""
+    return delete_filters([f for f in bpf_filters() if f["prog"] in prog_ids]) if prog_ids else 0
 
 
 CLOSED_CLEANLY = b"closed"
