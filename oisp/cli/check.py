@@ -61,7 +61,7 @@ def gather() -> dict:
         report["privileges"]["cgroup2"] = preflight.cgroup2_mounted()
     for problem in preflight.check_privileges():
         report["missing"].append(vars(problem))
-    for problem in preflight.check_layer(2):
+    for problem in preflight.check_layer(2) + preflight.check_fail_open():
         report["notes"].append(vars(problem))
     if not report["missing"]:
         _try_open(report)

@@ -97,7 +97,7 @@ class Status:
 
 
 def run(args) -> int:
-    from oisp.divert.preflight import check_privileges
+    from oisp.divert.preflight import check_fail_open, check_privileges, sweep_orphaned_filters
 
     from oisp.events.cost import PriceTableError, load_prices
 
@@ -111,6 +111,10 @@ def run(args) -> int:
         for problem in problems:
             print(f"oisp record: {problem.message}\n  fix: {problem.fix}", file=sys.stderr)
         return 3
+    if removed := sweep_orphaned_filters():  # black-holing traffic since their process died
+        print(f"oisp record: removed {removed} eBPFDivert filters a dead process had left", file=sys.stderr)
+    for problem in check_fail_open():
+        print(f"oisp record: note: {problem.message}\n  fix: {problem.fix}", file=sys.stderr)
     if args.jsonl is None:
         args.jsonl = args.output or ""
     # The reflector thread decides each new flow's SYN in Python: with the default 5 ms
@@ -191,12 +195,17 @@ async def _record(args) -> int:
         loop.add_signal_handler(sig, stop.set)
     started = time.monotonic()
     live = sys.stderr.isatty()
+    failure = None
     try:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
+            failure = redirector.failure
+            if failure:
+                print(f"\noisp record: {failure}; stopped diverting, traffic flows directly", file=sys.stderr)
+                break
             if args.duration and time.monotonic() - started >= args.duration:
                 break
             if live:
@@ -228,4 +237,4 @@ async def _record(args) -> int:
         print(f"oisp record: stopped: the proxy could not serve ({proxy.failure}); connections went "
               f"straight to their servers from then on", file=sys.stderr)
         return 1
-    return 0
+    return 1 if failure else 0

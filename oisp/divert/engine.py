@@ -12,7 +12,8 @@ Counters always add up: received = sent + dropped + consumed + drained + held.
 
 Fail open: if the consumer stops giving slots back for `watchdog` seconds, the
 handle is shut down and closed so the kernel stops diverting, and the next
-call raises `EngineStalled`. A process that dies loses its handle with it.
+call raises `EngineStalled`; if the handle's guardian (Linux: it removes the
+filters should this process be killed) dies, likewise, with `GuardianLost`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from oisp.divert import errors
 from oisp.divert.address import ADDRESS_DTYPE, OUTBOUND, event_of, flow_address
 from oisp.divert.backend import address_of
 from oisp.divert.constants import MAX_BATCH, Event, Flag, Layer, Param, Shutdown
-from oisp.divert.errors import EngineStalled
+from oisp.divert.errors import EngineStalled, GuardianLost
 from oisp.divert.handle import Handle
 from oisp.divert.library import WINDOWS
 
@@ -197,8 +198,9 @@ class Engine:
         self._receiver = threading.Thread(target=self._ring.run, name="oisp-receiver", daemon=True)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._receiver.start()
+        self.guardian_deaths = 0
         self._watchdog_thread = None
-        if watchdog:
+        if watchdog or self.handle.guarded:
             self._watchdog_thread = threading.Thread(target=self._watch, name="oisp-watchdog", daemon=True)
             self._watchdog_thread.start()
 
@@ -306,6 +308,7 @@ class Engine:
             "ring_slots": ring.nslots,
             "ring_occupancy": ready + held_slots,
             "ring_high_water": ring.high_water,
+            "guardian_deaths": self.guardian_deaths,
             "kernel": {},
         }
         with self._io_lock:
@@ -336,22 +339,34 @@ class Engine:
         return self._handing_over and self._ring.wait_stopped(0) and self._ring.occupancy()[0] == 0
 
     def _watch(self) -> None:
-        """Close the handle if slots stop coming back while packets wait."""
-        interval = min(0.1, self.watchdog / 4)
+        """Close the handle if slots stop coming back while packets wait, or if its
+        guardian dies (from then on a kill of this process would black-hole traffic)."""
+        interval = min(0.1, self.watchdog / 4) if self.watchdog else 0.1
         last_releases, last_progress = self._ring.releases, time.monotonic()
         while not self._closed:
             time.sleep(interval)
+            if self.handle.guardian_died and not self._closed:
+                self.guardian_deaths += 1
+                self._fail_open(GuardianLost(
+                    "the guardian process, which removes this handle's filters should oisp be killed, died",
+                    hint="the divert handle was closed so traffic flows again; restart the capture"))
+                return
+            if not self.watchdog:
+                continue
             releases = self._ring.releases
             ready, held = self._ring.occupancy()
             now = time.monotonic()
             if releases != last_releases or ready + held == 0:
                 last_releases, last_progress = releases, now
             elif now - last_progress > self.watchdog:
-                self._stalled = EngineStalled(
+                self._fail_open(EngineStalled(
                     f"the consumer returned no batch for {now - last_progress:.1f} s",
-                    hint="the divert handle was closed so traffic flows again; restart the capture")
-                self._shutdown(drain=False)
+                    hint="the divert handle was closed so traffic flows again; restart the capture"))
                 return
+
+    def _fail_open(self, why: errors.DivertError) -> None:
+        self._stalled = why
+        self._shutdown(drain=False)
 
     # -- stopping ---------------------------------------------------------------
     def stop(self, timeout: float = 2.0) -> None:

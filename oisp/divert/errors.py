@@ -95,3 +95,8 @@ class DivertTimeoutError(DivertError, TimeoutError):
 
 class EngineStalled(DivertError):
     """The consumer stopped returning slots; the handle was closed so traffic flows."""
+
+
+class GuardianLost(DivertError):
+    """The handle's guardian died; the handle was closed so traffic flows (a kill of this
+    process would otherwise leave its filters black-holing traffic)."""

@@ -6,7 +6,6 @@ engine builds its ring and threads on top of it.
 
 from __future__ import annotations
 
-import shutil
 import threading
 
 import numpy as np
@@ -16,7 +15,7 @@ from oisp.divert.address import new_addresses
 from oisp.divert.backend import INFINITE, Backend, get_backend
 from oisp.divert.constants import MAX_BATCH, MTU_MAX, PARAM_LIMITS, Flag, Layer, Param, Shutdown
 from oisp.divert.filter import check_filter
-from oisp.divert.guardian import Guardian, owned_prog_ids
+from oisp.divert.guardian import Guardian, missing_tools, owned_prog_ids
 from oisp.divert.preflight import check_layer, check_privileges
 
 
@@ -44,11 +43,18 @@ class Handle:
         self._preflight()
         self._lock = threading.Lock()  # close() must not race a concurrent close()
         self._guardian = None
+        self._handle = None
         diverts = self.backend.name == "ebpfdivert" and not self.flags & (Flag.SNIFF | Flag.RECV_ONLY)
+        if diverts and not missing_tools():  # else fail-open on a kill is unavailable: preflight.check_guardian
+            self._guardian = Guardian()  # first, so a death while the handle opens is covered too
         before = owned_prog_ids() if diverts else set()
-        self._handle = self.backend.open(filter, self.layer, priority, self.flags)
-        if diverts and shutil.which("tc"):
-            self._guardian = Guardian(owned_prog_ids() - before)
+        try:
+            self._handle = self.backend.open(filter, self.layer, priority, self.flags)
+        finally:
+            if self._handle is None and self._guardian is not None:
+                self._guardian.close()
+        if self._guardian is not None:
+            self._guardian.guard(owned_prog_ids() - before)
         self._scratch: tuple[bytearray, np.ndarray] | None = None
 
     def _preflight(self) -> None:
@@ -111,6 +117,18 @@ class Handle:
     def forget_on_death(self, port: int) -> None:
         if self._guardian is not None:
             self._guardian.forget(port)
+
+    @property
+    def guarded(self) -> bool:
+        """Whether a guardian removes this handle's filters should this process die."""
+        return self._guardian is not None
+
+    @property
+    def guardian_died(self) -> bool:
+        """Whether the guardian of this open handle has died (a kill would now black-hole
+        what it diverts: the engine fails open)."""
+        guardian = self._guardian
+        return guardian is not None and not guardian.alive
 
     def death_pipe(self) -> int | None:
         """A new descriptor (the caller closes it) of the pipe that tells the guardian which

@@ -129,3 +129,47 @@ def _check_windows() -> list[Problem]:
         return []
     return [Problem("administrator", "not running as Administrator",
                     "run from an elevated prompt (right-click the terminal, Run as administrator)")]
+
+
+def check_fail_open() -> list[Problem]:
+    """What undoes failing open on Linux: no iproute2 for the guardian (then a killed oisp's
+    filters stay and black-hole what they divert), and eBPFDivert filters that a dead
+    process left in this network namespace, black-holing what they match now."""
+    if sys.platform == "win32":  # WinDivert's handles go with their process
+        return []
+    from oisp.divert import guardian
+
+    problems = []
+    missing = guardian.missing_tools()
+    if missing:
+        problems.append(Problem(
+            "guardian",
+            f"fail-open on kill -9 is unavailable: {' and '.join(missing)} (iproute2) missing, so the filters "
+            "of a killed oisp would black-hole the traffic they divert",
+            "install iproute2: apt-get install iproute2 (Debian, Ubuntu) or dnf install iproute (Fedora, RHEL)"))
+    try:
+        orphans = guardian.orphaned_filters()
+    except PermissionError:
+        return problems  # without root nobody can tell whose they are
+    if orphans:
+        where = ", ".join(sorted({f"{f['dev']} {f['direction']}" for f in orphans}))
+        problems.append(Problem(
+            "orphaned filters",
+            f"{len(orphans)} eBPFDivert filters ({where}) were left by a process that died; "
+            "they black-hole the traffic they match",
+            "oisp record removes them at start; or by hand: "
+            + "; ".join(f"tc filter del dev {f['dev']} {f['direction']} pref {f['pref']} handle {f['handle']} bpf"
+                        for f in orphans)))
+    return problems
+
+
+def sweep_orphaned_filters() -> int:
+    """Remove the eBPFDivert filters in this network namespace whose process died; how many went."""
+    if sys.platform == "win32":
+        return 0
+    from oisp.divert import guardian
+
+    try:
+        return guardian.delete_filters(guardian.orphaned_filters())
+    except PermissionError:
+        return 0

@@ -97,6 +97,15 @@ class Redirector:
             if part is not None:
                 part.stop()
 
+    @property
+    def failure(self) -> str | None:
+        """What died, if a part did (it has closed its handles: traffic flows directly); else None."""
+        for name, part in (("the reflector", self.reflector), ("the DNS watcher", self.dns)):
+            error = part.failure if part is not None else None
+            if error is not None:
+                return f"{name} died ({type(error).__name__}: {error})"
+        return None
+
     def __enter__(self) -> Redirector:
         return self.start()
 

@@ -37,6 +37,7 @@ them).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -53,6 +54,7 @@ from oisp.redirect.targets import TargetSet
 
 DEFAULT_PORTS = {443: 8443}  # server port → proxy port
 _NOT_OUTBOUND = np.uint32(~OUTBOUND & 0xFFFFFFFF)
+log = logging.getLogger(__name__)
 
 
 SMALL_BATCH = 8  # up to this many rows, decide row by row (see _process_small)
@@ -136,7 +138,8 @@ class Reflector:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._opening = True  # new flows are taken (see stop_opening)
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the last error redirection survived
+        self.failure: BaseException | None = None  # what ended it: the handles are closed (failed open)
         self.counts = {"reflected_to_proxy": 0, "reflected_to_client": 0, "own_upstream": 0, "excluded": 0,
                        "batch_errors": 0}
 
@@ -222,16 +225,20 @@ class Reflector:
         engine = Engine(filter, priority=priority, policy="block", watchdog=self.watchdog)
         self.filter["handles"] += 1
         handle, ring = engine.handle, engine.ring
-        if self.fast_path:
-            ring.fast_enable(self.ports, self.own_ports.mask, self.flows.max_flows + self.targets.max_addresses)
-            ring.fast_open_syns(self.open_syns and self._opening)
-            if self.open_syns:
-                ring.fast_guard(handle.death_pipe())
-        entries = self.flows.entries()  # flows carried by the handle this one succeeds
-        handle.abort_on_death(*(entry.client_port for entry in entries))
-        if self.fast_path:
-            for entry in entries:
-                ring.fast_add(*entry.key)
+        try:
+            if self.fast_path:
+                ring.fast_enable(self.ports, self.own_ports.mask, self.flows.max_flows + self.targets.max_addresses)
+                ring.fast_open_syns(self.open_syns and self._opening)
+                if self.open_syns:
+                    ring.fast_guard(handle.death_pipe())
+            entries = self.flows.entries()  # flows carried by the handle this one succeeds
+            handle.abort_on_death(*(entry.client_port for entry in entries))
+            if self.fast_path:
+                for entry in entries:
+                    ring.fast_add(*entry.key)
+        except BaseException:
+            engine.stop()  # half set up: it must not go on diverting
+            raise
         return engine
 
     def _filter_by_ports(self, why: str) -> None:
@@ -408,12 +415,24 @@ class Reflector:
                     if period is not None and next_expiry >= next_target_expiry:
                         self._expire_targets()
                         next_target_expiry = next_expiry + period
-        except DivertError as e:
+        except BaseException as e:  # whatever it is, redirection must not go on half alive
             if not self._stopping.is_set():
-                self.error = e  # e.g. the watchdog failed open: traffic flows unredirected
+                self._fail(e)
         finally:
             with self._covered_changed:
                 self._covered_changed.notify_all()
+
+    def _fail(self, error: BaseException) -> None:
+        """Redirection cannot go on (the watchdog failed open, or something unexpected
+        broke): close every handle, so traffic flows directly, and keep why."""
+        for engine in self._engines:
+            try:
+                engine.stop()
+            except Exception:
+                engine.handle.close()  # closing is what matters
+        log.error("the reflector stopped (%s: %s); its divert handles are closed, traffic flows directly",
+                  type(error).__name__, error, exc_info=error)
+        self.error = self.failure = error  # last: who reads it may count on the handles being closed
 
     def _decide(self, batch, engine: Engine) -> None:
         self._adopt()  # first: the batch may hold packets of flows the ring just opened

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ipaddress
+import logging
 import socket
 import threading
 import time
@@ -18,11 +19,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from oisp.divert.errors import DivertError
 from oisp.redirect.dns import DnsError, answer_addresses
 from oisp.redirect.flows import address_key
 
 _KEY = np.dtype("V16")
+log = logging.getLogger(__name__)
 
 
 class TargetSet:
@@ -152,6 +153,8 @@ class DnsSniffer:
         self.wanted = wanted
         self.hold = hold
         self.counts = {"responses": 0, "learned": 0, "malformed": 0, "tcp_partial": 0, "held": 0}
+        self.failure: BaseException | None = None  # what ended it: the handle is closed (failed open)
+        self._stopping = threading.Event()
         if hold is None:
             self.engine = Engine(self.FILTER, flags=Flag.SNIFF | Flag.RECV_ONLY, policy="drop", watchdog=None)
         else:  # a stuck hold must not stall DNS for good: the watchdog fails open
@@ -174,8 +177,12 @@ class DnsSniffer:
                         self.hold(self.targets.generation)
                 finally:
                     self.engine.commit(batch)
-        except DivertError:
-            pass  # the handle closed (stop, or a failure): learning stops, redirection goes on
+        except BaseException as e:  # the watchdog failed open, or something unexpected broke
+            self.engine.stop()  # a handle left open would hold every DNS answer on the host
+            if not self._stopping.is_set():
+                log.error("the DNS watcher stopped (%s: %s); its divert handle is closed, DNS flows directly",
+                          type(e).__name__, e, exc_info=e)
+                self.failure = e
 
     def _messages(self, batch) -> list[bytes]:
         from oisp.packet import OK
@@ -206,6 +213,7 @@ class DnsSniffer:
         return learned
 
     def stop(self) -> None:
+        self._stopping.set()
         self.engine.stop()
         self._thread.join(2.0)
 
