@@ -72,6 +72,10 @@ class PinnedHosts:
         with self._lock:
             return sni in self._hosts
 
+    def hosts(self) -> list[str]:
+        with self._lock:
+            return list(self._hosts)
+
 
 def _plain(address: str) -> str:
     """An IPv4-mapped IPv6 address (from a dual-stack listener) as IPv4."""
