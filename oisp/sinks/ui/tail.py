@@ -45,7 +45,8 @@ class Follower:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        if self._thread.ident is not None:
+            self._thread.join(5)
         if self._fh:
             self._fh.close()
 
