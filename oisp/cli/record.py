@@ -44,7 +44,7 @@ def register(sub) -> None:
     parser.add_argument("--redaction", choices=["safe", "full", "minimal"], default="safe")
     parser.add_argument("--streaming-chunks", action="store_true", help="also emit ai.streaming_chunk events")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
-    add_sink_arguments(parser, default_stdout=False)
+    add_sink_arguments(parser, default_stdout=False, ui=True)
     parser.set_defaults(func=run)
 
 
@@ -185,6 +185,17 @@ async def _record(args) -> int:
         # A flow the proxy holds open never idles out (a pooled keep-alive connection).
         on_connection=lambda target, open_: (redirector.flows.hold if open_ else redirector.flows.release)(target.flow))
     await proxy.start(args.proxy_port)
+    ui = next((sink for sink in sinks.sinks if sink.name == "ui"), None)
+    if ui is not None:
+        from oisp.sinks.ui.health import ca_trusted, record_status
+
+        trusted = ca_trusted(ca)
+
+        def ui_status() -> None:
+            ui.set_status(record_status(proxy=proxy, redirector=redirector, sinks=sinks, status=status, ca=ca,
+                                        trusted=trusted))
+
+        print(f"oisp record: dashboard {ui.url}", file=sys.stderr, flush=True)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, redirector.start)
     for note in redirector.notes:
@@ -208,6 +219,8 @@ async def _record(args) -> int:
                 break
             if args.duration and time.monotonic() - started >= args.duration:
                 break
+            if ui is not None:
+                ui_status()
             if live:
                 engine = redirector.counters()["reflector"].get("engine", {})
                 print(f"\rflows {proxy.stats['intercepted']}+{proxy.stats['passed_through']}  "

@@ -10,7 +10,8 @@ from oisp.sinks.stdout import StdoutSink
 from oisp.sinks.webhook import WebhookSink, webhook_url
 
 
-def add_sink_arguments(parser: argparse.ArgumentParser, *, default_stdout: bool) -> None:
+def add_sink_arguments(parser: argparse.ArgumentParser, *, default_stdout: bool, ui: bool = False) -> None:
+    """``ui``: offer the live dashboard (commands that keep running, like record)."""
     g = parser.add_argument_group("output")
     g.add_argument("--jsonl", metavar="PATH", nargs="?", const="", help="append events to a JSONL file (no PATH: the default file in the data directory)")
     g.add_argument("--jsonl-max-mb", type=float, default=64.0, help="rotate the JSONL file at this size (default 64)")
@@ -19,6 +20,13 @@ def add_sink_arguments(parser: argparse.ArgumentParser, *, default_stdout: bool)
     g.add_argument("--stdout", action="store_true", default=default_stdout, help="print events as JSON lines" + (" (default)" if default_stdout else ""))
     g.add_argument("--pretty", action="store_true", help="print one readable line per event instead of JSON")
     g.add_argument("--quiet", action="store_true", help="print nothing to stdout")
+    if ui:
+        from oisp.sinks.ui.server import DEFAULT_PORT
+
+        g.add_argument("--ui", metavar="PORT", type=int, nargs="?", const=DEFAULT_PORT,
+                       help=f"serve the live dashboard on this port (no PORT: {DEFAULT_PORT}; 0: any free port)")
+        g.add_argument("--ui-host", metavar="ADDRESS", default="127.0.0.1",
+                       help="address the dashboard listens on (default 127.0.0.1: this machine only)")
 
 
 def sinks_from_args(args: argparse.Namespace) -> FanOut:
@@ -30,4 +38,8 @@ def sinks_from_args(args: argparse.Namespace) -> FanOut:
         sinks.append(WebhookSink(url))
     if (args.stdout or args.pretty) and not args.quiet:
         sinks.append(StdoutSink(pretty=args.pretty))
+    if getattr(args, "ui", None) is not None:
+        from oisp.sinks.ui import UISink
+
+        sinks.append(UISink(host=args.ui_host, port=args.ui))
     return FanOut(sinks)

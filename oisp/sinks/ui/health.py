@@ -1,0 +1,33 @@
+"""What the health panel shows while recording, gathered on the recorder's own loop once a second."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TRUST_COMMAND = "sudo oisp ca install"
+
+
+def ca_trusted(ca) -> bool | None:
+    """Whether the system trust store holds our CA (None: could not tell)."""
+    from oisp.proxy import trust
+
+    try:
+        roots, _ = trust.system_roots()
+    except (trust.TrustError, OSError):
+        return None
+    ours = "".join(ca.cert_pem.split())
+    return any("".join(block.split()) == ours for block in roots)
+
+
+def record_status(*, proxy, redirector, sinks, status, ca, trusted: bool | None) -> dict[str, Any]:
+    engine = redirector.counters()["reflector"].get("engine", {})
+    return {
+        "mode": "record",
+        "flows": {k: proxy.stats.get(k, 0) for k in ("intercepted", "passed_through", "pinned", "no_flow",
+                                                       "not_tls", "client_tls_errors", "upstream_errors")},
+        "pinned_hosts": proxy.pinned.hosts(),
+        "drops": engine.get("dropped", 0),
+        "requests": status.requests, "responses": status.responses,
+        "sinks": sinks.report(),
+        "ca": {"path": str(ca.cert_path), "trusted": trusted, "command": TRUST_COMMAND},
+    }
