@@ -91,6 +91,11 @@ class PinningPolicy:
             self._unpin(key)
         return len(self._pins)
 
+    def pins(self, now: float) -> list[tuple[str, str, str]]:
+        """The pins in force as (program, user, sni), for a status view."""
+        self.active(now)
+        return [(str(client[0]), str(client[1]), sni) for client, sni in self._pins]
+
     def _unpin(self, key: tuple) -> None:
         del self._pins[key]
         sni = key[1]

@@ -73,10 +73,6 @@ def known_alpn(offered: list[str]) -> list[str]:
     """The protocols of `offered` the proxy speaks, in the client's order, each once."""
     return list(dict.fromkeys(p for p in offered if p in KNOWN_ALPN))
 
-    def hosts(self) -> list[str]:
-        with self._lock:
-            return list(self._hosts)
-
 
 def _plain(address: str) -> str:
     """An IPv4-mapped IPv6 address (from a dual-stack listener) as IPv4."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 TRUST_COMMAND = "sudo oisp ca install"
@@ -25,7 +26,7 @@ def record_status(*, proxy, redirector, sinks, status, ca, trusted: bool | None)
         "mode": "record",
         "flows": {k: proxy.stats.get(k, 0) for k in ("intercepted", "passed_through", "pinned", "no_flow",
                                                        "not_tls", "client_tls_errors", "upstream_errors")},
-        "pinned_hosts": proxy.pinned.hosts(),
+        "pinned_hosts": [f"{sni} for {program} ({user})" for program, user, sni in proxy.pinning.pins(time.monotonic())],
         "drops": engine.get("dropped", 0),
         "requests": status.requests, "responses": status.responses,
         "sinks": sinks.report(),
