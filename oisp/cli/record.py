@@ -162,6 +162,7 @@ async def _record(args) -> int:
             sinks.emit(event)
 
     stop = asyncio.Event()
+    proxy_failed: list[str] = []  # kept: the proxy's own failure clears once it serves again
     redirector = Redirector(spec, proxy_ports={443: args.proxy_port}, include=args.process, exclude=args.exclude,
                             idle_timeout=args.flow_idle_timeout)
 
@@ -181,7 +182,7 @@ async def _record(args) -> int:
         keylog=issuer.keylog_filename,  # the safely opened key log, never the path as given
         on_events=emit, recorder_options={"redactor": Redactor(args.redaction, spec=spec), "prices": args.price_table,
                                           "streaming_chunks": args.streaming_chunks},
-        on_failure=lambda why: stop.set(),  # a proxy that cannot serve: stop redirecting (fail open)
+        on_failure=lambda why: (proxy_failed.append(why), stop.set()),  # cannot serve: stop redirecting (fail open)
         # A flow the proxy holds open never idles out (a pooled keep-alive connection).
         on_connection=lambda target, open_: (redirector.flows.hold if open_ else redirector.flows.release)(target.flow))
     await proxy.start(args.proxy_port)
@@ -246,8 +247,8 @@ async def _record(args) -> int:
             print(file=sys.stderr)
         print(f"oisp record: {status.requests} requests, {status.responses} responses, {status.tokens} tokens, "
               f"cost {status.cost} (estimate)", file=sys.stderr)
-    if proxy.failure:
-        print(f"oisp record: stopped: the proxy could not serve ({proxy.failure}); connections went "
+    if proxy_failed:
+        print(f"oisp record: stopped: the proxy could not serve ({proxy_failed[0]}); connections went "
               f"straight to their servers from then on", file=sys.stderr)
         return 1
     return 1 if failure else 0

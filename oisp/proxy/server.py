@@ -53,6 +53,8 @@ KNOWN_ALPN = ("h2", "http/1.1")
 # connections here can stop (fail open).
 ACCEPT_BACKOFF = (0.05, 1.0)
 ACCEPT_GIVE_UP = 10.0
+# Trouble ends after this long without an error (more than the longest accept back-off).
+ACCEPT_RECOVERED = 2.0
 # accept() errors about one connection (it was reset while queued), not about the proxy.
 _ONE_CONNECTION = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
 _NO_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -130,6 +132,7 @@ class TransparentProxy:
         self.on_failure, self.accept_give_up = on_failure, accept_give_up
         self._accept_task: asyncio.Task | None = None
         self._trouble_since: float | None = None  # monotonic; see ACCEPT_GIVE_UP
+        self._last_trouble = 0.0
         self._owned_by_transport: set[socket.socket] = set()
         self._tasks: set[asyncio.Task] = set()
 
@@ -206,17 +209,48 @@ class TransparentProxy:
     def _trouble(self, exc: OSError) -> None:
         """accept() failed, or an accepted connection got no upstream socket (descriptors)."""
         now = time.monotonic()
-        if self._trouble_since is None:  # said once per stretch of trouble
+        if self._trouble_since is None:  # a new stretch of trouble, said once
             self._trouble_since = now
             log.warning("proxy: %s; retrying", exc)
+            asyncio.get_running_loop().call_later(self.accept_give_up, self._recheck)
         elif self.failure is None and now - self._trouble_since >= self.accept_give_up:
             self._failed(f"no connection served for {now - self._trouble_since:.0f} s ({exc})")
+        self._last_trouble = now
 
     def _untroubled(self) -> None:
-        """A connection was dialled upstream: the proxy serves."""
-        if self._trouble_since is not None:
+        """A connection was dialled upstream. The proxy serves again only once that has gone
+        on without trouble for ACCEPT_RECOVERED: a descriptor some other part frees for a
+        moment lets one queued connection in, and the next accept fails again."""
+        if self._trouble_since is not None and time.monotonic() - self._last_trouble >= ACCEPT_RECOVERED:
             self._trouble_since = self.failure = None
             log.warning("proxy: serving again")
+
+    def _recheck(self) -> None:
+        """From the give-up time after trouble began, every ACCEPT_RECOVERED, even if no
+        connection came to show it: could a connection get its two descriptors? (A burst
+        that took them all and then stopped coming would otherwise leave the proxy unable
+        to serve the next one, unnoticed.)"""
+        if self._trouble_since is None:
+            return
+        loop = asyncio.get_running_loop()
+        probes: list[socket.socket] = []
+        try:
+            for _ in range(2):  # the client's connection and its upstream socket
+                probes.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        except OSError as exc:
+            if exc.errno not in _NO_RESOURCES:
+                raise
+            self._trouble(exc)  # past the give-up time: the proxy cannot serve
+            loop.call_later(ACCEPT_RECOVERED, self._recheck)
+            return
+        finally:
+            for probe in probes:
+                probe.close()
+        if time.monotonic() - self._last_trouble >= ACCEPT_RECOVERED:
+            self._trouble_since = self.failure = None
+            log.warning("proxy: serving again")
+        else:
+            loop.call_later(ACCEPT_RECOVERED, self._recheck)
 
     def _accept_ended(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
