@@ -18,7 +18,6 @@ from oisp.decode import Direction, FlowContext, FlowDecoder  # noqa: E402
 from oisp.events import FlowRecorder  # noqa: E402
 
 CASES = load_cases()
-VOLATILE = ("event_id", "request_id")
 
 
 def normalise(events: list[dict]) -> list[dict]:
