@@ -333,8 +333,9 @@ class Engine:
         other handles (a successor opened with another filter). What is already queued
         is still received, taken and committed as usual; `handed_over` turns true once
         it is all taken. Then `stop()`. Unlike stop(), nothing queued passes untouched."""
-        self._handing_over = True
-        self.handle.shutdown(Shutdown.RECV)
+        with self._io_lock:  # not while the watchdog closes the handle (fail open)
+            self._handing_over = True
+            self.handle.shutdown(Shutdown.RECV)
 
     @property
     def handed_over(self) -> bool:
