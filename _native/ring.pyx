@@ -94,6 +94,9 @@ cdef extern from "ring_sync.h" nogil:
     void oisp_wait(oisp_sync *s, int ms)
 
 cdef enum:
+    HOLD_FREE = 0  # free, being filled, or ready: the consumer has not taken it
+    HOLD_TAKEN = 1
+    HOLD_COMMITTING = 2  # commit() is injecting it
     C_POLICY_BLOCK = 0
     C_POLICY_DROP = 1
     C_VERDICT_PASS = 0
@@ -184,12 +187,13 @@ cdef class ReceiveRing:
         int *ready
         int ready_head, ready_len
         int held
+        uint8_t *holding  # per slot: HOLD_* (only HOLD_TAKEN slots may be handed back)
         bint stopping, draining, running
         readonly int error
         readonly uint64_t segmented
         readonly uint64_t received, dropped_overflow, dropped_drain, drained, sent, dropped_verdict, \
             send_errors, consumed, high_water, batches, releases
-        object _free_stack_arr, _ready_arr
+        object _free_stack_arr, _ready_arr, _holding_arr
         oisp_fast_table *fast
         object _fast_own_ports
         readonly uint64_t fast_to_proxy, fast_to_client, fast_passed, fast_passed_other, fast_batches
@@ -224,6 +228,7 @@ cdef class ReceiveRing:
             self.mtu_by_ifidx[k] = 0
         self._free_stack_arr = np.arange(nslots, dtype=np.intc)[::-1].copy()
         self._ready_arr = np.zeros(nslots, dtype=np.intc)
+        self._holding_arr = np.zeros(nslots, dtype=np.uint8)
         cdef unsigned char[:, ::1] d = self.data
         cdef unsigned char[:, ::1] a = self.addresses
         cdef uint32_t[:, ::1] o = self.offsets
@@ -233,9 +238,10 @@ cdef class ReceiveRing:
         cdef uint8_t[:, ::1] v = self.verdicts
         cdef int[::1] fs = self._free_stack_arr
         cdef int[::1] rq = self._ready_arr
+        cdef uint8_t[::1] hold = self._holding_arr
         self.data_p, self.addr_p, self.offsets_p, self.lengths_p = &d[0, 0], &a[0, 0], &o[0, 0], &l[0, 0]
         self.nbytes_p, self.counts_p, self.verdicts_p = &nb[0], &c[0], &v[0, 0]
-        self.free_stack, self.ready = &fs[0], &rq[0]
+        self.free_stack, self.ready, self.holding = &fs[0], &rq[0], &hold[0]
         self.free_top = nslots
         # Running from birth: a consumer that asks before the receiver thread is scheduled
         # must wait for it, not conclude the ring has already stopped.
@@ -613,6 +619,7 @@ cdef class ReceiveRing:
                 self.ready_head = (self.ready_head + 1) % self.nslots
                 self.ready_len -= 1
                 self.held += 1
+                self.holding[slot] = HOLD_TAKEN
                 memset_verdicts(self.verdicts_p + <size_t>slot * self.batch, self.batch)
             oisp_unlock(&self.sync)
         return slot
@@ -620,20 +627,30 @@ cdef class ReceiveRing:
     def release_consumed(self, int slot):
         """A sniffed batch the consumer is done with."""
         self._check_slot(slot)
+        cdef bint held
         with nogil:
             oisp_lock(&self.sync)
-            self.consumed += self.counts_p[slot]
-            self._give_back(slot)
+            held = self.holding[slot] == HOLD_TAKEN
+            if held:
+                self.consumed += self.counts_p[slot]
+                self._give_back(slot)
             oisp_unlock(&self.sync)
+        if not held:
+            self._not_held(slot)
 
     def release_dropped(self, int slot):
         """A diverted batch the consumer decided not to re-inject."""
         self._check_slot(slot)
+        cdef bint held
         with nogil:
             oisp_lock(&self.sync)
-            self.dropped_verdict += self.counts_p[slot]
-            self._give_back(slot)
+            held = self.holding[slot] == HOLD_TAKEN
+            if held:
+                self.dropped_verdict += self.counts_p[slot]
+                self._give_back(slot)
             oisp_unlock(&self.sync)
+        if not held:
+            self._not_held(slot)
 
     def set_mtu(self, uint32_t ifidx, uint32_t mtu):
         """Packets leaving through `ifidx` larger than `mtu` are TCP-segmented before injection.
@@ -658,7 +675,15 @@ cdef class ReceiveRing:
         cdef unsigned char *buf = self.data_p + <size_t>slot * self.slot_bytes
         cdef unsigned char *addrs = self.addr_p + <size_t>slot * self.batch * OISP_ADDRESS_SIZE
         cdef int err = 0
-        cdef bint oversize = False
+        cdef bint oversize = False, held
+        with nogil:  # the slot is ours alone from here: a second commit or release is refused
+            oisp_lock(&self.sync)
+            held = self.holding[slot] == HOLD_TAKEN
+            if held:
+                self.holding[slot] = HOLD_COMMITTING
+            oisp_unlock(&self.sync)
+        if not held:
+            self._not_held(slot)
         with nogil:
             for i in range(count):
                 if verdicts[i] == C_VERDICT_DROP:
@@ -747,6 +772,7 @@ cdef class ReceiveRing:
         return first_err
 
     cdef void _give_back(self, int slot) noexcept nogil:
+        self.holding[slot] = HOLD_FREE
         self.free_stack[self.free_top] = slot
         self.free_top += 1
         self.held -= 1
@@ -757,6 +783,11 @@ cdef class ReceiveRing:
         if not 0 <= slot < self.nslots:
             raise ValueError(f"no slot {slot}")
         return 0
+
+    cdef int _not_held(self, int slot) except -1:
+        # Handing back a slot the consumer does not hold would push it on the free stack
+        # twice: the stack would run past its array and two batches would share a slot.
+        raise ValueError(f"slot {slot} is not held by the consumer (never taken, or already handed back)")
 
     # -- control -----------------------------------------------------------------
     def drain(self):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from oisp._native.ring import ReceiveRing
 
 
@@ -22,3 +24,16 @@ def test_a_stopped_ring_returns_at_once():
     started = time.monotonic()
     assert ring.take(-1) == -1
     assert time.monotonic() - started < 0.1
+
+
+def test_a_slot_the_consumer_does_not_hold_cannot_be_handed_back():
+    """Regression: handing back a slot never taken pushed it on the free stack anyway; each
+    one wrote past the stack's array (heap corruption) and later gave two batches one slot."""
+    ring = ReceiveRing(0, 0, 0, 0, nslots=2)
+    for hand_back in (ring.release_consumed, ring.release_dropped, ring.commit):
+        with pytest.raises(ValueError, match="not held"):
+            hand_back(1)
+    assert ring.occupancy() == (0, 0)
+    assert ring.releases == ring.consumed == ring.dropped_verdict == ring.sent == 0
+    with pytest.raises(ValueError, match="no slot"):
+        ring.release_dropped(2)

@@ -61,6 +61,7 @@ class Verdict(IntEnum):
 
 
 POLICIES = {"block": _ring.POLICY_BLOCK, "drop": _ring.POLICY_DROP}
+RECEIVER_EXIT = 5.0  # seconds a stopping engine waits for its receive loop before closing the handle
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ class Engine:
         self._rows: np.ndarray | None = None
         self._io_lock = threading.Lock()  # no inject may race the handle's close
         self._closed = False
+        self._stopping = False  # from the start of stop(): the handle's errors are ours, not failures
         self._handing_over = False
         self._stalled: EngineStalled | None = None
         self._last_send_error: str | None = None
@@ -269,8 +271,9 @@ class Engine:
         else:
             self._ring.release_dropped(batch.slot)
 
-    @staticmethod
-    def _finish(batch: Batch) -> None:
+    def _finish(self, batch: Batch) -> None:
+        if batch.engine is not self:  # its slot number means another slot here
+            raise ValueError(f"{batch!r} belongs to another engine")
         if batch._done:
             raise ValueError(f"{batch!r} was already handed back")
         batch._done = True
@@ -319,7 +322,7 @@ class Engine:
         if self._stalled is not None:
             raise self._stalled
         code = self._ring.error
-        if code and not self._closed:
+        if code and not self._stopping:
             error = self.handle.backend.error(code, "receive")
             if not (self._handing_over and isinstance(error, errors.HandleClosedError)):
                 raise error
@@ -330,8 +333,9 @@ class Engine:
         other handles (a successor opened with another filter). What is already queued
         is still received, taken and committed as usual; `handed_over` turns true once
         it is all taken. Then `stop()`. Unlike stop(), nothing queued passes untouched."""
-        self._handing_over = True
-        self.handle.shutdown(Shutdown.RECV)
+        with self._io_lock:  # not while the watchdog closes the handle (fail open)
+            self._handing_over = True
+            self.handle.shutdown(Shutdown.RECV)
 
     @property
     def handed_over(self) -> bool:
@@ -379,6 +383,7 @@ class Engine:
         with self._io_lock:
             if self._closed:
                 return
+            self._stopping = True
             try:
                 if drain:
                     self._ring.drain()
@@ -390,7 +395,11 @@ class Engine:
             except errors.DivertError:
                 pass  # closing below is what matters
             finally:
-                self._receiver.join(timeout)
+                self._ring.stop()  # also when a shutdown above failed: the loop must end first
+                # Stopped and shut down, the loop leaves within one receive (100 ms); closing
+                # before it has would free the handle under a call in progress. Only a hung
+                # backend call outlasts RECEIVER_EXIT: then close anyway (fail open).
+                self._receiver.join(max(timeout, RECEIVER_EXIT))
                 try:
                     self._final_kernel_stats = self.handle.stats()
                 except errors.DivertError:

@@ -46,9 +46,16 @@ def locate() -> LibraryLocation:
     return LibraryLocation("ebpfdivert", so, (so,))
 
 
+# eBPFDivert starts a detached worker thread on its first open that nothing can stop.
+# Unmapping the library under it crashes the process (SIGSEGV) as soon as the thread
+# wakes up, and cffi unmaps it when the library object is freed, which interpreter
+# exit does: so it stays loaded until the process ends.
+DLOPEN_FLAGS = 0 if WINDOWS else ffi.RTLD_NOW | ffi.RTLD_NODELETE
+
+
 @functools.lru_cache(maxsize=None)
 def load(path: str):
-    """dlopen one library once per process."""
+    """dlopen one library once per process, for good (see DLOPEN_FLAGS)."""
     if not os.path.isfile(path):
         raise BackendMissingError(
             f"the divert library {path} is missing",
@@ -56,7 +63,7 @@ def load(path: str):
             winerror=2,
         )
     try:
-        return ffi.dlopen(path)
+        return ffi.dlopen(path, DLOPEN_FLAGS)
     except OSError as exc:
         raise BackendMissingError(
             f"cannot load {path}: {exc}",
