@@ -4,13 +4,15 @@
         [--default-lab]
 
 The lab is benchmarks/interception.py's (lean client and provider unless --default-lab).
-Each round runs the same client workloads against two turns of `oisp record`, the order
-alternating: `plain` (the JSONL sink only) and `ui` (`--ui 0` as well, with Debian's Chromium
-driven by Playwright keeping the dashboard open in the client's namespace for the whole turn,
-benchmarks/interception/ui_page.py). The proxy's CPU per request (all its threads, the UI
-server's included, from /proc) is the figure; the issue's bound is ui/plain <= 1.05. The
-page's own call count at the end of each ui turn is checked against the calls made, so a
-page that stopped following the events cannot pass for a cheap one.
+Each round runs the same client workloads against three turns of `oisp record`, the order
+rotating: `plain` (the JSONL sink only), `ui` (`--ui 0` as well, no page open: what the sink
+and its server cost) and `ui+page` (`--ui 0` with Debian's Chromium driven by Playwright
+keeping the dashboard open in the client's namespace for the whole turn,
+benchmarks/interception/ui_page.py; on a 2-core machine the page's own work competes with
+the proxy for CPU). The proxy's CPU per request (all its threads, the UI server's included,
+from /proc) is the figure; the issue's bound is ui+page/plain <= 1.05. The page's own call
+count at the end of each ui+page turn is checked against the calls made, so a page that
+stopped following the events cannot pass for a cheap one.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def main() -> None:
     parser.add_argument("--default-lab", action="store_true", help="httpx + hypercorn instead of the lean pair")
     args = parser.parse_args()
     workloads = args.workloads.split(",")
-    turns = ("plain", "ui")
+    turns = ("plain", "ui", "ui+page")
     cpu = {(t, w): [] for t in turns for w in workloads}
     rate = {(t, w): [] for t in turns for w in workloads}
     lab = bench.Lab(Path(tempfile.mkdtemp(prefix="oisp-uiov-")), lean=not args.default_lab)
@@ -66,9 +68,9 @@ def main() -> None:
           f"{args.seconds} s per rate workload, order alternating", flush=True)
     try:
         for r in range(args.rounds):
-            for turn in turns if r % 2 == 0 else turns[::-1]:
-                lab.start_oisp(extra=("--ui", "0") if turn == "ui" else ())
-                page = open_page(lab) if turn == "ui" else None
+            for turn in turns[r % 3:] + turns[:r % 3]:
+                lab.start_oisp(extra=("--ui", "0") if turn != "plain" else ())
+                page = open_page(lab) if turn == "ui+page" else None
                 calls = 0
                 try:
                     for w in workloads:
@@ -82,19 +84,22 @@ def main() -> None:
                     lab.stop_oisp()
                 if seen is not None and seen < calls:
                     raise RuntimeError(f"the page showed {seen} calls of the {calls} made in round {r + 1}")
-                print(f"round {r + 1} {turn:5} " + "  ".join(f"{w} {cpu[turn, w][-1]:.3f} ms CPU/req"
+                print(f"round {r + 1} {turn:7} " + "  ".join(f"{w} {cpu[turn, w][-1]:.3f} ms CPU/req"
                                                              for w in workloads)
                       + (f"  (page: {seen} calls of {calls})" if seen is not None else ""), flush=True)
     finally:
         lab.close()
-    print("\nworkload  plain ms CPU/req  ui ms CPU/req  ui/plain (median of per-round ratios; min..max)  "
-          "plain/ui rate or TTFC")
+    print("\nproxy CPU per request, ms (median of rounds); ratios to plain: median of the per-round ratios "
+          "(min..max); then req/s or TTFC ms, plain / ui / ui+page")
     for w in workloads:
-        ratios = [u / p for p, u in zip(cpu["plain", w], cpu["ui", w])]
+        ratio = {}
+        for turn in turns[1:]:
+            per_round = [u / p for p, u in zip(cpu["plain", w], cpu[turn, w])]
+            ratio[turn] = f"{statistics.median(per_round):.3f} ({min(per_round):.3f}..{max(per_round):.3f})"
         unit = "ms TTFC" if w == "ttfc" else "req/s"
-        print(f"{w:8}  {statistics.median(cpu['plain', w]):16.3f}  {statistics.median(cpu['ui', w]):13.3f}  "
-              f"{statistics.median(ratios):.3f} ({min(ratios):.3f}..{max(ratios):.3f})  "
-              f"{statistics.median(rate['plain', w]):.1f} / {statistics.median(rate['ui', w]):.1f} {unit}")
+        print(f"{w:8} plain {statistics.median(cpu['plain', w]):.3f}  ui {statistics.median(cpu['ui', w]):.3f} "
+              f"x{ratio['ui']}  ui+page {statistics.median(cpu['ui+page', w]):.3f} x{ratio['ui+page']}  "
+              + " / ".join(f"{statistics.median(rate[t, w]):.1f}" for t in turns) + f" {unit}")
 
 
 if __name__ == "__main__":
