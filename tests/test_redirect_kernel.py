@@ -64,11 +64,7 @@ def check_redirected(out, server_ip, client_ip, log):
     assert ai["server_saw"] == [client_ip, first["upstream_port"]] and first["upstream_port"] != ai["client_port"]
     ai_conns = [c for c in log if c[0] == 443 and c[2] in (first["upstream_port"], ai["client_port"])]
     assert ai_conns == [(443, client_ip, first["upstream_port"])]
-    if out["own_range"]:  # from the reserved range: the filter leaves it out, nothing to decide
-        low, high = out["own_range"]
-        assert low <= first["upstream_port"] <= high and out["counters"]["own_upstream"] == 0
-    else:  # registered: diverted, and passed untouched
-        assert out["counters"]["own_upstream"] > 0
+    assert out["counters"]["own_upstream"] > 0  # the proxy's upstream packets: diverted, passed untouched
     assert out["own_ports_left"] == 0
     # FIN both ways, then RST: each flow leaves the table after its linger.
     assert out["flows_after_ai"] == 1 and out["flows_empty_after_fin"]
@@ -112,10 +108,30 @@ def test_ai_flows_reach_the_proxy_and_the_rest_is_untouched(lab, family, path, f
                      *(["port-filter"] if filter == "ports" else []))
     assert out["counters"]["filter"]["mode"] == filter
     assert bool(out["counters"]["fast_path"]) == (path == "fast")
-    assert bool(out["own_range"]) == (path == "fast")  # this machine has ports above the ephemeral range
     log = server_log(lab.server)
     check_redirected(out, server_ip, client_ip, log)
     check_untouched(out, client_ip, log)
+
+
+@pytest.mark.parametrize("family,path", [(4, "fast"), (6, "fast"), (4, "python")])
+def test_a_client_bound_to_a_port_above_the_ephemeral_range_is_reflected(lab, family, path):
+    """Port 61000 lies above Linux's default ephemeral range (32768-60999), which the
+    filter once left to the proxy's own upstream sockets: such a client went unseen."""
+    server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
+    out = run_client(lab.a, "bound", server_ip, "61000", *(["python-path"] if path == "python" else []))
+    assert out["ephemeral"][1] < 61000 and out["reflector_error"] is None
+    bound = out["bound"]
+    assert bound["client_port"] == 61000 and bound["intact"] and bound["echoed"] == 100_000
+    # The proxy took it: peer (server, 61000), the table gave the client back ...
+    [seen] = out["accepted"]
+    assert seen["peer"] == [server_ip, 61000]
+    assert seen["entry"]["client"] == client_ip and seen["entry"]["client_port"] == 61000
+    # ... and the server saw the proxy's registered upstream port, once: no loop.
+    assert bound["server_saw"] == [client_ip, seen["upstream_port"]] != [client_ip, 61000]
+    assert [c for c in server_log(lab.server) if c[0] == 443] == [(443, client_ip, seen["upstream_port"])]
+    counters = out["counters"]
+    assert counters["own_upstream"] > 0 and counters["reflected_to_proxy"] > 0 and out["own_ports_left"] == 0
+    assert bool(counters["fast_path"]) == (path == "fast")
 
 
 @pytest.mark.parametrize("family,events", [(4, False), (6, True)])

@@ -48,7 +48,7 @@ from oisp.divert.engine import Engine, Verdict
 from oisp.divert.errors import DivertError, InvalidFilterError
 from oisp.packet import OK, TCP_ACK, TCP_SYN, reflect
 from oisp.redirect.flows import FlowEntry, FlowTable, key_address
-from oisp.redirect.own_ports import OwnPorts
+from oisp.redirect.own_ports import IPV4_BIT, IPV6_BIT, OwnPorts
 from oisp.redirect.processes import ProcessFilter, ProcessResolver
 from oisp.redirect.targets import TargetSet
 
@@ -63,17 +63,13 @@ SMALL_BATCH = 8  # up to this many rows, decide row by row (see _process_small)
 MAX_FILTER_ADDRESSES = 200
 
 
-def reflector_filter(ports: dict[int, int], own_range: tuple[int, int] | None = None,
-                     addresses: list | None = None) -> str:
-    """Clients' packets to the server ports (not from the proxy's reserved upstream
-    range: see own_ports.py) and the proxy's packets from its proxy ports. With
-    `addresses` (ipaddress objects), only client packets to those addresses."""
+def reflector_filter(ports: dict[int, int], addresses: list | None = None) -> str:
+    """Clients' packets to the server ports, from any source port (the proxy's own
+    upstream packets match too, and are told apart by their registered port: see
+    own_ports.py), and the proxy's packets from its proxy ports. With `addresses`
+    (ipaddress objects), only client packets to those addresses."""
     servers = " or ".join(f"tcp.DstPort == {p}" for p in sorted(ports))
     proxies = " or ".join(f"tcp.SrcPort == {p}" for p in sorted(ports.values()))
-    if own_range is not None:
-        low, high = own_range
-        outside = f"tcp.SrcPort < {low}" + (f" or tcp.SrcPort > {high}" if high < 65535 else "")
-        servers = f"(({servers}) and ({outside}))"
     if addresses is not None:
         if not addresses:
             return f"tcp and outbound and ({proxies})"
@@ -215,11 +211,11 @@ class Reflector:
                                   f"({self.max_filter_addresses})")
         if self.filter["mode"] == "addresses":
             try:
-                return self._engine(reflector_filter(self.ports, self.own_ports.range, addresses), priority), generation
+                return self._engine(reflector_filter(self.ports, addresses), priority), generation
             except InvalidFilterError as e:  # e.g. a filter length limit lower than ours
                 self._ports_for_good = True
                 self._filter_by_ports(f"the address filter was refused: {e}")
-        return self._engine(reflector_filter(self.ports, self.own_ports.range), priority), generation
+        return self._engine(reflector_filter(self.ports), priority), generation
 
     def _engine(self, filter: str, priority: int) -> Engine:
         engine = Engine(filter, priority=priority, policy="block", watchdog=self.watchdog)
@@ -457,7 +453,9 @@ class Reflector:
         src_port, dst_port = rows["src_port"], rows["dst_port"]
 
         to_server = valid & self._server_port[dst_port]
-        own = to_server & self.own_ports.mask[src_port]
+        # The registered port of the packet's family (a bit each: see own_ports.py).
+        family = np.where(rows["ip_version"] == 6, IPV6_BIT, IPV4_BIT).astype(np.uint8)
+        own = to_server & ((self.own_ports.mask[src_port] & family) != 0)
         self.counts["own_upstream"] += int(own.sum())
         to_server_rows = np.flatnonzero(to_server & ~own)
         to_server_rows = to_server_rows[self.targets.contains(rows["dst_addr"][to_server_rows])]
@@ -485,13 +483,15 @@ class Reflector:
         outbound = batch.outbound().tolist()
         status, flags = rows["status"].tolist(), rows["tcp_flags"].tolist()
         src_ports, dst_ports = rows["src_port"].tolist(), rows["dst_port"].tolist()
+        families = [IPV6_BIT if v == 6 else IPV4_BIT for v in rows["ip_version"].tolist()]
         to_proxy: dict[int, list[int]] = {}  # proxy port → rows
         to_client: dict[int, list[int]] = {}  # server port → rows
-        for i, (ok, out, sport, dport, f) in enumerate(zip(status, outbound, src_ports, dst_ports, flags)):
+        for i, (ok, out, sport, dport, f, family) in enumerate(zip(status, outbound, src_ports, dst_ports,
+                                                                    flags, families)):
             if ok != OK or not out:
                 continue
             if dport in self.ports:
-                if self.own_ports.mask[sport]:
+                if self.own_ports.mask[sport] & family:
                     self.counts["own_upstream"] += 1
                     continue
                 address = rows["dst_addr"][i].tobytes()

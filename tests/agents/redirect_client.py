@@ -8,6 +8,9 @@ usage: redirect_client.py e2e SERVER_IP OTHER_IP [exclude-child] [events] [pytho
     optionally a connection from an excluded child process; python-path turns the ring's
     fast path off, so every packet is decided in Python; port-filter makes the handle's
     filter name the server port alone, not the AI addresses.
+usage: redirect_client.py bound SERVER_IP SOURCE_PORT [python-path]
+    the reflector and proxy as for e2e; one AI connection from a client bound to
+    SOURCE_PORT
 usage: redirect_client.py swap SERVER_IP OTHER_IP [python-path]
     the reflector knows SERVER_IP; an AI connection is half way through its data when
     OTHER_IP becomes an AI address too (a new handle takes over); then a connection to
@@ -47,7 +50,6 @@ import time
 
 from oisp.redirect import FlowTable, OwnPorts, ProcessFilter, ProcessResolver, Reflector, TargetSet
 from oisp.redirect import connect_upstream
-from oisp.redirect.own_ports import upstream_port_range
 
 PROXY_PORT = 8443
 CHILD = """
@@ -112,8 +114,8 @@ def relay(src, dst):
         pass
 
 
-def exchange(host, port, payload=b""):
-    c = socket.create_connection((host, port), timeout=5)
+def exchange(host, port, payload=b"", source_port=0):
+    c = socket.create_connection((host, port), timeout=5, source_address=("", source_port) if source_port else None)
     client_port = c.getsockname()[1]
     reader = c.makefile("rb")
     peer_line = reader.readline().decode().split()
@@ -131,9 +133,7 @@ def scenario_e2e(server_ip, other_ip, options):
     resolver = ProcessResolver()
     events = "events" in options and resolver.start_events()
     flows = FlowTable(linger=0.3, owner=resolver.owner)
-    # The fast path runs with the reserved upstream range (as `oisp record` does); the
-    # Python path with the registry alone, so both loop-free mechanisms meet the kernel.
-    own_ports = OwnPorts(None if "python-path" in options else upstream_port_range())
+    own_ports = OwnPorts()
     child = None
     exclude = []
     if "exclude-child" in options:
@@ -141,7 +141,7 @@ def scenario_e2e(server_ip, other_ip, options):
                                  stdout=subprocess.PIPE, text=True)
         exclude = [child.pid]
     proxy = Proxy(flows, own_ports)
-    out = {"me": os.getpid(), "events": events, "events_error": resolver.events_error, "own_range": own_ports.range,
+    out = {"me": os.getpid(), "events": events, "events_error": resolver.events_error,
            "process_filter": bool(exclude)}
     with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}, processes=resolver,
                    process_filter=ProcessFilter(exclude=exclude), fast_path="python-path" not in options,
@@ -177,10 +177,30 @@ def scenario_e2e(server_ip, other_ip, options):
     json.dump(out, sys.stdout)
 
 
+def scenario_bound(server_ip, source_port, options):
+    """A client that binds its own source port (one above the ephemeral range, which the
+    filter once left to the proxy's upstream sockets) is reflected like any other."""
+    targets = TargetSet([server_ip])
+    flows = FlowTable(linger=0.3)
+    own_ports = OwnPorts()
+    proxy = Proxy(flows, own_ports)
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        out = {"ephemeral": [int(v) for v in f.read().split()]}
+    with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT},
+                   fast_path="python-path" not in options) as reflector:
+        out["bound"] = exchange(server_ip, 443, os.urandom(100_000), source_port=source_port)
+        wait_until(lambda: len(flows) == 0, 3.0)
+        out["accepted"] = proxy.accepted
+        out["counters"] = reflector.counters()
+        out["own_ports_left"] = len(own_ports)
+        out["reflector_error"] = repr(reflector.error) if reflector.error else None
+    json.dump(out, sys.stdout)
+
+
 def scenario_swap(server_ip, other_ip, options):
     targets = TargetSet([server_ip])
     flows = FlowTable(linger=0.3)
-    own_ports = OwnPorts(None if "python-path" in options else upstream_port_range())
+    own_ports = OwnPorts()
     proxy = Proxy(flows, own_ports)
     out = {}
     with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT},
@@ -220,7 +240,7 @@ def scenario_swap(server_ip, other_ip, options):
 def scenario_overflow(server_ip, other_ip):
     targets = TargetSet([server_ip, "192.0.2.1"])
     flows = FlowTable(linger=0.3)
-    own_ports = OwnPorts(upstream_port_range())
+    own_ports = OwnPorts()
     proxy = Proxy(flows, own_ports)
     with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}, max_filter_addresses=1) as reflector:
         out = {"filter_at_start": dict(reflector.counters()["filter"])}
@@ -240,7 +260,7 @@ def scenario_expire(server_ip, other_ip):
     targets = TargetSet()
     targets.add([server_ip, other_ip])
     flows = FlowTable(linger=0.3)
-    own_ports = OwnPorts(upstream_port_range())
+    own_ports = OwnPorts()
     proxy = Proxy(flows, own_ports)
     with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}, max_filter_addresses=1,
                    address_ttl=1.0) as reflector:
@@ -284,7 +304,7 @@ json.dump({"ended_at": time.time(), "outcome": outcome}, open(sys.argv[2], "w"))
 def scenario_swap_kill(server_ip, other_ip, result_path, when):
     targets = TargetSet([server_ip])
     flows = FlowTable()
-    own_ports = OwnPorts(upstream_port_range())
+    own_ports = OwnPorts()
     proxy = Proxy(flows, own_ports)
     reflector = Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}).start()
     # Its own session, so it outlives us; it waits on a connection our proxy carries.
@@ -306,7 +326,7 @@ def scenario_swap_kill(server_ip, other_ip, result_path, when):
 def scenario_syn_kill(server_ip, result_path):
     targets = TargetSet([server_ip])
     flows = FlowTable()
-    own_ports = OwnPorts(upstream_port_range())
+    own_ports = OwnPorts()
     proxy = Proxy(flows, own_ports)
     reflector = Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}).start()
     reflector._from_rings.acquire()  # nothing the ring opens is adopted: only the ring knows the flow
@@ -362,6 +382,8 @@ def scenario_dns(server_ip):
 if __name__ == "__main__":
     if sys.argv[1] == "e2e":
         scenario_e2e(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
+    elif sys.argv[1] == "bound":
+        scenario_bound(sys.argv[2], int(sys.argv[3]), set(sys.argv[4:]))
     elif sys.argv[1] == "swap":
         scenario_swap(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
     elif sys.argv[1] == "overflow":
