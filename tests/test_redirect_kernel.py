@@ -264,9 +264,41 @@ def test_dns_answers_on_the_wire_teach_the_address_set(veth_pair, family):
         server.kill()
         server.wait()
     assert out["replies"] == 4
-    # api.openai.com (through a CNAME) is learned in both families; example.com is not.
+    # api.openai.com (through a CNAME) is learned in both families; example.com is not,
+    # and neither it nor bad.test (an answer cut short) is an AI name, so no query is kept.
     assert out["learned"] == ["10.77.0.1", "fd77::1"], out
-    assert out["counts"]["malformed"] == 1 and out["counts"]["responses"] == 4
+    counts = out["counts"]
+    assert counts["responses"] == 4 and counts["queries"] == 2 and counts["matched"] == 2, counts
+    assert counts["unsolicited"] == counts["wrong_question"] == counts["pending"] == 0
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_forged_dns_answer_without_a_query_teaches_nothing(veth_pair, family):
+    lab = veth_pair
+    """Forged with scapy in the server namespace: an answer nobody asked for and one with
+    the wrong id are refused; one matching a query in flight (a forger on the path could
+    send it) is believed, as is the real server's answer to a real query."""
+    dns = lab.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), "dns", stdout=subprocess.PIPE, text=True)
+    server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
+    try:
+        assert dns.stdout.readline().strip() == "ready"
+        # An address the server namespace takes after its DNS server bound its own: a
+        # query to it arrives there and goes unanswered.
+        silent_ip = server_ip.rsplit(".", 1)[0] + ".9" if family == 4 else server_ip.rsplit(":", 1)[0] + ":9"
+        ifname = lab.b.run("ip", "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0]
+        lab.b.run("ip", "addr", "add", f"{silent_ip}/{24 if family == 4 else 64}", "dev", ifname,
+                  *(["nodad"] if family == 6 else []))
+        out = run_client(lab.a, "dns-spoof", server_ip, silent_ip, client_ip, lab.b.name)
+    finally:
+        dns.kill()
+        dns.wait()
+    spoofed = ["fd66::1", "fd66::2", "fd66::3"] if family == 6 else ["10.66.0.1", "10.66.0.2", "10.66.0.3"]
+    real = "fd77::1" if family == 6 else "10.77.0.1"
+    assert out["after_unsolicited"] == [] and out["after_wrong_id"] == [], out
+    assert out["after_matching"] == [spoofed[2]]
+    assert out["learned"] == sorted([spoofed[2], real])
+    counts = out["counts"]
+    assert counts["unsolicited"] == 2 and counts["matched"] == 2 and counts["responses"] == 4, counts
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -283,7 +315,7 @@ def test_a_whole_redirector_takes_a_server_once_dns_names_it_an_ai_endpoint(lab,
     before, after = out["before"], out["after"]
     assert before["server_saw"] == [client_ip, before["client_port"]]  # not known yet: untouched
     # Covered the moment the client had the answer: it was held until the filter named it.
-    assert out["learned"], (out["counters"], out["notes"])  # the counters say what the watcher saw
+    assert out["learned"], json.dumps(out["counters"]["dns"])  # the counters say what the watcher saw
     assert out["counters"]["dns"]["held"] >= 1
     assert [a["peer"] for a in out["accepted"]] == [[server_ip, after["client_port"]]]
     assert after["intact"] and after["server_saw"] == [client_ip, out["accepted"][0]["upstream_port"]]

@@ -116,7 +116,7 @@ class Redirector:
         return {
             "reflector": self.reflector.counters() if self.reflector else {},
             "targets": {"addresses": len(self.targets), **self.targets.counts},
-            "dns": dict(self.dns.counts) if self.dns else {},
+            "dns": self.dns.counters() if self.dns else {},
             "processes": dict(self.processes.counts),
             "resolution": dict(self.resolution),
         }

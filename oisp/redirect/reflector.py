@@ -88,6 +88,38 @@ def _group(addresses: np.ndarray, ports_a: np.ndarray, ports_b: np.ndarray):
     return first, inverse.reshape(-1)
 
 
+class SwapBudget:
+    """How often a new AI address may swap in a new handle: a token bucket, `burst`
+    swaps at once, then one per `every` seconds. Each swap opens a handle (a filter
+    compiled and attached) and hands the old one over; whoever can make DNS answers
+    name new addresses could otherwise keep the reflector doing nothing else. A
+    deferred swap still comes, and takes every address learned meanwhile."""
+
+    def __init__(self, burst: int = 4, every: float = 2.0, clock=time.monotonic):
+        self.burst, self.every, self.clock = burst, every, clock
+        self._tokens, self._at = float(burst), clock()
+        self._lock = threading.Lock()  # taken by the reflector thread, asked by the DNS watcher's hold
+
+    def _refill(self, now: float) -> None:
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) / self.every)
+        self._at = now
+
+    def take(self) -> bool:
+        """Spend one swap if there is one."""
+        with self._lock:
+            self._refill(self.clock())
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+            return True
+
+    def ready_in(self) -> float:
+        """Seconds until a swap may be taken (0: now)."""
+        with self._lock:
+            self._refill(self.clock())
+            return max(0.0, (1.0 - self._tokens) * self.every)
+
+
 class Reflector:
     """Runs the reflect loop in a thread: `start()`, `stop()`, or use it as a context manager."""
 
@@ -129,6 +161,8 @@ class Reflector:
         self._covered = 0  # the target generation the current filter holds
         self._covered_changed = threading.Condition()
         self._swap_wanted = threading.Event()
+        self._swap_budget = SwapBudget()
+        self._swap_deferred = False  # a wanted swap waits for the budget (counted once)
         self._retired: dict = {"fast": {}, "engine": {}}  # counts of the handles handed over
         self._unnamed: list[FlowEntry] = []  # opened in this batch, owner not known yet
         self._thread: threading.Thread | None = None
@@ -193,6 +227,8 @@ class Reflector:
         known now). The DNS watcher holds an answer naming a new AI address until then,
         so the client's first SYN to it is already diverted."""
         generation = self.targets.generation if generation is None else generation
+        if self._swap_budget.ready_in() > timeout:
+            timeout = 0.0  # no swap can come in time (see SwapBudget): holding the answer gains nothing
         with self._covered_changed:
             return self._covered_changed.wait_for(
                 lambda: self.covers(generation) or self._stopping.is_set() or not self._alive(), timeout) \
@@ -325,6 +361,21 @@ class Reflector:
             self.filter.update(mode="addresses", why_ports=None)
         self._swap_engine(force=True)
 
+    def _swap_if_allowed(self, wait: float) -> float:
+        """Swap for a new address if the budget allows; else how long to wait for it."""
+        self._swap_wanted.clear()  # first: an address added from here on sets it again
+        if self.filter["mode"] != "addresses" or self.covers(self.targets.generation):
+            return wait
+        if not self._swap_budget.take():
+            self._swap_wanted.set()
+            if not self._swap_deferred:
+                self._swap_deferred = True
+                self.filter["swaps_deferred"] = self.filter.get("swaps_deferred", 0) + 1
+            return min(wait, max(0.01, self._swap_budget.ready_in()))
+        self._swap_deferred = False
+        self._swap_engine()
+        return wait
+
     def _swap_engine(self, force: bool = False) -> None:
         """Open the successor handle, then hand the old one over: it stops taking new
         packets, and the ones it still holds are decided here as usual, so none passes
@@ -391,10 +442,11 @@ class Reflector:
         next_target_expiry = next_expiry + (period or 0.0)
         try:
             while not self._stopping.is_set():
+                wait = 0.5
                 if self._swap_wanted.is_set():
-                    self._swap_engine()
+                    wait = self._swap_if_allowed(wait)
                 engine = self.engine
-                batch = engine.next_batch(timeout=0.5)
+                batch = engine.next_batch(timeout=wait)
                 if batch is not None:
                     self._decide(batch, engine)
                 else:  # a timeout, or the ring opened flows

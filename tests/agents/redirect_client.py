@@ -17,6 +17,9 @@ usage: redirect_client.py swap SERVER_IP OTHER_IP [python-path]
     OTHER_IP:443.
 usage: redirect_client.py dns SERVER_IP
     a DnsSniffer; hand-built queries to SERVER_IP:53; which addresses were learned
+usage: redirect_client.py dns-spoof SERVER_IP SILENT_IP CLIENT_IP SPOOF_NS
+    a DnsSniffer; forged answers sent from SPOOF_NS by scapy (unsolicited, wrong id,
+    matching a query to SILENT_IP, where nothing answers); then a real query to SERVER_IP:53
 usage: redirect_client.py overflow SERVER_IP OTHER_IP
     a reflector allowed one address in its filter, given two: it filters by port;
     a third address opens no new handle; SERVER_IP:443 is still taken
@@ -375,8 +378,46 @@ def scenario_dns(server_ip):
         replies += 1
     wait_until(lambda: sniffer.counts["responses"] >= 4, 3.0)
     sniffer.stop()
-    json.dump({"replies": replies, "learned": sorted(map(str, targets.addresses())), "counts": sniffer.counts},
+    json.dump({"replies": replies, "learned": sorted(map(str, targets.addresses())), "counts": sniffer.counters()},
               sys.stdout)
+
+
+def scenario_dns_spoof(server_ip, silent_ip, client_ip, spoof_ns):
+    """Forged answers from SPOOF_NS (scapy): one nobody asked for; one to a query in
+    flight with the wrong id; one with the right id (on the path, a forger can match
+    a query: that is believed). Then a real query and answer from SERVER_IP."""
+    from oisp.redirect import DnsSniffer
+    from oisp.redirect.dns import TYPE_A, TYPE_AAAA, build_query
+    from oisp.spec import default_spec
+
+    v6 = ":" in server_ip
+    spoofed = ["fd66::1", "fd66::2", "fd66::3"] if v6 else ["10.66.0.1", "10.66.0.2", "10.66.0.3"]
+    targets = TargetSet()
+    sniffer = DnsSniffer(targets, default_spec().matches_host)
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("::" if v6 else "0.0.0.0", 0))
+    sock.settimeout(3)
+    port = sock.getsockname()[1]
+    agents = os.path.dirname(os.path.abspath(__file__))
+
+    def spoof(src, query_id, address, seen):
+        subprocess.run(["ip", "netns", "exec", spoof_ns, sys.executable, os.path.join(agents, "dns_spoof.py"),
+                        src, client_ip, str(port), str(query_id), address], check=True, timeout=60)
+        sock.recvfrom(2048)  # it reached the client, as a forged answer would
+        wait_until(lambda: sniffer.counts["responses"] >= seen, 3.0)  # and the watcher saw it
+        return sorted(map(str, targets.addresses()))
+
+    qtype = TYPE_AAAA if v6 else TYPE_A
+    out = {"after_unsolicited": spoof(server_ip, 7, spoofed[0], 1)}  # no query at all
+    sock.sendto(build_query("api.openai.com", qtype, query_id=8), (silent_ip, 53))  # nothing answers there
+    out["after_wrong_id"] = spoof(silent_ip, 9, spoofed[1], 2)
+    out["after_matching"] = spoof(silent_ip, 8, spoofed[2], 3)  # the query's id, endpoints and question
+    sock.sendto(build_query("api.openai.com", qtype, query_id=10), (server_ip, 53))
+    sock.recvfrom(2048)
+    wait_until(lambda: sniffer.counts["responses"] >= 4, 3.0)
+    sniffer.stop()
+    out.update(learned=sorted(map(str, targets.addresses())), counts=sniffer.counters())
+    json.dump(out, sys.stdout)
 
 
 if __name__ == "__main__":
@@ -394,6 +435,8 @@ if __name__ == "__main__":
         scenario_swap_kill(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
     elif sys.argv[1] == "syn-kill":
         scenario_syn_kill(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "dns-spoof":
+        scenario_dns_spoof(*sys.argv[2:6])
     elif sys.argv[1] == "learned":
         scenario_learned(sys.argv[2])
     else:
