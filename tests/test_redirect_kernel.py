@@ -171,6 +171,19 @@ def test_a_new_ai_address_swaps_in_a_handle_without_breaking_a_flow(lab, family,
     assert (443, client_ip, other["client_port"]) not in log
 
 
+def test_a_stream_of_new_addresses_swaps_handles_within_the_budget(lab):
+    """Each new address asks for a handle swap; a burst of four, then one per 2 s, each
+    taking every address learned meanwhile (on main: one swap per address)."""
+    out = run_client(lab.a, "swap-flood", lab.b_ip4)
+    assert out["reflector_error"] is None and out["covered"]
+    filter = out["counters"]["filter"]
+    assert filter["addresses"] == 49 and filter["mode"] == "addresses"
+    # The first handle, a burst of 4, and one more per 2 s from the start.
+    assert filter["handles"] <= 1 + 4 + int(out["seconds"] / 2.0) + 1, (filter, out["seconds"])
+    assert filter["swaps_deferred"] >= 1
+    assert out["ai"]["intact"] and out["accepted"] == 1
+
+
 PROBE = """
 import socket, sys
 c = socket.create_connection((sys.argv[1], 443), timeout=0.3)

@@ -1,5 +1,5 @@
 """The proxy's own upstream ports are registered before the SYN leaves, released after;
-the process filter's include/exclude rules; the reflector's filter."""
+the process filter's include/exclude rules; the reflector's filter and its swap budget."""
 
 import asyncio
 import errno
@@ -137,3 +137,39 @@ def test_no_other_socket_can_send_from_a_registered_port():
     own.close(sock)
     server.close()
 
+
+
+def test_the_swap_budget_allows_a_burst_then_one_per_period():
+    from oisp.redirect.reflector import SwapBudget
+
+    now = [100.0]
+    budget = SwapBudget(burst=3, every=2.0, clock=lambda: now[0])
+    assert [budget.take() for _ in range(4)] == [True, True, True, False]
+    assert budget.ready_in() == pytest.approx(2.0)
+    now[0] += 1.0
+    assert not budget.take() and budget.ready_in() == pytest.approx(1.0)
+    now[0] += 1.0
+    assert budget.take() and not budget.take()
+    now[0] += 60.0  # a long quiet spell refills the burst, no more
+    assert [budget.take() for _ in range(4)] == [True, True, True, False]
+
+
+def test_the_dns_hold_does_not_wait_for_a_swap_the_budget_cannot_give_in_time():
+    """An answer naming a new address waits for the filter only while a swap can come."""
+    import threading
+
+    from oisp.redirect import FlowTable, TargetSet
+    from oisp.redirect.reflector import Reflector
+
+    class Recording(threading.Condition):
+        def wait_for(self, predicate, timeout=None):
+            waited.append(timeout)
+            return super().wait_for(predicate, 0)
+
+    waited = []
+    reflector = Reflector(TargetSet(), FlowTable(), OwnPorts())
+    reflector._covered_changed = Recording()
+    assert not reflector.wait_covered(1, timeout=1.0) and waited == [1.0]  # a swap may come: it waits
+    while reflector._swap_budget.take():
+        pass
+    assert not reflector.wait_covered(1, timeout=1.0) and waited == [1.0, 0.0]

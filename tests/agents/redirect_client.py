@@ -15,6 +15,8 @@ usage: redirect_client.py swap SERVER_IP OTHER_IP [python-path]
     the reflector knows SERVER_IP; an AI connection is half way through its data when
     OTHER_IP becomes an AI address too (a new handle takes over); then a connection to
     OTHER_IP:443.
+usage: redirect_client.py swap-flood SERVER_IP
+    48 new AI addresses, one every 80 ms: how many handle swaps that cost
 usage: redirect_client.py dns SERVER_IP
     a DnsSniffer; hand-built queries to SERVER_IP:53; which addresses were learned
 usage: redirect_client.py dns-spoof SERVER_IP SILENT_IP CLIENT_IP SPOOF_NS
@@ -196,6 +198,30 @@ def scenario_bound(server_ip, source_port, options):
         out["accepted"] = proxy.accepted
         out["counters"] = reflector.counters()
         out["own_ports_left"] = len(own_ports)
+        out["reflector_error"] = repr(reflector.error) if reflector.error else None
+    json.dump(out, sys.stdout)
+
+
+def scenario_swap_flood(server_ip):
+    """New AI addresses one every 80 ms for about 4 s (as a stream of DNS answers
+    could bring them): the reflector swaps handles within its budget, covers them all
+    in the end, and a connection to SERVER_IP is still taken."""
+    targets = TargetSet([server_ip])
+    flows = FlowTable(linger=0.3)
+    own_ports = OwnPorts()
+    proxy = Proxy(flows, own_ports)
+    with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}) as reflector:
+        start = time.monotonic()
+        for i in range(48):
+            targets.add([f"192.0.2.{i + 1}"])
+            time.sleep(0.08)
+        out = {"flood_seconds": time.monotonic() - start}
+        out["covered"] = reflector.wait_covered(timeout=5.0)
+        out["seconds"] = time.monotonic() - start
+        out["ai"] = exchange(server_ip, 443, b"taken after the flood")
+        time.sleep(0.2)
+        out["accepted"] = len(proxy.accepted)
+        out["counters"] = reflector.counters()
         out["reflector_error"] = repr(reflector.error) if reflector.error else None
     json.dump(out, sys.stdout)
 
@@ -425,6 +451,8 @@ if __name__ == "__main__":
         scenario_e2e(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
     elif sys.argv[1] == "bound":
         scenario_bound(sys.argv[2], int(sys.argv[3]), set(sys.argv[4:]))
+    elif sys.argv[1] == "swap-flood":
+        scenario_swap_flood(sys.argv[2])
     elif sys.argv[1] == "swap":
         scenario_swap(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
     elif sys.argv[1] == "overflow":
