@@ -163,3 +163,42 @@ def test_a_malformed_answer_leaves_the_query_pending(matcher):
     matcher.see(build_query("api.openai.com", TYPE_A, query_id=1), OUT)
     assert matcher.see(A[:-2], BACK) == [] and matcher.counts["malformed"] == 1
     assert matcher.see(A, BACK) == LEARNED
+
+
+# -- hostile bytes: any message, either way, gives a list (of addresses) and never raises --
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+CHAIN = answer("api.openai.com", [(b"\xc0\x0c", TYPE_CNAME, name("edge.example.net")),
+                                  (b"\xc0\x2c", TYPE_A, bytes([5, 6, 7, 8]))])
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.tuples(st.sampled_from([A, CHAIN, build_query("api.openai.com", TYPE_A, query_id=1), b""]),
+                          st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
+                          st.binary(max_size=40), st.booleans()), max_size=12))
+def test_damaged_messages_never_raise_and_the_table_stays_bounded(messages):
+    import time
+    import tracemalloc
+
+    matcher = QueryMatcher(default_spec().matches_host, max_pending=4)
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        for base, flips, tail, outgoing in messages:
+            message = bytearray(base + tail)
+            for at, value in flips:
+                if message:
+                    message[at % len(message)] = value
+            learned = matcher.see(bytes(message), OUT if outgoing else BACK)
+            assert isinstance(learned, list) and len(matcher) <= 4
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 2.0 and peak < 8 * 1024 * 1024
+
+
+def test_the_fuzz_corpus_chain_answer_is_a_real_answer(matcher):
+    matcher.see(build_query("api.openai.com", TYPE_A, query_id=1), OUT)
+    assert matcher.see(CHAIN, BACK) == [ipaddress.ip_address("5.6.7.8")]
