@@ -1,0 +1,280 @@
+"""The sensor's side of the IPC, on its asyncio loop.
+
+    client = IPCClient(on_note=print)
+    await client.start()                      # connects in the background, and again after
+    await client.wait_connected(5)            # the redirector restarts
+    flow = await client.lookup(peer_addr, peer_port, proxy_port)   # one round trip
+    ...
+    client.release(flow.token)                # the proxy closed its connection on the flow
+    await client.close()
+
+Requests carry ids, so any number may be in flight on the one connection and each
+lookup is a single round trip. While the redirector is away every request fails at
+once with IPCUnavailable (the proxy then does what it does with an unknown flow: lets
+it go) instead of waiting; the client reconnects with a doubling back-off (from
+`backoff[0]` to `backoff[1]` seconds) and, once welcomed again, registers again the
+upstream ports it still holds, since the server forgot them with the connection. Flow
+tokens do not survive a reconnection: the server released those flows when the
+connection went.
+
+The server must be who it should be: on POSIX its uid (SO_PEERCRED) must be one of
+`server_uids` (root by default), so a socket someone else managed to put at the
+address is not believed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import sys
+from collections import deque
+from typing import Callable
+
+from oisp.ipc import protocol as p
+from oisp.ipc.transport import DEFAULT_ADDRESS, Peer, open_connection
+
+log = logging.getLogger(__name__)
+
+KEPT_NOTES = 64
+
+
+class IPCUnavailable(ConnectionError):
+    """The redirector is not connected (or went away during the request)."""
+
+
+class IPCRequestError(RuntimeError):
+    """The server answered a request with an error."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class IPCClient:
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, server_uids: frozenset[int] = frozenset({0}),
+                 software: str = "oisp", backoff: tuple[float, float] = (0.05, 2.0), request_timeout: float = 2.0,
+                 hello_timeout: float = 5.0, on_note: Callable[[p.Note], None] | None = None,
+                 on_state: Callable[[bool], None] | None = None):
+        self.address, self.server_uids, self.software = address, server_uids, p.clip(software, 64)
+        self.backoff, self.request_timeout, self.hello_timeout = backoff, request_timeout, hello_timeout
+        self.on_note, self.on_state = on_note, on_state
+        self.notes: deque[p.Note] = deque(maxlen=KEPT_NOTES)
+        self.version: int | None = None
+        self.server: Peer | None = None
+        self.last_error: str | None = None  # why the last connection failed or ended
+        self.stats = {"connects": 0, "connect_failures": 0, "disconnects": 0, "timeouts": 0, "protocol_errors": 0,
+                      "refused_server": 0}
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._ports: dict[tuple[int, int], int] = {}
+        self._protocol: _ClientProtocol | None = None
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closing = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> IPCClient:
+        self._task = asyncio.create_task(self._run(), name="oisp-ipc-client")
+        return self
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def close(self) -> None:
+        self._closing = True
+        protocol = self._protocol
+        if protocol is not None and self.connected:
+            protocol.send(p.Goodbye(reason="the sensor is stopping"))
+            protocol.transport.close()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    # -- requests -----------------------------------------------------------------------------
+    async def lookup(self, peer_addr: str, peer_port: int, proxy_port: int, *, hold: bool = True,
+                     name_owner: bool = False) -> p.FlowInfo | None:
+        """The flow behind an accepted connection, or None when the redirector has no such flow."""
+        answer = await self._request(lambda i: p.FlowLookup(id=i, peer_addr=peer_addr, peer_port=peer_port,
+                                                            proxy_port=proxy_port, hold=hold, name_owner=name_owner))
+        return answer.flow
+
+    def release(self, token: int) -> None:
+        """The proxy's connection on a held flow closed (a token of a former connection is dropped)."""
+        if token and self.connected:
+            self._protocol.send(p.FlowRelease(token=token))
+
+    async def register_port(self, port: int, family: int) -> None:
+        """Returns once the redirector leaves the port's packets alone: connect after it."""
+        key = (port, family)
+        await self._request(lambda i: p.PortRegister(id=i, port=port, family=family))
+        self._ports[key] = self._ports.get(key, 0) + 1
+
+    def unregister_port(self, port: int, family: int) -> None:
+        key = (port, family)
+        count = self._ports.get(key, 0)
+        if not count:
+            return
+        if count == 1:
+            del self._ports[key]
+        else:
+            self._ports[key] = count - 1
+        if self.connected:
+            self._protocol.send(p.PortUnregister(port=port, family=family))
+
+    async def counters(self) -> dict[str, int]:
+        return dict((await self._request(lambda i: p.CountersGet(id=i))).values)
+
+    async def _request(self, make: Callable[[int], p.Message]):
+        if not self.connected:
+            raise IPCUnavailable(self.last_error or "not connected to the redirector")
+        request_id = next(self._ids)
+        if request_id > 2**32 - 1:
+            self._ids = itertools.count(1)
+            request_id = next(self._ids)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending[request_id] = future
+        # A timer rather than asyncio.wait_for, which wraps every request in a task of its own
+        # (a good part of a lookup's round trip before Python 3.12).
+        timer = loop.call_later(self.request_timeout, self._time_out, future)
+        try:
+            self._protocol.send(make(request_id))
+            return await future
+        finally:
+            timer.cancel()
+            self._pending.pop(request_id, None)
+
+    def _time_out(self, future: asyncio.Future) -> None:
+        if not future.done():
+            self.stats["timeouts"] += 1
+            future.set_exception(IPCUnavailable(f"no answer within {self.request_timeout} s"))
+
+    # -- the connection -----------------------------------------------------------------------
+    async def _run(self) -> None:
+        delay = self.backoff[0]
+        while not self._closing:
+            lost = asyncio.get_running_loop().create_future()
+            try:
+                await self._connect(lost)
+            except (OSError, asyncio.TimeoutError, IPCRequestError, IPCUnavailable) as e:
+                self.stats["connect_failures"] += 1
+                self.last_error = f"cannot reach the redirector at {self.address}: {e}"
+            else:
+                delay = self.backoff[0]  # welcomed: the next outage starts the back-off afresh
+                self.last_error = await lost
+                self.stats["disconnects"] += 1
+            self._disconnected()
+            if self._closing:
+                return
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # jitter: sensors do not reconnect in step
+            delay = min(delay * 2, self.backoff[1])
+
+    async def _connect(self, lost: asyncio.Future) -> None:
+        transport, protocol, server = await open_connection(self.address, lambda: _ClientProtocol(self, lost))
+        if sys.platform != "win32" and server.uid not in self.server_uids:
+            transport.abort()
+            self.stats["refused_server"] += 1
+            raise IPCUnavailable(f"the socket is served by {server.describe()}, not by the redirector")
+        self.server, self._protocol = server, protocol
+        welcome = protocol.welcome = asyncio.get_running_loop().create_future()
+        protocol.send(p.Hello(versions=p.SUPPORTED_VERSIONS, software=self.software))
+        try:
+            done = await asyncio.wait_for(asyncio.shield(welcome), self.hello_timeout)
+        except BaseException:
+            transport.abort()
+            raise
+        if isinstance(done, p.Error):
+            transport.abort()
+            raise IPCRequestError(done.code, done.message)
+        self.version = done.version
+        self._connected.set()
+        self.stats["connects"] += 1
+        for (port, family), count in list(self._ports.items()):  # the server forgot them with the connection
+            for _ in range(count):
+                await self._request(lambda i, port=port, family=family: p.PortRegister(id=i, port=port, family=family))
+        if self.on_state is not None:
+            self.on_state(True)
+
+    def _disconnected(self) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        self._protocol = None
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(IPCUnavailable(self.last_error or "the redirector went away"))
+        self._pending.clear()
+        if was and self.on_state is not None:
+            self.on_state(False)
+
+    def _received(self, message: p.Message) -> None:
+        if isinstance(message, (p.FlowAnswer, p.Ok, p.Counters)):
+            self._resolve(message.id, message)
+        elif isinstance(message, p.Error):
+            if message.id is not None:
+                self._resolve(message.id, IPCRequestError(message.code, message.message))
+            else:
+                self.last_error = f"the redirector said {message.code}: {message.message}"
+        elif isinstance(message, p.Note):
+            self.notes.append(message)
+            if self.on_note is not None:
+                self.on_note(message)
+        elif isinstance(message, p.Goodbye):
+            self.last_error = f"the redirector said goodbye: {message.reason}"
+
+    def _resolve(self, request_id: int, value) -> None:
+        future = self._pending.get(request_id)
+        if future is None or future.done():
+            return  # timed out already
+        if isinstance(value, Exception):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+
+
+class _ClientProtocol(asyncio.Protocol):
+    def __init__(self, client: IPCClient, lost: asyncio.Future):
+        self.client, self.lost = client, lost
+        self.decoder = p.Decoder("client")
+        self.transport: asyncio.Transport | None = None
+        self.welcome: asyncio.Future | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def send(self, message: p.Message) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(p.encode(message))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.decoder.feed(data)
+        except p.ProtocolError as e:
+            self.client.stats["protocol_errors"] += 1
+            self._end(f"the redirector sent a bad frame ({e})")
+            self.transport.abort()
+            return
+        for message in messages:
+            if self.welcome is not None and not self.welcome.done():
+                if isinstance(message, (p.Welcome, p.Error)):
+                    self.welcome.set_result(message)
+                    continue
+            self.client._received(message)
+
+    def connection_lost(self, exc) -> None:
+        self._end(self.client.last_error if exc is None else f"connection lost: {exc}")
+
+    def _end(self, why: str | None) -> None:
+        why = why or "the redirector closed the connection"
+        if self.welcome is not None and not self.welcome.done():
+            self.welcome.set_exception(IPCUnavailable(why))
+        if not self.lost.done():
+            self.lost.set_result(why)
