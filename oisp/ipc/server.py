@@ -7,32 +7,40 @@ and notes to the sensor, from a thread of its own.
     ...
     server.stop()
 
-The server runs an asyncio loop in its own thread: the redirector's packet work never
-waits on a client. Handlers run on that loop and must be quick (a flow-table lookup
-under its lock); the one slow case, naming a flow's process from /proc, runs in the
-loop's executor. Everything a client can make the server hold is bounded: clients
-(max_clients), a frame (protocol.MAX_FRAME), a frame's arrival (frame_timeout), the
-time to say hello (hello_timeout), unread answers (max_unsent bytes), held flows and
-registered ports per client. A client that breaks the protocol gets an error and is
-closed; what it had registered or held is undone when it goes, so a dead sensor never
-leaves ports exempted or flows pinned. Every refusal is counted in `stats`.
+The I/O runs in the server's own thread (oisp.ipc.serve_unix: a selectors loop; on
+Windows, oisp.ipc.transport_windows), so the redirector's packet work never waits on a
+client. A plain selectors loop rather than asyncio: it answers a lookup in about a
+third of the time (benchmarks/RESULTS.md, IPC). The sessions below do no I/O: the loop
+hands them bytes and they write to a `Link`; all their calls are made under
+`IPCServer.lock`, so the Windows transport's per-pipe threads can share them.
+
+Handlers run on the server's thread and must be quick (a flow-table lookup under its
+lock); the one slow case, naming a flow's process from /proc, runs in a worker thread
+and is answered when done. Everything a client can make the server hold is bounded:
+clients (max_clients), a frame (protocol.MAX_FRAME), the time a frame may take to
+arrive whole (frame_timeout) and to say hello (hello_timeout), unread answers
+(max_unsent bytes), held flows and registered ports per client. A client that breaks
+the protocol gets an error and is closed; what it had registered or held is undone
+when it goes, so a dead sensor never leaves ports exempted or flows pinned. Every
+refusal is counted in `stats`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
+import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import msgspec
 
 from oisp.ipc import protocol as p
-from oisp.ipc.transport import DEFAULT_ADDRESS, AccessPolicy, peer_of, serve
+from oisp.ipc.transport import DEFAULT_ADDRESS, AccessPolicy, Peer
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +79,17 @@ def flow_table_handlers(flows, own_ports, counters: Callable[[], dict]) -> Handl
                     unregister_port=lambda port, family: own_ports.unregister(port), counters=counters)
 
 
+class Link(Protocol):
+    """One accepted connection, as the transport's loop gives it to a session."""
+    peer: Peer | None
+
+    def write(self, data: bytes) -> None: ...
+
+    def unsent(self) -> int: ...  # bytes written but not yet taken by the peer
+
+    def close(self, abort: bool = False) -> None: ...
+
+
 class IPCServer:
     def __init__(self, handlers: Handlers, policy: AccessPolicy, *, address: str = DEFAULT_ADDRESS,
                  owner: tuple[int, int | None] = (0, None), max_clients: int = 4, hello_timeout: float = 5.0,
@@ -81,118 +100,106 @@ class IPCServer:
         self.stats = {"accepted": 0, "refused_peer": 0, "refused_busy": 0, "protocol_errors": 0, "hello_timeouts": 0,
                       "frame_timeouts": 0, "slow_clients": 0, "handler_errors": 0, "lookups": 0, "lookup_misses": 0,
                       "ports_registered": 0, "unknown_releases": 0, "disconnected": 0}
-        self.last_refused = None  # the Peer last refused, for the log and tests
+        self.last_refused: Peer | None = None  # for the log and tests
+        self.lock = threading.RLock()  # every session call is made under it
+        self.sessions: set[Session] = set()
         self._notes: deque[p.Note] = deque(maxlen=KEPT_NOTES)
-        self._sessions: set[_Session] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._listening = None
-        self._thread: threading.Thread | None = None
-        self._started = threading.Event()
-        self._failure: BaseException | None = None
-        self._stop: asyncio.Event | None = None
+        self._loop = None  # the transport's loop: call_soon(fn), stop()
+        self._worker: ThreadPoolExecutor | None = None
 
     # -- lifecycle (any thread) ------------------------------------------------------------
-    def start(self, timeout: float = 5.0) -> IPCServer:
-        self._thread = threading.Thread(target=self._run, name="oisp-ipc", daemon=True)
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise TimeoutError("the IPC server did not start")
-        if self._failure is not None:
-            raise self._failure
+    def start(self) -> IPCServer:
+        """Listen (raises if the address cannot be made safe) and serve from a thread."""
+        if sys.platform == "win32":
+            from oisp.ipc.transport_windows import PipeLoop as Loop
+        else:
+            from oisp.ipc.serve_unix import UnixLoop as Loop
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oisp-ipc-owner")
+        self._loop = Loop(self)
+        self._loop.start()
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self) -> None:
         """Say goodbye to every client, stop listening, end the thread."""
-        if self._loop is not None and self._stop is not None and self._thread and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(timeout)
+        if self._loop is not None:
+            self._loop.stop()
+            self._loop = None
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> IPCServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def note(self, text: str, level: str = "info") -> None:
         """A line for the sensor's status line and UI; kept and pushed to every client."""
         note = p.Note(text=p.clip(text, p.MAX_NOTE), level=level, ts=time.time())
-        self._notes.append(note)
+        with self.lock:
+            self._notes.append(note)
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._push, note)
-
-    @property
-    def clients(self) -> int:
-        return len(self._sessions)
-
-    # -- the server's thread ---------------------------------------------------------------
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        try:
-            loop.run_until_complete(self._main(loop))
-        except BaseException as e:  # noqa: BLE001 - reported to start() or logged, never lost
-            if not self._started.is_set():
-                self._failure = e
-            else:
-                log.exception("IPC server stopped")
-        finally:
-            self._started.set()
-            loop.close()
-
-    async def _main(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._stop = asyncio.Event()
-        self._listening = await serve(self.address, self.policy, lambda: _Session(self), owner=self.owner)
-        self._loop = loop
-        self._started.set()
-        await self._stop.wait()
-        self._listening.close()
-        for session in list(self._sessions):
-            session.close(p.Goodbye(reason="the redirector is stopping"))
-        await asyncio.sleep(0)  # let the goodbyes be written
-        await self._listening.wait_closed()
+            self._loop.call_soon(lambda: self._push(note))
 
     def _push(self, note: p.Note) -> None:
-        for session in list(self._sessions):
+        for session in list(self.sessions):
             if session.welcomed:
                 session.send(note)
 
     def counters(self) -> dict[str, int]:
-        return {f"ipc.{k}": v for k, v in self.stats.items()} | {"ipc.clients": len(self._sessions)}
+        return {f"ipc.{k}": v for k, v in self.stats.items()} | {"ipc.clients": len(self.sessions)}
+
+    # -- for the transport's loop (under self.lock) -------------------------------------------
+    def open(self, link: Link, now: float) -> Session | None:
+        """A client connected: its session, or None when refused (the link is closed)."""
+        peer = link.peer
+        if peer is None or not self.policy.allows(peer):
+            self.stats["refused_peer"] += 1
+            self.last_refused = peer
+            log.warning("IPC: refused %s", peer.describe() if peer else "a peer of unknown identity")
+            link.close(abort=True)  # nothing is said to a stranger
+            return None
+        if len(self.sessions) >= self.max_clients:
+            self.stats["refused_busy"] += 1
+            link.write(p.encode(p.Error(code="busy", message=f"the redirector serves {self.max_clients} clients at most")))
+            link.close()
+            return None
+        self.stats["accepted"] += 1
+        session = Session(self, link, now)
+        self.sessions.add(session)
+        return session
+
+    def goodbye_all(self) -> None:
+        for session in list(self.sessions):
+            session.close(p.Goodbye(reason="the redirector is stopping"))
+
+    def in_worker(self, fn, done) -> None:
+        """Run fn() in the worker thread, then done(result, error) under the lock."""
+        def run():
+            try:
+                result, error = fn(), None
+            except Exception as e:  # noqa: BLE001 - handed to done, which answers an error
+                result, error = None, e
+            self._loop.call_soon(lambda: done(result, error))
+        self._worker.submit(run)
 
 
-class _Session(asyncio.Protocol):
-    """One client connection: its decoder, what it holds, its timers."""
+class Session:
+    """One client connection's protocol state: its decoder, what it holds, its deadline."""
 
-    def __init__(self, server: IPCServer):
-        self.server = server
-        self.transport: asyncio.Transport | None = None
+    def __init__(self, server: IPCServer, link: Link, now: float):
+        self.server, self.link = server, link
         self.decoder = p.Decoder("server")
         self.welcomed = False
         self.closing = False
         self.held: dict[int, object] = {}
         self.ports: dict[tuple[int, int], int] = {}
         self._tokens = itertools.count(1)
-        self._hello_timer: asyncio.TimerHandle | None = None
-        self._frame_timer: asyncio.TimerHandle | None = None
+        self.deadline: float | None = now + server.hello_timeout  # the loop calls expire() then
+        self._deadline_is = "hello_timeouts"
 
-    # -- asyncio callbacks --------------------------------------------------------------------
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        server = self.server
-        try:
-            peer = peer_of(transport)
-        except OSError:
-            peer = None
-        if peer is None or not server.policy.allows(peer):
-            server.stats["refused_peer"] += 1
-            server.last_refused = peer
-            log.warning("IPC: refused %s", peer.describe() if peer else "a peer of unknown identity")
-            self.closing = True
-            transport.abort()  # nothing is said to a stranger
-            return
-        if len(server._sessions) >= server.max_clients:
-            server.stats["refused_busy"] += 1
-            self.close(p.Error(code="busy", message=f"the redirector serves {server.max_clients} clients at most"))
-            return
-        server.stats["accepted"] += 1
-        server._sessions.add(self)
-        loop = asyncio.get_running_loop()
-        self._hello_timer = loop.call_later(server.hello_timeout, self._timed_out, "hello_timeouts")
-
-    def data_received(self, data: bytes) -> None:
+    # -- called by the loop ---------------------------------------------------------------
+    def received(self, data: bytes, now: float) -> None:
         if self.closing:
             return
         try:
@@ -205,55 +212,25 @@ class _Session(asyncio.Protocol):
             if self.closing:
                 return
             self._dispatch(message)
-        self._watch_partial_frame()
+        if self.welcomed:  # a frame begun must arrive whole within frame_timeout
+            if not self.decoder.buffered:
+                self.deadline = None
+            elif self.deadline is None:
+                self.deadline, self._deadline_is = now + self.server.frame_timeout, "frame_timeouts"
 
-    def connection_lost(self, exc) -> None:
-        server = self.server
-        if self in server._sessions:
-            server._sessions.discard(self)
-            server.stats["disconnected"] += 1
-        for timer in (self._hello_timer, self._frame_timer):
-            if timer is not None:
-                timer.cancel()
-        self._undo()
-
-    # -- helpers ----------------------------------------------------------------------------
-    def send(self, message: p.Message) -> None:
-        if self.closing or self.transport is None:
-            return
-        self.transport.write(p.encode(message))
-        if self.transport.get_write_buffer_size() > self.server.max_unsent:
-            self.server.stats["slow_clients"] += 1  # it does not read its answers: no unbounded queue
-            self.closing = True
-            self.transport.abort()
-
-    def close(self, last: p.Message | None = None) -> None:
-        if self.closing:
-            return
-        if last is not None:
-            self.send(last)
-        self.closing = True
-        if self.transport is not None:
-            self.transport.close()
-
-    def _timed_out(self, counter: str) -> None:
-        self.server.stats[counter] += 1
-        what = "no hello" if counter == "hello_timeouts" else "a frame did not arrive whole"
+    def expire(self) -> None:
+        self.server.stats[self._deadline_is] += 1
+        what = "no hello" if self._deadline_is == "hello_timeouts" else "a frame did not arrive whole"
         self.close(p.Error(code="malformed", message=f"{what} within the time allowed"))
 
-    def _watch_partial_frame(self) -> None:
-        """A frame begun must arrive whole within frame_timeout (a peer trickling bytes
-        holds a buffer and a slot otherwise)."""
-        if self.decoder.buffered and self._frame_timer is None:
-            self._frame_timer = asyncio.get_running_loop().call_later(
-                self.server.frame_timeout, self._timed_out, "frame_timeouts")
-        elif not self.decoder.buffered and self._frame_timer is not None:
-            self._frame_timer.cancel()
-            self._frame_timer = None
-
-    def _undo(self) -> None:
-        """The client went: release its flows and unregister its ports."""
-        handlers = self.server.handlers
+    def closed(self) -> None:
+        """The connection is gone: release its flows, unregister its ports."""
+        server = self.server
+        if self in server.sessions:
+            server.sessions.discard(self)
+            server.stats["disconnected"] += 1
+        self.closing = True
+        handlers = server.handlers
         for handle in self.held.values():
             _quietly(handlers.release, handle)
         self.held.clear()
@@ -262,28 +239,50 @@ class _Session(asyncio.Protocol):
                 _quietly(handlers.unregister_port, port, family)
         self.ports.clear()
 
+    # -- output -----------------------------------------------------------------------------
+    def send(self, message: p.Message) -> None:
+        if self.closing:
+            return
+        self.link.write(p.encode(message))
+        if self.link.unsent() > self.server.max_unsent:
+            self.server.stats["slow_clients"] += 1  # it does not read its answers: no unbounded queue
+            self.closing = True
+            self.link.close(abort=True)
+
+    def close(self, last: p.Message | None = None) -> None:
+        if self.closing:
+            return
+        if last is not None:
+            self.send(last)
+        self.closing = True
+        self.deadline = None
+        self.link.close()
+
     # -- messages ---------------------------------------------------------------------------
     def _dispatch(self, message: p.Message) -> None:
         if not self.welcomed:
-            if not isinstance(message, p.Hello):
+            if isinstance(message, p.Hello):
+                self._hello(message)
+            else:
                 self.server.stats["protocol_errors"] += 1
                 self.close(p.Error(code="not_ready", message="hello first"))
-                return
-            self._hello(message)
             return
         handler = _HANDLERS.get(type(message))
         if handler is None:  # a second hello
             self.server.stats["protocol_errors"] += 1
-            self.close(p.Error(code="unknown_type", message=f"{type(message).__struct_config__.tag} after welcome"))
+            self.close(p.Error(code="unknown_type", message="hello after welcome"))
             return
-        request_id = getattr(message, "id", None)
         try:
             handler(self, message)
         except Exception as e:  # noqa: BLE001 - a failing handler answers an error, the session goes on
-            self.server.stats["handler_errors"] += 1
-            log.exception("IPC: %s failed", type(message).__name__)
-            if request_id is not None:
-                self.send(p.Error(code="internal", message=p.clip(f"{type(e).__name__}: {e}", 256), id=request_id))
+            self._failed(message, e)
+
+    def _failed(self, message: p.Message, error: Exception) -> None:
+        self.server.stats["handler_errors"] += 1
+        log.error("IPC: %s failed: %s: %s", type(message).__name__, type(error).__name__, error)
+        request_id = getattr(message, "id", None)
+        if request_id is not None:
+            self.send(p.Error(code="internal", message=p.clip(f"{type(error).__name__}: {error}", 256), id=request_id))
 
     def _hello(self, hello: p.Hello) -> None:
         version = p.negotiate(hello.versions)
@@ -292,32 +291,26 @@ class _Session(asyncio.Protocol):
             self.close(p.Error(code="unsupported_version",
                                message=f"the redirector speaks versions {list(p.SUPPORTED_VERSIONS)}"))
             return
-        self._hello_timer.cancel()
-        self.welcomed = True
+        self.welcomed, self.deadline = True, None
         self.send(p.Welcome(version=version, software=self.server.software))
         for note in list(self.server._notes):
             self.send(note)
 
     def _lookup(self, request: p.FlowLookup) -> None:
-        if request.name_owner:  # may read /proc: off the loop, answered when done
-            future = asyncio.get_running_loop().run_in_executor(None, self._find, request)
-            future.add_done_callback(lambda f: self._answer_lookup(request, f))
-        else:
-            self._answer(request, self._find(request))
-
-    def _find(self, request: p.FlowLookup):
-        return self.server.handlers.lookup(request.peer_addr, request.peer_port, request.proxy_port,
-                                           request.name_owner)
-
-    def _answer_lookup(self, request: p.FlowLookup, future: asyncio.Future) -> None:
-        try:
-            found = future.result()
-        except Exception as e:  # noqa: BLE001 - as _dispatch does for the inline handlers
-            self.server.stats["handler_errors"] += 1
-            self.send(p.Error(code="internal", message=p.clip(f"{type(e).__name__}: {e}", 256), id=request.id))
+        handlers = self.server.handlers
+        args = (request.peer_addr, request.peer_port, request.proxy_port, request.name_owner)
+        if not request.name_owner:
+            self._answer(request, handlers.lookup(*args))
             return
-        if not self.closing:
-            self._answer(request, found)
+
+        def done(found, error):  # may have read /proc in the worker; back under the lock
+            if self.closing:
+                return
+            if error is not None:
+                self._failed(request, error)
+            else:
+                self._answer(request, found)
+        self.server.in_worker(lambda: handlers.lookup(*args), done)
 
     def _answer(self, request: p.FlowLookup, found) -> None:
         self.server.stats["lookups"] += 1
@@ -333,7 +326,7 @@ class _Session(asyncio.Protocol):
             token = next(self._tokens)
             self.server.handlers.hold(handle)
             self.held[token] = handle
-            info = _with_token(info, token)
+            info = msgspec.structs.replace(info, token=token)
         self.send(p.FlowAnswer(id=request.id, flow=info))
 
     def _release(self, message: p.FlowRelease) -> None:
@@ -375,12 +368,8 @@ class _Session(asyncio.Protocol):
         self.close()
 
 
-_HANDLERS = {p.FlowLookup: _Session._lookup, p.FlowRelease: _Session._release, p.PortRegister: _Session._register,
-             p.PortUnregister: _Session._unregister, p.CountersGet: _Session._counters, p.Goodbye: _Session._goodbye}
-
-
-def _with_token(info: p.FlowInfo, token: int) -> p.FlowInfo:
-    return msgspec.structs.replace(info, token=token)
+_HANDLERS = {p.FlowLookup: Session._lookup, p.FlowRelease: Session._release, p.PortRegister: Session._register,
+             p.PortUnregister: Session._unregister, p.CountersGet: Session._counters, p.Goodbye: Session._goodbye}
 
 
 def _quietly(fn, *args) -> None:

@@ -14,9 +14,9 @@ allowed user, remote clients rejected, the client process checked with
 GetNamedPipeClientProcessId (oisp.ipc.transport_windows; written to the documented
 Win32 API, never run here).
 
-Both give the server asyncio protocol callbacks (connection_made / data_received /
-connection_lost) and a transport with write / close / get_write_buffer_size, so
-oisp.ipc.server is the same code on both.
+The server's loop is per platform (oisp.ipc.serve_unix, oisp.ipc.transport_windows);
+both hand oisp.ipc.server's sessions a Link (write / unsent / close, and the Peer), so
+the protocol's handling is the same code on both. The client is asyncio on both.
 """
 
 from __future__ import annotations
@@ -73,15 +73,6 @@ def peer_credentials(sock: socket.socket) -> Peer:
     """SO_PEERCRED of a connected Unix socket: the peer's pid, uid and gid at connect()."""
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     return Peer(pid=pid, uid=uid, gid=gid)
-
-
-def peer_of(transport: asyncio.BaseTransport) -> Peer:
-    """The peer of an accepted connection, on either platform."""
-    peer = transport.get_extra_info("oisp_peer")  # set by the Windows pipe transport
-    if peer is not None:
-        return peer
-    sock = transport.get_extra_info("socket")
-    return peer_credentials(sock)
 
 
 # -- POSIX: the socket's directory and file ---------------------------------------------------
@@ -146,35 +137,3 @@ async def open_connection(address: str, protocol_factory) -> tuple[asyncio.BaseT
         return await transport_windows.open_connection(loop, address, protocol_factory)
     transport, protocol = await loop.create_unix_connection(protocol_factory, address)
     return transport, protocol, peer_credentials(transport.get_extra_info("socket"))
-
-
-async def serve(address: str, policy: AccessPolicy, protocol_factory, *, owner: tuple[int, int | None]):
-    """The server's side, on the running loop: an object with close() and
-    `await wait_closed()`. `owner` is (uid, gid-or-None) for the socket file (POSIX)."""
-    loop = asyncio.get_running_loop()
-    if sys.platform == "win32":
-        from oisp.ipc import transport_windows
-
-        return transport_windows.serve(loop, address, policy, protocol_factory)
-    sock = listen_unix(address, uid=owner[0], gid=owner[1])
-    inode = os.stat(address).st_ino
-    return _UnixListening(await loop.create_unix_server(protocol_factory, sock=sock), Path(address), inode)
-
-
-class _UnixListening:
-    """The asyncio server, and on close the socket's name removed, unless a newer
-    server has put its own socket there since (its inode differs)."""
-
-    def __init__(self, server: asyncio.AbstractServer, path: Path, inode: int):
-        self._server, self._path, self._inode = server, path, inode
-
-    def close(self) -> None:
-        self._server.close()
-        try:
-            if os.lstat(self._path).st_ino == self._inode:
-                os.unlink(self._path)
-        except FileNotFoundError:
-            pass
-
-    async def wait_closed(self) -> None:
-        await self._server.wait_closed()
