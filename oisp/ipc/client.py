@@ -19,7 +19,8 @@ connection went.
 
 The server must be who it should be: on POSIX its uid (SO_PEERCRED) must be one of
 `server_uids` (root by default), so a socket someone else managed to put at the
-address is not believed.
+address is not believed; on Windows, with `server_sids`, the user SID of the process
+serving the pipe (GetNamedPipeServerProcessId) must be one of them.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ class IPCRequestError(RuntimeError):
 
 class IPCClient:
     def __init__(self, address: str = DEFAULT_ADDRESS, *, server_uids: frozenset[int] = frozenset({0}),
+                 server_sids: frozenset[str] | None = None,
                  software: str = "oisp", backoff: tuple[float, float] = (0.05, 2.0), request_timeout: float = 2.0,
                  hello_timeout: float = 5.0, on_note: Callable[[p.Note], None] | None = None,
                  on_state: Callable[[bool], None] | None = None):
         self.address, self.server_uids, self.software = address, server_uids, p.clip(software, 64)
+        self.server_sids = server_sids  # Windows: the SIDs the pipe's server may run as (e.g. S-1-5-18)
         self.backoff, self.request_timeout, self.hello_timeout = backoff, request_timeout, hello_timeout
         self.on_note, self.on_state = on_note, on_state
         self.notes: deque[p.Note] = deque(maxlen=KEPT_NOTES)
@@ -180,7 +183,8 @@ class IPCClient:
 
     async def _connect(self, lost: asyncio.Future) -> None:
         transport, protocol, server = await open_connection(self.address, lambda: _ClientProtocol(self, lost))
-        if sys.platform != "win32" and server.uid not in self.server_uids:
+        if (server.uid not in self.server_uids if sys.platform != "win32"
+                else self.server_sids is not None and server.sid not in self.server_sids):
             transport.abort()
             self.stats["refused_server"] += 1
             raise IPCUnavailable(f"the socket is served by {server.describe()}, not by the redirector")
