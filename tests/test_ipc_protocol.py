@@ -66,6 +66,16 @@ def test_wire_form_is_the_documented_json():
                                     "proxy_port": 8443, "hold": True, "name_owner": False}
 
 
+def test_the_example_in_docs_ipc_md_is_what_the_encoder_writes():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "ipc.md").read_text()
+    line = next(line for line in doc.splitlines() if line.startswith("00 00 00 "))
+    prefix, body = bytes.fromhex(line[:11]), line[12:].encode()
+    assert prefix + body == p.encode(p.FlowLookup(id=5, peer_addr="10.0.0.2", peer_port=51000, proxy_port=8443))
+    assert p.Decoder("server").feed(prefix + body)[0].peer_port == 51000
+
+
 @given(st.data())
 @settings(max_examples=50, deadline=None)
 def test_any_split_gives_the_same_messages(data):

@@ -48,7 +48,6 @@ WAIT_OBJECT_0, INFINITE = 0, 0xFFFFFFFF
 PROCESS_QUERY_LIMITED_INFORMATION, TOKEN_QUERY, TOKEN_USER_CLASS = 0x1000, 0x0008, 1
 SDDL_REVISION_1 = 1
 INVALID_HANDLE_VALUE = ctypes.c_void_p(-1).value
-MAX_QUEUED = 1 << 20  # bytes queued for one client's writer before it is cut (as the server's max_unsent)
 
 
 class SECURITY_ATTRIBUTES(ctypes.Structure):
