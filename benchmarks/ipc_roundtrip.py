@@ -11,6 +11,9 @@ round, interleaved so drift hits all of them alike:
 
   direct     FlowTable.lookup in this process (what record does today, no IPC)
   pingpong   64 bytes there and back over a Unix socket, blocking, two processes
+  floor      120 bytes there and back: an asyncio client (as the sensor's) against a
+             selectors loop in a thread of another process (as the server's) that
+             echoes: the least any lookup of this shape can take here
   ipc        IPCClient.lookup → IPCServer → FlowTable → FlowAnswer (hold=False)
   ipc_hold   the same with hold=True (the proxy's case: the answer carries a token)
 
@@ -55,6 +58,26 @@ server = IPCServer(flow_table_handlers(flows, OwnPorts(), lambda: {{}}), AccessP
 print("ready", flush=True)
 sys.stdin.read()
 server.stop()
+"""
+
+ECHO_THREAD = """
+import selectors, socket, sys, threading
+listener = socket.socket(socket.AF_UNIX)
+listener.bind({address!r}); listener.listen(1)
+print("ready", flush=True)
+def serve():
+    conn, _ = listener.accept()
+    conn.setblocking(False)
+    selector = selectors.DefaultSelector()
+    selector.register(conn, selectors.EVENT_READ)
+    while True:
+        selector.select()
+        data = conn.recv(65536)
+        if not data:
+            break
+        conn.send(data)
+threading.Thread(target=serve, daemon=True).start()
+sys.stdin.read()
 """
 
 ECHO = """
@@ -133,6 +156,38 @@ def pingpong(n: int, workdir: str) -> list[int]:
     return out
 
 
+async def floor(n: int, workdir: str) -> list[int]:
+    address = os.path.join(workdir, "floor.sock")
+    proc = start(ECHO_THREAD.format(address=address))
+    try:
+        loop = asyncio.get_running_loop()
+        waiting: list[asyncio.Future] = []
+
+        class Echo(asyncio.Protocol):
+            def data_received(self, data):
+                waiting.pop().set_result(data)
+
+        transport, _ = await loop.create_unix_connection(Echo, address)
+
+        async def one():
+            future = loop.create_future()
+            waiting.append(future)
+            transport.write(b"x" * 120)
+            return await future
+
+        out = []
+        for _ in range(n):
+            t = time.perf_counter_ns()
+            await one()
+            out.append(time.perf_counter_ns() - t)
+        transport.close()
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+        os.unlink(address)
+    return out
+
+
 async def ipc(address: str, lookups: list, hold: bool) -> list[int]:
     client = await IPCClient(address, server_uids=frozenset({os.getuid()})).start()
     try:
@@ -163,12 +218,13 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="oisp-ipc-bench-")
     address = os.path.join(workdir, "run", "ipc.sock")
     server = start(SERVER.format(root=str(ROOT), flows=args.flows, address=address))
-    results: dict[str, list[dict]] = {"direct": [], "pingpong": [], "ipc": [], "ipc_hold": []}
+    results: dict[str, list[dict]] = {"direct": [], "pingpong": [], "floor": [], "ipc": [], "ipc_hold": []}
     try:
         for r in range(args.rounds):
             lookups = keys(args.flows, args.lookups, seed=r)
             results["direct"].append(percentiles(direct(args.flows, lookups)))
             results["pingpong"].append(percentiles(pingpong(args.lookups, workdir)))
+            results["floor"].append(percentiles(asyncio.run(floor(args.lookups, workdir))))
             results["ipc"].append(percentiles(asyncio.run(ipc(address, lookups, hold=False))))
             results["ipc_hold"].append(percentiles(asyncio.run(ipc(address, lookups, hold=True))))
             if not args.json:

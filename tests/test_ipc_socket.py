@@ -334,6 +334,48 @@ def test_a_client_that_does_not_read_is_cut_not_queued_for(ipc_dir):
         lab.stop()
 
 
+def test_a_request_without_an_answer_fails_in_time(ipc_dir):
+    """A server that welcomes and then never answers: the lookup fails (IPCUnavailable)
+    after request_timeout (plus the sweep's period), it does not hang the proxy."""
+    import threading
+
+    from oisp.ipc import client as client_module
+
+    address = ipc_dir / "mute.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(address))
+    listener.listen(1)
+    held = []
+
+    def mute():
+        conn, _ = listener.accept()
+        held.append(conn)
+        conn.recv(65536)  # the hello
+        conn.sendall(p.encode(p.Welcome(version=1)))
+
+    thread = threading.Thread(target=mute, daemon=True)
+    thread.start()
+
+    async def run():
+        client = await connected_client(address, request_timeout=0.3)
+        try:
+            started = time.monotonic()
+            with pytest.raises(IPCUnavailable, match="no answer"):
+                await client.lookup("10.200.0.2", 40000, 8443)
+            assert 0.29 < time.monotonic() - started < 0.3 + client_module.SWEEP + 0.5
+            assert client.stats["timeouts"] == 1
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
 # -- restarts -------------------------------------------------------------------------------------
 def test_server_restart_the_client_reconnects_and_registers_again(ipc_dir):
     address = ipc_dir / "run" / "ipc.sock"

@@ -39,6 +39,7 @@ from oisp.ipc.transport import DEFAULT_ADDRESS, Peer, open_connection
 log = logging.getLogger(__name__)
 
 KEPT_NOTES = 64
+SWEEP = 0.25  # seconds between checks for requests past their deadline (a timeout may run this much late)
 
 
 class IPCUnavailable(ConnectionError):
@@ -70,11 +71,12 @@ class IPCClient:
         self.stats = {"connects": 0, "connect_failures": 0, "disconnects": 0, "timeouts": 0, "protocol_errors": 0,
                       "refused_server": 0}
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, tuple[asyncio.Future, float]] = {}  # id: (future, deadline)
         self._ports: dict[tuple[int, int], int] = {}
         self._protocol: _ClientProtocol | None = None
         self._connected = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
         self._closing = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -145,21 +147,25 @@ class IPCClient:
             request_id = next(self._ids)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending[request_id] = future
-        # A timer rather than asyncio.wait_for, which wraps every request in a task of its own
-        # (a good part of a lookup's round trip before Python 3.12).
-        timer = loop.call_later(self.request_timeout, self._time_out, future)
+        self._pending[request_id] = (future, loop.time() + self.request_timeout)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(SWEEP, self._sweep)
         try:
             self._protocol.send(make(request_id))
             return await future
         finally:
-            timer.cancel()
             self._pending.pop(request_id, None)
 
-    def _time_out(self, future: asyncio.Future) -> None:
-        if not future.done():
-            self.stats["timeouts"] += 1
-            future.set_exception(IPCUnavailable(f"no answer within {self.request_timeout} s"))
+    def _sweep(self) -> None:
+        """Fail the requests past their deadline. One timer for all of them, not one per
+        request (asyncio.wait_for would wrap each in a task, a timer handle costs a heap
+        push and a cancelled entry left behind: together a sixth of a lookup here)."""
+        now = asyncio.get_running_loop().time()
+        for future, deadline in list(self._pending.values()):
+            if not future.done() and deadline <= now:
+                self.stats["timeouts"] += 1
+                future.set_exception(IPCUnavailable(f"no answer within {self.request_timeout} s"))
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP, self._sweep) if self._pending else None
 
     # -- the connection -----------------------------------------------------------------------
     async def _run(self) -> None:
@@ -212,7 +218,7 @@ class IPCClient:
         was = self._connected.is_set()
         self._connected.clear()
         self._protocol = None
-        for future in self._pending.values():
+        for future, _ in self._pending.values():
             if not future.done():
                 future.set_exception(IPCUnavailable(self.last_error or "the redirector went away"))
         self._pending.clear()
@@ -235,7 +241,7 @@ class IPCClient:
             self.last_error = f"the redirector said goodbye: {message.reason}"
 
     def _resolve(self, request_id: int, value) -> None:
-        future = self._pending.get(request_id)
+        future = self._pending.get(request_id, (None,))[0]
         if future is None or future.done():
             return  # timed out already
         if isinstance(value, Exception):

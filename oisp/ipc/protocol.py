@@ -250,6 +250,16 @@ class Decoder:
             raise self.failed
         out: list[Message] = []
         view = memoryview(data)
+        # The common case first: nothing held, and whole frames in `data` (a lookup's
+        # request or answer arrives in one read): decoded in place, never copied.
+        while not self._buf and len(view) >= HEADER.size:
+            size = HEADER.unpack_from(view)[0]
+            if not 1 <= size <= self._max:
+                raise self._fail("too_large", f"frame of {size} bytes (limit {self._max})")
+            if len(view) < HEADER.size + size:
+                break
+            out.append(self._decode(view[HEADER.size:HEADER.size + size]))
+            view = view[HEADER.size + size:]
         while view:
             if len(self._buf) < HEADER.size:
                 take = HEADER.size - len(self._buf)
@@ -270,7 +280,7 @@ class Decoder:
                 out.append(self._decode(body))
         return out
 
-    def _decode(self, body: bytes) -> Message:
+    def _decode(self, body) -> Message:
         try:
             return self._decoder.decode(body)
         except msgspec.ValidationError as e:
@@ -278,7 +288,7 @@ class Decoder:
         except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as e:
             raise self._fail("malformed", str(e)) from None
 
-    def _classify(self, body: bytes, error: Exception) -> tuple[str, str]:
+    def _classify(self, body, error: Exception) -> tuple[str, str]:
         try:
             tag = _tag_decoder.decode(body).type
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
