@@ -72,6 +72,7 @@ ErrorCode = Literal[
     "internal",             # the server failed answering this request (the connection stays)
 ]
 NoteLevel = Literal["info", "degraded", "failure"]
+NOTE_LEVELS = frozenset(NoteLevel.__args__)
 
 
 class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, frozen=True):

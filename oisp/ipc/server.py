@@ -151,6 +151,8 @@ class IPCServer:
 
     def note(self, text: str, level: str = "info") -> None:
         """A line for the sensor's status line and UI; kept and pushed to every client."""
+        if level not in p.NOTE_LEVELS:  # msgspec checks on decoding only: a bad one would cut every client
+            raise ValueError(f"note level {level!r} is not one of {sorted(p.NOTE_LEVELS)}")
         note = p.Note(text=p.clip(text, p.MAX_NOTE), level=level, ts=time.time())
         with self.lock:
             self._notes.append(note)
