@@ -244,3 +244,29 @@ def test_oversized_streams_stay_bounded_and_fast():
                     decoder.feed(frame(body[:p.MAX_FRAME])[at:at + 4096])
             assert time.process_time() - started < 1.0
             assert decoder.buffered == 0
+
+
+def test_a_long_stream_of_frames_at_the_limit_holds_one_frame_at_most():
+    """10 MB arriving in 1,000-byte pieces, frames of 64 KiB that are refused only once
+    whole (valid JSON, wrong schema): the decoder's peak allocation stays near one frame."""
+    import tracemalloc
+
+    body = b'{"type": "note", "text": "' + b"a" * (p.MAX_FRAME - 28) + b'"}'
+    one = frame(body)
+    assert len(one) == p.MAX_FRAME + 4
+    tracemalloc.start()
+    try:
+        refused_frames = 0
+        for _ in range(160):  # each frame on a fresh decoder: one refusal ends a connection
+            decoder = p.Decoder("client")
+            try:
+                for at in range(0, len(one), 1000):
+                    decoder.feed(one[at:at + 1000])
+            except p.ProtocolError as e:
+                refused_frames += e.code == "bad_field"
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert refused_frames == 160
+    assert peak < 4 * p.MAX_FRAME  # the frame, its body's copy and the decoder's parse: not the stream
+

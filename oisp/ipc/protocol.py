@@ -237,7 +237,10 @@ class Decoder:
         self._types = CLIENT_TYPES if side == "server" else SERVER_TYPES
         self._max = max_frame
         self._buf = bytearray()
-        self.failed: ProtocolError | None = None
+        # (code, message) of the refusal, not the exception: an exception kept here would hold
+        # its traceback, whose frames hold this decoder and the refused frame (a cycle that
+        # keeps 64 KiB per dead connection until the garbage collector runs).
+        self.failed: tuple[str, str] | None = None
 
     @property
     def buffered(self) -> int:
@@ -248,7 +251,7 @@ class Decoder:
         """The messages completed by `data`. Raises ProtocolError on the first bad frame,
         and again on any later call: the stream cannot be resynchronised."""
         if self.failed is not None:
-            raise self.failed
+            raise ProtocolError(*self.failed)
         out: list[Message] = []
         view = memoryview(data)
         # The common case first: nothing held, and whole frames in `data` (a lookup's
@@ -299,9 +302,9 @@ class Decoder:
         return "bad_field", f"{tag}: {error}"
 
     def _fail(self, code: str, message: str) -> ProtocolError:
-        self.failed = ProtocolError(code, message)
+        self.failed = (code, message)
         self._buf = bytearray()
-        return self.failed
+        return ProtocolError(code, message)
 
 
 def negotiate(offered) -> int | None:
