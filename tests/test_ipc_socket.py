@@ -224,6 +224,42 @@ def test_a_gone_client_leaves_nothing_behind_and_the_server_serves_the_next(lab)
     asyncio.run(second())
 
 
+def test_a_token_of_a_former_connection_releases_nothing(ipc_dir):
+    """After a reconnect the new server numbers its tokens from 1 again: the old token 1
+    must not release the new connection's flow 1."""
+    address = ipc_dir / "ipc.sock"
+    first = Lab(address)
+
+    async def run():
+        client = await connected_client(address, backoff=(0.02, 0.1))
+        try:
+            first.flows.open(entry())
+            old = await client.lookup("10.200.0.2", 40000, 8443)
+            first.stop()
+            deadline = time.monotonic() + 5
+            while client.connected and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            second = Lab(address)
+            try:
+                kept = second.flows.open(entry())
+                await client.wait_connected(5)
+                new = await client.lookup("10.200.0.2", 40000, 8443)
+                assert new.token != old.token and kept.held == 1  # both were the servers' token 1
+                client.release(old.token)  # the former connection's: dropped
+                await client.counters()  # a round trip: a release sent before it would have arrived
+                assert kept.held == 1
+                client.release(new.token)
+                await client.counters()
+                assert kept.held == 0
+            finally:
+                await client.close()
+                second.stop()
+        finally:
+            first.stop()
+
+    asyncio.run(run())
+
+
 def test_requests_in_flight_are_answered_by_id(lab):
     for port in range(41000, 41050):
         lab.flows.open(entry(client_port=port))
@@ -388,7 +424,6 @@ def test_server_restart_the_client_reconnects_and_registers_again(ipc_dir):
     states = []
 
     async def run():
-        nonlocal first
         client = await connected_client(address, backoff=(0.02, 0.2), on_state=states.append)
         try:
             await client.register_port(50003, 4)
@@ -420,7 +455,7 @@ def test_server_restart_the_client_reconnects_and_registers_again(ipc_dir):
             first.stop()
 
     asyncio.run(run())
-    assert states == [True, False, True]  # up, down with the first server, up with the second
+    assert states == [True, False, True, False]  # up, down with the first server, up with the second, closed
     assert not address.exists()  # the last server removed its socket
 
 

@@ -33,6 +33,8 @@ import sys
 from collections import deque
 from typing import Callable
 
+import msgspec
+
 from oisp.ipc import protocol as p
 from oisp.ipc.transport import DEFAULT_ADDRESS, Peer, open_connection
 
@@ -73,6 +75,8 @@ class IPCClient:
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future, float]] = {}  # id: (future, deadline)
         self._ports: dict[tuple[int, int], int] = {}
+        self._tokens: dict[int, int] = {}  # our token: the server's, for the current connection's held flows
+        self._local_tokens = itertools.count(1)
         self._protocol: _ClientProtocol | None = None
         self._connected = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -103,6 +107,8 @@ class IPCClient:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        self.last_error = "the client was closed"
+        self._disconnected()  # requests still waiting fail now, not at their deadline
 
     # -- requests -----------------------------------------------------------------------------
     async def lookup(self, peer_addr: str, peer_port: int, proxy_port: int, *, hold: bool = True,
@@ -110,12 +116,22 @@ class IPCClient:
         """The flow behind an accepted connection, or None when the redirector has no such flow."""
         answer = await self._request(lambda i: p.FlowLookup(id=i, peer_addr=peer_addr, peer_port=peer_port,
                                                             proxy_port=proxy_port, hold=hold, name_owner=name_owner))
-        return answer.flow
+        flow = answer.flow
+        if flow is not None and flow.token:
+            # The caller gets a token of ours, unique across connections: the server's count
+            # from 1 on every connection, so its own would be ambiguous after a reconnect.
+            mine = next(self._local_tokens)
+            self._tokens[mine] = flow.token
+            flow = msgspec.structs.replace(flow, token=mine)
+        return flow
 
     def release(self, token: int) -> None:
-        """The proxy's connection on a held flow closed (a token of a former connection is dropped)."""
-        if token and self.connected:
-            self._protocol.send(p.FlowRelease(token=token))
+        """The proxy's connection on a held flow closed. A token of a former connection is
+        dropped: that server released its flows when the connection went, and the new one
+        numbers its tokens afresh, so sending it could release another flow."""
+        server_token = self._tokens.pop(token, None)
+        if server_token is not None and self._protocol is not None:
+            self._protocol.send(p.FlowRelease(token=server_token))
 
     async def register_port(self, port: int, family: int) -> None:
         """Returns once the redirector leaves the port's packets alone: connect after it."""
@@ -208,9 +224,14 @@ class IPCClient:
         self.version = done.version
         self._connected.set()
         self.stats["connects"] += 1
-        for (port, family), count in list(self._ports.items()):  # the server forgot them with the connection
-            for _ in range(count):
-                await self._request(lambda i, port=port, family=family: p.PortRegister(id=i, port=port, family=family))
+        try:
+            for (port, family), count in list(self._ports.items()):  # the server forgot them with the connection
+                for _ in range(count):
+                    await self._request(lambda i, port=port, family=family: p.PortRegister(id=i, port=port,
+                                                                                           family=family))
+        except BaseException:
+            transport.abort()  # not half registered: the next attempt starts clean
+            raise
         if self.on_state is not None:
             self.on_state(True)
 
@@ -218,6 +239,7 @@ class IPCClient:
         was = self._connected.is_set()
         self._connected.clear()
         self._protocol = None
+        self._tokens.clear()
         for future, _ in self._pending.values():
             if not future.done():
                 future.set_exception(IPCUnavailable(self.last_error or "the redirector went away"))
@@ -273,10 +295,9 @@ class _ClientProtocol(asyncio.Protocol):
             self.transport.abort()
             return
         for message in messages:
-            if self.welcome is not None and not self.welcome.done():
-                if isinstance(message, (p.Welcome, p.Error)):
-                    self.welcome.set_result(message)
-                    continue
+            if self.welcome is not None and not self.welcome.done() and isinstance(message, (p.Welcome, p.Error)):
+                self.welcome.set_result(message)
+                continue
             self.client._received(message)
 
     def connection_lost(self, exc) -> None:

@@ -26,6 +26,7 @@ GetNamedPipeServerProcessId who serves the pipe.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import queue
 import threading
@@ -60,6 +61,7 @@ class OVERLAPPED(ctypes.Structure):
                 ("OffsetHigh", wintypes.DWORD), ("hEvent", wintypes.HANDLE)]
 
 
+@functools.lru_cache(maxsize=1)
 def _api():
     k32 = ctypes.WinDLL("kernel32", use_last_error=True)
     adv = ctypes.WinDLL("advapi32", use_last_error=True)
@@ -138,7 +140,7 @@ def process_sid(pid: int) -> str | None:
 
 
 def _security_attributes(allowed_sids) -> tuple[SECURITY_ATTRIBUTES, wintypes.LPVOID]:
-    k32, adv = _api()
+    _, adv = _api()
     sddl = "D:P(A;;GA;;;SY)(A;;GA;;;BA)" + "".join(f"(A;;GRGW;;;{sid})" for sid in sorted(allowed_sids))
     descriptor = wintypes.LPVOID()
     if not adv.ConvertStringSecurityDescriptorToSecurityDescriptorW(sddl, SDDL_REVISION_1, ctypes.byref(descriptor),
@@ -163,9 +165,9 @@ class _Overlapped:
         if not started and ctypes.get_last_error() not in (ERROR_IO_PENDING, ERROR_MORE_DATA):
             raise _fail(what)
         done = wintypes.DWORD()
-        if not self.k32.GetOverlappedResult(handle, ctypes.byref(self.ov), ctypes.byref(done), True):
-            if ctypes.get_last_error() != ERROR_MORE_DATA:
-                raise _fail(what)
+        if (not self.k32.GetOverlappedResult(handle, ctypes.byref(self.ov), ctypes.byref(done), True)
+                and ctypes.get_last_error() != ERROR_MORE_DATA):
+            raise _fail(what)
         return done.value
 
     def close(self) -> None:
