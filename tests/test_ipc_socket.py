@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from oisp.ipc import protocol as p
@@ -158,6 +159,7 @@ def test_socket_directory_of_another_owner_is_refused(ipc_dir):
 def test_lookup_hold_release_ports_counters_notes(lab):
     known = lab.flows.open(entry())
     unnamed = lab.flows.open(entry(client_port=40001, pid=None, process_name=None))
+    lab.flows.open(entry(client_port=40002, pid=os.getpid()))
     lab.server.note("DNS answers are not watched: test", level="degraded")
     pushed = []
 
@@ -176,12 +178,15 @@ def test_lookup_hold_release_ports_counters_notes(lab):
             assert plain.pid is None and plain.token == 0 and unnamed.held == 0
             named = await client.lookup("10.200.0.2", 40001, 8443, hold=False, name_owner=True)
             assert (named.pid, named.process_name) == (77, "named-later")  # the table's owner, in the worker
+            assert flow.process_created is None  # read only on the slow path
+            me = await client.lookup("10.200.0.2", 40002, 8443, hold=False, name_owner=True)
+            assert me.process_created == psutil.Process(os.getpid()).create_time()
             await client.register_port(50001, 4)
             assert 50001 in lab.own_ports
             client.unregister_port(50001, 4)
             counters = await client.counters()
             assert counters["reflector.engine.dropped"] == 2 and counters["dns.answers"] == 5
-            assert counters["ipc.lookups"] == 5 and counters["ipc.lookup_misses"] == 1
+            assert counters["ipc.lookups"] == 6 and counters["ipc.lookup_misses"] == 1
             lab.server.note("the filter names the port alone", level="info")
             await asyncio.sleep(0.2)
             assert [n.text for n in client.notes] == ["DNS answers are not watched: test",
@@ -258,6 +263,53 @@ def test_a_token_of_a_former_connection_releases_nothing(ipc_dir):
             first.stop()
 
     asyncio.run(run())
+
+
+def test_a_slow_owner_lookup_holds_up_no_other_request(ipc_dir):
+    """Naming a process may take long (/proc on a busy host): it runs in the worker, and
+    the lookups behind it are answered meanwhile."""
+    def slow_owner(*_):
+        time.sleep(0.6)
+        return 99, "slow"
+
+    lab = Lab(ipc_dir / "ipc.sock", flows=FlowTable(owner=slow_owner))
+    try:
+        lab.flows.open(entry(pid=None, process_name=None))
+        lab.flows.open(entry(client_port=40001))
+
+        async def run():
+            client = await connected_client(lab.address)
+            try:
+                slow = asyncio.ensure_future(client.lookup("10.200.0.2", 40000, 8443, hold=False, name_owner=True))
+                await asyncio.sleep(0.05)
+                started = time.monotonic()
+                fast = await client.lookup("10.200.0.2", 40001, 8443, hold=False)
+                assert fast.client_port == 40001 and time.monotonic() - started < 0.3 and not slow.done()
+                assert (await slow).pid == 99
+            finally:
+                await client.close()
+
+        asyncio.run(run())
+    finally:
+        lab.stop()
+
+
+def test_notes_never_block_the_redirector_thread(ipc_dir):
+    """note() is called from the redirector's threads: a client that reads nothing must
+    not make it wait (the server queues, then cuts that client)."""
+    lab = Lab(ipc_dir / "ipc.sock", max_unsent=64 * 1024)
+    try:
+        sock = raw(lab.address)
+        sock.sendall(HELLO)
+        until(lambda: any(s.welcomed for s in lab.server.sessions))
+        started = time.monotonic()
+        for i in range(3000):  # ~1.5 MB of notes, more than the socket buffers and max_unsent
+            lab.server.note(f"note {i} " + "x" * 480)
+        assert time.monotonic() - started < 1.0
+        until(lambda: lab.server.stats["slow_clients"] == 1)
+        sock.close()
+    finally:
+        lab.stop()
 
 
 def test_requests_in_flight_are_answered_by_id(lab):

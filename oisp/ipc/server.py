@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import msgspec
+import psutil
 
 from oisp.ipc import protocol as p
 from oisp.ipc.transport import DEFAULT_ADDRESS, AccessPolicy, Peer
@@ -77,6 +78,18 @@ _MAPPED = b"\0" * 10 + b"\xff\xff"
 _text = functools.lru_cache(maxsize=4096)(str)  # a flow's addresses repeat: the client's, a few servers'
 
 
+def _process_created(pid: int | None) -> float | None:
+    """When process `pid` started (Unix time), so the sensor can tell a reused pid apart.
+    Only on the slow path (name_owner): reading it costs about as much as the whole round
+    trip, and /proc/<pid>/stat, where it comes from, is readable by the sensor too."""
+    if not pid:
+        return None
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
+
+
 def flow_table_handlers(flows, own_ports, counters: Callable[[], dict]) -> Handlers:
     """Handlers over the redirector's FlowTable and OwnPorts (oisp.redirect)."""
     def lookup(peer_addr: str, peer_port: int, proxy_port: int, name_owner: bool):
@@ -87,7 +100,7 @@ def flow_table_handlers(flows, own_ports, counters: Callable[[], dict]) -> Handl
                           server_addr=_text(entry.server_addr), server_port=entry.server_port,
                           created=entry.created, pid=entry.pid,
                           process_name=p.clip(entry.process_name, p.MAX_PROCESS_NAME) if entry.process_name else None,
-                          process_created=getattr(entry, "process_created", None)), entry
+                          process_created=_process_created(entry.pid) if name_owner else None), entry
 
     # OwnPorts keeps one mask for both families and counts a port's users itself.
     return Handlers(lookup=lookup, hold=flows.hold, release=flows.release,
