@@ -204,6 +204,26 @@ def test_a_note_of_no_known_level_is_refused_before_it_reaches_a_client(lab):
         lab.server.note("x", level="urgent")
 
 
+def test_a_failing_note_listener_costs_nothing_but_its_note(lab):
+    lab.flows.open(entry())
+
+    def broken(note):
+        raise RuntimeError("listener bug")
+
+    async def run():
+        client = await connected_client(lab.address, on_note=broken)
+        try:
+            lab.server.note("first")
+            await asyncio.sleep(0.1)
+            assert client.connected and [n.text for n in client.notes] == ["first"]
+            assert await client.lookup("10.200.0.2", 40000, 8443, hold=False) is not None
+        finally:
+            await client.close()
+
+    asyncio.run(run())
+    assert lab.server.stats["disconnected"] == 1 and lab.server.stats["accepted"] == 1
+
+
 def test_a_gone_client_leaves_nothing_behind_and_the_server_serves_the_next(lab):
     held = lab.flows.open(entry())
 

@@ -134,7 +134,9 @@ class IPCClient:
             self._protocol.send(p.FlowRelease(token=server_token))
 
     async def register_port(self, port: int, family: int) -> None:
-        """Returns once the redirector leaves the port's packets alone: connect after it."""
+        """Returns once the redirector leaves the port's packets alone: connect after it.
+        Raises IPCUnavailable while the redirector is away (nothing is reflected then);
+        ports registered before are registered again when it is back."""
         key = (port, family)
         await self._request(lambda i: p.PortRegister(id=i, port=port, family=family))
         self._ports[key] = self._ports.get(key, 0) + 1
@@ -193,6 +195,10 @@ class IPCClient:
             except (OSError, asyncio.TimeoutError, IPCRequestError, IPCUnavailable) as e:
                 self.stats["connect_failures"] += 1
                 self.last_error = f"cannot reach the redirector at {self.address}: {e}"
+            except Exception as e:  # noqa: BLE001 - whatever it was, the client keeps trying
+                log.exception("IPC client: connecting failed")
+                self.stats["connect_failures"] += 1
+                self.last_error = f"connecting to the redirector failed: {type(e).__name__}: {e}"
             else:
                 delay = self.backoff[0]  # welcomed: the next outage starts the back-off afresh
                 self.last_error = await lost
@@ -232,8 +238,14 @@ class IPCClient:
         except BaseException:
             transport.abort()  # not half registered: the next attempt starts clean
             raise
+        self._tell_state(True)
+
+    def _tell_state(self, up: bool) -> None:
         if self.on_state is not None:
-            self.on_state(True)
+            try:
+                self.on_state(up)
+            except Exception:  # noqa: BLE001 - a failing callback must not stop the reconnecting
+                log.exception("IPC client: on_state failed")
 
     def _disconnected(self) -> None:
         was = self._connected.is_set()
@@ -244,8 +256,8 @@ class IPCClient:
             if not future.done():
                 future.set_exception(IPCUnavailable(self.last_error or "the redirector went away"))
         self._pending.clear()
-        if was and self.on_state is not None:
-            self.on_state(False)
+        if was:
+            self._tell_state(False)
 
     def _received(self, message: p.Message) -> None:
         if isinstance(message, (p.FlowAnswer, p.Ok, p.Counters)):
@@ -258,7 +270,10 @@ class IPCClient:
         elif isinstance(message, p.Note):
             self.notes.append(message)
             if self.on_note is not None:
-                self.on_note(message)
+                try:
+                    self.on_note(message)
+                except Exception:  # noqa: BLE001 - the connection must not die of its listener
+                    log.exception("IPC client: on_note failed")
         elif isinstance(message, p.Goodbye):
             self.last_error = f"the redirector said goodbye: {message.reason}"
 
