@@ -548,6 +548,17 @@ def test_a_stale_socket_of_a_dead_server_is_replaced(ipc_dir):
         lab.stop()
 
 
+def test_a_live_server_is_not_taken_over(lab):
+    with pytest.raises(TransportError, match="already serves"):
+        Lab(lab.address)
+
+    async def run():  # the first one still serves
+        client = await connected_client(lab.address)
+        await client.close()
+
+    asyncio.run(run())
+
+
 def test_the_client_believes_only_the_expected_server(lab):
     async def run():
         client = await IPCClient(str(lab.address), server_uids=frozenset({os.getuid() + 12345}),

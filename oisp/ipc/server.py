@@ -145,7 +145,12 @@ class IPCServer:
             from oisp.ipc.serve_unix import UnixLoop as Loop
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oisp-ipc-owner")
         self._loop = Loop(self)
-        self._loop.start()
+        try:
+            self._loop.start()
+        except BaseException:
+            self._loop = None
+            self._worker.shutdown(wait=False)
+            raise
         return self
 
     def stop(self) -> None:

@@ -102,9 +102,11 @@ def listen_unix(path: str | os.PathLike[str], *, uid: int, gid: int | None = Non
     """A listening socket at `path`, reachable only by `uid` (and group `gid` if given):
     bound under a temporary name, given its owner and mode, then renamed into place, so
     at no moment does `path` name a socket others could reach. A stale socket left by a
-    dead redirector is replaced."""
+    dead redirector is replaced; a live one's is not taken over (TransportError)."""
     path = Path(path)
     prepare_socket_dir(path.parent)
+    if _served(path):
+        raise TransportError(f"another redirector already serves {path}: stop it first")
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         os.unlink(temporary)
@@ -126,6 +128,24 @@ def listen_unix(path: str | os.PathLike[str], *, uid: int, gid: int | None = Non
         raise
     sock.setblocking(False)
     return sock
+
+
+def _served(path: Path) -> bool:
+    """Whether a live server listens at `path` (a dead one's socket refuses connections)."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except FileNotFoundError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 async def open_connection(address: str, protocol_factory) -> tuple[asyncio.BaseTransport, asyncio.Protocol, Peer]:
