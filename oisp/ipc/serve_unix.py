@@ -92,7 +92,11 @@ class UnixLoop:
 
     def start(self) -> None:
         uid, gid = self.server.owner
-        self._listener = listen_unix(self.server.address, uid=uid, gid=gid)
+        try:
+            self._listener = listen_unix(self.server.address, uid=uid, gid=gid)
+        except BaseException:
+            self.selector.close()
+            raise
         self._inode = os.stat(self.server.address).st_ino
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)

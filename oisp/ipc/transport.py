@@ -54,7 +54,8 @@ class Peer:
 
 @dataclass(frozen=True)
 class AccessPolicy:
-    """Who may connect: a peer whose uid (or Windows user SID) is listed, or whose gid is."""
+    """Who may connect: a peer whose uid (or Windows user SID) is listed, or whose
+    effective gid at connect() is (so name a group only its members should have)."""
     uids: frozenset[int] = field(default_factory=frozenset)
     gids: frozenset[int] = field(default_factory=frozenset)
     sids: frozenset[str] = field(default_factory=frozenset)
@@ -70,7 +71,11 @@ class AccessPolicy:
 
 
 def peer_credentials(sock: socket.socket) -> Peer:
-    """SO_PEERCRED of a connected Unix socket: the peer's pid, uid and gid at connect()."""
+    """SO_PEERCRED of a connected Unix socket: the peer's pid, uid and gid at connect().
+    Linux only (other Unixes spell it differently): elsewhere it raises, and a server
+    that cannot tell who connected refuses them."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        raise OSError("SO_PEERCRED is not available on this system")
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     return Peer(pid=pid, uid=uid, gid=gid)
 
