@@ -15,6 +15,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -312,6 +313,37 @@ def test_a_slow_owner_lookup_holds_up_no_other_request(ipc_dir):
 
         asyncio.run(run())
     finally:
+        lab.stop()
+
+
+def test_slow_lookups_waiting_for_the_worker_are_bounded_per_client(ipc_dir):
+    from oisp.ipc import server as server_module
+
+    gate = threading.Event()
+
+    def blocked_owner(*_):
+        gate.wait(10)
+        return 1, "x"
+
+    lab = Lab(ipc_dir / "ipc.sock", flows=FlowTable(owner=blocked_owner))
+    try:
+        lab.flows.open(entry(pid=None, process_name=None))
+        sock = raw(lab.address)
+        sock.sendall(HELLO + b"".join(
+            frame({"type": "flow.lookup", "id": i, "peer_addr": "10.200.0.2", "peer_port": 40000, "proxy_port": 8443,
+                   "hold": False, "name_owner": True}) for i in range(1, server_module.MAX_SLOW + 11)))
+        decoder, got = p.Decoder("client"), []
+        while len(got) < 11:  # the welcome and ten refusals come first
+            got += decoder.feed(sock.recv(65536))
+        assert [m.code for m in got[1:]] == ["busy"] * 10
+        assert [m.id for m in got[1:]] == list(range(server_module.MAX_SLOW + 1, server_module.MAX_SLOW + 11))
+        gate.set()
+        while len(got) < 11 + server_module.MAX_SLOW:  # then every waiting one is answered
+            got += decoder.feed(sock.recv(65536))
+        assert all(isinstance(m, p.FlowAnswer) and m.flow.pid == 1 for m in got[11:])
+        sock.close()
+    finally:
+        gate.set()
         lab.stop()
 
 

@@ -19,7 +19,7 @@ lock); the one slow case, naming a flow's process from /proc, runs in a worker t
 and is answered when done. Everything a client can make the server hold is bounded:
 clients (max_clients), a frame (protocol.MAX_FRAME), the time a frame may take to
 arrive whole (frame_timeout) and to say hello (hello_timeout), unread answers
-(max_unsent bytes), held flows and registered ports per client. A client that breaks
+(max_unsent bytes), held flows and registered ports and waiting process lookups per client. A client that breaks
 the protocol gets an error and is closed; what it had registered or held is undone
 when it goes, so a dead sensor never leaves ports exempted or flows pinned. Every
 refusal is counted in `stats`.
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MAX_HELD = 65536  # flows one client may hold at once (the flow table's own default size)
 MAX_PORTS = 65536  # (port, family) registrations one client may hold
+MAX_SLOW = 64  # name_owner lookups one client may have waiting for the worker
 KEPT_NOTES = 32  # notes replayed to a client that (re)connects
 
 
@@ -230,6 +231,7 @@ class Session:
         self.closing = False
         self.held: dict[int, object] = {}
         self.ports: dict[tuple[int, int], int] = {}
+        self.slow = 0  # name_owner lookups in the worker
         self._tokens = itertools.count(1)
         self.deadline: float | None = now + server.hello_timeout  # the loop calls expire() then
         self._deadline_is = "hello_timeouts"
@@ -338,8 +340,13 @@ class Session:
         if not request.name_owner:
             self._answer(request, handlers.lookup(*args))
             return
+        if self.slow >= MAX_SLOW:  # the worker's queue is not a client's to fill
+            self.send(p.Error(code="busy", message=f"{MAX_SLOW} process lookups waiting already", id=request.id))
+            return
+        self.slow += 1
 
         def done(found, error):  # may have read /proc in the worker; back under the lock
+            self.slow -= 1
             if self.closing:
                 return
             if error is not None:
