@@ -483,8 +483,6 @@ def test_a_client_that_does_not_read_is_cut_not_queued_for(ipc_dir):
 def test_a_request_without_an_answer_fails_in_time(ipc_dir):
     """A server that welcomes and then never answers: the lookup fails (IPCUnavailable)
     after request_timeout (plus the sweep's period), it does not hang the proxy."""
-    import threading
-
     from oisp.ipc import client as client_module
 
     address = ipc_dir / "mute.sock"
