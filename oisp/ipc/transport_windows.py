@@ -29,6 +29,7 @@ import ctypes
 import functools
 import logging
 import queue
+import re
 import threading
 import time
 from ctypes import wintypes
@@ -139,14 +140,30 @@ def process_sid(pid: int) -> str | None:
         k32.CloseHandle(process)
 
 
+def pipe_sddl(allowed_sids) -> str:
+    """The pipe's DACL: protected (P: nothing inherited), full control (GA) for LocalSystem
+    (SY) and Administrators (BA), read and write (GRGW) for each allowed SID, nothing for
+    anyone else. A SID that is not one (an SDDL injection such as ")(A;;GA;;;WD") is refused."""
+    sids = sorted(allowed_sids)
+    if not sids:
+        raise ValueError("no user may connect: name the allowed SID")
+    for sid in sids:
+        if not _SID.fullmatch(sid):
+            raise ValueError(f"not a SID: {sid!r}")
+    return "D:P(A;;GA;;;SY)(A;;GA;;;BA)" + "".join(f"(A;;GRGW;;;{sid})" for sid in sids)
+
+
+_SID = re.compile(r"S-1-\d+(-\d+)+")
+
+
 def _security_attributes(allowed_sids) -> tuple[SECURITY_ATTRIBUTES, wintypes.LPVOID]:
     _, adv = _api()
-    sddl = "D:P(A;;GA;;;SY)(A;;GA;;;BA)" + "".join(f"(A;;GRGW;;;{sid})" for sid in sorted(allowed_sids))
+    sddl = pipe_sddl(allowed_sids)
     descriptor = wintypes.LPVOID()
     if not adv.ConvertStringSecurityDescriptorToSecurityDescriptorW(sddl, SDDL_REVISION_1, ctypes.byref(descriptor),
                                                                     None):
         raise _fail("ConvertStringSecurityDescriptorToSecurityDescriptorW")
-    attributes = SECURITY_ATTRIBUTES(ctypes.sizeof(SECURITY_ATTRIBUTES), descriptor, False)
+    attributes = SECURITY_ATTRIBUTES(ctypes.sizeof(SECURITY_ATTRIBUTES), descriptor.value, False)
     return attributes, descriptor  # the descriptor is LocalFree-d when the loop stops
 
 
@@ -182,6 +199,22 @@ class _PipeLink:
         self._queue: queue.Queue = queue.Queue()
         self._queued = 0
         self._lock = threading.Lock()
+        # Threads using the handle (the writer, and the reader once started): the last to
+        # finish closes it, so no thread ever waits on a handle another has closed.
+        self._users = 1
+
+    def start_reader(self) -> None:
+        with self._lock:
+            self._users += 1
+        threading.Thread(target=self.reader, name="oisp-ipc-read", daemon=True).start()
+
+    def _done_with_handle(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            self.loop.k32.CloseHandle(self.handle)
+            self.loop.links.discard(self)
 
     def write(self, data: bytes) -> None:
         if self.gone:
@@ -197,9 +230,9 @@ class _PipeLink:
         if self.gone:
             return
         self.gone = True
-        self._queue.put(None if not abort else b"")  # the writer drains (or not) and closes the handle
+        self._queue.put(None if not abort else b"")  # the writer drains (or not), then disconnects
         if abort:
-            self.loop.k32.CancelIoEx(self.handle, None)
+            self.loop.k32.CancelIoEx(self.handle, None)  # every pending read and write on it ends now
         if self.session is not None:
             self.session.closed()
 
@@ -222,6 +255,7 @@ class _PipeLink:
             ov.close()
             with self.loop.server.lock:
                 self.close(abort=True)
+            self._done_with_handle()
 
     def writer(self) -> None:
         k32, ov = self.loop.k32, _Overlapped(self.loop.k32)
@@ -243,9 +277,8 @@ class _PipeLink:
             log.debug("IPC pipe write: %s", e)
         finally:
             ov.close()
-            k32.DisconnectNamedPipe(self.handle)
-            k32.CloseHandle(self.handle)
-            self.loop.links.discard(self)
+            k32.DisconnectNamedPipe(self.handle)  # the reader's pending ReadFile fails: it ends too
+            self._done_with_handle()
 
 
 class PipeLoop:
@@ -328,7 +361,7 @@ class PipeLoop:
         with self.server.lock:
             link.session = self.server.open(link, time.monotonic())
         if link.session is not None:
-            threading.Thread(target=link.reader, name="oisp-ipc-read", daemon=True).start()
+            link.start_reader()
 
     def _timers_and_calls(self) -> None:
         """Deadlines every 50 ms, and the calls other threads schedule."""
