@@ -270,16 +270,3 @@ def test_a_long_stream_of_frames_at_the_limit_holds_one_frame_at_most():
     assert refused_frames == 160
     assert peak < 4 * p.MAX_FRAME  # the frame, its body's copy and the decoder's parse: not the stream
 
-
-def test_windows_pipe_dacl_names_only_system_admins_and_the_allowed_sid():
-    """The one piece of the named-pipe transport that runs off Windows: its DACL text."""
-    from oisp.ipc.transport_windows import pipe_sddl
-
-    sid = "S-1-5-21-1004336348-1177238915-682003330-1001"
-    assert pipe_sddl([sid]) == f"D:P(A;;GA;;;SY)(A;;GA;;;BA)(A;;GRGW;;;{sid})"
-    for bad in ["S-1-5-21)(A;;GA;;;WD", "WD", "", "S-1-"]:
-        with pytest.raises(ValueError):
-            pipe_sddl([bad])
-    with pytest.raises(ValueError):
-        pipe_sddl([])
-
