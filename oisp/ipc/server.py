@@ -103,10 +103,14 @@ def flow_table_handlers(flows, own_ports, counters: Callable[[], dict]) -> Handl
                           process_name=p.clip(entry.process_name, p.MAX_PROCESS_NAME) if entry.process_name else None,
                           process_created=_process_created(entry.pid) if name_owner else None), entry
 
-    # OwnPorts keeps one mask for both families and counts a port's users itself.
+    # OwnPorts keeps a bit per family (an IPv6-only socket may share an IPv4 socket's port
+    # number) and counts a port's users itself; the protocol names families 4 and 6.
+    def af(family: int) -> int:
+        return socket.AF_INET6 if family == 6 else socket.AF_INET
+
     return Handlers(lookup=lookup, hold=flows.hold, release=flows.release,
-                    register_port=lambda port, family: own_ports.register(port),
-                    unregister_port=lambda port, family: own_ports.unregister(port), counters=counters)
+                    register_port=lambda port, family: own_ports.register(port, af(family)),
+                    unregister_port=lambda port, family: own_ports.unregister(port, af(family)), counters=counters)
 
 
 class Link(Protocol):
