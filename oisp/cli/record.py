@@ -197,6 +197,15 @@ async def _record(args) -> int:
                                         trusted=trusted))
 
         print(f"oisp record: dashboard {ui.url}", file=sys.stderr, flush=True)
+    otlp = next((sink for sink in sinks.sinks if sink.name == "otlp"), None)
+    if otlp is not None:
+        print(f"oisp record: exporting OTLP ({otlp.target.protocol}) to {otlp.display_url}"
+              f"{' with content' if otlp.content else ''}", file=sys.stderr, flush=True)
+
+        def otlp_health() -> None:  # read here, on the recorder's loop; the metric reader's thread reads the copy
+            engine = redirector.counters()["reflector"].get("engine", {})
+            otlp.set_health({"flows": dict(proxy.stats), "drops": engine.get("dropped", 0), "sinks": sinks.report()})
+
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, redirector.start)
     for note in redirector.notes:
@@ -222,6 +231,8 @@ async def _record(args) -> int:
                 break
             if ui is not None:
                 ui_status()
+            if otlp is not None:
+                otlp_health()
             if live:
                 engine = redirector.counters()["reflector"].get("engine", {})
                 print(f"\rflows {proxy.stats['intercepted']}+{proxy.stats['passed_through']}  "

@@ -384,6 +384,12 @@ def _hash_full(event: dict[str, Any], mode: str) -> None:
             process["cmdline"] = program + (" " + _hashed_string(rest) if rest else "")
 
 
+def hash_content(event: dict[str, Any]) -> None:
+    """Hash an event's content in place as ``--redaction full`` does (its mode's marker), for
+    outputs that must not carry content whatever mode recorded the event."""
+    _hash_full(event, RedactionMode.FULL.value)
+
+
 class Redactor:
     def __init__(self, mode: RedactionMode | str = RedactionMode.SAFE, spec=None) -> None:
         self.mode = RedactionMode(mode)

@@ -1,0 +1,8 @@
+"""The OTLP sink: spans (one per AI exchange, GenAI semantic conventions v1.41.0), log
+records (the OISP events themselves) and metrics, exported with the OpenTelemetry SDK."""
+
+from oisp.sinks.otlp.config import OtlpConfigError, Target, resolve
+from oisp.sinks.otlp.semconv import SEMCONV_VERSION
+from oisp.sinks.otlp.sink import OtlpSink
+
+__all__ = ["OtlpConfigError", "OtlpSink", "SEMCONV_VERSION", "Target", "resolve"]
