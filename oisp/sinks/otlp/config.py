@@ -12,6 +12,7 @@ scheme://host:port is.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -54,6 +55,8 @@ def resolve(url: str | None, protocol: str | None) -> Target:
     chosen = (protocol or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or HTTP).strip().lower()
     if chosen not in PROTOCOLS:
         raise OtlpConfigError(f"OTLP protocol {chosen!r} is not supported (use {' or '.join(PROTOCOLS)})")
+    if chosen == GRPC and importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is None:
+        raise OtlpConfigError("OTLP over gRPC needs the gRPC exporter: pip install 'oisp[grpc]'")
     base = (url or "").strip() or None
     if base is not None:
         try:
@@ -69,15 +72,16 @@ def content_opt_in(flag: bool) -> bool:
     return flag or os.environ.get(CONTENT_ENV, "").strip().lower() == "true"
 
 
-def exporters(target: Target, *, timeout: float):
-    """(span, log, metric) exporters of the SDK for ``target``; ``timeout`` bounds each export,
-    retries included (the SDK's exporters retry with exponential back-off within it)."""
+def exporters(target: Target):
+    """(span, log, metric) exporters of the SDK for ``target``. Each export, its retries with
+    exponential back-off included, is bounded by $OTEL_EXPORTER_OTLP_TIMEOUT (seconds, as
+    the Python SDK reads it; default 10)."""
     if target.protocol == GRPC:
         from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        kw = {"timeout": timeout}
+        kw: dict = {}
         if target.base:
             kw.update(endpoint=target.base, insecure=target.base.startswith("http://"))
         return OTLPSpanExporter(**kw), OTLPLogExporter(**kw), OTLPMetricExporter(**kw)
@@ -88,5 +92,4 @@ def exporters(target: Target, *, timeout: float):
     def at(path: str) -> dict:
         return {"endpoint": f"{target.base.rstrip('/')}/v1/{path}"} if target.base else {}
 
-    return (OTLPSpanExporter(timeout=timeout, **at("traces")), OTLPLogExporter(timeout=timeout, **at("logs")),
-            OTLPMetricExporter(timeout=timeout, **at("metrics")))
+    return OTLPSpanExporter(**at("traces")), OTLPLogExporter(**at("logs")), OTLPMetricExporter(**at("metrics"))

@@ -226,13 +226,13 @@ def response_span(event: dict[str, Any], *, content: bool) -> SpanEnd:
 def error_type(data: dict[str, Any]) -> str:
     """Low-cardinality, as the conventions ask: the provider's error code, else the HTTP status."""
     err = data.get("error") if isinstance(data.get("error"), dict) else {}
-    kind = err.get("type") or err.get("code")
+    for kind in (err.get("code"), err.get("type")):  # OpenAI: code rate_limit_exceeded, type "requests"
+        if isinstance(kind, str) and kind and kind not in ("http_error", "incomplete"):
+            return kind
     status = data.get("status_code")
-    if isinstance(kind, str) and kind and kind not in ("http_error", "incomplete"):
-        return kind
     if isinstance(status, int) and status >= 400:
         return str(status)
-    return kind if isinstance(kind, str) and kind else "_OTHER"
+    return err["type"] if isinstance(err.get("type"), str) and err["type"] else "_OTHER"
 
 
 def _response_content(data: dict[str, Any]) -> Attributes:

@@ -49,7 +49,7 @@ QUEUE = 10_000  # events waiting for the worker
 SPAN_QUEUE = LOG_QUEUE = 2048  # the SDK processors' queues: undelivered items the worker lets out at once
 BATCH = 512
 SCHEDULE_MS = 1000  # a batch leaves at least this often (the SDK's default is 5 s)
-EXPORT_TIMEOUT = 10.0  # seconds per export, the SDK's retries with back-off included
+METRIC_EXPORT_TIMEOUT_MS = 10_000
 PENDING = 4096  # open spans (requests awaiting their response); past it the oldest is ended unanswered
 PENDING_TTL = 1800.0  # seconds an unanswered request's span stays open
 CONTENT_LIMIT = 65536  # characters of one content attribute (a long conversation is truncated)
@@ -171,7 +171,7 @@ class OtlpSink:
         self._queue: queue.Queue[Any] = queue.Queue(QUEUE)
         self._pending: OrderedDict[str, tuple[Any, float, dict]] = OrderedDict()
         self._closed = False
-        spans, logs, metrics = exporters or config.exporters(target, timeout=EXPORT_TIMEOUT)
+        spans, logs, metrics = exporters or config.exporters(target)
         self._inner = (spans, logs, metrics)
         resource = _resource()
         self._tracer_provider = TracerProvider(resource=resource, span_limits=SpanLimits(max_attribute_length=CONTENT_LIMIT))
@@ -183,7 +183,7 @@ class OtlpSink:
             _CountingLogs(logs, self), max_queue_size=LOG_QUEUE, max_export_batch_size=BATCH,
             schedule_delay_millis=SCHEDULE_MS))
         reader = PeriodicExportingMetricReader(_CountingMetrics(metrics, self), export_interval_millis=metric_interval_ms,
-                                               export_timeout_millis=EXPORT_TIMEOUT * 1000)
+                                               export_timeout_millis=METRIC_EXPORT_TIMEOUT_MS)
         self._meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
         self._tracer = self._tracer_provider.get_tracer(SCOPE, __version__, schema_url=sc.SCHEMA_URL)
         self._logger = self._logger_provider.get_logger(SCOPE, __version__, schema_url=sc.SCHEMA_URL)
