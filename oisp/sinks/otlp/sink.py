@@ -166,7 +166,7 @@ class OtlpSink:
         self._notify = notify or (lambda text: print(f"oisp: {text}", file=sys.stderr, flush=True))
         self._lock = threading.Lock()
         self._tallies = {"spans": _Tally(), "logs": _Tally()}
-        self._failing = False
+        self._failing: set[str] = set()  # signals whose last export failed
         self._health: dict[str, Any] = {}
         self._queue: queue.Queue[Any] = queue.Queue(QUEUE)
         self._pending: OrderedDict[str, tuple[Any, float, dict]] = OrderedDict()
@@ -407,12 +407,13 @@ class OtlpSink:
                     self.stats.lost += count
             if not ok:
                 self.stats.errors += 1
-            was_failing, self._failing = self._failing, not ok
+            was_failing = signal in self._failing
+            (self._failing.discard if ok else self._failing.add)(signal)
         if not ok and not was_failing:
-            self._notify(f"OTLP export to {self.display_url} failing ({self.stats.last_error or 'no answer'}); "
-                         f"capture goes on, losses are counted")
+            self._notify(f"OTLP export of {signal} to {self.display_url} failing "
+                         f"({self.stats.last_error or 'no answer'}); capture goes on, losses are counted")
         elif ok and was_failing:
-            self._notify(f"OTLP export to {self.display_url} resumed")
+            self._notify(f"OTLP export of {signal} to {self.display_url} resumed")
 
     # -- closing ----------------------------------------------------------------------------------
 
