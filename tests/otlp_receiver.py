@@ -124,7 +124,8 @@ class Receiver:
                 resource = attributes(rl.get("resource", {}).get("attributes"))
                 for sl in rl.get("scope_logs", []):
                     for rec in sl.get("log_records", []):
-                        out.append({**rec, "body": value(rec.get("body") or {}),
+                        body = value(rec.get("body") or {})
+                        out.append({**rec, "body": body, "event": json.loads(body) if isinstance(body, str) else None,
                                     "attributes": attributes(rec.get("attributes")), "resource": resource})
         return out
 

@@ -106,9 +106,10 @@ def test_sdk_calls_become_spans_logs_and_metrics_equal_to_the_jsonl(otlp_lab) ->
     assert len(responses) == len(requests) == 3
 
     # Log records: the JSONL's events themselves, named by their type (batches may arrive in any order).
-    logs = {r["body"]["event_id"]: r for r in receiver.logs()}
-    assert {i: r["body"] for i, r in logs.items()} == {e["event_id"]: e for e in events}
-    assert all(r["event_name"] == r["body"]["event_type"] for r in logs.values())
+    logs = {r["event"]["event_id"]: r for r in receiver.logs()}
+    assert {i: r["event"] for i, r in logs.items()} == {e["event_id"]: e for e in events}
+    assert all(r["event_name"] == r["event"]["event_type"] for r in logs.values())
+    assert sorted(r["body"] for r in logs.values()) == sorted(lab["events"].read_text().splitlines())  # byte for byte
 
     # One CLIENT span per exchange, attributes equal to the events (and to what the SDK client saw).
     spans = {s["attributes"]["oisp.request_id"]: s for s in receiver.spans()}
@@ -168,7 +169,7 @@ def test_without_opt_in_no_content_leaves_the_machine(otlp_lab) -> None:
     assert PLANTED in answer and SECRET in reply["text"]  # the fake provider echoes the prompt
     assert PLANTED not in raw and answer not in raw and SECRET not in raw  # … OTLP does not
     logs = receiver.logs()
-    assert sorted(r["body"]["event_id"] for r in logs) == sorted(e["event_id"] for e in events)
+    assert sorted(r["event"]["event_id"] for r in logs) == sorted(e["event_id"] for e in events)
     (span,) = receiver.spans()
     assert not {sc.INPUT_MESSAGES, sc.OUTPUT_MESSAGES, sc.SYSTEM_INSTRUCTIONS, sc.TOOL_DEFINITIONS} & set(span["attributes"])
     assert span["attributes"][sc.USAGE_INPUT_TOKENS] + span["attributes"][sc.USAGE_OUTPUT_TOKENS] == reply["usage"]
@@ -207,7 +208,7 @@ def test_the_receiver_stopped_mid_run_costs_only_what_came_meanwhile(otlp_lab) -
     assert lost and f"lost {len(by_pid[second.pid])} events" in lost[0], said[-10:]
     (span,) = receiver.spans()
     assert span["attributes"][sc.PROCESS_PID] == third.pid
-    assert {r["body"]["event_id"] for r in receiver.logs()} == {e["event_id"] for e in by_pid[third.pid]}
+    assert {r["event"]["event_id"] for r in receiver.logs()} == {e["event_id"] for e in by_pid[third.pid]}
     usage = [m for m in receiver.metrics() if m["name"] == sc.TOKEN_USAGE[0]][-1]
     total = sum(p["sum"] for p in usage["histogram"]["data_points"])
     assert total == sum(e["data"]["usage"]["total_tokens"] for e in events if e["event_type"] == "ai.response")

@@ -328,7 +328,7 @@ class OtlpSink:
         self._logger.emit(timestamp=mapping.timestamp_ns(shown["ts"]), observed_timestamp=time.time_ns(),
                           context=trace.set_span_in_context(span) if span is not None else None,
                           severity_number=SeverityNumber.WARN if failed else SeverityNumber.INFO,
-                          severity_text="WARN" if failed else "INFO", body=shown,
+                          severity_text="WARN" if failed else "INFO", body=mapping.body(shown),
                           event_name=str(shown.get("event_type") or "oisp.event"))
 
     # -- metrics ----------------------------------------------------------------------------------
