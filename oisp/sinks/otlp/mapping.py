@@ -7,8 +7,8 @@ ai.response ends it (the last byte of the response), matched by ``request_id``.
 
 Content — messages, completions, tool definitions and calls, reasoning, a CLI
 tool's arguments — leaves the machine only when the user opts in. Without that,
-log bodies carry the content hashed exactly as ``--redaction full`` hashes it
-(lengths and keyed hashes, so equal prompts still match), and spans carry none.
+log bodies carry each piece of content replaced by its length (where ``--redaction
+full`` puts its marker), and spans carry none.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def without_content(event: dict[str, Any]) -> dict[str, Any]:
         for key in ("tools", "error"):  # descriptions at any depth; every error field but its labels
             if key in data:
                 data[key] = copy.deepcopy(data[key])
-    hash_content(shown)
+    hash_content(shown, keep_hashes=False)
     if process is not None:
         shown["process"] = _process_without_content(process)
     return shown
@@ -86,7 +86,7 @@ def _process_without_content(process: Any) -> Any:
         hashed, key = None, None
     if hashed is None:
         mini = {"process": {k: process[k] for k in ("cmdline", "cmdline_args") if k in process}}
-        hash_content(mini)
+        hash_content(mini, keep_hashes=False)
         hashed = mini["process"]
         if key is not None:
             if len(_PROCESSES) >= _PROCESSES_MAX:
