@@ -250,6 +250,8 @@ async def _record(args) -> int:
         await proxy.drain(timeout=DRAIN)
         await asyncio.sleep(0.2)  # the resets' packets cross the reflector
         await loop.run_in_executor(None, redirector.stop)
+        if otlp is not None:
+            otlp_health()  # the final figures, which the metric reader exports as the sink closes
         sinks.close()
         for name, stats in sinks.report().items():
             if stats["lost"]:

@@ -189,8 +189,9 @@ class OtlpSink:
         self._logger = self._logger_provider.get_logger(SCOPE, __version__, schema_url=sc.SCHEMA_URL)
         self._instruments(self._meter_provider.get_meter(SCOPE, __version__, schema_url=sc.SCHEMA_URL))
         self._log_handler = _LastError(self)
-        for name in ("opentelemetry.exporter", "opentelemetry.sdk"):
-            logger = logging.getLogger(name)
+        self._sdk_loggers = [logging.getLogger(name) for name in ("opentelemetry.exporter", "opentelemetry.sdk")]
+        self._propagate = [logger.propagate for logger in self._sdk_loggers]
+        for logger in self._sdk_loggers:
             logger.addHandler(self._log_handler)
             logger.propagate = False
         self._thread = threading.Thread(target=self._run, name="oisp-otlp", daemon=True)
@@ -367,7 +368,9 @@ class OtlpSink:
     def _observe_flows(self, _options):
         from opentelemetry.metrics import Observation
 
-        flows = self._health.get("flows") or {}
+        if "flows" not in self._health:  # replay and decode intercept nothing: no figure rather than zeros
+            return []
+        flows = self._health["flows"]
         return [Observation(int(flows.get(k, 0)), {"oisp.flow.outcome": k}) for k in ("intercepted", "passed_through")]
 
     def _observe_drops(self, _options):
@@ -455,8 +458,9 @@ class OtlpSink:
                 else:
                     self.stats.lost += given_up
             self.stats.spans_lost += len(self._pending)  # the worker did not get to end them
-        for name in ("opentelemetry.exporter", "opentelemetry.sdk"):
-            logging.getLogger(name).removeHandler(self._log_handler)
+        for logger, propagate in zip(self._sdk_loggers, self._propagate):
+            logger.removeHandler(self._log_handler)
+            logger.propagate = propagate
 
     def _shutdown_providers(self, timeout_ms: float) -> None:
         self._tracer_provider.shutdown()
