@@ -2,7 +2,9 @@
 on loopback ports by the tests): the per-provider fixtures, decoded by the real recorder,
 go in; what the receiver got must equal the events (figures by hand where the mapping
 decides something), follow the pinned GenAI conventions, leave content out unless asked,
-and survive the receiver going away and coming back."""
+and survive the receiver going away and coming back. Most tests drive the exporter
+in-process (to see its counts and notices at once); the last ones the sink the sensor
+uses, which runs the same exporter in a process of its own."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
 from provider_cases import load_cases, run_case  # noqa: E402
 
-from oisp.sinks.otlp import OtlpSink, config, resolve  # noqa: E402
+from oisp.sinks.otlp import OtlpExporter, OtlpSink, config, resolve  # noqa: E402
 from oisp.sinks.otlp import semconv as sc  # noqa: E402
 from oisp.sinks.otlp.mapping import timestamp_ns  # noqa: E402
 from tests.otlp_receiver import Receiver, executable  # noqa: E402
@@ -51,10 +53,10 @@ def planted_case_events() -> list[dict]:
     return run_case(case)[0]
 
 
-def export(receiver, events, *, content=False, protocol=None, wait_metrics=True) -> OtlpSink:
+def export(receiver, events, *, content=False, protocol=None) -> OtlpExporter:
     notes: list[str] = []
     url = receiver.grpc_url if protocol == config.GRPC else receiver.http_url
-    sink = OtlpSink(resolve(url, protocol), content=content, metric_interval_ms=200, notify=notes.append)
+    sink = OtlpExporter(resolve(url, protocol), content=content, metric_interval_ms=200, notify=notes.append)
     for event in events:
         sink.emit(event)
     sink.close(timeout=10)
@@ -241,7 +243,7 @@ def test_metrics_sum_to_the_events_token_counts(receiver) -> None:
 
 
 def test_sensor_health_becomes_oisp_metrics(receiver) -> None:
-    sink = OtlpSink(resolve(receiver.http_url, None), metric_interval_ms=200, notify=lambda _: None)
+    sink = OtlpExporter(resolve(receiver.http_url, None), metric_interval_ms=200, notify=lambda _: None)
     sink.set_health({"flows": {"intercepted": 7, "passed_through": 3}, "drops": 2,
                      "sinks": {"jsonl": {"emitted": 40, "lost": 1, "errors": 0}}})
     sink.close(timeout=10)
@@ -260,7 +262,7 @@ def test_sensor_health_becomes_oisp_metrics(receiver) -> None:
 def test_the_receiver_going_away_costs_what_was_sent_meanwhile_and_export_resumes(receiver, monkeypatch) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")  # seconds: an export gives up within it
     notes: list[str] = []
-    sink = OtlpSink(resolve(receiver.http_url, None), metric_interval_ms=500, notify=notes.append)
+    sink = OtlpExporter(resolve(receiver.http_url, None), metric_interval_ms=500, notify=notes.append)
     first, second, third = recorded(["openai_chat_json"]), recorded(["anthropic_json"]), recorded(["gemini_stream_sse"])
     for event in first:
         sink.emit(event)
@@ -290,7 +292,7 @@ def test_an_unreachable_endpoint_at_start_is_a_warning_and_close_is_bounded(monk
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "30")  # longer than close may wait
     notes: list[str] = []
     (port,) = free_ports(1)
-    sink = OtlpSink(resolve(f"http://127.0.0.1:{port}", None), notify=notes.append)
+    sink = OtlpExporter(resolve(f"http://127.0.0.1:{port}", None), notify=notes.append)
     events = recorded(["openai_chat_json"])
     for event in events:
         sink.emit(event)
@@ -306,7 +308,7 @@ def test_past_the_sdk_queue_events_are_dropped_here_and_counted(receiver, monkey
     """The worker lets out no more than the SDK's queue holds (the SDK would drop the rest
     silently): with a slow export and a queue of 4, the rest is dropped and counted here,
     and every event is either delivered or counted lost."""
-    import oisp.sinks.otlp.sink as sink_module
+    import oisp.sinks.otlp.exporter as sink_module
     from oisp.sinks.otlp.config import exporters
 
     class Slow:
@@ -323,7 +325,7 @@ def test_past_the_sdk_queue_events_are_dropped_here_and_counted(receiver, monkey
     monkeypatch.setattr(sink_module, "LOG_QUEUE", 4)
     monkeypatch.setattr(sink_module, "BATCH", 4)
     spans, logs, metrics = exporters(resolve(receiver.http_url, None))
-    sink = OtlpSink(resolve(receiver.http_url, None), exporters=(spans, Slow(logs), metrics), notify=lambda _: None)
+    sink = OtlpExporter(resolve(receiver.http_url, None), exporters=(spans, Slow(logs), metrics), notify=lambda _: None)
     events = recorded()
     for event in events:
         sink.emit(event)
@@ -345,7 +347,7 @@ def test_the_standard_variables_choose_endpoint_protocol_and_headers(receiver, m
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=ci")
     target = resolve(None, None)
     assert target.protocol == config.GRPC and target.base is None
-    sink = OtlpSink(target, metric_interval_ms=200, notify=lambda _: None)
+    sink = OtlpExporter(target, metric_interval_ms=200, notify=lambda _: None)
     for event in recorded(["openai_chat_json"]):
         sink.emit(event)
     sink.close(timeout=10)
@@ -360,3 +362,38 @@ def test_bad_settings_are_refused_with_what_to_do() -> None:
     with pytest.raises(config.OtlpConfigError, match="http:// or https://"):
         resolve("ftp://collector:4318", None)
     assert resolve("https://collector.example:4318/", "http/protobuf").shown == "https://collector.example:4318"
+
+
+# --- the sink the sensor uses: the exporter in its own process ------------------------------
+
+
+def test_the_sink_exports_through_its_own_process(receiver) -> None:
+    events = recorded()
+    sink = OtlpSink(resolve(receiver.http_url, None), content=True, metric_interval_ms=200)
+    child = sink._proc
+    for event in events:
+        sink.emit(event)
+    sink.close(timeout=10)
+    assert child.returncode == 0
+    assert (sink.stats.emitted, sink.stats.lost, sink.stats.spans_exported) == (len(events), 0, len(CASES))
+    logs = receiver.logs()
+    assert sorted(r["body"] for r in logs) == sorted(json.dumps(e, ensure_ascii=False, separators=(",", ":"))
+                                                     for e in events)
+    assert len(receiver.spans()) == len(CASES)
+
+
+def test_an_exporter_process_that_dies_costs_the_events_after_it_counted(receiver) -> None:
+    events = recorded(["openai_chat_json"])
+    sink = OtlpSink(resolve(receiver.http_url, None))
+    for event in events:
+        sink.emit(event)
+    wait_for(lambda: sink.stats.emitted == len(events), what="the first events")
+    sink._proc.kill()
+    sink._proc.wait()
+    for _ in range(3):
+        for event in events:
+            sink.emit(event)
+        time.sleep(0.2)  # the writer meets the closed pipe
+    sink.close(timeout=5)
+    assert sink.stats.emitted == len(events) and sink.stats.lost == 3 * len(events)
+    assert "exporter process ended" in sink.stats.last_error

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
 
 log = logging.getLogger("oisp.sinks")
+_last: tuple[Any, bytes] | None = None  # the event last serialized, and its bytes
+
+
+def event_json(event: dict[str, Any]) -> bytes:
+    """The event as one line of JSON (no newline). FanOut hands the same event to each sink
+    in turn, so the last one serialized is kept: the JSONL and OTLP sinks share one
+    encoding. Sinks never change the events they are given."""
+    global _last
+    last = _last
+    if last is not None and last[0] is event:
+        return last[1]
+    line = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+    _last = (event, line)
+    return line
 
 
 @dataclass

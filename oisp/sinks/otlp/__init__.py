@@ -3,6 +3,7 @@ records (the OISP events themselves) and metrics, exported with the OpenTelemetr
 
 from oisp.sinks.otlp.config import OtlpConfigError, Target, resolve
 from oisp.sinks.otlp.semconv import SEMCONV_VERSION
+from oisp.sinks.otlp.exporter import OtlpExporter
 from oisp.sinks.otlp.sink import OtlpSink
 
-__all__ = ["OtlpConfigError", "OtlpSink", "SEMCONV_VERSION", "Target", "resolve"]
+__all__ = ["OtlpConfigError", "OtlpExporter", "OtlpSink", "SEMCONV_VERSION", "Target", "resolve"]
