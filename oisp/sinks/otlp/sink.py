@@ -5,7 +5,8 @@ times what the sensor spends on a small request, and in the sensor's process it 
 held the GIL the proxy and the reflector need. So it runs in a child process
 (oisp/sinks/otlp/child.py), and here ``emit`` only queues the event's JSON line —
 the one the JSONL sink already made (oisp.sinks.base.event_json) — for a writer
-thread. A full queue, or a child that is gone, costs the event, counted. The child's
+thread, which sends what has gathered every WRITE_INTERVAL. A full queue, or a child
+that is gone, costs the event, counted. The child's
 counts come back on its stdout and are this sink's ``stats``, with the losses on this
 side added.
 """
@@ -13,11 +14,11 @@ side added.
 from __future__ import annotations
 
 import json
-import queue
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from oisp.sinks.base import event_json
@@ -25,8 +26,7 @@ from oisp.sinks.otlp.config import Target
 from oisp.sinks.otlp.exporter import CLOSE_TIMEOUT, OtlpStats
 
 QUEUE = 10_000  # lines waiting for the writer
-WRITE_BATCH = 256  # lines joined into one write
-_STOP = object()
+WRITE_INTERVAL = 0.02  # seconds between the writer's rounds
 
 
 class OtlpSink:
@@ -43,7 +43,8 @@ class OtlpSink:
         self._own_lost = 0  # dropped on this side: queue full, or the child gone
         self._sent = 0  # events written to the child
         self._child: dict[str, Any] = {}
-        self._queue: queue.Queue[Any] = queue.Queue(QUEUE)
+        self._lines: deque[bytes] = deque()  # appended by emit, taken by the writer (deque ops are atomic)
+        self._stop = threading.Event()
         self._closed = False
         # stderr is the sensor's: the child's warnings (endpoint unreachable, export failing) reach the user.
         self._proc = subprocess.Popen([sys.executable, "-m", "oisp.sinks.otlp.child"], stdin=subprocess.PIPE,
@@ -60,38 +61,31 @@ class OtlpSink:
         return f"OtlpSink({self.target.protocol} {self.display_url})"
 
     def emit(self, event: dict[str, Any]) -> None:
-        try:
-            self._queue.put_nowait(b"E" + event_json(event) + b"\n")
-        except queue.Full:
+        # A deque and no wake-up: a writer woken per event cost the sensor more than the rest of this.
+        if len(self._lines) >= QUEUE:
             with self._lock:
                 self._own_lost += 1
                 self._update()
+            return
+        self._lines.append(b"E" + event_json(event) + b"\n")
 
     def flush(self) -> None:
         """Nothing to do: the writer sends as soon as it has lines, the child batches."""
 
     def set_health(self, health: dict[str, Any]) -> None:
         """The recorder's counters, for the oisp.* metrics (dropped if the queue is full: the next one follows)."""
-        try:
-            self._queue.put_nowait(b"H" + json.dumps(health).encode() + b"\n")
-        except queue.Full:
-            pass
+        if len(self._lines) < QUEUE:
+            self._lines.append(b"H" + json.dumps(health).encode() + b"\n")
 
     def _write(self) -> None:
+        """Every WRITE_INTERVAL, whatever has queued goes to the child in one write."""
         stream = self._proc.stdin
         alive = True
         while True:
-            item = self._queue.get()
-            lines = [item]
-            while item is not _STOP and len(lines) < WRITE_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                lines.append(item)
-            stop = lines[-1] is _STOP
-            if stop:
-                lines.pop()
+            stop = self._stop.wait(WRITE_INTERVAL)
+            lines = []
+            while self._lines:
+                lines.append(self._lines.popleft())
             events = sum(1 for line in lines if line[:1] == b"E")
             if alive and lines:
                 try:
@@ -101,12 +95,12 @@ class OtlpSink:
                         self._sent += events
                 except (BrokenPipeError, OSError, ValueError):
                     alive = False
-            if not alive:
+            if not alive and events:
                 with self._lock:
                     self._own_lost += events
                     self.stats.last_error = f"the OTLP exporter process ended ({self._proc.poll()})"
                     self._update()
-            if stop:
+            if stop and not self._lines:
                 try:
                     stream.close()
                 except OSError:
@@ -141,13 +135,7 @@ class OtlpSink:
         self._closed = True
         timeout = self._close_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self._queue.put(_STOP, timeout=0.05)
-                break
-            except queue.Full:
-                if time.monotonic() >= deadline:
-                    break
+        self._stop.set()
         self._writer.join(max(0.0, deadline - time.monotonic()))
         try:
             self._proc.wait(max(0.1, deadline - time.monotonic()) + 1.0)  # the child keeps its own bound
@@ -156,7 +144,7 @@ class OtlpSink:
             self._proc.wait()
         self._reader.join(2.0)
         with self._lock:
-            self._own_lost += self._queue.qsize()  # never written
+            self._own_lost += sum(1 for line in self._lines if line[:1] == b"E")  # never written
             accounted = int(self._child.get("emitted", 0)) + int(self._child.get("lost", 0))
             self._own_lost += max(0, self._sent - accounted)  # written, never reported back
             self._update()
