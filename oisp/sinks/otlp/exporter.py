@@ -210,6 +210,7 @@ class OtlpExporter:
         except queue.Full:
             with self._lock:
                 self.stats.lost += 1
+                self.stats.last_error = "the exporter's queue was full (events came faster than they could be exported)"
 
     def flush(self) -> None:
         """Nothing to do here: the processors send a batch at least every SCHEDULE_MS, and
