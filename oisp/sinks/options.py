@@ -44,14 +44,14 @@ def sinks_from_args(args: argparse.Namespace) -> FanOut:
     url = webhook_url(args.webhook)
     if url:
         sinks.append(WebhookSink(url))
-    if args.otlp is not None:
+    if getattr(args, "otlp", None) is not None:
         from oisp.sinks.otlp import OtlpSink, config
 
         try:
-            target = config.resolve(args.otlp, args.otlp_protocol)
+            target = config.resolve(args.otlp, getattr(args, "otlp_protocol", None))
         except config.OtlpConfigError as e:
             raise SystemExit(f"oisp: {e}") from None
-        sinks.append(OtlpSink(target, content=config.content_opt_in(args.otlp_content)))
+        sinks.append(OtlpSink(target, content=config.content_opt_in(getattr(args, "otlp_content", False))))
     if (args.stdout or args.pretty) and not args.quiet:
         sinks.append(StdoutSink(pretty=args.pretty))
     if getattr(args, "ui", None) is not None:
