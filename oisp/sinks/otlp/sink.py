@@ -14,12 +14,16 @@ side added.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
+
+import oisp
 
 from oisp.sinks.base import event_json
 from oisp.sinks.otlp.config import Target
@@ -47,8 +51,11 @@ class OtlpSink:
         self._stop = threading.Event()
         self._closed = False
         # stderr is the sensor's: the child's warnings (endpoint unreachable, export failing) reach the user.
+        # The child imports the same oisp as this process, wherever that was loaded from.
+        root = str(Path(oisp.__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         self._proc = subprocess.Popen([sys.executable, "-m", "oisp.sinks.otlp.child"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, close_fds=True)
+                                      stdout=subprocess.PIPE, close_fds=True, env=env)
         settings = {"protocol": target.protocol, "base": target.base, "content": content,
                     "metric_interval_ms": metric_interval_ms, "close_timeout": max(0.5, close_timeout - 0.5)}
         self._proc.stdin.write(json.dumps(settings).encode() + b"\n")  # the base URL stays off the command line
