@@ -367,9 +367,11 @@ def test_bad_settings_are_refused_with_what_to_do() -> None:
 # --- the sink the sensor uses: the exporter in its own process ------------------------------
 
 
-def test_the_sink_exports_through_its_own_process(receiver) -> None:
+@pytest.mark.parametrize("protocol", [config.HTTP, config.GRPC])
+def test_the_sink_exports_through_its_own_process(receiver, protocol) -> None:
     events = recorded()
-    sink = OtlpSink(resolve(receiver.http_url, None), content=True, metric_interval_ms=200)
+    url = receiver.grpc_url if protocol == config.GRPC else receiver.http_url
+    sink = OtlpSink(resolve(url, protocol), content=True, metric_interval_ms=200)
     child = sink._proc
     for event in events:
         sink.emit(event)
@@ -397,3 +399,18 @@ def test_an_exporter_process_that_dies_costs_the_events_after_it_counted(receive
     sink.close(timeout=5)
     assert sink.stats.emitted == len(events) and sink.stats.lost == 3 * len(events)
     assert "exporter process ended" in sink.stats.last_error
+
+
+def test_oisp_replay_exports_a_recording(receiver, tmp_path) -> None:
+    """The command line: `oisp replay FILE --otlp URL` sends a JSONL recording's events."""
+    import subprocess
+
+    events = recorded()
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    done = subprocess.run([sys.executable, "-m", "oisp", "replay", str(path), "--otlp", receiver.http_url, "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"replayed {len(events)} events; 0 unreadable lines; 0 lost by sinks" in done.stderr
+    assert sorted(r["event"]["event_id"] for r in receiver.logs()) == sorted(e["event_id"] for e in events)
+    assert len(receiver.spans()) == len(CASES)

@@ -201,6 +201,9 @@ async def _record(args) -> int:
     if otlp is not None:
         print(f"oisp record: exporting OTLP ({otlp.target.protocol}) to {otlp.display_url}"
               f"{' with content' if otlp.content else ''}", file=sys.stderr, flush=True)
+        if args.redaction == "minimal":
+            print("oisp record: warning: --redaction minimal scrubs no secrets, and --otlp sends the events to "
+                  "another machine", file=sys.stderr, flush=True)
 
         def otlp_health() -> None:  # read here, on the recorder's loop; the metric reader's thread reads the copy
             engine = redirector.counters()["reflector"].get("engine", {})
