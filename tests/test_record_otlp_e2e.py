@@ -133,6 +133,7 @@ def test_sdk_calls_become_spans_logs_and_metrics_equal_to_the_jsonl(otlp_lab) ->
         assert a[sc.PROCESS_PID] in pids[data["provider"]["name"]]
         assert a[sc.PROCESS_EXECUTABLE_NAME] == response["process"]["name"]
         assert a[sc.PROCESS_COMMAND_LINE] == response["process"]["cmdline"]
+        assert a[sc.USER_NAME] == response["process"]["user"] == "root"
         assert span["resource"]["service.name"] == "oisp"
         if request["data"]["streaming"]:
             assert a[sc.RESPONSE_TIME_TO_FIRST_CHUNK] == data["time_to_first_token_ms"] / 1000

@@ -414,3 +414,37 @@ def test_oisp_replay_exports_a_recording(receiver, tmp_path) -> None:
     assert f"replayed {len(events)} events; 0 unreadable lines; 0 lost by sinks" in done.stderr
     assert sorted(r["event"]["event_id"] for r in receiver.logs()) == sorted(e["event_id"] for e in events)
     assert len(receiver.spans()) == len(CASES)
+
+
+ORPHAN = """
+import sys, time
+from oisp.sinks.otlp import OtlpSink, resolve
+sink = OtlpSink(resolve(sys.argv[1], None))
+sink.emit({"event_type": "network.connect", "ts": "2026-01-01T00:00:00.000000Z", "event_id": "E1", "data": {}})
+print(sink._proc.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_sensor_leaves_no_exporter_process_behind(receiver) -> None:
+    """kill -9 of the sensor: its exporter sees the end of its input, exports what it
+    holds (within the close timeout) and exits."""
+    import os
+    import signal
+    import subprocess
+
+    sensor = subprocess.Popen([sys.executable, "-c", ORPHAN, receiver.http_url], stdout=subprocess.PIPE, text=True)
+    child = int(sensor.stdout.readline())
+    wait_for(lambda: len(receiver.logs()) == 1, what="the event to be exported")
+    sensor.send_signal(signal.SIGKILL)
+    sensor.wait()
+
+    def gone() -> bool:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{child}/stat") as f:  # a zombie until init reaps it: gone too
+            return f.read().split(") ")[1][0] == "Z"
+
+    wait_for(gone, timeout=15, what="the exporter process to end")

@@ -24,15 +24,21 @@ def main() -> int:
     from oisp.sinks.otlp.exporter import OtlpExporter
 
     stdin, stdout = sys.stdin.buffer, sys.stdout
-    settings = json.loads(stdin.readline() or "{}")
+    first = stdin.readline()
+    if not first:  # the sensor ended before it said anything
+        return 0
+    settings = json.loads(first)
     exporter = OtlpExporter(Target(settings["protocol"], settings.get("base")), content=bool(settings.get("content")),
                             metric_interval_ms=settings.get("metric_interval_ms"))
     lock = threading.Lock()
 
     def report() -> None:
         with lock:
-            stdout.write(json.dumps({"stats": vars(exporter.stats)}) + "\n")
-            stdout.flush()
+            try:
+                stdout.write(json.dumps({"stats": vars(exporter.stats)}) + "\n")
+                stdout.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                pass  # the sensor is gone: what it held is still exported, nobody hears the counts
 
     done = threading.Event()
 

@@ -59,6 +59,7 @@ class OtlpSink:
         settings = {"protocol": target.protocol, "base": target.base, "content": content,
                     "metric_interval_ms": metric_interval_ms, "close_timeout": max(0.5, close_timeout - 0.5)}
         self._proc.stdin.write(json.dumps(settings).encode() + b"\n")  # the base URL stays off the command line
+        self._proc.stdin.flush()  # the child starts exporting (health, the reachability check) before any event
         self._writer = threading.Thread(target=self._write, name="oisp-otlp-writer", daemon=True)
         self._reader = threading.Thread(target=self._read, name="oisp-otlp-reader", daemon=True)
         self._writer.start()
