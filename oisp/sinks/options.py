@@ -24,7 +24,7 @@ def add_sink_arguments(parser: argparse.ArgumentParser, *, default_stdout: bool,
                    help="OTLP transport (default: $OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf)")
     g.add_argument("--otlp-content", action="store_true",
                    help="also export conversation content (messages, completions, tools) over OTLP, redacted "
-                        "(default: only hashes of it; also $OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true)")
+                        "(default: only its length; also $OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true)")
     g.add_argument("--stdout", action="store_true", default=default_stdout, help="print events as JSON lines" + (" (default)" if default_stdout else ""))
     g.add_argument("--pretty", action="store_true", help="print one readable line per event instead of JSON")
     g.add_argument("--quiet", action="store_true", help="print nothing to stdout")
