@@ -448,3 +448,19 @@ def test_a_killed_sensor_leaves_no_exporter_process_behind(receiver) -> None:
             return f.read().split(") ")[1][0] == "Z"
 
     wait_for(gone, timeout=15, what="the exporter process to end")
+
+
+def test_odd_events_cost_themselves_only(receiver) -> None:
+    """Events a replayed file may hold (no ts, a bad ts, no data): each is counted lost, and
+    the ones after them still go."""
+    good = recorded(["openai_chat_json"])
+    odd = [{"event_type": "ai.request"}, {"event_type": "network.flow", "ts": "yesterday"},
+           {"event_type": "ai.response", "ts": "2026-01-01T00:00:00.000000Z", "data": None}]
+    sink = OtlpExporter(resolve(receiver.http_url, None), notify=lambda _: None)
+    for event in odd * 3 + good:
+        sink.emit(event)
+    sink.close(timeout=10)
+    assert sink.stats.emitted == len(good) + 3  # the data-less response still is an event, logged
+    assert sink.stats.lost == 6 and sink.stats.errors == 6
+    assert sorted(r["event"].get("event_id", "") for r in receiver.logs())[-len(good):] == sorted(
+        e["event_id"] for e in good)

@@ -319,6 +319,9 @@ class OtlpExporter:
             self._end_unanswered(rid)
 
     def _log(self, shown: dict[str, Any], span) -> None:
+        # Everything that can fail on an odd event first: a record counted as handed must reach the processor.
+        timestamp, text = mapping.timestamp_ns(shown["ts"]), mapping.body(shown)
+        failed = shown.get("event_type") == "ai.response" and not (shown.get("data") or {}).get("success", True)
         tally = self._tallies["logs"]
         with self._lock:
             room = tally.undelivered < LOG_QUEUE
@@ -328,11 +331,10 @@ class OtlpExporter:
                 self.stats.lost += 1
         if not room:
             return
-        failed = shown.get("event_type") == "ai.response" and not (shown.get("data") or {}).get("success", True)
-        self._logger.emit(timestamp=mapping.timestamp_ns(shown["ts"]), observed_timestamp=time.time_ns(),
+        self._logger.emit(timestamp=timestamp, observed_timestamp=time.time_ns(),
                           context=trace.set_span_in_context(span) if span is not None else None,
                           severity_number=SeverityNumber.WARN if failed else SeverityNumber.INFO,
-                          severity_text="WARN" if failed else "INFO", body=mapping.body(shown),
+                          severity_text="WARN" if failed else "INFO", body=text,
                           event_name=str(shown.get("event_type") or "oisp.event"))
 
     # -- metrics ----------------------------------------------------------------------------------
