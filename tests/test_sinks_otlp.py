@@ -167,7 +167,7 @@ def test_log_records_are_the_events_themselves_with_content_when_opted_in(receiv
             assert spans[record["span_id"]]["attributes"]["oisp.request_id"] == record["event"]["data"]["request_id"]
 
 
-def test_without_opt_in_content_is_hashed_and_the_rest_equal(receiver) -> None:
+def test_without_opt_in_content_is_only_its_length_and_the_rest_equal(receiver) -> None:
     events = planted_case_events()
     export(receiver, events)
     raw = receiver.raw()
