@@ -75,7 +75,7 @@ def main() -> None:
         for i in range(args.rounds):
             order = ["plain", "otlp"] if i % 2 == 0 else ["otlp", "plain"]
             for mode in order:
-                pid = lab.start_oisp(options=modes[mode])
+                pid = lab.start_oisp(extra=modes[mode])
                 try:
                     for w in workloads:
                         kids = children(pid)  # the OTLP sink's exporter process

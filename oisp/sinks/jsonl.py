@@ -8,7 +8,7 @@ from typing import Any
 
 from oisp.paths import default_events_path
 from oisp.safefile import open_private_file
-from oisp.sinks.base import SinkStats, event_json
+from oisp.sinks.base import SinkStats, encode_event
 
 
 class JsonlSink:
@@ -23,7 +23,10 @@ class JsonlSink:
         self._size = self._fh.tell()
 
     def emit(self, event: dict[str, Any]) -> None:
-        line = event_json(event) + b"\n"
+        self.emit_line(event, encode_event(event))
+
+    def emit_line(self, event: dict[str, Any], line: bytes) -> None:
+        line += b"\n"
         if self._size and self._size + len(line) > self.max_bytes:
             self._rotate()
         self._fh.write(line)

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from oisp.events.redact import hash_content
+from oisp.sinks.base import encode_event
 from oisp.sinks.otlp import semconv as sc
 
 Attributes = dict[str, Any]
@@ -99,7 +100,7 @@ def body(event: dict[str, Any]) -> str:
     """A log record's body: the event as JSON text, the same as its JSONL line. One string
     encodes far faster than the event as nested OTLP values (which cost more CPU than the
     rest of the sensor per request), and a collector parses it back (e.g. ParseJSON)."""
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    return encode_event(event).decode()
 
 
 def provider_name(data: dict[str, Any]) -> str:

@@ -3,9 +3,9 @@
 The exporter (spans, log records, metrics through the OpenTelemetry SDK) costs several
 times what the sensor spends on a small request, and in the sensor's process it also
 held the GIL the proxy and the reflector need. So it runs in a child process
-(oisp/sinks/otlp/child.py), and here ``emit`` only queues the event's JSON line —
-the one the JSONL sink already made (oisp.sinks.base.event_json) — for a writer
-thread, which sends what has gathered every WRITE_INTERVAL. A full queue, or a child
+(oisp/sinks/otlp/child.py), and here ``emit_line`` only queues the event's JSON line —
+the one FanOut made once for every line-based sink (oisp.sinks.base.encode_event) —
+for a writer thread, which sends what has gathered every WRITE_INTERVAL. A full queue, or a child
 that is gone, costs the event, counted. The child's
 counts come back on its stdout and are this sink's ``stats``, with the losses on this
 side added.
@@ -25,7 +25,7 @@ from typing import Any
 
 import oisp
 
-from oisp.sinks.base import event_json
+from oisp.sinks.base import encode_event
 from oisp.sinks.otlp.config import Target
 from oisp.sinks.otlp.exporter import CLOSE_TIMEOUT, OtlpStats
 
@@ -69,13 +69,17 @@ class OtlpSink:
         return f"OtlpSink({self.target.protocol} {self.display_url})"
 
     def emit(self, event: dict[str, Any]) -> None:
+        self.emit_line(event, encode_event(event))
+
+    def emit_line(self, event: dict[str, Any], line: bytes) -> None:
+        """FanOut's call, with the line it made once for every line-based sink."""
         # A deque and no wake-up: a writer woken per event cost the sensor more than the rest of this.
         if len(self._lines) >= QUEUE:
             with self._lock:
                 self._own_lost += 1
                 self._update()
             return
-        self._lines.append(b"E" + event_json(event) + b"\n")
+        self._lines.append(b"E" + line + b"\n")
 
     def flush(self) -> None:
         """Nothing to do: the writer sends as soon as it has lines, the child batches."""
