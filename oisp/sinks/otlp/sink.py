@@ -3,12 +3,11 @@
 The exporter (spans, log records, metrics through the OpenTelemetry SDK) costs several
 times what the sensor spends on a small request, and in the sensor's process it also
 held the GIL the proxy and the reflector need. So it runs in a child process
-(oisp/sinks/otlp/child.py), and here ``emit_line`` only queues the event's JSON line —
-the one FanOut made once for every line-based sink (oisp.sinks.base.encode_event) —
-for a writer thread, which sends what has gathered every WRITE_INTERVAL. A full queue, or a child
-that is gone, costs the event, counted. The child's
-counts come back on its stdout and are this sink's ``stats``, with the losses on this
-side added.
+(oisp/sinks/otlp/child.py), and here ``emit_line`` only queues the event's JSON line
+(the one FanOut made once for every line-based sink, oisp.sinks.base.encode_event)
+for a writer thread, which sends what has gathered every WRITE_INTERVAL. A full queue,
+or a child that is gone, costs the event, counted. The child's counts come back on its
+stdout and are this sink's ``stats``, with the losses on this side added.
 """
 
 from __future__ import annotations
