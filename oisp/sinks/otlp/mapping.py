@@ -46,7 +46,7 @@ def timestamp_ns(ts: str) -> int:
 
 
 def without_content(event: dict[str, Any]) -> dict[str, Any]:
-    """The event with its content hashed away. The caller's event is left alone: only the
+    """The event with its content replaced by its length. The caller's event is left alone: only the
     containers on the way to content are copied (a deep copy cost more than the export)."""
     shown = dict(event)
     process = shown.pop("process", None)
