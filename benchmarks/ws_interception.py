@@ -52,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "interception"))
 
-from interception import RATE, Lab, attribute, cpu_seconds, log, machine  # noqa: E402
+from interception import RATE, Lab, attribute, cpu_seconds, log, machine, thread_cpu  # noqa: E402
 from lean_client import STREAM_CHUNKS  # noqa: E402
 from lean_provider import CHAT_BODY, stream_events  # noqa: E402
 from lean_provider import USAGE as SSE_USAGE  # noqa: E402
@@ -117,7 +117,9 @@ def profile(lab: Lab, pyspy: str, tmp: Path, n: int) -> dict:
         lab.processes.append(spy)
         try:
             time.sleep(1.0)  # py-spy attached before the traffic starts
+            threads0 = thread_cpu(pid)
             r = run_workload(lab, workload, n, 0.0)
+            threads1 = thread_cpu(pid)
         finally:
             spy.send_signal(signal.SIGINT)
             try:
@@ -127,7 +129,12 @@ def profile(lab: Lab, pyspy: str, tmp: Path, n: int) -> dict:
             lab.stop_oisp()
         if not raw.exists():
             raise RuntimeError(f"py-spy wrote nothing: {spy.stderr.read()[-2000:]}")
-        out[workload] = {**attribute(raw), "cpu_ms": r["cpu_ms"], "messages": r["units"]}
+        # py-spy --nonblocking cannot tell a thread waiting in native code from a busy one: the
+        # threads' own CPU says where the time really went.
+        threads = sorted(((threads1[t] - threads0.get(t, 0.0), "main (event loop)" if t == pid else f"tid {t}")
+                          for t in threads1), reverse=True)
+        out[workload] = {**attribute(raw), "cpu_ms": r["cpu_ms"], "messages": r["units"],
+                         "threads": [(name, round(c, 3)) for c, name in threads if c > 0.005]}
     return out
 
 
@@ -278,8 +285,15 @@ def report(data: dict) -> str:
     for w, prof in data["profiles"].items():
         total = prof["total"] or 1
         p("")
+        cpu_s = prof["cpu_ms"] / 1000
         p(f"py-spy of oisp record, {w} ({prof['messages']} messages, {prof['cpu_ms']:.0f} ms CPU, {total} samples "
-          f"at {RATE} Hz): by innermost oisp package (inclusive)")
+          f"at {RATE} Hz)")
+        p("  CPU s by thread: " + ", ".join(f"{name} {c:.2f}" for name, c in prof["threads"]))
+        for pkg in ("decode", "events"):
+            busy = prof["by_pkg"].get(pkg, 0) / RATE
+            p(f"  in oisp/{pkg}: {busy:.2f} s of samples = {busy / max(cpu_s, 1e-9) * 100:.1f} % of the process CPU, "
+              f"{busy * 1e6 / prof['messages']:.1f} us/message")
+        p("  by innermost oisp package on the stack (inclusive; py-spy counts native waits as busy):")
         for pkg, c in list(prof["by_pkg"].items())[:10]:
             p(f"    {pkg:40} {c * 100 / total:5.1f} %")
         p("  top leaf functions (self):")
