@@ -28,7 +28,7 @@ So that a broken decode cannot look cheap, the events oisp wrote are checked aft
 the rounds: one ai.request and one ai.response per response.create (and per SSE
 request), each response with the answer's whole text and exact usage, and one
 network.flow per socket whose message counts are what the client sent and got, with
-no decode errors. --profile adds an untimed turn per WebSocket workload under py-spy
+no decode errors. --profile adds an untimed turn per workload under py-spy
 (benchmarks/interception.py's attribution: the share in oisp/decode and oisp/events).
 """
 
@@ -106,9 +106,9 @@ def idle(pid: int) -> float:
 
 
 def profile(lab: Lab, pyspy: str, tmp: Path, n: int) -> dict:
-    """An untimed oisp turn per WebSocket workload under py-spy (--nonblocking)."""
+    """An untimed oisp turn per workload under py-spy (--nonblocking)."""
     out = {}
-    for workload in WS_WORKLOADS:
+    for workload in WORKLOADS:
         pid = lab.start_oisp()
         raw = tmp / f"pyspy-{workload}.txt"
         spy = subprocess.Popen([pyspy, "record", "--pid", str(pid), "--nonblocking", "--rate", str(RATE),
@@ -306,7 +306,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--n", type=int, default=10, help="answers per workload per round, on one connection")
-    parser.add_argument("--profile", action="store_true", help="add an untimed py-spy turn per WebSocket workload")
+    parser.add_argument("--profile", action="store_true", help="add an untimed py-spy turn per workload")
     parser.add_argument("--py-spy", help="the py-spy binary (default: on PATH, or /tmp/wsbench-venv, /tmp/mitm-venv)")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--keep-tmp", action="store_true")
