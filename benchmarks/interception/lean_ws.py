@@ -18,6 +18,7 @@ can check what oisp recorded.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import deque
 
@@ -60,20 +61,26 @@ def pieces(n: int) -> list[str]:
     return [f"w{i} " for i in range(n)]
 
 
+@functools.lru_cache(maxsize=4)
+def _deltas(n: int) -> tuple[str, ...]:
+    """The delta messages, made once per count: building 500 of them takes milliseconds, which
+    would otherwise come before every answer's first message."""
+    return tuple(json.dumps({"type": "response.output_text.delta", "sequence_number": i + 1, "item_id": ITEM,
+                             "output_index": 0, "content_index": 0, "delta": piece, "logprobs": []})
+                 for i, piece in enumerate(pieces(n)))
+
+
 def answer(number: int, n: int) -> list[str]:
     """The server messages answering a socket's response.create number `number` (1, 2, …)."""
     rid = f"resp_lean{number:04d}"
     head = {"id": rid, "object": "response", "created_at": 1763769600, "status": "in_progress", "model": MODEL,
             "output": [], "usage": None}
-    out = [{"type": "response.created", "sequence_number": 0, "response": head}]
-    out += [{"type": "response.output_text.delta", "sequence_number": i + 1, "item_id": ITEM, "output_index": 0,
-             "content_index": 0, "delta": piece, "logprobs": []} for i, piece in enumerate(pieces(n))]
     text = "".join(pieces(n))
     done = {**head, "status": "completed", "usage": USAGE,
             "output": [{"id": ITEM, "type": "message", "status": "completed", "role": "assistant",
                         "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}]}
-    out.append({"type": "response.completed", "sequence_number": n + 1, "response": done})
-    return [json.dumps(m) for m in out]
+    return [json.dumps({"type": "response.created", "sequence_number": 0, "response": head}), *_deltas(n),
+            json.dumps({"type": "response.completed", "sequence_number": n + 1, "response": done})]
 
 
 class ServerSocket:
