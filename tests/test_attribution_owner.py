@@ -1,0 +1,236 @@
+"""A flow's owner is a process shown to hold its socket, or unknown; never the previous
+user of the port, a process the events merely named, or one that started later.
+
+Real sockets on loopback and real child processes (Linux: /proc and sock_diag); the
+platforms without /proc are driven with events built here (ProcessResolver(verify=False)),
+with real pids for the processes the events name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from oisp.divert.constants import Event
+from oisp.divert.engine import FlowEvent
+from oisp.redirect import holders
+from oisp.redirect.flows import FlowEntry, FlowTable
+from oisp.redirect.processes import ProcessResolver
+
+LOOPBACK = "127.0.0.1"
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+# A child that connects from a given local port to a given server, says so, and waits.
+CONNECTOR = """
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.connect(("127.0.0.1", int(sys.argv[2])))
+print("connected", flush=True)
+time.sleep(30)
+"""
+SLEEPER = "import sys, time; print('up', flush=True); time.sleep(30)"
+
+
+@pytest.fixture
+def servers():
+    made = [socket.create_server((LOOPBACK, 0)) for _ in range(2)]
+    yield made
+    for server in made:
+        server.close()
+
+
+@pytest.fixture
+def children():
+    started = []
+
+    def start(code: str, *argv, **popen) -> subprocess.Popen:
+        child = subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], stdout=subprocess.PIPE, text=True,
+                                 **popen)
+        started.append(child)
+        assert child.stdout.readline()  # it is there, with its socket if it makes one
+        return child
+
+    yield start
+    for child in started:
+        child.kill()
+        child.wait()
+
+
+def _port(sock) -> int:
+    return sock.getsockname()[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return _port(probe)
+
+
+def event(kind: Event, pid: int, local_port: int, remote_port: int, local=LOOPBACK) -> FlowEvent:
+    return FlowEvent(event=kind, pid=pid, protocol=socket.IPPROTO_TCP, local=ipaddress.ip_address(local),
+                     local_port=local_port, remote=ipaddress.ip_address(LOOPBACK), remote_port=remote_port,
+                     outbound=True, timestamp=0, endpoint_id=0, parent_endpoint_id=0)
+
+
+@linux
+def test_a_port_reused_by_another_process_is_not_named_after_its_previous_user(servers, children):
+    """Main named this process for the child's connection: the owner of a local port
+    was cached by the port alone and never let go without SOCKET/FLOW events."""
+    a, b = (_port(s) for s in servers)
+    port = _free_port()
+    resolver = ProcessResolver()
+    mine = socket.socket()
+    mine.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    mine.bind((LOOPBACK, port))
+    mine.connect((LOOPBACK, a))
+    assert resolver.owner(LOOPBACK, port, LOOPBACK, a)[0] == os.getpid()
+    mine.close()  # we close first: (port, a) waits in TIME_WAIT, the port is free for others
+    child = children(CONNECTOR, port, b)
+    assert resolver.confirms(LOOPBACK, port, LOOPBACK, b, os.getpid()) is False
+    assert resolver.owner(LOOPBACK, port, LOOPBACK, b, since=time.time())[0] == child.pid
+    assert resolver.confirms(LOOPBACK, port, LOOPBACK, b, child.pid) is True
+    # The closed connection has no socket to hold any more: unknown, not its last owner.
+    assert resolver.owner(LOOPBACK, port, LOOPBACK, a) == (None, None)
+    assert resolver.counts["socket_gone"] == 1
+
+
+@linux
+def test_a_candidate_the_events_name_is_refused_unless_it_holds_the_socket(servers, children):
+    """Main took an owning event's pid as the answer, so a late event of the port's
+    previous user (or a CONNECT of the last client to that server) named it."""
+    server = _port(servers[0])
+    other = children(SLEEPER)  # alive, started earlier: only holding the socket tells it apart
+    resolver = ProcessResolver()
+    with socket.create_connection((LOOPBACK, server)) as mine:
+        resolver._note_events([event(Event.FLOW_ESTABLISHED, other.pid, _port(mine), server),
+                               event(Event.SOCKET_CONNECT, other.pid, 0, server)])
+        # Only the candidates the events name (as on a SYN): none holds it, so none is given.
+        assert resolver.owner(LOOPBACK, _port(mine), LOOPBACK, server, since=time.time(), guess=True,
+                              use_psutil=False) == (None, None)
+        assert resolver.counts["refused"] == 1  # one pid, named twice
+        pid, name = resolver.owner(LOOPBACK, _port(mine), LOOPBACK, server, since=time.time())
+        assert pid == os.getpid() and name
+        assert resolver.counts["by_proc_scan"] == 1
+
+
+@linux
+def test_a_holder_that_started_after_the_connection_is_not_its_owner(servers, children):
+    """A child given the socket later (inherited, passed) holds it too, but did not make
+    the connection: with only it left, the owner is unknown."""
+    server = _port(servers[0])
+    mine = socket.create_connection((LOOPBACK, server))
+    connected = time.time()
+    time.sleep(0.1)  # well past the start times' resolution (a clock tick)
+    child = children(SLEEPER, pass_fds=(mine.fileno(),))
+    port = _port(mine)
+    mine.close()  # the child's inherited copy is the only one left
+    resolver = ProcessResolver()
+    assert resolver.owner(LOOPBACK, port, LOOPBACK, server, since=connected) == (None, None)
+    assert resolver.counts["refused"] == 1
+    assert resolver.owner(LOOPBACK, port, LOOPBACK, server, since=time.time())[0] == child.pid
+
+
+def test_started_is_read_from_proc_past_a_name_with_parentheses(children):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    child = children("import ctypes, sys, time; ctypes.CDLL(None).prctl(15, b'a) b (c', 0, 0, 0); "
+                     "print('up', flush=True); time.sleep(30)")
+    assert open(f"/proc/{child.pid}/comm").read().strip() == "a) b (c"
+    before = holders.since_boot(time.time())
+    assert before - 5 < holders.started(child.pid) <= before + holders.START_SLACK
+    assert holders.started(child.pid + 10_000_000) is None  # above pid_max: no such process
+
+
+# -- without /proc: the events, bound to the connection ---------------------------------
+
+def test_without_proc_an_event_of_the_connection_before_does_not_name_a_new_one(children):
+    """The previous connection on this four-tuple (its end not seen yet) noted its owner a
+    second before the new flow's SYN: not this flow's. The new connection's own event
+    counts; an ended socket's never does."""
+    resolver = ProcessResolver(verify=False)
+    old, new = children(SLEEPER), children(SLEEPER)
+    syn = time.time()
+    now = time.monotonic()
+    resolver._note_events([event(Event.FLOW_ESTABLISHED, old.pid, 40000, 443)], now=now - 1.0)
+    assert resolver.owner(LOOPBACK, 40000, LOOPBACK, 443, since=syn, guess=True, use_psutil=False) == (None, None)
+    resolver._note_events([event(Event.FLOW_ESTABLISHED, new.pid, 40000, 443)], now=now)
+    assert resolver.owner(LOOPBACK, 40000, LOOPBACK, 443, since=syn, use_psutil=False)[0] == new.pid
+    resolver._note_events([event(Event.FLOW_DELETED, new.pid, 40000, 443)], now=now)
+    assert resolver.owner(LOOPBACK, 40000, LOOPBACK, 443, since=syn, use_psutil=False) == (None, None)
+
+
+def test_without_proc_a_wildcard_bound_connect_names_its_flow():
+    resolver = ProcessResolver(verify=False)
+    syn = time.time()
+    resolver._note_events([event(Event.SOCKET_CONNECT, os.getpid(), 40002, 443, local="0.0.0.0")])
+    assert resolver.owner(LOOPBACK, 40002, LOOPBACK, 443, since=syn, use_psutil=False)[0] == os.getpid()
+
+
+def test_without_proc_only_a_connect_at_the_syn_is_a_guess(children):
+    """The last client's CONNECT to the same server, a second before this SYN, is not a
+    guess for it (main took any CONNECT of the last two seconds)."""
+    resolver = ProcessResolver(verify=False)
+    before, now = children(SLEEPER), children(SLEEPER)
+    syn = time.time()
+    resolver._note_events([event(Event.SOCKET_CONNECT, before.pid, 0, 443)], now=time.monotonic() - 1.0)
+    assert resolver.owner(LOOPBACK, 40001, LOOPBACK, 443, since=syn, guess=True, use_psutil=False) == (None, None)
+    resolver._note_events([event(Event.SOCKET_CONNECT, now.pid, 0, 443)])
+    assert resolver.owner(LOOPBACK, 40001, LOOPBACK, 443, since=syn, guess=True, use_psutil=False)[0] == now.pid
+
+
+def test_without_proc_an_exited_or_later_process_is_refused(children):
+    resolver = ProcessResolver(verify=False)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    resolver._note_events([event(Event.FLOW_ESTABLISHED, int(gone.stdout), 40003, 443)])
+    assert resolver.owner(LOOPBACK, 40003, LOOPBACK, 443, since=time.time() - 0.1,
+                          use_psutil=False) == (None, None)
+    # psutil's start times rest on a boot time in whole seconds here: a wide margin.
+    later = children(SLEEPER)
+    resolver._note_events([event(Event.FLOW_ESTABLISHED, later.pid, 40004, 443)])
+    assert resolver.owner(LOOPBACK, 40004, LOOPBACK, 443, since=time.time() - 3.0,
+                          use_psutil=False) == (None, None)
+    assert resolver.counts["refused"] == 2
+
+
+# -- the flow table ----------------------------------------------------------------------
+
+def _entry(pid=None, name=None, created=None):
+    entry = FlowEntry(ipaddress.ip_address("10.0.0.1"), 40000, ipaddress.ip_address("10.0.0.2"), 443, 8443, pid, name)
+    if created is not None:
+        entry.created = created
+    return entry
+
+
+def test_an_ended_entry_is_not_taken_for_the_new_connection_on_its_port():
+    """The proxy accepted the new connection before the ring's flow for it was adopted:
+    main answered with the lingering entry of the previous one, and its owner."""
+    table = FlowTable()
+    old = table.open(_entry(pid=7, name="python"))
+    table.touch([(old.key, 4)])  # RST: it ended, and lingers
+    new = _entry(pid=8, name="python")
+    table.on_miss = lambda: table.open(new) if table.get(new.key) is old else None
+    assert table.lookup("10.0.0.2", 40000, 8443) is new
+
+
+def test_an_owner_the_kernel_does_not_confirm_is_named_again():
+    named = []
+
+    def owner(client, port, server, server_port, since=None):
+        named.append(since)
+        return 8, "curl"
+
+    table = FlowTable(owner=owner, confirm=lambda client, port, server, server_port, pid: pid == 8)
+    stale = table.open(_entry(pid=7, name="python", created=1234.5))
+    found = table.lookup("10.0.0.2", 40000, 8443, name_owner=False)
+    assert (found.pid, found.process_name) == (None, None) and not named  # not named on the event loop
+    found = table.lookup("10.0.0.2", 40000, 8443)
+    assert (found.pid, found.process_name) == (8, "curl") and named == [1234.5]  # bound by the flow's start
+    assert table.lookup("10.0.0.2", 40000, 8443) is stale and len(named) == 1  # confirmed: kept
