@@ -234,3 +234,36 @@ def test_an_owner_the_kernel_does_not_confirm_is_named_again():
     found = table.lookup("10.0.0.2", 40000, 8443)
     assert (found.pid, found.process_name) == (8, "curl") and named == [1234.5]  # bound by the flow's start
     assert table.lookup("10.0.0.2", 40000, 8443) is stale and len(named) == 1  # confirmed: kept
+
+
+# -- what the events say ------------------------------------------------------------------
+
+def _recorded(pid):
+    import json
+
+    from oisp.decode import Direction, FlowContext
+    from oisp.events import FlowRecorder
+
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    reply = json.dumps({"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "yo"}, "finish_reason": "stop"}]}).encode()
+    rec = FlowRecorder(FlowContext(("10.0.0.1", 40000), ("10.0.0.2", 443), 0.0, pid=pid, sni="api.openai.com",
+                                   tls_version="TLSv1.3", alpn="http/1.1"))
+    events = rec.start()
+    events += rec.feed(Direction.REQUEST, b"POST /v1/chat/completions HTTP/1.1\r\nhost: api.openai.com\r\n"
+                       b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body), 0.5)
+    events += rec.feed(Direction.RESPONSE, b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                       b"content-length: %d\r\n\r\n%s" % (len(reply), reply), 0.6)
+    return events + rec.close(1.0)
+
+
+def test_an_event_without_a_pid_says_the_process_is_unknown():
+    unknown, known = _recorded(None), _recorded(os.getpid())
+    assert {e["event_type"] for e in unknown} >= {"network.connect", "ai.request", "ai.response", "network.flow"}
+    for event in unknown:
+        assert event.get("process") is None
+        assert event["confidence"]["process_attribution"] == "unknown"
+        assert "process_unknown" in event["confidence"]["limitations"]
+    for event in known:
+        assert event["process"]["pid"] == os.getpid()
+        assert "process_unknown" not in event["confidence"].get("limitations", ())
