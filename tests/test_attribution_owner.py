@@ -26,13 +26,15 @@ from oisp.redirect.processes import ProcessResolver
 LOOPBACK = "127.0.0.1"
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
-# A child that connects from a given local port to a given server, says so, and waits.
+# A child that connects from a local port (on the loopback address of the server's
+# family) to a server, says so, and waits. argv: local port, server address, server port.
 CONNECTOR = """
 import socket, sys, time
-s = socket.socket()
+v6 = ":" in sys.argv[2]
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1])))
-s.connect(("127.0.0.1", int(sys.argv[2])))
+s.bind(("::1" if v6 else "127.0.0.1", int(sys.argv[1])))
+s.connect((sys.argv[2], int(sys.argv[3])))
 print("connected", flush=True)
 time.sleep(30)
 """
@@ -93,7 +95,7 @@ def test_a_port_reused_by_another_process_is_not_named_after_its_previous_user(s
     mine.connect((LOOPBACK, a))
     assert resolver.owner(LOOPBACK, port, LOOPBACK, a)[0] == os.getpid()
     mine.close()  # we close first: (port, a) waits in TIME_WAIT, the port is free for others
-    child = children(CONNECTOR, port, b)
+    child = children(CONNECTOR, port, LOOPBACK, b)
     assert resolver.confirms(LOOPBACK, port, LOOPBACK, b, os.getpid()) is False
     assert resolver.owner(LOOPBACK, port, LOOPBACK, b, since=time.time())[0] == child.pid
     assert resolver.confirms(LOOPBACK, port, LOOPBACK, b, child.pid) is True
@@ -267,3 +269,33 @@ def test_an_event_without_a_pid_says_the_process_is_unknown():
     for event in known:
         assert event["process"]["pid"] == os.getpid()
         assert "process_unknown" not in event["confidence"].get("limitations", ())
+
+
+@linux
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_the_proc_scan_tells_apart_two_connections_on_one_local_port(children, monkeypatch, family):
+    """Two processes connect from one local port to one port of two server addresses
+    (Linux allows it): without sock_diag, /proc/net/tcp* must be matched on both ends,
+    addresses included, or one process is named for the other's connection."""
+    from oisp.redirect import sock_diag
+
+    here, there = ("127.0.0.1", "127.0.0.2") if family == socket.AF_INET else ("::1", "::1")
+    a = socket.create_server((here, 0), family=family)
+    b = socket.create_server((there, _port(a) if family == socket.AF_INET else 0), family=family)
+    port = _free_port() if family == socket.AF_INET else 0
+    mine = socket.socket(family)
+    mine.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    mine.bind((here, port))
+    mine.connect((here, _port(a)))
+    port = _port(mine)
+    # IPv4: the same server port on another address; IPv6 (one loopback address): another port.
+    server, server_port = there, _port(b)
+    with a, b, mine:
+        child = children(CONNECTOR, port, server, server_port)
+        assert holders.socket_inode(here, port, server, server_port) == sock_diag.tcp_inode(here, port, server,
+                                                                                             server_port)
+        assert holders.socket_inode(here, port, here, _port(a)) == sock_diag.tcp_inode(here, port, here, _port(a))
+        monkeypatch.setattr(sock_diag, "available", lambda: False)
+        resolver = ProcessResolver()
+        assert resolver.owner(here, port, server, server_port)[0] == child.pid
+        assert resolver.owner(here, port, here, _port(a))[0] == os.getpid()

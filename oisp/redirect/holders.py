@@ -11,7 +11,9 @@ so it is not the process that connected.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import struct
 import time
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -84,22 +86,40 @@ def pids_newest_first(exclude=frozenset()) -> list[int]:
         return []
 
 
-def socket_inode(local_port: int, remote_port: int | None = None) -> int | None:
-    """The inode of the local TCP socket on `local_port` (connected to `remote_port`, when
-    given) from /proc/net/tcp and tcp6: the fallback for sock_diag's exact lookup, some
-    500x slower with 2000 sockets in TIME_WAIT. Listeners and sockets without an inode
-    (TIME_WAIT) are skipped."""
-    local = f":{local_port:04X}"
-    remote = f":{remote_port:04X}" if remote_port is not None else None
+def socket_inode(local_addr, local_port: int, remote_addr=None, remote_port: int | None = None) -> int | None:
+    """The inode of the TCP socket with this local end (and remote end, when given) from
+    /proc/net/tcp and tcp6: the fallback for sock_diag's exact lookup, some 500x slower
+    with 2000 sockets in TIME_WAIT. Both addresses are matched, not the ports alone: a
+    local port may serve connections to different servers at once, from different
+    processes. Listeners and sockets without an inode (TIME_WAIT) are skipped."""
+    locals_ = {f"{text}:{local_port:04X}" for text in _proc_forms(local_addr)}
+    remotes = None if remote_addr is None or remote_port is None else \
+        {f"{text}:{remote_port:04X}" for text in _proc_forms(remote_addr)}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
                 next(f)
                 for line in f:
                     fields = line.split()
-                    if fields[1].endswith(local) and (remote is None or fields[2].endswith(remote)) \
+                    if fields[1] in locals_ and (remotes is None or fields[2] in remotes) \
                             and fields[3] != "0A" and fields[9] != "0":  # 0A: LISTEN
                         return int(fields[9])
         except (OSError, StopIteration, IndexError, ValueError):
             continue
     return None
+
+
+def _proc_forms(address) -> set[str]:
+    """How /proc/net/tcp* writes an address: each 32-bit word in host byte order, in hex.
+    An IPv4 address also appears IPv4-mapped in tcp6 (a dual-stack socket)."""
+    address = ipaddress.ip_address(str(address).split("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    if address.version == 4:
+        mapped = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)
+        return {_words(address.packed), _words(mapped.packed)}
+    return {_words(address.packed)}
+
+
+def _words(packed: bytes) -> str:
+    return "".join(f"{word:08X}" for word in struct.unpack(f"={len(packed) // 4}I", packed))

@@ -182,7 +182,7 @@ class ProcessResolver:
         if server_addr is not None and server_port is not None and sock_diag.available():
             inode = sock_diag.tcp_inode(client_addr, client_port, server_addr, server_port)
         else:
-            inode = holders.socket_inode(client_port, server_port)
+            inode = holders.socket_inode(client_addr, client_port, server_addr, server_port)
         if not inode:
             return None, "socket_gone"
         with self._lock:
