@@ -299,3 +299,16 @@ def test_the_proc_scan_tells_apart_two_connections_on_one_local_port(children, m
         resolver = ProcessResolver()
         assert resolver.owner(here, port, server, server_port)[0] == child.pid
         assert resolver.owner(here, port, here, _port(a))[0] == os.getpid()
+
+
+def test_owning_events_are_kept_within_a_bound(monkeypatch):
+    """Sockets whose end event never comes (lost, or a program opening connections
+    without end) cannot grow the resolver without bound: the oldest go first."""
+    from oisp.redirect import processes
+
+    monkeypatch.setattr(processes, "KNOWN_TUPLES", 100)
+    resolver = ProcessResolver(verify=False)
+    resolver._note_events([event(Event.FLOW_ESTABLISHED, os.getpid(), 20000 + i, 443) for i in range(250)])
+    assert len(resolver._tuples) == 100
+    assert resolver.owner(LOOPBACK, 20249, LOOPBACK, 443, use_psutil=False)[0] == os.getpid()
+    assert resolver.owner(LOOPBACK, 20000, LOOPBACK, 443, use_psutil=False) == (None, None)

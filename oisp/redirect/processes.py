@@ -42,6 +42,7 @@ LEAD = 0.25
 BORN_SLACK = 0.1  # psutil's start times (unverified platforms) against the SYN's time
 RECENT_OWNERS = 16  # processes whose fds are searched first for a new flow's socket
 KNOWN_INODES = 65536  # socket inode → the process shown to hold it (a socket keeps its inode)
+KNOWN_TUPLES = 65536  # owning events kept by four-tuple (an end event may be lost: oldest go first)
 _OWNING = {Event.SOCKET_CONNECT, Event.FLOW_ESTABLISHED}
 _ENDING = {Event.SOCKET_CLOSE, Event.FLOW_DELETED}
 
@@ -93,7 +94,7 @@ class ProcessResolver:
         self._connects: dict[tuple[bytes, int], collections.deque] = {}
         # Owning events by four-tuple (local address None: a wildcard bind):
         # (local, local port, remote, remote port) → [noted (monotonic), pid, closed].
-        self._tuples: dict[tuple, list] = {}
+        self._tuples: collections.OrderedDict[tuple, list] = collections.OrderedDict()
         self._recent_pids: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._inodes: collections.OrderedDict[int, int] = collections.OrderedDict()
         self.counts = {"by_event": 0, "by_connect": 0, "by_inode": 0, "by_recent_owner": 0, "by_proc_scan": 0,
@@ -129,6 +130,9 @@ class ProcessResolver:
                 if e.event in _OWNING and e.pid:
                     self.names.remember(e.pid)
                     self._tuples[key] = [now, e.pid, False]
+                    self._tuples.move_to_end(key)
+                    while len(self._tuples) > KNOWN_TUPLES:
+                        self._tuples.popitem(last=False)
                 elif e.event in _ENDING and key in self._tuples:
                     self._tuples[key][2] = True
                     self._tuples[key][0] = now
