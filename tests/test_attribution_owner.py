@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -145,7 +146,7 @@ def test_started_is_read_from_proc_past_a_name_with_parentheses(children):
         pytest.skip("reads /proc")
     child = children("import ctypes, sys, time; ctypes.CDLL(None).prctl(15, b'a) b (c', 0, 0, 0); "
                      "print('up', flush=True); time.sleep(30)")
-    assert open(f"/proc/{child.pid}/comm").read().strip() == "a) b (c"
+    assert Path(f"/proc/{child.pid}/comm").read_text().strip() == "a) b (c"
     before = holders.since_boot(time.time())
     assert before - 5 < holders.started(child.pid) <= before + holders.START_SLACK
     assert holders.started(child.pid + 10_000_000) is None  # above pid_max: no such process
@@ -167,6 +168,12 @@ def test_without_proc_an_event_of_the_connection_before_does_not_name_a_new_one(
     assert resolver.owner(LOOPBACK, 40000, LOOPBACK, 443, since=syn, use_psutil=False)[0] == new.pid
     resolver._note_events([event(Event.FLOW_DELETED, new.pid, 40000, 443)], now=now)
     assert resolver.owner(LOOPBACK, 40000, LOOPBACK, 443, since=syn, use_psutil=False) == (None, None)
+    # Its CONNECT, arriving after the end (the SOCKET and FLOW handles are apart), stays ended.
+    resolver._note_events([event(Event.SOCKET_CONNECT, new.pid, 40000, 443)], now=now + 0.1)
+    assert resolver.owner(LOOPBACK, 40000, LOOPBACK, 443, since=syn, use_psutil=False) == (None, None)
+    # Once the end is long past, the entry is gone.
+    resolver._note_events([], now=now + 10)
+    assert not resolver._tuples
 
 
 def test_without_proc_a_wildcard_bound_connect_names_its_flow():
@@ -176,21 +183,25 @@ def test_without_proc_a_wildcard_bound_connect_names_its_flow():
     assert resolver.owner(LOOPBACK, 40002, LOOPBACK, 443, since=syn, use_psutil=False)[0] == os.getpid()
 
 
-def test_without_proc_only_a_connect_at_the_syn_is_a_guess(children):
-    """The last client's CONNECT to the same server, a second before this SYN, is not a
-    guess for it (main took any CONNECT of the last two seconds)."""
+def test_without_proc_a_connect_of_an_unbound_socket_is_no_answer(children):
+    """It names the server, not the connection: the last client's CONNECT (main took any
+    of the last two seconds when it was the only one), or even this one's, is not
+    shown to be this flow's, so the owner stays unknown until its own event comes."""
     resolver = ProcessResolver(verify=False)
     before, now = children(SLEEPER), children(SLEEPER)
     syn = time.time()
     resolver._note_events([event(Event.SOCKET_CONNECT, before.pid, 0, 443)], now=time.monotonic() - 1.0)
     assert resolver.owner(LOOPBACK, 40001, LOOPBACK, 443, since=syn, guess=True, use_psutil=False) == (None, None)
     resolver._note_events([event(Event.SOCKET_CONNECT, now.pid, 0, 443)])
+    assert resolver.owner(LOOPBACK, 40001, LOOPBACK, 443, since=syn, guess=True, use_psutil=False) == (None, None)
+    resolver._note_events([event(Event.FLOW_ESTABLISHED, now.pid, 40001, 443)])
     assert resolver.owner(LOOPBACK, 40001, LOOPBACK, 443, since=syn, guess=True, use_psutil=False)[0] == now.pid
 
 
 def test_without_proc_an_exited_or_later_process_is_refused(children):
     resolver = ProcessResolver(verify=False)
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     resolver._note_events([event(Event.FLOW_ESTABLISHED, int(gone.stdout), 40003, 443)])
     assert resolver.owner(LOOPBACK, 40003, LOOPBACK, 443, since=time.time() - 0.1,
                           use_psutil=False) == (None, None)

@@ -15,7 +15,8 @@ the socket is refused (counted), and when no process can be shown to hold it
 Elsewhere (Windows: no /proc) the events are the source, bound to the connection:
 an event counts only for the exact four-tuple, only while that socket is open,
 and only if it came no earlier than LEAD before the flow's SYN (so not from the
-connection that had the four-tuple before); psutil's table, matched on the
+connection that had the four-tuple before); a CONNECT of a socket not yet bound
+names no local port, so it never answers there. psutil's table, matched on the
 four-tuple, is the fallback. A candidate must be alive and have started by the SYN.
 """
 
@@ -95,6 +96,7 @@ class ProcessResolver:
         # Owning events by four-tuple (local address None: a wildcard bind):
         # (local, local port, remote, remote port) → [noted (monotonic), pid, closed].
         self._tuples: collections.OrderedDict[tuple, list] = collections.OrderedDict()
+        self._ended: collections.deque = collections.deque()  # (noted, key) of ended sockets, oldest first
         self._recent_pids: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._inodes: collections.OrderedDict[int, int] = collections.OrderedDict()
         self.counts = {"by_event": 0, "by_connect": 0, "by_inode": 0, "by_recent_owner": 0, "by_proc_scan": 0,
@@ -128,18 +130,29 @@ class ProcessResolver:
                     continue  # a CONNECT from a socket not bound yet: the FLOW event names it
                 key = (_local_key(e.local), e.local_port, address_key(e.remote), e.remote_port)
                 if e.event in _OWNING and e.pid:
+                    known = self._tuples.get(key)
+                    if known is not None and known[2] and known[1] == e.pid:
+                        # The ended socket's own CONNECT, late (it travels on the SOCKET
+                        # handle, its end on FLOW): it must not make the socket live again.
+                        continue
                     self.names.remember(e.pid)
                     self._tuples[key] = [now, e.pid, False]
                     self._tuples.move_to_end(key)
                     while len(self._tuples) > KNOWN_TUPLES:
                         self._tuples.popitem(last=False)
                 elif e.event in _ENDING and key in self._tuples:
-                    self._tuples[key][2] = True
                     self._tuples[key][0] = now
+                    self._tuples[key][2] = True
+                    self._ended.append((now, key))
             for key in [k for k, q in self._connects.items() if q[-1][0] < now - CONNECT_WINDOW]:
                 del self._connects[key]
-            for key in [k for k, (t, _, closed) in self._tuples.items() if closed and t < now - CONNECT_WINDOW]:
-                del self._tuples[key]
+            # An ended socket's entry stays a while (never an answer; it keeps its late CONNECT
+            # from passing for a live socket), then goes, unless another owner took the key since.
+            while self._ended and self._ended[0][0] < now - CONNECT_WINDOW:
+                noted, key = self._ended.popleft()
+                entry = self._tuples.get(key)
+                if entry is not None and entry[2] and entry[0] == noted:
+                    del self._tuples[key]
 
     def owner(self, client_addr, client_port: int, server_addr=None, server_port: int | None = None,
               *, since: float | None = None, guess: bool = False, use_psutil: bool = True,
@@ -147,15 +160,14 @@ class ProcessResolver:
         """The owner of a client socket whose flow began at `since` (wall clock; None: no
         bound on the owner's start). Where the kernel answers (Linux), the answer is the
         process holding the socket: `use_psutil` False limits the search to the
-        candidates the events name (cheap enough for a SYN), `guess` adds the processes
-        that just connected to the same server. Elsewhere `guess` allows the one
-        process that just connected there, good for attribution but not for a filter
-        decision (another process's CONNECT may still be on its way), `use_psutil`
-        psutil, and `full_scan` its scan of every socket (~8-30 ms)."""
+        candidates the events name, `guess` adds the processes that just connected to
+        the same server (only as candidates: each is checked like the rest). Elsewhere
+        an owning event of the four-tuple answers; `use_psutil` and `full_scan` allow
+        psutil's table of every socket (~8-30 ms), matched on the four-tuple."""
         if self.verifies:
             pid, how = self._held_owner(client_addr, client_port, server_addr, server_port, since, guess, use_psutil)
         else:
-            pid, how = self._event_owner(client_addr, client_port, server_addr, server_port, since, guess,
+            pid, how = self._event_owner(client_addr, client_port, server_addr, server_port, since,
                                          use_psutil and full_scan)
         self.counts[how] += 1
         if not pid:
@@ -235,32 +247,31 @@ class ProcessResolver:
             pids.append(pid)
         return list(dict.fromkeys(pids))
 
-    def _connectors(self, server_addr, server_port, after: float | None = None) -> list[int]:
-        """The processes that connected to this server lately (after `after`, monotonic), newest first."""
-        cutoff = time.monotonic() - CONNECT_WINDOW if after is None else after
+    def _connectors(self, server_addr, server_port) -> list[int]:
+        """The processes that connected to this server lately, newest first."""
+        cutoff = time.monotonic() - CONNECT_WINDOW
         with self._lock:
             queue = self._connects.get((address_key(server_addr), server_port), ())
             return list(dict.fromkeys(pid for t, pid in reversed(queue) if t >= cutoff))
 
     # -- elsewhere: events bound to the connection, then psutil --------------------------
-    def _event_owner(self, client_addr, client_port, server_addr, server_port, since, guess,
+    def _event_owner(self, client_addr, client_port, server_addr, server_port, since,
                      use_psutil) -> tuple[int | None, str]:
         # The flow's SYN on the monotonic clock the events are noted on.
         syn = None if since is None else time.monotonic() - (time.time() - since)
+        candidates = []
         if server_addr is not None and server_port is not None:
             with self._lock:
                 for local in (address_key(client_addr), None):
                     entry = self._tuples.get((local, client_port, address_key(server_addr), server_port))
                     if entry is not None and not entry[2] and (syn is None or entry[0] >= syn - LEAD):
-                        if _alive_since(entry[1], since):
-                            return entry[1], "by_event"
-                        self.counts["refused"] += 1
-            if guess:
-                pids = self._connectors(server_addr, server_port, None if syn is None else syn - LEAD)
-                if len(pids) == 1:
-                    if _alive_since(pids[0], since):
-                        return pids[0], "by_connect"
-                    self.counts["refused"] += 1
+                        candidates.append(entry[1])
+        for pid in candidates:
+            if _alive_since(pid, since):
+                return pid, "by_event"
+            self.counts["refused"] += 1
+        # The system's own table of live connections (Windows: GetExtendedTcpTable), exact
+        # on the four-tuple.
         if use_psutil and (pid := _psutil_owner(client_addr, client_port, server_addr, server_port)):
             if _alive_since(pid, since):
                 return pid, "by_psutil"
