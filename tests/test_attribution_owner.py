@@ -323,3 +323,23 @@ def test_owning_events_are_kept_within_a_bound(monkeypatch):
     assert len(resolver._tuples) == 100
     assert resolver.owner(LOOPBACK, 20249, LOOPBACK, 443, use_psutil=False)[0] == os.getpid()
     assert resolver.owner(LOOPBACK, 20000, LOOPBACK, 443, use_psutil=False) == (None, None)
+
+
+def test_a_name_is_the_current_process_behind_a_reused_pid(children, monkeypatch):
+    """A pid reused by a newer process: asked for the current one, its own name, not the
+    name the pid had before (main kept a pid's first name for good)."""
+    from oisp.divert.owners import ProcessNames
+
+    child = children("import ctypes, time; ctypes.CDLL(None).prctl(15, b'newer', 0, 0, 0); print('up', flush=True); "
+                     "time.sleep(30)")
+    names = ProcessNames()
+    names._names[child.pid] = ("older", 1.0)  # what the pid's previous process left
+    assert names(child.pid) == "older"  # not asked for the current process: as kept
+    assert names(child.pid, current=True) == "newer"
+    child.kill()
+    child.wait()
+    assert names(child.pid, current=True) == "newer"  # gone: what was learned while it lived
+    monkeypatch.setattr(ProcessNames, "MAX_NAMES", 3)
+    for pid in (1, os.getpid(), os.getppid(), child.pid):
+        names(pid)
+    assert len(names._names) == 3 and 1 not in names._names

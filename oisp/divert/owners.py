@@ -14,6 +14,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections import OrderedDict
 
 from oisp.divert.address import row_key
 from oisp.divert.constants import Event, Flag, Layer
@@ -34,24 +35,43 @@ def address_key(address) -> bytes | None:
 
 
 class ProcessNames:
-    """pid -> process name, looked up once (a process may be gone by the time we ask)."""
+    """pid -> process name, looked up once per process (a process may be gone by the time
+    we ask). Each name is kept with its process's start time: asked for the `current`
+    process, a pid now held by a newer process (pids are reused) is looked up afresh.
+    At most MAX_NAMES pids are kept, the least recently asked for going first."""
+
+    MAX_NAMES = 65536
 
     def __init__(self):
-        self._names: dict[int, str | None] = {}
+        self._names: OrderedDict[int, tuple[str | None, float | None]] = OrderedDict()  # pid → (name, started)
+        self._lock = threading.Lock()  # the event threads and the reflector's ask at once
 
-    def __call__(self, pid: int) -> str | None:
-        if pid not in self._names:
-            import psutil
+    def __call__(self, pid: int, current: bool = False) -> str | None:
+        with self._lock:
+            cached = self._names.get(pid)
+            if cached is not None and not current:
+                self._names.move_to_end(pid)
+                return cached[0]
+        import psutil
 
-            try:
-                self._names[pid] = psutil.Process(pid).name()
-            except (psutil.Error, OSError):
-                self._names[pid] = None
-        return self._names[pid]
+        try:
+            process = psutil.Process(pid)
+            started = process.create_time()  # read by the constructor already
+            name = cached[0] if cached is not None and cached[1] == started else process.name()
+        except (psutil.Error, OSError):
+            if cached is not None:
+                return cached[0]  # gone: what we learned while it lived
+            name = started = None
+        with self._lock:
+            self._names[pid] = (name, started)
+            self._names.move_to_end(pid)
+            while len(self._names) > self.MAX_NAMES:
+                self._names.popitem(last=False)
+        return name
 
     def remember(self, pid: int) -> None:
         """Look the name up now, while the process surely exists."""
-        self(pid)
+        self(pid, current=True)
 
     def label(self, pid: int) -> str:
         name = self(pid)

@@ -177,7 +177,7 @@ class ProcessResolver:
             self._recent_pids.move_to_end(pid)
             while len(self._recent_pids) > RECENT_OWNERS:
                 self._recent_pids.popitem(last=False)
-        return pid, self.names(pid)
+        return pid, self.names(pid, current=True)  # this pid's process now, not an earlier one's
 
     def confirms(self, client_addr, client_port: int, server_addr, server_port: int, pid: int) -> bool | None:
         """Whether the socket on this four-tuple now is the one `pid` was shown to hold:
