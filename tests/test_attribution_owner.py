@@ -20,7 +20,7 @@ import pytest
 
 from oisp.divert.constants import Event
 from oisp.divert.engine import FlowEvent
-from oisp.redirect import holders
+from oisp.divert import holders
 from oisp.redirect.flows import FlowEntry, FlowTable
 from oisp.redirect.processes import ProcessResolver
 

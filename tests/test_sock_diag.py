@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from oisp.redirect import holders, sock_diag
+from oisp.divert import holders
+from oisp.redirect import sock_diag
 from oisp.redirect.processes import ProcessResolver
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="netlink sock_diag is Linux")

@@ -12,10 +12,12 @@ explain; callers hold packets for a moment (`SETTLE`) before asking.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from collections import OrderedDict
 
+from oisp.divert import holders
 from oisp.divert.address import row_key
 from oisp.divert.constants import Event, Flag, Layer
 from oisp.divert.errors import DivertError
@@ -34,6 +36,20 @@ def address_key(address) -> bytes | None:
     return key if any(key) else None
 
 
+def process_started(pid: int) -> float | None:
+    """When a process started, None if it is gone: on Linux from /proc/PID/stat (one read),
+    elsewhere from psutil. Only compared with itself: a pid's process is the same one
+    while this stays the same."""
+    if sys.platform.startswith("linux"):
+        return holders.started(pid)
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
+
+
 class ProcessNames:
     """pid -> process name, looked up once per process (a process may be gone by the time
     we ask). Each name is kept with its process's start time: asked for the `current`
@@ -46,22 +62,25 @@ class ProcessNames:
         self._names: OrderedDict[int, tuple[str | None, float | None]] = OrderedDict()  # pid → (name, started)
         self._lock = threading.Lock()  # the event threads and the reflector's ask at once
 
-    def __call__(self, pid: int, current: bool = False) -> str | None:
+    def __call__(self, pid: int, current: bool = False, started: float | None = None) -> str | None:
+        """`started`: the process's start time as `process_started` gives it, if known."""
         with self._lock:
             cached = self._names.get(pid)
             if cached is not None and not current:
                 self._names.move_to_end(pid)
                 return cached[0]
-        import psutil
+        started = process_started(pid) if started is None else started
+        if started is not None and cached is not None and cached[1] == started:
+            name = cached[0]
+        elif started is None and cached is not None:
+            return cached[0]  # gone: what we learned while it lived
+        else:
+            import psutil
 
-        try:
-            process = psutil.Process(pid)
-            started = process.create_time()  # read by the constructor already
-            name = cached[0] if cached is not None and cached[1] == started else process.name()
-        except (psutil.Error, OSError):
-            if cached is not None:
-                return cached[0]  # gone: what we learned while it lived
-            name = started = None
+            try:
+                name = psutil.Process(pid).name()
+            except (psutil.Error, OSError):
+                name = None
         with self._lock:
             self._names[pid] = (name, started)
             self._names.move_to_end(pid)

@@ -3,7 +3,7 @@
 The reflector must decide on a flow's first SYN, and a packet carries no pid.
 Linux answers exactly: the client socket's inode, from an exact sock_diag lookup
 of the four-tuple (or /proc/net/tcp), and the process holding that inode, which
-had started by the time of the SYN (holders.py). Every other source only says
+had started by the time of the SYN (oisp/divert/holders.py). Every other source only says
 where to look first: the SOCKET/FLOW events (a sniff handle; on Linux it needs
 cgroup v2), the processes that connected to the same server a moment ago, the
 owners of recent flows, and last every process, newest first. So a port reused
@@ -29,10 +29,11 @@ import sys
 import threading
 import time
 
+from oisp.divert import holders
 from oisp.divert.constants import Event
 from oisp.divert.errors import DivertError
 from oisp.divert.owners import EventFeed, ProcessNames, SocketOwners
-from oisp.redirect import holders, sock_diag
+from oisp.redirect import sock_diag
 from oisp.redirect.flows import address_key
 
 CONNECT_WINDOW = 2.0  # seconds a CONNECT to a server points at its process for a new flow there
@@ -164,8 +165,10 @@ class ProcessResolver:
         the same server (only as candidates: each is checked like the rest). Elsewhere
         an owning event of the four-tuple answers; `use_psutil` and `full_scan` allow
         psutil's table of every socket (~8-30 ms), matched on the four-tuple."""
+        start = None  # the owner's start time, when the search read it
         if self.verifies:
-            pid, how = self._held_owner(client_addr, client_port, server_addr, server_port, since, guess, use_psutil)
+            pid, how, start = self._held_owner(client_addr, client_port, server_addr, server_port, since, guess,
+                                               use_psutil)
         else:
             pid, how = self._event_owner(client_addr, client_port, server_addr, server_port, since,
                                          use_psutil and full_scan)
@@ -177,7 +180,7 @@ class ProcessResolver:
             self._recent_pids.move_to_end(pid)
             while len(self._recent_pids) > RECENT_OWNERS:
                 self._recent_pids.popitem(last=False)
-        return pid, self.names(pid, current=True)  # this pid's process now, not an earlier one's
+        return pid, self.names(pid, current=True, started=start)  # this pid's process now, not an earlier one's
 
     def confirms(self, client_addr, client_port: int, server_addr, server_port: int, pid: int) -> bool | None:
         """Whether the socket on this four-tuple now is the one `pid` was shown to hold:
@@ -194,17 +197,17 @@ class ProcessResolver:
 
     # -- Linux: the process holding the socket ---------------------------------------------
     def _held_owner(self, client_addr, client_port, server_addr, server_port, since, guess,
-                    search_all) -> tuple[int | None, str]:
+                    search_all) -> tuple[int | None, str, float | None]:
         if server_addr is not None and server_port is not None and sock_diag.available():
             inode = sock_diag.tcp_inode(client_addr, client_port, server_addr, server_port)
         else:
             inode = holders.socket_inode(client_addr, client_port, server_addr, server_port)
         if not inode:
-            return None, "socket_gone"
+            return None, "socket_gone", None
         with self._lock:
             known = self._inodes.get(inode)
         if known is not None:
-            return known, "by_inode"  # the same socket: its owner was shown to hold it
+            return known, "by_inode", None  # the same socket: its owner was shown to hold it
         refused: list[int] = []
         tried: set[int] = set()
         steps = [("by_event", self._event_hints(client_addr, client_port, server_addr, server_port))]
@@ -214,11 +217,11 @@ class ProcessResolver:
             with self._lock:
                 steps.append(("by_recent_owner", list(reversed(self._recent_pids))))
             steps.append(("by_proc_scan", None))  # every other process, newest first
-        pid = None
+        pid = start = None
         for how, pids in steps:
             pids = holders.pids_newest_first(exclude=tried) if pids is None else [p for p in pids if p not in tried]
             tried.update(pids)
-            pid = holders.holder(inode, pids, since, refused)
+            pid, start = holders.holder(inode, pids, since, refused)
             if pid:
                 break
             if how in ("by_event", "by_connect"):
@@ -227,12 +230,12 @@ class ProcessResolver:
                 refused.extend(pids)
         self.counts["refused"] += len(refused)  # and holders that started after the SYN
         if not pid:
-            return None, "unknown"
+            return None, "unknown", None
         with self._lock:
             self._inodes[inode] = pid
             while len(self._inodes) > KNOWN_INODES:
                 self._inodes.popitem(last=False)
-        return pid, how
+        return pid, how, start
 
     def _event_hints(self, client_addr, client_port, server_addr, server_port) -> list[int]:
         pids = []

@@ -54,26 +54,20 @@ def since_boot(wall: float) -> float:
     return wall - (time.time() - time.clock_gettime(time.CLOCK_BOOTTIME))
 
 
-def born_by(pid: int, wall: float | None) -> bool:
-    """Whether `pid` had started by `wall` (None: no bound). A process whose start time
-    cannot be read (gone) does not pass: it cannot be shown to be the owner."""
-    if wall is None:
-        return True
-    start = started(pid)
-    return start is not None and start <= since_boot(wall) + START_SLACK
-
-
-def holder(inode: int, pids, born_before: float | None = None, refused: list | None = None) -> int | None:
+def holder(inode: int, pids, born_before: float | None = None,
+           refused: list | None = None) -> tuple[int | None, float | None]:
     """The first of `pids` that holds the socket and had started by `born_before`
-    (wall clock). A holder that started later is skipped (noted in `refused`): the
-    search goes on for the process that made the connection."""
+    (wall clock), with its start time (`started`); (None, None) if none. A holder that
+    started later is skipped (noted in `refused`): the search goes on for the process
+    that made the connection."""
     for pid in pids:
         if holds(pid, inode):
-            if born_by(pid, born_before):
-                return pid
+            start = started(pid)
+            if start is not None and (born_before is None or start <= since_boot(born_before) + START_SLACK):
+                return pid, start
             if refused is not None:
                 refused.append(pid)
-    return None
+    return None, None
 
 
 def pids_newest_first(exclude=frozenset()) -> list[int]:
