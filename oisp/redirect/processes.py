@@ -227,7 +227,7 @@ class ProcessResolver:
             if how in ("by_event", "by_connect"):
                 # Named by the events or a recent CONNECT, yet not holding the socket: the
                 # previous user of the port, say.
-                refused.extend(pids)
+                refused.extend(p for p in pids if p not in refused)
         self.counts["refused"] += len(refused)  # and holders that started after the SYN
         if not pid:
             return None, "unknown", None
