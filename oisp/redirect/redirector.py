@@ -40,7 +40,8 @@ class Redirector:
         self.own_ports = OwnPorts()
         self.processes = ProcessResolver()
         self.process_filter = ProcessFilter(include, exclude)
-        self.flows = FlowTable(max_flows=max_flows, idle_timeout=idle_timeout, owner=self.processes.owner)
+        self.flows = FlowTable(max_flows=max_flows, idle_timeout=idle_timeout, owner=self.processes.owner,
+                               confirm=self.processes.confirms)
         self.proxy_ports = dict(proxy_ports or DEFAULT_PORTS)
         self.resolve, self.resolve_timeout = resolve, resolve_timeout
         self.sniff_dns, self.process_events, self.watchdog = sniff_dns, process_events, watchdog
