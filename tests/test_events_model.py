@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -37,6 +38,11 @@ def test_schemas_are_valid_and_reject_bad_envelopes(event_type: str) -> None:
 def test_attribution_of_a_live_child_then_after_exit() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "--marker"])
     try:
+        # Popen returns once exec has begun (the close-on-exec pipe closes), which can be before
+        # the kernel has set up the new argument list: wait until /proc shows it.
+        deadline = time.monotonic() + 10
+        while b"--marker" not in Path(f"/proc/{child.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         att = ProcessAttributor(revalidate_after_s=0)
         info = att.process(child.pid)
         assert info["pid"] == child.pid and info["ppid"] == os.getpid()
