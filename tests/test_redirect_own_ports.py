@@ -102,7 +102,7 @@ def test_process_filter_rules():
 
 def test_reflector_filter_names_every_server_and_proxy_port():
     assert reflector_filter({443: 8443, 80: 8080}) == (
-        "tcp and outbound and (tcp.DstPort == 80 or tcp.DstPort == 443 or tcp.SrcPort == 8080 or tcp.SrcPort == 8443)")
+        "tcp and outbound and ((tcp.DstPort == 80 or tcp.DstPort == 443) or tcp.SrcPort == 8080 or tcp.SrcPort == 8443)")
 
 
 def test_upstream_sockets_take_reserved_ports_and_spill_over_to_registered_ones():

@@ -30,7 +30,9 @@ class Redirector:
                  exclude: str | list = (), addresses: Iterable = (), resolve: bool = True,
                  resolve_timeout: float = 5.0, sniff_dns: bool = True, process_events: bool = True,
                  max_flows: int = 65536, idle_timeout: float = 300.0, watchdog: float | None = 5.0,
-                 address_ttl: float | None = 3600.0, refresh: float | None = 600.0):
+                 address_ttl: float | None = 3600.0, refresh: float | None = 600.0, plain=None):
+        """`plain`: the plaintext model servers' ports (oisp.redirect.plain.PlainPorts),
+        each also in `proxy_ports`."""
         if spec is None:
             from oisp.spec import default_spec
 
@@ -42,6 +44,7 @@ class Redirector:
         self.process_filter = ProcessFilter(include, exclude)
         self.flows = FlowTable(max_flows=max_flows, idle_timeout=idle_timeout, owner=self.processes.owner)
         self.proxy_ports = dict(proxy_ports or DEFAULT_PORTS)
+        self.plain = plain
         self.resolve, self.resolve_timeout = resolve, resolve_timeout
         self.sniff_dns, self.process_events, self.watchdog = sniff_dns, process_events, watchdog
         # Learned addresses nobody has named for address_ttl seconds are let go, so the
@@ -67,11 +70,11 @@ class Redirector:
             # Set before it starts, so a DNS answer arriving meanwhile already waits for it.
             self.reflector = Reflector(self.targets, self.flows, self.own_ports, ports=self.proxy_ports,
                                        processes=self.processes, process_filter=self.process_filter,
-                                       watchdog=self.watchdog, address_ttl=self.address_ttl)
+                                       watchdog=self.watchdog, address_ttl=self.address_ttl, plain=self.plain)
             self.reflector.start()
             if self.reflector.filter["mode"] == "ports":
                 self.notes.append(f"the filter names the port alone ({self.reflector.filter['why_ports']}): "
-                                  f"all other traffic to port {', '.join(map(str, self.proxy_ports))} crosses "
+                                  f"all other traffic to port {', '.join(map(str, self._ai_ports()))} crosses "
                                   f"user space too")
             if self.resolve and self.refresh:
                 threading.Thread(target=self._refresh_loop, name="oisp-resolve-again", daemon=True).start()
@@ -79,6 +82,9 @@ class Redirector:
             self.stop()
             raise
         return self
+
+    def _ai_ports(self) -> list[int]:
+        return sorted(p for p in self.proxy_ports if not (self.plain and p in self.plain))
 
     def _until_diverted(self, generation: int) -> None:
         """The DNS watcher's hold: an answer naming a new AI address waits (up to 1 s) for
