@@ -43,6 +43,9 @@ def register(sub) -> None:
                              "it in events (repeatable). The spec's local server ports are watched already")
     parser.add_argument("--no-local", action="store_true",
                         help="do not watch the spec's local model server ports (11434, 1234, 8000, 8080, …)")
+    parser.add_argument("--allow-quic", action="store_true",
+                        help="let QUIC (HTTP/3, UDP 443) to AI addresses through unrecorded; by default it is "
+                             "refused, so clients fall back to TCP, where they are recorded")
     parser.add_argument("--proxy-port", type=tcp_port, default=DEFAULT_PROXY_PORT, help="local proxy port (default 8443)")
     parser.add_argument("--flow-idle-timeout", type=seconds, default=300.0, metavar="SECONDS",
                         help="forget a redirected connection after this long without packets, unless the proxy "
@@ -66,6 +69,17 @@ def plain_ports(spec, values: list[str], *, local: bool = True, reserved=frozens
     spec = spec.with_port_providers({r.port: r.provider for r in requests if r.provider})
     ports = [p for p in spec.local_ports() if p not in reserved] if local else []
     return spec, PlainPorts.build(ports, requests, resolve_host)
+
+
+def quic_refused_event(flow: dict) -> dict:
+    """The network.connect event of a QUIC connection attempt refused (see oisp.redirect.quic)."""
+    from oisp.events import make_event
+
+    data = {"dest": {"ip": flow["server"][0], "port": flow["server"][1]},
+            "src": {"ip": flow["client"][0], "port": flow["client"][1]}, "protocol": "udp", "success": False}
+    return make_event("network.connect", data, flow["ts"], completeness="partial",
+                      reasons=["quic_refused: QUIC to an AI address was refused so the client falls back to TCP, "
+                               "where it is recorded"])
 
 
 def tcp_port(text: str) -> int:
@@ -191,7 +205,9 @@ async def _record(args) -> int:
     stop = asyncio.Event()
     proxy_failed: list[str] = []  # kept: the proxy's own failure clears once it serves again
     redirector = Redirector(spec, proxy_ports={443: args.proxy_port}, include=args.process, exclude=args.exclude,
-                            idle_timeout=args.flow_idle_timeout, plain=plain)
+                            idle_timeout=args.flow_idle_timeout, plain=plain, refuse_quic=not args.allow_quic,
+                            on_quic_refused=lambda flow: loop.call_soon_threadsafe(emit, [quic_refused_event(flow)]))
+    loop = asyncio.get_running_loop()
 
     def lookup(peer_addr: str, peer_port: int, name_owner: bool = False, proxy_port: int = args.proxy_port):
         entry = redirector.flows.lookup(peer_addr, peer_port, proxy_port, name_owner=name_owner)
@@ -229,7 +245,6 @@ async def _record(args) -> int:
                                         trusted=trusted))
 
         print(f"oisp record: dashboard {ui.url}", file=sys.stderr, flush=True)
-    loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, redirector.start)
     for note in redirector.notes:
         print(f"oisp record: note: {note}", file=sys.stderr)
