@@ -6,6 +6,7 @@ plaintext port in both of their paths."""
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +161,25 @@ def test_the_ring_opens_and_reflects_flows_of_a_plaintext_port_to_any_address():
     assert [o[2] for o in ring.fast_take_opened()] == [40000, 40000, 40000]
     with pytest.raises(ValueError, match="not redirected"):
         ReceiveRing(0, 0, 0, 0, nslots=2).fast_enable({443: 8443}, own.mask, 64, any_address=[11434])
+
+
+def test_oisp_check_says_which_local_servers_and_ports_are_watched(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "oisp", "check", "--json"], capture_output=True, text=True, timeout=60)
+    watched = json.loads(done.stdout)["watched"]
+    assert {"port": 11434, "provider": "ollama"} in watched["plain"]
+    assert {"port": 8080, "provider": "llamacpp"} in watched["plain"]
+    assert {"localai", "tgi"} <= set(watched["plain_by_option"])
+    assert "127.0.0.0/8" in watched["plain_networks"] and "fc00::/7" in watched["plain_networks"]
+    text = subprocess.run([sys.executable, "-m", "oisp", "check"], capture_output=True, text=True, timeout=60).stdout
+    assert ":11434 ollama" in text and ":1234 lmstudio" in text and "--plain PORT=ID" in text
+    # A spec of one's own: its ports are the ones shown.
+    spec = json.loads((Path(__file__).parents[1] / "oisp" / "spec" / "ai_endpoints.json").read_text())
+    spec["providers"] = [p for p in spec["providers"] if p["id"] in ("openai", "ollama")]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    done = subprocess.run([sys.executable, "-m", "oisp", "check", "--json", "--spec", str(tmp_path / "spec.json")],
+                          capture_output=True, text=True, timeout=60)
+    assert json.loads(done.stdout)["watched"]["plain"] == [{"port": 11434, "provider": "ollama"}]
