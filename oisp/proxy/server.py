@@ -432,9 +432,12 @@ class TransparentProxy:
 
     async def _record_plain(self, conn, upstream, target: Target, peer: tuple[str, int], listener: Listener) -> None:
         """A plaintext connection to a local model server: relayed at once, decoded after.
-        Bytes that arrive while the owner is being named wait in `pending`, stamped."""
+        The owner is named once the first reply has been relayed (so naming, which may
+        scan /proc, never delays it, and the reflector has usually named it by then);
+        bytes that arrive meanwhile wait in `pending`, stamped."""
         self.stats["plain"] += 1
         relay = Relay()
+        replied = asyncio.get_running_loop().create_future()
         count = self._counter()
         pending: list[tuple[Direction, bytes, float]] = []
         state: dict[str, Any] = {"tls": None, "feed": None}
@@ -447,6 +450,8 @@ class TransparentProxy:
             if state["tls"]:
                 return
             direction = Direction.REQUEST if side == "client" else Direction.RESPONSE
+            if side != "client" and not replied.done():
+                replied.set_result(None)
             if state["feed"] is None:
                 pending.append((direction, bytes(data), time.time()))
             else:
@@ -457,6 +462,7 @@ class TransparentProxy:
         await self._attach(relay, "upstream", upstream)
         relay.start()
         try:
+            await asyncio.wait([replied, relay.done], return_when=asyncio.FIRST_COMPLETED)
             target = await self._named(target, peer, listener)
             ctx = FlowContext(client=target.client, server=target.server, start_ts=time.time(), pid=target.pid,
                               process_name=target.process_name)
