@@ -273,8 +273,11 @@ async def _record(args) -> int:
             if ui is not None:
                 ui_status()
             if live:
-                engine = redirector.counters()["reflector"].get("engine", {})
+                counters = redirector.counters()
+                engine = counters["reflector"].get("engine", {})
                 print(f"\rflows {proxy.stats['intercepted']}+{proxy.stats['passed_through']}  "
+                      f"plain {proxy.stats['plain_ai']}/{proxy.stats['plain']}  "
+                      f"quic refused {counters['quic'].get('refused', 0)}  "
                       f"requests {status.requests}  responses {status.responses}  tokens {status.tokens}  cost {status.cost}  "
                       f"pinned {proxy.pinning.active(time.monotonic())}  "
                       f"drops {engine.get('dropped', 0)}   ", end="", file=sys.stderr, flush=True)
