@@ -64,6 +64,8 @@ ACCEPT_GIVE_UP = 10.0
 ACCEPT_RECOVERED = 2.0
 # accept() errors about one connection (it was reset while queued), not about the proxy.
 _ONE_CONNECTION = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
+# A plaintext connection's bytes held while its owner is named, at most (see _record_plain).
+PLAIN_PENDING_MAX = 1 << 20
 _NO_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -434,13 +436,15 @@ class TransparentProxy:
         """A plaintext connection to a local model server: relayed at once, decoded after.
         The owner is named once the first reply has been relayed (so naming, which may
         scan /proc, never delays it, and the reflector has usually named it by then);
-        bytes that arrive meanwhile wait in `pending`, stamped."""
+        bytes that arrive meanwhile wait in `pending`, stamped (past PLAIN_PENDING_MAX
+        bytes, e.g. a long upload, the owner is named at once)."""
         self.stats["plain"] += 1
+        started = time.time()
         relay = Relay()
         replied = asyncio.get_running_loop().create_future()
         count = self._counter()
         pending: list[tuple[Direction, bytes, float]] = []
-        state: dict[str, Any] = {"tls": None, "feed": None}
+        state: dict[str, Any] = {"tls": None, "feed": None, "pending": 0}
 
         def record(side: str, data: bytes) -> None:
             count(side, data)
@@ -454,6 +458,9 @@ class TransparentProxy:
                 replied.set_result(None)
             if state["feed"] is None:
                 pending.append((direction, bytes(data), time.time()))
+                state["pending"] += len(data)
+                if state["pending"] > PLAIN_PENDING_MAX and not replied.done():
+                    replied.set_result(None)
             else:
                 state["feed"].add(direction, data)
 
@@ -464,7 +471,7 @@ class TransparentProxy:
         try:
             await asyncio.wait([replied, relay.done], return_when=asyncio.FIRST_COMPLETED)
             target = await self._named(target, peer, listener)
-            ctx = FlowContext(client=target.client, server=target.server, start_ts=time.time(), pid=target.pid,
+            ctx = FlowContext(client=target.client, server=target.server, start_ts=started, pid=target.pid,
                               process_name=target.process_name)
             recorder = FlowRecorder(ctx, spec=self.spec, **self.recorder_options)
             gate: dict[str, Any] = {"open": False, "connect": []}
