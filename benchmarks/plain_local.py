@@ -7,7 +7,8 @@ The lab is interception.py's lean one (two namespaces joined by a veth, the lean
 provider on :443 in `b`, lean_client.py for HTTPS). Added here: a lean plaintext
 server (one selectors loop, every reply the lean provider's prebuilt chat.completion)
 on vLLM's port 8000, across the veth (the LAN) and on loopback beside the client,
-and a lean plaintext client (prebuilt request bytes, Content-Length replies). Per
+and a lean plaintext client (prebuilt request bytes, Content-Length replies; at most
+MAX_NEWCONN new connections a run). Per
 round, direct then recorded (`oisp record`, which watches :8000 by default) or the
 other way round, for kept-alive requests (one connection, one after another) and a
 new connection per request; the figures are medians of rounds, with each round's.
@@ -37,6 +38,10 @@ REQUEST_BODY = json.dumps({"model": "local-model", "messages": [{"role": "user",
                            "max_tokens": 16}).encode()
 REPLY = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(CHAT_BODY)) + CHAT_BODY
 WARMUP = 20
+# New connections per run, at most: each leaves a TIME-WAIT socket in the client's namespace
+# for 60 s, and direct loopback runs ~12k a second, which would use up its ephemeral ports
+# and slow every later run's connect().
+MAX_NEWCONN = 2000
 
 
 # -- the plaintext server -------------------------------------------------------------
@@ -120,7 +125,8 @@ def client(workload: str, host: str, seconds: float) -> dict:
     latencies = []
     deadline = None
     count = 0
-    while deadline is None or time.monotonic() < deadline:
+    while deadline is None or (time.monotonic() < deadline and not (workload == "newconn" and
+                                                                     len(latencies) >= MAX_NEWCONN)):
         if count == WARMUP:
             latencies, deadline, started = [], time.monotonic() + seconds, time.monotonic()
         t0 = time.perf_counter()
