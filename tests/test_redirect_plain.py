@@ -55,7 +55,7 @@ def test_ports_from_the_spec_and_plain_values():
     assert ports.ports[9000].local and ports.ports[9000].provider == "vllm"
     assert not ports.ports[7000].local and ports.ports[7000].addresses == {"192.0.2.7", "2001:db8::7", "10.1.2.3"}
     assert ports.ports[11434].local and ports.ports[11434].addresses == {"198.51.100.1"}
-    assert ports.describe()[0] == "7000 (by the spec): 10.1.2.3, 192.0.2.7, 2001:db8::7"
+    assert ports.describe()[0] == "7000 (no provider named: =ID names one): 10.1.2.3, 192.0.2.7, 2001:db8::7"
     assert PlainPorts.build([], [], resolve).clause() is None and not PlainPorts()
 
 

@@ -68,7 +68,11 @@ def plain_ports(spec, values: list[str], *, local: bool = True, reserved=frozens
         raise PlainSpecError(f"port {clash[0]} is the HTTPS path's (443) or the proxy's own")
     spec = spec.with_port_providers({r.port: r.provider for r in requests if r.provider})
     ports = [p for p in spec.local_ports() if p not in reserved] if local else []
-    return spec, PlainPorts.build(ports, requests, resolve_host)
+    plain = PlainPorts.build(ports, requests, resolve_host)
+    for port, entry in plain.ports.items():  # named in the banner: the provider events will name
+        found = spec.provider_for(None, port)
+        entry.provider = entry.provider or (found.id if found else None)
+    return spec, plain
 
 
 def quic_refused_event(flow: dict) -> dict:
@@ -249,7 +253,7 @@ async def _record(args) -> int:
     for note in redirector.notes:
         print(f"oisp record: note: {note}", file=sys.stderr)
     if plain:
-        print(f"oisp record: plaintext model servers watched (port, provider: where):\n  "
+        print("oisp record: plaintext model servers watched (port, provider: where):\n  "
               + "\n  ".join(plain.describe()), file=sys.stderr)
     print(f"oisp record: recording (proxy :{args.proxy_port}); Ctrl-C to stop", file=sys.stderr, flush=True)
 

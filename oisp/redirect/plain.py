@@ -136,7 +136,7 @@ class PlainPorts:
         lines = []
         for port, entry in sorted(self.ports.items()):
             where = (["local addresses"] if entry.local else []) + sorted(entry.addresses)
-            lines.append(f"{port} ({entry.provider or 'by the spec'}): {', '.join(where)}")
+            lines.append(f"{port} ({entry.provider or 'no provider named: =ID names one'}): {', '.join(where)}")
         return lines
 
 
