@@ -81,7 +81,7 @@ typedef struct {
 } oisp_fast_opened;
 
 typedef struct {
-    const uint8_t *own_port;     /* 65536 bytes, nonzero = the proxy's upstream port (owned by Python) */
+    const uint8_t *own_port;     /* 65536 bytes, 1 set = the proxy's IPv4 upstream port, 2 = IPv6 (owned by Python) */
     uint16_t proxy_for[65536];   /* server port -> proxy port, 0 = not redirected */
     uint16_t server_for[65536];  /* proxy port -> server port, 0 = not a proxy port */
     uint8_t any_dst[65536];      /* server port -> 1: every destination is taken (plaintext model servers) */
@@ -332,8 +332,10 @@ static inline int oisp_fast_classify(oisp_fast_table *t, const unsigned char *p,
         return OISP_FAST_SLOW;
     sport = oisp_be16(p + tcp);
     dport = oisp_be16(p + tcp + 2);
-    if (t->proxy_for[dport] && t->own_port && t->own_port[sport])
-        return OISP_FAST_PASS; /* the proxy's own upstream, whatever its flags: no flow state */
+    /* The proxy's own upstream, whatever its flags: no flow state. Per family, since
+     * holding a port in IPv4 does not keep IPv6-only sockets off it (own_ports.py). */
+    if (t->proxy_for[dport] && t->own_port && (t->own_port[sport] & (v6 ? 2 : 1)))
+        return OISP_FAST_PASS;
     flags = p[tcp + 13];
     memset(key, 0, sizeof key);
     memcpy(key, v6 ? p + 24 : p + 16, v6 ? 16 : 4); /* the destination address */

@@ -258,10 +258,10 @@ cdef class ReceiveRing:
     # -- the reflector's fast path (see reflect_fast.h) -----------------------------
     def fast_enable(self, ports, own_ports, uint32_t max_flows, any_address=()):
         """Let the receiver reflect packets of known flows itself. `ports` maps server
-        port -> proxy port; `own_ports` is a 65536-byte array (bool/uint8), nonzero for
-        the proxy's upstream ports, read live (kept alive here). The server ports in
-        `any_address` take every destination (the divert filter scopes them), not only
-        the AI addresses."""
+        port -> proxy port; `own_ports` is a 65536-byte array (uint8) of the proxy's upstream
+        ports, 1 set for IPv4, 2 for IPv6 (OwnPorts.mask), read live (kept alive here). The
+        server ports in `any_address` take every destination (the divert filter scopes
+        them), not only the AI addresses."""
         own = np.ascontiguousarray(own_ports).view(np.uint8)
         if own.shape != (65536,):
             raise ValueError("own_ports must hold 65536 entries")

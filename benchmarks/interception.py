@@ -192,11 +192,12 @@ class Lab:
         raise RuntimeError(f"nothing listening on {host}:{port} after {timeout} s")
 
     # -- oisp record: only during its own turn ---------------------------------------
-    def start_oisp(self, nodelay: bool = False, tree: Path = ROOT) -> int:
-        """`oisp record` from `tree` (another checkout, for an A/B: interception_ab.py)."""
+    def start_oisp(self, nodelay: bool = False, tree: Path = ROOT, extra: tuple[str, ...] = ()) -> int:
+        """`oisp record` from `tree` (another checkout, for an A/B: interception_ab.py), with
+        `extra` arguments (e.g. `--ui 0`: ui_overhead.py)."""
         launcher = ["-c", NODELAY_PRELUDE] if nodelay else ["-m", "oisp"]
         process = self._start(self.pair.a, sys.executable, *launcher, "record", "-o", str(self.tmp / "events.jsonl"),
-                              "--upstream-ca", self.upstream_ca, "--quiet", stderr=subprocess.PIPE, text=True,
+                              "--upstream-ca", self.upstream_ca, "--quiet", *extra, stderr=subprocess.PIPE, text=True,
                               cwd=str(tree), env={**self.env, "PYTHONPATH": str(tree)})
         deadline = time.monotonic() + 60
         lines = []

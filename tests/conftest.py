@@ -14,6 +14,12 @@ import pytest
 
 REQUIRE_PRIVILEGED = os.environ.get("OISP_REQUIRE_PRIVILEGED") == "1"
 
+# The agents tests start (`python tests/agents/x.py` in a namespace) have their own
+# directory first on sys.path, not the tree under test: without this they import
+# whichever oisp is installed, so a checkout beside the installed one tests the other.
+_TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TREE, os.environ.get("PYTHONPATH")) if p)
+
 # Anything that hashes a credential makes the install's hash key in the data directory: tests
 # that do not choose their own keep theirs in a throw-away one, not in the real user's.
 if "XDG_DATA_HOME" not in os.environ:

@@ -151,9 +151,12 @@ def pieces(data: bytes, size: int = 16384):
 
 
 def timed(fn) -> tuple[object, float]:
-    t0 = time.perf_counter()
+    """`fn()` and the CPU seconds this process spent on it: CPU time, not wall time, so other
+    programs loading the machine do not count. The bounds below are a few times what the linear
+    code needs here and several times less than the quadratic code they guard took (20+ s)."""
+    t0 = time.process_time()
     result = fn()
-    return result, time.perf_counter() - t0
+    return result, time.process_time() - t0
 
 
 def test_sse_long_line_is_linear_and_dropped_with_one_error() -> None:
@@ -163,7 +166,7 @@ def test_sse_long_line_is_linear_and_dropped_with_one_error() -> None:
     p = SSEParser(errors.append)
     stream = b"data: " + b"x" * LONG + b"\n\ndata: after\n\n"
     events, elapsed = timed(lambda: [e for piece in pieces(stream) for e in p.feed(piece)])
-    assert elapsed < 2.0, f"{elapsed:.1f} s"  # the rescanning parser took 24.6 s
+    assert elapsed < 3.0, f"{elapsed:.1f} s"  # the rescanning parser took 24.6 s
     assert [e.data for e in events] == ["after"] and len(errors) == 1
 
 
@@ -174,7 +177,7 @@ def test_sse_scans_only_new_bytes_below_the_cap() -> None:
     p = SSEParser()
     line = b"data: " + b"y" * (MAX_LINE_BYTES - 100) + b"\r"
     events, elapsed = timed(lambda: [e for piece in pieces(line + b"\n\r\n", 4096) for e in p.feed(piece)])
-    assert elapsed < 2.0, f"{elapsed:.1f} s"
+    assert elapsed < 3.0, f"{elapsed:.1f} s"
     assert len(events) == 1 and len(events[0].data) == MAX_LINE_BYTES - 100
 
 
@@ -207,7 +210,7 @@ def test_ndjson_long_line_is_linear_and_dropped_with_one_error() -> None:
     nd = NDJSONSplitter(errors.append)
     stream = b'{"a": "' + b"x" * LONG + b'"}\n{"b": 1}\n{"c": 2}'
     lines, elapsed = timed(lambda: [ln for piece in pieces(stream) for ln in nd.feed(piece)] + nd.close())
-    assert elapsed < 2.0, f"{elapsed:.1f} s"
+    assert elapsed < 3.0, f"{elapsed:.1f} s"
     assert lines == [b'{"b": 1}', b'{"c": 2}'] and len(errors) == 1
 
 
@@ -218,7 +221,7 @@ def test_json_array_oversized_element_is_dropped_and_the_array_goes_on() -> None
     arr = JSONArraySplitter(errors.append)
     stream = b'[{"a": "' + b"x" * LONG + b'", "n": [1, {"m": 2}]}, {"b": 1}]'
     elements, elapsed = timed(lambda: [el for piece in pieces(stream) for el in arr.feed(piece)])
-    assert elapsed < 2.0, f"{elapsed:.1f} s"
+    assert elapsed < 3.0, f"{elapsed:.1f} s"
     assert elements == [b'{"b": 1}'] and len(errors) == 1
 
 
@@ -281,7 +284,7 @@ def test_assemblers_are_linear_in_the_number_of_deltas(api: str) -> None:
     objs = _deltas(api, piece, n)
     asm = FORMATS[api].assembler()
     info, elapsed = timed(lambda: [asm.on_json(o, 1.0) for o in objs] and asm.finish())
-    assert elapsed < 1.0, f"{elapsed:.1f} s"  # text built with += took 21 s
+    assert elapsed < 3.0, f"{elapsed:.1f} s"  # text built with += took 21 s
     assert info.text == piece * n
     if api != "ollama.chat" and api != "gemini.generate":
         assert info.tool_calls[0].arguments == piece * n

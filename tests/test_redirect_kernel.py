@@ -64,11 +64,7 @@ def check_redirected(out, server_ip, client_ip, log):
     assert ai["server_saw"] == [client_ip, first["upstream_port"]] and first["upstream_port"] != ai["client_port"]
     ai_conns = [c for c in log if c[0] == 443 and c[2] in (first["upstream_port"], ai["client_port"])]
     assert ai_conns == [(443, client_ip, first["upstream_port"])]
-    if out["own_range"]:  # from the reserved range: the filter leaves it out, nothing to decide
-        low, high = out["own_range"]
-        assert low <= first["upstream_port"] <= high and out["counters"]["own_upstream"] == 0
-    else:  # registered: diverted, and passed untouched
-        assert out["counters"]["own_upstream"] > 0
+    assert out["counters"]["own_upstream"] > 0  # the proxy's upstream packets: diverted, passed untouched
     assert out["own_ports_left"] == 0
     # FIN both ways, then RST: each flow leaves the table after its linger.
     assert out["flows_after_ai"] == 1 and out["flows_empty_after_fin"]
@@ -112,10 +108,30 @@ def test_ai_flows_reach_the_proxy_and_the_rest_is_untouched(lab, family, path, f
                      *(["port-filter"] if filter == "ports" else []))
     assert out["counters"]["filter"]["mode"] == filter
     assert bool(out["counters"]["fast_path"]) == (path == "fast")
-    assert bool(out["own_range"]) == (path == "fast")  # this machine has ports above the ephemeral range
     log = server_log(lab.server)
     check_redirected(out, server_ip, client_ip, log)
     check_untouched(out, client_ip, log)
+
+
+@pytest.mark.parametrize("family,path", [(4, "fast"), (6, "fast"), (4, "python")])
+def test_a_client_bound_to_a_port_above_the_ephemeral_range_is_reflected(lab, family, path):
+    """Port 61000 lies above Linux's default ephemeral range (32768-60999), which the
+    filter once left to the proxy's own upstream sockets: such a client went unseen."""
+    server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
+    out = run_client(lab.a, "bound", server_ip, "61000", *(["python-path"] if path == "python" else []))
+    assert out["ephemeral"][1] < 61000 and out["reflector_error"] is None
+    bound = out["bound"]
+    assert bound["client_port"] == 61000 and bound["intact"] and bound["echoed"] == 100_000
+    # The proxy took it: peer (server, 61000), the table gave the client back ...
+    [seen] = out["accepted"]
+    assert seen["peer"] == [server_ip, 61000]
+    assert seen["entry"]["client"] == client_ip and seen["entry"]["client_port"] == 61000
+    # ... and the server saw the proxy's registered upstream port, once: no loop.
+    assert bound["server_saw"] == [client_ip, seen["upstream_port"]] != [client_ip, 61000]
+    assert [c for c in server_log(lab.server) if c[0] == 443] == [(443, client_ip, seen["upstream_port"])]
+    counters = out["counters"]
+    assert counters["own_upstream"] > 0 and counters["reflected_to_proxy"] > 0 and out["own_ports_left"] == 0
+    assert bool(counters["fast_path"]) == (path == "fast")
 
 
 @pytest.mark.parametrize("family,events", [(4, False), (6, True)])
@@ -153,6 +169,19 @@ def test_a_new_ai_address_swaps_in_a_handle_without_breaking_a_flow(lab, family,
     assert counters["engine"]["drained"] == 0 and counters["engine"]["dropped"] == 0, counters["engine"]
     log = server_log(lab.server)
     assert (443, client_ip, other["client_port"]) not in log
+
+
+def test_a_stream_of_new_addresses_swaps_handles_within_the_budget(lab):
+    """Each new address asks for a handle swap; a burst of four, then one per 2 s, each
+    taking every address learned meanwhile (on main: one swap per address)."""
+    out = run_client(lab.a, "swap-flood", lab.b_ip4)
+    assert out["reflector_error"] is None and out["covered"]
+    filter = out["counters"]["filter"]
+    assert filter["addresses"] == 49 and filter["mode"] == "addresses"
+    # The first handle, a burst of 4, and one more per 2 s from the start.
+    assert filter["handles"] <= 1 + 4 + int(out["seconds"] / 2.0) + 1, (filter, out["seconds"])
+    assert filter["swaps_deferred"] >= 1
+    assert out["ai"]["intact"] and out["accepted"] == 1
 
 
 PROBE = """
@@ -248,9 +277,41 @@ def test_dns_answers_on_the_wire_teach_the_address_set(veth_pair, family):
         server.kill()
         server.wait()
     assert out["replies"] == 4
-    # api.openai.com (through a CNAME) is learned in both families; example.com is not.
+    # api.openai.com (through a CNAME) is learned in both families; example.com is not,
+    # and neither it nor bad.test (an answer cut short) is an AI name, so no query is kept.
     assert out["learned"] == ["10.77.0.1", "fd77::1"], out
-    assert out["counts"]["malformed"] == 1 and out["counts"]["responses"] == 4
+    counts = out["counts"]
+    assert counts["responses"] == 4 and counts["queries"] == 2 and counts["matched"] == 2, counts
+    assert counts["unsolicited"] == counts["wrong_question"] == counts["pending"] == 0
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_forged_dns_answer_without_a_query_teaches_nothing(veth_pair, family):
+    lab = veth_pair
+    """Forged with scapy in the server namespace: an answer nobody asked for and one with
+    the wrong id are refused; one matching a query in flight (a forger on the path could
+    send it) is believed, as is the real server's answer to a real query."""
+    dns = lab.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), "dns", stdout=subprocess.PIPE, text=True)
+    server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
+    try:
+        assert dns.stdout.readline().strip() == "ready"
+        # An address the server namespace takes after its DNS server bound its own: a
+        # query to it arrives there and goes unanswered.
+        silent_ip = server_ip.rsplit(".", 1)[0] + ".9" if family == 4 else server_ip.rsplit(":", 1)[0] + ":9"
+        ifname = lab.b.run("ip", "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0]
+        lab.b.run("ip", "addr", "add", f"{silent_ip}/{24 if family == 4 else 64}", "dev", ifname,
+                  *(["nodad"] if family == 6 else []))
+        out = run_client(lab.a, "dns-spoof", server_ip, silent_ip, client_ip, lab.b.name)
+    finally:
+        dns.kill()
+        dns.wait()
+    spoofed = ["fd66::1", "fd66::2", "fd66::3"] if family == 6 else ["10.66.0.1", "10.66.0.2", "10.66.0.3"]
+    real = "fd77::1" if family == 6 else "10.77.0.1"
+    assert out["after_unsolicited"] == [] and out["after_wrong_id"] == [], out
+    assert out["after_matching"] == [spoofed[2]]
+    assert out["learned"] == sorted([spoofed[2], real])
+    counts = out["counts"]
+    assert counts["unsolicited"] == 2 and counts["matched"] == 2 and counts["responses"] == 4, counts
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -267,7 +328,7 @@ def test_a_whole_redirector_takes_a_server_once_dns_names_it_an_ai_endpoint(lab,
     before, after = out["before"], out["after"]
     assert before["server_saw"] == [client_ip, before["client_port"]]  # not known yet: untouched
     # Covered the moment the client had the answer: it was held until the filter named it.
-    assert out["learned"], (out["counters"], out["notes"])  # the counters say what the watcher saw
+    assert out["learned"], json.dumps(out["counters"]["dns"])  # the counters say what the watcher saw
     assert out["counters"]["dns"]["held"] >= 1
     assert [a["peer"] for a in out["accepted"]] == [[server_ip, after["client_port"]]]
     assert after["intact"] and after["server_saw"] == [client_ip, out["accepted"][0]["upstream_port"]]

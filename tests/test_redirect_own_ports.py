@@ -1,14 +1,14 @@
 """The proxy's own upstream ports are registered before the SYN leaves, released after;
-the process filter's include/exclude rules; the reflector's filter."""
+the process filter's include/exclude rules; the reflector's filter and its swap budget."""
 
 import asyncio
+import errno
 import socket
 import threading
 
 import pytest
 
 from oisp.redirect import OwnPorts, ProcessFilter, connect_upstream, open_upstream
-from oisp.redirect.own_ports import upstream_port_range
 from oisp.redirect.reflector import reflector_filter
 
 
@@ -45,9 +45,9 @@ def test_connect_upstream_registers_the_port_the_server_sees(family, host):
     sock = connect_upstream(host, server.getsockname()[1], own)
     thread.join(5)
     port = sock.getsockname()[1]
-    assert seen == [port] and port in own and own.mask[port] and len(own) == 1
+    assert seen == [port] and own.holds(port, family) and len(own) == 1
     own.close(sock)
-    assert port not in own and len(own) == 0 and sock.fileno() == -1
+    assert not own.holds(port, family) and len(own) == 0 and sock.fileno() == -1
     server.close()
 
 
@@ -57,7 +57,7 @@ def test_open_upstream_does_not_block_the_loop_and_registers():
 
     async def main():
         sock = await open_upstream("127.0.0.1", server.getsockname()[1], own)
-        return sock, sock.getsockname()[1] in own
+        return sock, own.holds(sock.getsockname()[1], socket.AF_INET)
 
     sock, registered = asyncio.run(main())
     thread.join(5)
@@ -80,12 +80,15 @@ def test_a_failed_connect_leaves_no_port_registered():
 
 def test_a_port_shared_by_two_sockets_stays_registered_until_both_go():
     own = OwnPorts()
-    own.register(5000)
-    own.register(5000)
-    own.unregister(5000)
-    assert 5000 in own
-    own.unregister(5000)
-    assert 5000 not in own
+    own.register(5000, socket.AF_INET)
+    own.register(5000, socket.AF_INET)
+    own.register(5000, socket.AF_INET6)
+    own.unregister(5000, socket.AF_INET)
+    assert own.holds(5000, socket.AF_INET) and own.mask[5000] == 3
+    own.unregister(5000, socket.AF_INET)
+    assert not own.holds(5000, socket.AF_INET) and own.holds(5000, socket.AF_INET6) and own.mask[5000] == 2
+    own.unregister(5000, socket.AF_INET6)
+    assert own.mask[5000] == 0 and len(own) == 0
 
 
 def test_process_filter_rules():
@@ -102,48 +105,71 @@ def test_process_filter_rules():
 
 def test_reflector_filter_names_every_server_and_proxy_port():
     assert reflector_filter({443: 8443, 80: 8080}) == (
-        "tcp and outbound and ((tcp.DstPort == 80 or tcp.DstPort == 443) or tcp.SrcPort == 8080 or tcp.SrcPort == 8443)")
+        "tcp and outbound and (tcp.DstPort == 80 or tcp.DstPort == 443 or tcp.SrcPort == 8080 or tcp.SrcPort == 8443)")
 
 
-def test_upstream_sockets_take_reserved_ports_and_spill_over_to_registered_ones():
-    own = OwnPorts((62000, 62003))
+def test_no_other_socket_can_send_from_a_registered_port():
+    """What makes the mask trustworthy: while an upstream socket holds its port, the
+    kernel lets no other socket of that family bind it, whatever it asks for."""
+    own = OwnPorts()
     server, seen, thread = listener(socket.AF_INET, "127.0.0.1")
     sock = connect_upstream("127.0.0.1", server.getsockname()[1], own)
     thread.join(5)
     port = sock.getsockname()[1]
-    assert seen == [port] and 62000 <= port <= 62003
-    assert port in own and not own.mask.any() and len(own) == 0  # the filter leaves it out: no registry
+    attempts = [("0.0.0.0", ()), ("127.0.0.1", ()), ("127.0.0.1", (socket.SO_REUSEADDR,)),
+                ("0.0.0.0", (socket.SO_REUSEADDR, socket.SO_REUSEPORT))]
+    for host, options in attempts:
+        other = socket.socket()
+        for option in options:
+            other.setsockopt(socket.SOL_SOCKET, option, 1)
+        with pytest.raises(OSError) as refused:
+            other.bind((host, port))
+        assert refused.value.errno == errno.EADDRINUSE, (host, options)
+        other.close()
+    # An IPv6-only socket may take the same number: the mask names IPv4 alone, so the
+    # reflector would take that socket's connections like any client's.
+    if ipv6_available():
+        v6 = socket.socket(socket.AF_INET6)
+        v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        v6.bind(("::", port))
+        assert own.holds(port, socket.AF_INET) and not own.holds(port, socket.AF_INET6)
+        v6.close()
     own.close(sock)
     server.close()
-    # Every reserved port taken by someone else: an ephemeral port, registered before the connect.
-    squatters = []
-    for p in range(62000, 62004):
-        s = socket.socket()
-        s.bind(("0.0.0.0", p))
-        squatters.append(s)
-    server, seen, thread = listener(socket.AF_INET, "127.0.0.1")
-    sock = connect_upstream("127.0.0.1", server.getsockname()[1], own)
-    thread.join(5)
-    port = sock.getsockname()[1]
-    assert seen == [port] and not 62000 <= port <= 62003 and own.mask[port] and len(own) == 1
-    assert own.counts == {"in_range": 1, "registered": 1}
-    own.close(sock)
-    assert len(own) == 0
-    for s in [server, *squatters]:
-        s.close()
 
 
-def test_the_reserved_range_lies_above_the_ephemeral_range():
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        high = int(f.read().split()[1])
-    assert upstream_port_range() == ((high + 1, 65535) if 65535 - high >= 1024 else None)
-    with pytest.raises(ValueError, match="1024..65535"):
-        OwnPorts((80, 90))
+
+def test_the_swap_budget_allows_a_burst_then_one_per_period():
+    from oisp.redirect.reflector import SwapBudget
+
+    now = [100.0]
+    budget = SwapBudget(burst=3, every=2.0, clock=lambda: now[0])
+    assert [budget.take() for _ in range(4)] == [True, True, True, False]
+    assert budget.ready_in() == pytest.approx(2.0)
+    now[0] += 1.0
+    assert not budget.take() and budget.ready_in() == pytest.approx(1.0)
+    now[0] += 1.0
+    assert budget.take() and not budget.take()
+    now[0] += 60.0  # a long quiet spell refills the burst, no more
+    assert [budget.take() for _ in range(4)] == [True, True, True, False]
 
 
-def test_reflector_filter_leaves_out_the_reserved_range():
-    assert reflector_filter({443: 8443}, (61000, 65535)) == (
-        "tcp and outbound and (((tcp.DstPort == 443) and (tcp.SrcPort < 61000)) or tcp.SrcPort == 8443)")
-    assert reflector_filter({443: 8443}, (50000, 50999)) == (
-        "tcp and outbound and (((tcp.DstPort == 443) and (tcp.SrcPort < 50000 or tcp.SrcPort > 50999))"
-        " or tcp.SrcPort == 8443)")
+def test_the_dns_hold_does_not_wait_for_a_swap_the_budget_cannot_give_in_time():
+    """An answer naming a new address waits for the filter only while a swap can come."""
+    import threading
+
+    from oisp.redirect import FlowTable, TargetSet
+    from oisp.redirect.reflector import Reflector
+
+    class Recording(threading.Condition):
+        def wait_for(self, predicate, timeout=None):
+            waited.append(timeout)
+            return super().wait_for(predicate, 0)
+
+    waited = []
+    reflector = Reflector(TargetSet(), FlowTable(), OwnPorts())
+    reflector._covered_changed = Recording()
+    assert not reflector.wait_covered(1, timeout=1.0) and waited == [1.0]  # a swap may come: it waits
+    while reflector._swap_budget.take():
+        pass
+    assert not reflector.wait_covered(1, timeout=1.0) and waited == [1.0, 0.0]

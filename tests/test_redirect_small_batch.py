@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 
 import numpy as np
 import pytest
@@ -61,7 +62,7 @@ def random_packets(rng: random.Random, count: int) -> tuple[list[bytes], list[bo
 def run(packets, outbound, small: bool, monkeypatch) -> tuple:
     monkeypatch.setattr(reflector_module, "SMALL_BATCH", 10**6 if small else 0)
     own = OwnPorts()
-    own.register(50000)
+    own.register(50000, socket.AF_INET)  # IPv4 alone: IPv6 packets from it are a client's
     reflector = Reflector(TargetSet([SERVERS[4][0], SERVERS[6][0]]), FlowTable(), own)
     results = []
     for batch_packets, batch_outbound in zip(packets, outbound):

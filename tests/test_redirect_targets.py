@@ -1,5 +1,5 @@
 """The AI address set: DNS answers (compression, CNAME chains, malformed input), batch
-membership, the start-up resolution."""
+membership, the cap on learned addresses, the start-up resolution."""
 
 import ipaddress
 import struct
@@ -8,12 +8,17 @@ import numpy as np
 import pytest
 
 from oisp.packet import PACKET_DTYPE
-from oisp.redirect.dns import TYPE_A, TYPE_AAAA, TYPE_CNAME, DnsError, answer_addresses, build_query, read_name
+from oisp.redirect.dns import (TYPE_A, TYPE_AAAA, TYPE_CNAME, DnsError, build_query, chain_addresses, question,
+                               read_name)
 from oisp.redirect.flows import address_key
 from oisp.redirect.targets import TargetSet, resolve_hosts
 from oisp.spec import default_spec
 
 wanted = default_spec().matches_host
+
+
+def answer_addresses(message):
+    return chain_addresses(message, question(message))
 
 
 def name(text):
@@ -32,7 +37,7 @@ def response(qname, answers, qtype=TYPE_A):
 def test_compressed_answers_for_a_spec_host():
     msg = response("api.openai.com", [(b"\xc0\x0c", TYPE_A, bytes([1, 2, 3, 4])),
                                       (b"\xc0\x0c", TYPE_AAAA, ipaddress.IPv6Address("2001:db8::1").packed)])
-    assert answer_addresses(msg, wanted) == [ipaddress.ip_address("1.2.3.4"), ipaddress.ip_address("2001:db8::1")]
+    assert answer_addresses(msg) == [ipaddress.ip_address("1.2.3.4"), ipaddress.ip_address("2001:db8::1")]
 
 
 def test_cname_chain_in_any_order_is_followed():
@@ -46,13 +51,36 @@ def test_cname_chain_in_any_order_is_followed():
     cname2 = (struct.pack("!H", 0xC000 | edge_at), TYPE_CNAME, cdn)
     msg = response("api.openai.com", [cname1, a, cname2])
     assert read_name(msg, edge_at)[0] == "edge.example.net"
-    assert answer_addresses(msg, wanted) == [ipaddress.ip_address("5.6.7.8")]
+    assert answer_addresses(msg) == [ipaddress.ip_address("5.6.7.8")]
 
 
-def test_answers_for_other_names_are_ignored():
-    msg = response("example.com", [(b"\xc0\x0c", TYPE_A, bytes([9, 9, 9, 9]))])
-    assert answer_addresses(msg, wanted) == []
-    assert answer_addresses(build_query("api.openai.com", TYPE_A), wanted) == []  # a query, not an answer
+def test_records_off_the_questions_chain_are_ignored():
+    """Only the question's name and the CNAME targets followed from it count: an A record
+    for api.openai.com riding along in an answer about example.com teaches nothing."""
+    msg = response("example.com", [(b"\xc0\x0c", TYPE_A, bytes([9, 9, 9, 9])),
+                                   (name("api.openai.com"), TYPE_A, bytes([6, 6, 6, 6]))])
+    assert answer_addresses(msg) == [ipaddress.ip_address("9.9.9.9")]
+    # A CNAME whose owner is not on the chain is not followed either.
+    msg = response("api.openai.com", [(name("other.test"), TYPE_CNAME, name("api.openai.com")),
+                                      (name("other.test"), TYPE_A, bytes([6, 6, 6, 6]))])
+    assert answer_addresses(msg) == []
+    q = question(build_query("api.openai.com", TYPE_A, query_id=7))
+    assert (q.id, q.response, q.name, q.rtype, q.answers) == (7, False, "api.openai.com", TYPE_A, 0)
+
+
+def test_a_cname_loop_ends_the_chain():
+    msg = response("api.openai.com", [(b"\xc0\x0c", TYPE_CNAME, name("b.test")),
+                                      (name("b.test"), TYPE_CNAME, name("api.openai.com")),
+                                      (name("b.test"), TYPE_A, bytes([5, 5, 5, 5]))])
+    assert answer_addresses(msg) == [ipaddress.ip_address("5.5.5.5")]
+
+
+def test_a_message_must_hold_exactly_one_question():
+    msg = bytearray(response("api.openai.com", [(b"\xc0\x0c", TYPE_A, bytes([1, 2, 3, 4]))]))
+    for count in (0, 2):
+        msg[4:6] = count.to_bytes(2, "big")
+        with pytest.raises(DnsError, match="questions"):
+            question(bytes(msg))
 
 
 @pytest.mark.parametrize("cut", range(1, 60, 3))
@@ -60,13 +88,13 @@ def test_truncated_responses_raise_dns_error(cut):
     msg = response("api.openai.com", [(b"\xc0\x0c", TYPE_A, bytes([1, 2, 3, 4]))])
     if cut < len(msg):
         with pytest.raises(DnsError):
-            answer_addresses(msg[:len(msg) - cut], wanted)
+            answer_addresses(msg[:len(msg) - cut])
 
 
 def test_a_compression_loop_is_an_error_not_a_hang():
     msg = struct.pack("!HHHHHH", 1, 0x8180, 1, 0, 0, 0) + b"\xc0\x0c"
     with pytest.raises(DnsError):
-        answer_addresses(msg, wanted)
+        answer_addresses(msg)
 
 
 def test_random_bytes_never_raise_anything_but_dns_error():
@@ -76,7 +104,7 @@ def test_random_bytes_never_raise_anything_but_dns_error():
         if len(msg) > 2:
             msg[2] |= 0x80
         try:
-            answer_addresses(bytes(msg), wanted)
+            answer_addresses(bytes(msg))
         except DnsError:
             pass
 
@@ -98,6 +126,20 @@ def test_the_set_is_bounded_and_counts_what_did_not_fit():
     targets = TargetSet(max_addresses=2)
     targets.add(["10.0.0.1", "10.0.0.2", "10.0.0.3"])
     assert len(targets) == 2 and targets.counts["full"] == 1
+
+
+def test_addresses_dns_alone_names_are_capped_below_the_filters_size():
+    targets = TargetSet(["10.0.0.1"], max_learned=2)
+    assert targets.add(["10.1.0.1", "10.1.0.2", "10.1.0.3"], learned=True) == 2
+    assert targets.counts["learned_full"] == 1 and len(targets) == 3
+    assert targets.add(["10.1.0.1"], learned=True) == 0 and targets.counts["learned_full"] == 1  # known: renamed
+    # A resolution naming a learned address takes it off the learned count; others are not capped.
+    assert targets.add(["10.1.0.1", "10.2.0.1", "10.2.0.2"]) == 2
+    assert targets.add(["10.1.0.4"], learned=True) == 1 and targets.add(["10.1.0.5"], learned=True) == 0
+    # Expiry frees room.
+    targets.expire(float("inf"))
+    assert targets.add(["10.1.0.5"], learned=True) == 1
+    assert TargetSet().max_learned == 64
 
 
 def test_startup_resolution_counts_failures_and_is_bounded():

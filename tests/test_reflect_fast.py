@@ -5,6 +5,7 @@ state, and its flow table behaves like a set."""
 from __future__ import annotations
 
 import random
+import socket
 import time
 
 import numpy as np
@@ -35,7 +36,8 @@ def fast_ring(flows=(), max_flows: int = 64) -> tuple[ReceiveRing, OwnPorts]:
     own = OwnPorts()
     ring = ReceiveRing(0, 0, 0, 0, nslots=2)
     ring.fast_enable({443: 8443}, own.mask, max_flows)
-    own.register(OWN_PORT)  # registered after enabling: the ring reads the live array
+    for family in (socket.AF_INET, socket.AF_INET6):  # after enabling: the ring reads the live array
+        own.register(OWN_PORT, family)
     for server, client_port in flows:
         assert ring.fast_add(row_key(server), client_port, 8443)
     return ring, own
@@ -260,8 +262,14 @@ def test_passes_the_proxys_own_upstream_unchanged():
         assert ring.fast_decide(packet, addr) == (PASS, packet, addr)
     packet = bytes(IP(src="10.200.1.1", dst="10.200.1.2") / TCP(sport=OWN_PORT, dport=443, flags="PA") / b"x")
     assert ring.fast_decide(packet, addr) == (PASS, packet, addr)
-    own.unregister(OWN_PORT)
+    own.unregister(OWN_PORT, socket.AF_INET)
     assert ring.fast_decide(packet, addr)[0] == SLOW  # the ring reads the registry live
+    # Still ours in IPv6 alone: an IPv4 socket on the same number is someone else's.
+    v6 = bytes(IPv6(src=CLIENT[6], dst=SERVERS[6][0]) / TCP(sport=OWN_PORT, dport=443, flags="PA") / b"x")
+    assert ring.fast_decide(v6, address(v6=True))[0] == PASS
+    own.register(OWN_PORT, socket.AF_INET)
+    own.unregister(OWN_PORT, socket.AF_INET6)
+    assert ring.fast_decide(v6, address(v6=True))[0] == SLOW and ring.fast_decide(packet, addr)[0] == PASS
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -270,7 +278,7 @@ def test_same_bytes_as_the_python_reflector(seed):
     takes comes out byte for byte as the Python path makes it, address bits included."""
     rng = random.Random(seed)
     own = OwnPorts()
-    own.register(OWN_PORT)
+    own.register(OWN_PORT, socket.AF_INET)  # IPv4 alone: IPv6 packets from it are a client's
     python = Reflector(TargetSet([SERVERS[4][0], SERVERS[6][0]]), FlowTable(), own)
     ring = ReceiveRing(0, 0, 0, 0, nslots=2)
     ring.fast_enable({443: 8443}, own.mask, 64)

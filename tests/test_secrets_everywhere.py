@@ -7,9 +7,10 @@ that drives a FlowRecorder, as the proxy does, on its way to a real local HTTP
 server that answers with a provider-style error quoting a key. The events go to
 the JSONL, stdout (JSON and pretty) and webhook sinks, the webhook URL (with
 its token) taken from OISP_WEBHOOK_URL as `oisp record` would, plus webhooks
-that fail, so their warnings and errors are produced too. Searched: every sink's
-bytes, what the webhook receiver got, every log record, stdout and stderr, the
-sinks' report (the status line's source).
+that fail, so their warnings and errors are produced too, and to the OTLP sink with
+content opted in (to a real OTLP receiver, where one is installed: tests/otlp_receiver.py).
+Searched: every sink's bytes, what the webhook and OTLP receivers got, every log
+record, stdout and stderr, the sinks' report (the status line's source).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from oisp.decode import Direction, FlowContext
 from oisp.events import FlowRecorder, Redactor
 from oisp.sinks import StdoutSink, WebhookSink
 from oisp.sinks.options import sinks_from_args
+from oisp.sinks.otlp import OtlpSink, resolve
+from tests.otlp_receiver import Receiver as OtlpReceiver, executable as otlp_executable
 
 
 def _random(n: int = 28) -> str:
@@ -132,6 +135,7 @@ def outputs(request, tmp_path_factory):
     mode = request.param
     tmp = tmp_path_factory.mktemp(f"secrets-{mode}")
     provider, receiver = serve(Provider), serve(Receiver)
+    otlp = OtlpReceiver().start() if otlp_executable() else None
     Receiver.bodies = []
     listener = socket.create_server(("127.0.0.1", 0))
     s = SECRETS
@@ -156,8 +160,12 @@ def outputs(request, tmp_path_factory):
     printed_out, printed_err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(printed_out), contextlib.redirect_stderr(printed_err):
-            events, report = _run(mode, tmp, s, listener, provider, failing, json_out, pretty_out)
+            events, report = _run(mode, tmp, s, listener, provider, failing, json_out, pretty_out, otlp)
+        otlp_received = otlp.raw() if otlp else ""
+        otlp_logs = len(otlp.logs()) if otlp else None
     finally:
+        if otlp:
+            otlp.stop()
         root.removeHandler(handler)
         root.setLevel(old_level)
         if old_env is None:
@@ -171,15 +179,17 @@ def outputs(request, tmp_path_factory):
         "jsonl": (tmp / "events.jsonl").read_text(), "stdout_json": json_out.getvalue(),
         "stdout_pretty": pretty_out.getvalue(), "webhook_received": b"".join(Receiver.bodies).decode(),
         "logs": log_text.getvalue(), "sink_report": report, "stdout": printed_out.getvalue(),
-        "stderr": printed_err.getvalue()}}
+        "stderr": printed_err.getvalue(), "otlp_received": otlp_received}, "otlp_logs": otlp_logs}
 
 
-def _run(mode, tmp, s, listener, provider, failing, json_out, pretty_out):
+def _run(mode, tmp, s, listener, provider, failing, json_out, pretty_out, otlp):
     args = argparse.Namespace(jsonl=str(tmp / "events.jsonl"), jsonl_max_mb=64.0, webhook=None, stdout=False,
                               pretty=False, quiet=False)
     fan = sinks_from_args(args)
     fan.sinks += [StdoutSink(json_out), StdoutSink(pretty_out, pretty=True), *failing]
-    assert {sink.name for sink in fan.sinks} == {"jsonl", "webhook", "stdout"}
+    if otlp:
+        fan.sinks.append(OtlpSink(resolve(otlp.http_url, None), content=True))  # content in, secrets still out
+    assert {sink.name for sink in fan.sinks} == {"jsonl", "webhook", "stdout"} | ({"otlp"} if otlp else set())
     events: list[dict] = []
 
     def emit(batch: list[dict]) -> None:
@@ -214,6 +224,8 @@ def test_the_traffic_really_went_through_every_sink(outputs):
     report = json.loads(texts["sink_report"])
     assert report["webhook"]["lost"] >= len(kinds)  # the failing ones did fail, and said so
     assert "events lost" in texts["logs"]
+    if outputs["otlp_logs"] is not None:
+        assert outputs["otlp_logs"] == len(kinds) and report["otlp"]["emitted"] == len(kinds)
 
 
 @pytest.mark.parametrize("place", sorted(SECRETS))

@@ -40,6 +40,27 @@ def test_jsonl_rotates_by_size(tmp_path) -> None:
     assert ids == sorted(ids) and ids[-1] == 39
 
 
+def test_fan_out_writes_one_encoding_to_the_file_and_the_dashboard(tmp_path) -> None:
+    """The JSONL file and the dashboard get the same line, made once; an event holding a lone
+    surrogate (a client's "\\ud800" escape, decoded) is kept in both as valid JSON, not lost."""
+    from oisp.sinks.ui import EventStore
+    from oisp.sinks.ui.sink import UISink
+
+    store = EventStore()
+    ui = UISink(port=0, store=store)
+    jsonl = JsonlSink(tmp_path / "e.jsonl")
+    fan = FanOut([jsonl, ui])
+    odd = {**ev(2), "data": {"text": json.loads('"a\\ud800b"'), "name": "Zoë"}}
+    fan.emit(ev(1))
+    fan.emit(odd)
+    fan.emit({"event_type": "ai.streaming_chunk", "data": {}})  # the file keeps chunks, the page does not need them
+    fan.close()
+    lines = (tmp_path / "e.jsonl").read_bytes().splitlines()
+    assert [json.loads(line) for line in lines] == [ev(1), odd, {"event_type": "ai.streaming_chunk", "data": {}}]
+    assert store.since(0)[0] == lines[:2]
+    assert fan.report()["jsonl"]["lost"] == fan.report()["ui"]["lost"] == 0
+
+
 def test_stdout_json_and_pretty() -> None:
     buf = io.StringIO()
     StdoutSink(buf).emit(ev(1))

@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -35,29 +33,10 @@ def browser():
         b.close()
 
 
-class Served:
-    def __init__(self, path: Path, url: str, proc: subprocess.Popen) -> None:
-        self.path, self.url, self.proc = path, url, proc
-        parts = urlsplit(url)
-        self.origin = f"{parts.scheme}://{parts.netloc}"
-        self.port = parts.port
-        self.token = parts.query.split("token=", 1)[1]
-
-
 @pytest.fixture
 def served(tmp_path):
-    path = tmp_path / "events.jsonl"
-    uievents.write_jsonl(path, uievents.recorded_events())
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "oisp", "ui", str(path), "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        url = proc.stdout.readline().strip()
-        assert url.startswith("http://127.0.0.1:"), (url, proc.stderr.read() if proc.poll() is not None else "")
-        yield Served(path, url, proc)
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
+    with uievents.serve_ui(tmp_path / "events.jsonl") as served:
+        yield served
 
 
 @pytest.fixture
@@ -88,7 +67,7 @@ def visible_rows(page):
     return page.locator("#rows .row:not([hidden])")
 
 
-def open_page(page, served: Served, expect_calls: int) -> None:
+def open_page(page, served: uievents.Served, expect_calls: int) -> None:
     page.goto(served.url)
     page.wait_for_function(f'() => document.querySelector(\'[data-total="calls"]\').textContent === "{expect_calls}"',
                            timeout=10_000)

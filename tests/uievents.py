@@ -3,11 +3,16 @@ and the figures a page should show, computed straight from a JSONL file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
 from provider_cases import Case, http1_request, http1_response, load_cases  # noqa: E402
@@ -80,3 +85,31 @@ def totals(path: Path) -> dict:
             out["cost"] += (usage.get("cost") or {}).get("usd") or 0
     out["calls"] = len(ids)
     return out
+
+
+class Served:
+    """A running `oisp ui FILE --port 0`: its file, printed URL (with the token) and process."""
+
+    def __init__(self, path: Path, url: str, proc: subprocess.Popen) -> None:
+        self.path, self.url, self.proc = path, url, proc
+        parts = urlsplit(url)
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+        self.port = parts.port
+        self.token = parts.query.split("token=", 1)[1]
+
+
+@contextlib.contextmanager
+def serve_ui(path: Path) -> Iterator[Served]:
+    """`oisp ui` over `path` (the fixtures' events written there first), stopped cleanly after."""
+    write_jsonl(path, recorded_events())
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "oisp", "ui", str(path), "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), (url, proc.stderr.read() if proc.poll() is not None else "")
+        yield Served(path, url, proc)
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0

@@ -249,6 +249,18 @@ async def _record(args) -> int:
                                         trusted=trusted))
 
         print(f"oisp record: dashboard {ui.url}", file=sys.stderr, flush=True)
+    otlp = next((sink for sink in sinks.sinks if sink.name == "otlp"), None)
+    if otlp is not None:
+        print(f"oisp record: exporting OTLP ({otlp.target.protocol}) to {otlp.display_url}"
+              f"{' with content' if otlp.content else ''}", file=sys.stderr, flush=True)
+        if args.redaction == "minimal":
+            print("oisp record: warning: --redaction minimal scrubs no secrets, and --otlp sends the events to "
+                  "another machine", file=sys.stderr, flush=True)
+
+        def otlp_health() -> None:  # read here, on the recorder's loop; the metric reader's thread reads the copy
+            engine = redirector.counters()["reflector"].get("engine", {})
+            otlp.set_health({"flows": dict(proxy.stats), "drops": engine.get("dropped", 0), "sinks": sinks.report()})
+
     await loop.run_in_executor(None, redirector.start)
     for note in redirector.notes:
         print(f"oisp record: note: {note}", file=sys.stderr)
@@ -276,6 +288,8 @@ async def _record(args) -> int:
                 break
             if ui is not None:
                 ui_status()
+            if otlp is not None:
+                otlp_health()
             if live:
                 counters = redirector.counters()
                 engine = counters["reflector"].get("engine", {})
@@ -296,6 +310,8 @@ async def _record(args) -> int:
         await proxy.drain(timeout=DRAIN)
         await asyncio.sleep(0.2)  # the resets' packets cross the reflector
         await loop.run_in_executor(None, redirector.stop)
+        if otlp is not None:
+            otlp_health()  # the final figures, which the metric reader exports as the sink closes
         sinks.close()
         for name, stats in sinks.report().items():
             if stats["lost"]:

@@ -317,13 +317,18 @@ def scrub_cmdline(args: list[str], scrubber: Scrubber | None = None) -> tuple[li
 
 # -- content ---------------------------------------------------------------------------------------
 
+OMIT = "omit"  # a profile that keeps only the length of content, no hash of it (see hash_content)
+
+
 def hashed_content(text: str, mode: str = "full") -> dict[str, Any]:
+    if mode == OMIT:
+        return {"$redacted": {"reason": "policy", "original_length": len(text), "redaction_profile": mode}}
     return {"$redacted": {"reason": "policy", "original_length": len(text), "hash": secret_hash(text), "redaction_profile": mode}}
 
 
-def _hashed_string(text: str) -> str:
+def _hashed_string(text: str, mode: str = "full") -> str:
     """Content where the schema wants a string (a tool's description, a command line)."""
-    return f"[REDACTED:content:{len(text)}:{secret_hash(text)}]"
+    return f"[REDACTED:content:{len(text)}]" if mode == OMIT else f"[REDACTED:content:{len(text)}:{secret_hash(text)}]"
 
 
 # Where conversation content lives in ai.* event data: paths of keys, "*" = every list element.
@@ -352,13 +357,13 @@ def _hash_at(node: Any, path: tuple[str, ...], mode: str) -> None:
             parent[k] = hashed_content(parent[k], mode)
 
 
-def _hash_descriptions(node: Any) -> None:
+def _hash_descriptions(node: Any, mode: str = "full") -> None:
     """Every "description" in tool definitions (the function's and its parameters'), at any depth."""
     for key, value in (node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()):
         if key == "description" and isinstance(value, str):
-            node[key] = _hashed_string(value)
+            node[key] = _hashed_string(value, mode)
         else:
-            _hash_descriptions(value)
+            _hash_descriptions(value, mode)
 
 
 def _hash_full(event: dict[str, Any], mode: str) -> None:
@@ -366,7 +371,7 @@ def _hash_full(event: dict[str, Any], mode: str) -> None:
     if isinstance(data, dict):
         for path in _CONTENT_PATHS:
             _hash_at(data, path, mode)
-        _hash_descriptions(data.get("tools"))
+        _hash_descriptions(data.get("tools"), mode)
         error = data.get("error")
         if isinstance(error, dict):
             for key, value in error.items():
@@ -377,11 +382,19 @@ def _hash_full(event: dict[str, Any], mode: str) -> None:
         args = process.get("cmdline_args")
         if isinstance(args, list) and args:
             rest = shlex.join(str(a) for a in args[1:])
-            process["cmdline_args"] = [str(args[0])] + ([_hashed_string(rest)] if rest else [])
+            process["cmdline_args"] = [str(args[0])] + ([_hashed_string(rest, mode)] if rest else [])
             process["cmdline"] = shlex.join(process["cmdline_args"])
         elif isinstance(process.get("cmdline"), str):
             program, _, rest = process["cmdline"].partition(" ")
-            process["cmdline"] = program + (" " + _hashed_string(rest) if rest else "")
+            process["cmdline"] = program + (" " + _hashed_string(rest, mode) if rest else "")
+
+
+def hash_content(event: dict[str, Any], *, keep_hashes: bool = True) -> None:
+    """Hash an event's content in place as ``--redaction full`` does, for outputs that must not
+    carry content whatever mode recorded the event. ``keep_hashes=False`` keeps only each
+    piece's length (profile "omit"): a keyed hash costs ~20 µs a piece, more than such an
+    output may spend on a whole event."""
+    _hash_full(event, RedactionMode.FULL.value if keep_hashes else OMIT)
 
 
 class Redactor:

@@ -335,14 +335,16 @@ class TransparentProxy:
             if exc.errno in _NO_RESOURCES:
                 self._trouble(exc)
         finally:
+            # Unregistered before it is closed, so the port is never registered while
+            # another program could bind it (own_ports.py).
+            if upstream_port is not None:
+                self.own_ports.unregister(upstream_port, upstream.family)
             # A socket handed to a transport is closed by it (closing it here would free
             # its fd while the event loop still watches it).
             for sock in (conn, upstream):
                 if sock is not None and sock not in self._owned_by_transport:
                     sock.close()
                 self._owned_by_transport.discard(sock)
-            if upstream_port is not None:
-                self.own_ports.unregister(upstream_port)
             if held is not None:
                 self.on_connection(held, False)
 

@@ -1,20 +1,23 @@
 """Just enough DNS (RFC 1035) to learn addresses from answers seen on the wire.
 
-`answer_addresses(message, wanted)` returns the A/AAAA addresses a response
-gives for names `wanted(name)` accepts, following CNAME chains from those
-names (api.openai.com → CNAME → A). Compressed names are followed, with a hop
-limit so a pointer loop cannot spin. Anything malformed raises `DnsError`.
+`question(message)` reads the header and the one question of a query or a
+response; `chain_addresses(message, q)` returns the A/AAAA addresses a response
+gives along the CNAME chain that starts at its question's name (api.openai.com
+→ CNAME → A), and nothing for other names it may carry. Which answers may be
+believed at all is dns_match.py's job. Compressed names are followed, with a
+hop limit so a pointer loop cannot spin. Anything malformed raises `DnsError`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Callable
+from dataclasses import dataclass
 
 TYPE_A, TYPE_CNAME, TYPE_AAAA = 1, 5, 28
 CLASS_IN = 1
 _MAX_POINTERS = 32
+_MAX_CHAIN = 16  # names in one CNAME chain (resolvers give up near 8-16 links)
 
 
 class DnsError(ValueError):
@@ -61,33 +64,54 @@ def _records(message: bytes, offset: int, count: int):
         offset += rdlength
 
 
-def answer_addresses(message: bytes, wanted: Callable[[str], bool]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+@dataclass(frozen=True)
+class Question:
+    """A message's header fields that matter here and its one question."""
+
+    id: int
+    response: bool
+    name: str  # lower-cased
+    rtype: int
+    rclass: int
+    end: int  # the offset just past the question
+    answers: int  # the answer section's record count
+
+
+def question(message: bytes) -> Question:
+    """The header and the question of a message with exactly one (every resolver sends
+    one; a response to it repeats it)."""
     if len(message) < 12:
         raise DnsError("shorter than a DNS header")
-    flags, qdcount, ancount = struct.unpack_from("!HHH", message, 2)
-    if not flags & 0x8000:
-        return []  # a query, not a response
-    offset = 12
-    matched: set[str] = set()
-    for _ in range(qdcount):
-        name, offset = read_name(message, offset)
-        offset += 4
-        if offset > len(message):
-            raise DnsError("truncated question")
-        if wanted(name):
-            matched.add(name)
-    records = list(_records(message, offset, ancount))
-    matched.update(name for name, *_ in records if wanted(name))
-    cnames = [(name, read_name(message, start)[0]) for name, rtype, rclass, start, _ in records
-              if rtype == TYPE_CNAME and rclass == CLASS_IN]
-    for _ in cnames:  # a chain may be listed in any order; each pass follows one more link
-        grown = {target for name, target in cnames if name in matched} - matched
-        if not grown:
-            break
-        matched |= grown
+    query_id, flags, qdcount, ancount = struct.unpack_from("!HHHH", message, 0)
+    if qdcount != 1:
+        raise DnsError(f"{qdcount} questions, not one")
+    name, offset = read_name(message, 12)
+    if offset + 4 > len(message):
+        raise DnsError("truncated question")
+    rtype, rclass = struct.unpack_from("!HH", message, offset)
+    return Question(query_id, bool(flags & 0x8000), name, rtype, rclass, offset + 4, ancount)
+
+
+def chain_addresses(message: bytes, q: Question) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The A/AAAA addresses response `message` gives along its question's chain:
+    the chain is the question's name and the CNAME targets followed from it, one link
+    per name, at most _MAX_CHAIN long. A record for any other name is no answer to the
+    question, whoever put it there."""
+    records = list(_records(message, q.end, q.answers))
+    aliases: dict[str, str] = {}
+    for name, rtype, rclass, start, _ in records:
+        if rtype == TYPE_CNAME and rclass == CLASS_IN:
+            aliases.setdefault(name, read_name(message, start)[0])  # a name has one CNAME (RFC 1034 3.6.2)
+    chain = [q.name]
+    while chain[-1] in aliases and len(chain) < _MAX_CHAIN:
+        target = aliases[chain[-1]]
+        if target in chain:
+            break  # a loop: the chain ends where it would repeat
+        chain.append(target)
+    names = set(chain)
     addresses = []
     for name, rtype, rclass, start, rdlength in records:
-        if rclass != CLASS_IN or name not in matched:
+        if rclass != CLASS_IN or name not in names:
             continue
         if rtype == TYPE_A and rdlength == 4:
             addresses.append(ipaddress.IPv4Address(message[start:start + 4]))

@@ -1,140 +1,110 @@
-"""The proxy's own upstream ports, so the reflector never takes its connections.
+"""The proxy's own upstream sockets, so the reflector never takes their connections.
 
 The proxy's upstream connection to a server's port 443 would match the
-reflector's filter exactly like a client's. It is told apart by its local port,
-two ways, both loop-free by construction:
+reflector's filter exactly like a client's. It is told apart by its local port:
+the proxy binds the socket (port 0: the kernel picks a free one), registers
+(port, family) in a 65536-byte mask, and only then connects, so its SYN
+already finds the port registered. The reflector passes a packet to a server
+port untouched when the mask has its source port for its family: one byte
+read per packet, in the ring's C fast path (_native/reflect_fast.h) and in
+Python alike. The filter names every source port, so another program's
+connection from any port is diverted like a client's.
 
-1. Reserved range (Linux, the default): the proxy binds its upstream sockets to
-   ports above the system's ephemeral range (ip_local_port_range), which the
-   kernel never hands to other programs' connects, and the reflector's filter
-   leaves that range out: our upstream packets are not even diverted.
-2. Registry (the fallback: no such range, or all its ports busy — a port stays
-   in TIME_WAIT for a minute after we close, so more than ~75 new upstream
-   connections a second spill over): bind to port 0, register the port the
-   kernel chose, only then connect, so the SYN already finds it registered.
-   The reflector checks source ports against a 65536-entry bool array.
+Why this cannot be imitated: a registered port is one our bound socket holds,
+and the kernel lets no other socket bind it in that family while we do — we
+never set SO_REUSEADDR or SO_REUSEPORT (either would let a second socket that
+sets it too share the port), and on Windows we set SO_EXCLUSIVEADDRUSE (without
+it a socket with SO_REUSEADDR may bind over ours). A port explicitly bound is
+not handed out to other programs' connects either (Linux shares an ephemeral
+port between connects only when no bind() holds it). An IPv4 socket does not
+hold the port for IPv6 sockets that set IPV6_V6ONLY, so the mask keeps one bit
+per family. The port is unregistered before the socket is closed, never after,
+so the mask never names a port nobody holds. Only a program that can forge
+packets (raw sockets: root or CAP_NET_RAW) gets past this, and such a program
+can stop the sensor outright.
 
 Chosen over the alternatives:
+- leaving ports above the ephemeral range out of the filter (what oisp did):
+  any program may bind such a port by number and go unseen;
+- a dedicated local address: any program may bind any local address;
 - a lower-priority injection handle would see the proxy's packets too on
   eBPFDivert (one handle filters all outbound traffic), and costs a second
   handle on the hot path;
 - excluding our pid at the SOCKET layer needs cgroup v2 on Linux and an event
   that may arrive after the SYN (events travel on their own handle);
 - streamdump's alt-port trick changes the server port the proxy must dial.
+The price: the proxy's upstream packets are diverted too, and passed by the
+ring's C loop without waking Python.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import socket
-import sys
 import threading
 
 import numpy as np
 
-MIN_RANGE = 1024  # fewer free ports above the ephemeral range than this: use the registry only
+IPV4_BIT, IPV6_BIT = 1, 2  # the mask's bits: which families hold the port
 
 
-def upstream_port_range() -> tuple[int, int] | None:
-    """Ports above the ephemeral range, which no program gets without asking for them
-    by number (Linux; None elsewhere, or when the ephemeral range leaves too few)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            _, high = (int(v) for v in f.read().split())
-    except (OSError, ValueError):
-        return None
-    return (high + 1, 65535) if 65535 - high >= MIN_RANGE else None
+def family_bit(family: int) -> int:
+    return IPV6_BIT if family == socket.AF_INET6 else IPV4_BIT
 
 
 class OwnPorts:
-    """Local TCP ports of the proxy's upstream sockets: a reserved range the reflector's
-    filter leaves out, and a registry for the ports outside it."""
+    """Local TCP ports of the proxy's upstream sockets, one bit per address family."""
 
-    def __init__(self, port_range: tuple[int, int] | None = None):
-        if port_range is not None and not 1024 <= port_range[0] <= port_range[1] <= 65535:
-            raise ValueError(f"upstream port range {port_range} is not within 1024..65535")
-        self.range = port_range
-        self.mask = np.zeros(65536, dtype=bool)  # read by the reflector without the lock: one byte per port
+    def __init__(self):
+        # Read by the reflector (and the ring, in C) without the lock: one byte per port.
+        self.mask = np.zeros(65536, dtype=np.uint8)
         self._lock = threading.Lock()
-        self._counts: dict[int, int] = {}  # a port may serve an IPv4 and an IPv6 socket at once
-        self._next = port_range[0] if port_range else 0
-        self.counts = {"in_range": 0, "registered": 0}
+        self._counts: dict[tuple[int, int], int] = {}  # (port, bit) → sockets holding it
+        self.counts = {"registered": 0}
 
-    def covers(self, port: int) -> bool:
-        return self.range is not None and self.range[0] <= port <= self.range[1]
-
-    def bind_in_range(self, sock: socket.socket, tries: int = 64) -> bool:
-        """Bind `sock` to a free port of the range (round robin); False if none of `tries` was free."""
-        if self.range is None:
-            return False
-        low, high = self.range
-        host = _any_address(sock.family)
-        for _ in range(min(tries, high - low + 1)):
-            with self._lock:
-                port = self._next
-                self._next = low if port >= high else port + 1
-            try:
-                sock.bind((host, port))
-            except OSError as e:
-                if e.errno in (errno.EADDRINUSE, errno.EACCES):
-                    continue
-                raise
-            self.counts["in_range"] += 1
-            return True
-        return False
-
-    def register(self, port: int) -> None:
-        if self.covers(port):
-            return  # the reflector's filter already leaves it out
+    def register(self, port: int, family: int) -> None:
+        bit = family_bit(family)
         with self._lock:
             self.counts["registered"] += 1
-            self._counts[port] = self._counts.get(port, 0) + 1
-            self.mask[port] = True
+            self._counts[port, bit] = self._counts.get((port, bit), 0) + 1
+            self.mask[port] |= bit
 
-    def unregister(self, port: int) -> None:
-        if self.covers(port):
-            return
+    def unregister(self, port: int, family: int) -> None:
+        bit = family_bit(family)
         with self._lock:
-            left = self._counts.get(port, 0) - 1
+            left = self._counts.get((port, bit), 0) - 1
             if left > 0:
-                self._counts[port] = left
+                self._counts[port, bit] = left
             else:
-                self._counts.pop(port, None)
-                self.mask[port] = False
+                self._counts.pop((port, bit), None)
+                self.mask[port] &= ~bit & 0xFF
 
-    def __contains__(self, port: int) -> bool:
-        return self.covers(port) or bool(self.mask[port])
+    def holds(self, port: int, family: int) -> bool:
+        return bool(self.mask[port] & family_bit(family))
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._counts)
 
     def close(self, sock: socket.socket) -> None:
-        """Unregister an upstream socket's port and close it."""
+        """Unregister an upstream socket's port, then close it (in that order: see above)."""
         try:
             port = sock.getsockname()[1]
         except OSError:
             port = None
-        sock.close()
         if port:
-            self.unregister(port)
-
-
-def _any_address(family: int) -> str:
-    return "::" if family == socket.AF_INET6 else "0.0.0.0"
+            self.unregister(port, sock.family)
+        sock.close()
 
 
 def upstream_socket(family: int, own_ports: OwnPorts) -> socket.socket:
-    """A TCP socket bound to a port of the reserved range, or else to an ephemeral port
-    that is registered before any connect."""
+    """A TCP socket bound to a port the kernel chose, registered before any connect."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        if not own_ports.bind_in_range(sock):
-            sock.bind((_any_address(family), 0))
-            own_ports.register(sock.getsockname()[1])
+        if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # Windows: no socket may bind over this one
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        own_ports.register(sock.getsockname()[1], family)
     except BaseException:
         sock.close()
         raise

@@ -20,7 +20,7 @@ from typing import Iterable
 
 from oisp.divert.errors import DivertError
 from oisp.redirect.flows import FlowTable
-from oisp.redirect.own_ports import OwnPorts, upstream_port_range
+from oisp.redirect.own_ports import OwnPorts
 from oisp.redirect.processes import ProcessFilter, ProcessResolver
 from oisp.redirect.reflector import DEFAULT_PORTS, Reflector
 from oisp.redirect.targets import DnsSniffer, TargetSet, resolve_hosts
@@ -42,7 +42,7 @@ class Redirector:
             spec = default_spec()
         self.spec = spec
         self.targets = TargetSet(addresses)
-        self.own_ports = OwnPorts(upstream_port_range())
+        self.own_ports = OwnPorts()
         self.processes = ProcessResolver()
         self.process_filter = ProcessFilter(include, exclude)
         self.flows = FlowTable(max_flows=max_flows, idle_timeout=idle_timeout, owner=self.processes.owner)
@@ -140,7 +140,7 @@ class Redirector:
         return {
             "reflector": self.reflector.counters() if self.reflector else {},
             "targets": {"addresses": len(self.targets), **self.targets.counts},
-            "dns": dict(self.dns.counts) if self.dns else {},
+            "dns": self.dns.counters() if self.dns else {},
             "quic": dict(self.quic.counts) if self.quic else {},
             "processes": dict(self.processes.counts),
             "resolution": dict(self.resolution),

@@ -48,7 +48,7 @@ from oisp.divert.engine import Engine, Verdict
 from oisp.divert.errors import DivertError, InvalidFilterError
 from oisp.packet import OK, TCP_ACK, TCP_SYN, reflect
 from oisp.redirect.flows import FlowEntry, FlowTable, key_address
-from oisp.redirect.own_ports import OwnPorts
+from oisp.redirect.own_ports import IPV4_BIT, IPV6_BIT, OwnPorts
 from oisp.redirect.plain import PlainPorts
 from oisp.redirect.processes import ProcessFilter, ProcessResolver
 from oisp.redirect.targets import TargetSet
@@ -64,31 +64,27 @@ SMALL_BATCH = 8  # up to this many rows, decide row by row (see _process_small)
 MAX_FILTER_ADDRESSES = 200
 
 
-def reflector_filter(ports: dict[int, int], own_range: tuple[int, int] | None = None,
-                     addresses: list | None = None, plain: PlainPorts | None = None) -> str:
-    """Clients' packets to the server ports (not from the proxy's reserved upstream
-    range: see own_ports.py) and the proxy's packets from its proxy ports. With
-    `addresses` (ipaddress objects), only client packets to those addresses. The
-    plaintext ports of `plain` (in `ports` too) take the destinations its clause names,
-    whatever `addresses` says."""
+def reflector_filter(ports: dict[int, int], addresses: list | None = None, plain: PlainPorts | None = None) -> str:
+    """Clients' packets to the server ports, from any source port (the proxy's own
+    upstream packets match too, and are told apart by their registered port: see
+    own_ports.py), and the proxy's packets from its proxy ports. With `addresses`
+    (ipaddress objects), only client packets to those addresses. The plaintext ports of
+    `plain` (in `ports` too) take the destinations its clause names, whatever
+    `addresses` says."""
     proxies = " or ".join(f"tcp.SrcPort == {p}" for p in sorted(ports.values()))
     ai_ports = sorted(p for p in ports if not (plain and p in plain))
     servers = " or ".join(f"tcp.DstPort == {p}" for p in ai_ports) or None
     if servers and addresses is not None:
         if addresses:
             to = " or ".join(f"{'ip' if a.version == 4 else 'ipv6'}.DstAddr == {a}" for a in addresses)
-            servers = f"({servers}) and ({to})"
+            servers = f"(({servers}) and ({to}))"
         else:
             servers = None
     clauses = [c for c in (servers, plain.clause() if plain else None) if c]
     if not clauses:
         return f"tcp and outbound and ({proxies})"
     servers = " or ".join(f"({c})" for c in clauses) if len(clauses) > 1 else clauses[0]
-    if own_range is not None:
-        low, high = own_range
-        outside = f"tcp.SrcPort < {low}" + (f" or tcp.SrcPort > {high}" if high < 65535 else "")
-        servers = f"({servers}) and ({outside})"
-    return f"tcp and outbound and (({servers}) or {proxies})"
+    return f"tcp and outbound and ({servers} or {proxies})"
 
 
 def _group(addresses: np.ndarray, ports_a: np.ndarray, ports_b: np.ndarray):
@@ -99,6 +95,38 @@ def _group(addresses: np.ndarray, ports_a: np.ndarray, ports_b: np.ndarray):
     packed[:, 18:20] = ports_b.astype("<u2").view(np.uint8).reshape(-1, 2)
     _, first, inverse = np.unique(packed.view("V20").reshape(-1), return_index=True, return_inverse=True)
     return first, inverse.reshape(-1)
+
+
+class SwapBudget:
+    """How often a new AI address may swap in a new handle: a token bucket, `burst`
+    swaps at once, then one per `every` seconds. Each swap opens a handle (a filter
+    compiled and attached) and hands the old one over; whoever can make DNS answers
+    name new addresses could otherwise keep the reflector doing nothing else. A
+    deferred swap still comes, and takes every address learned meanwhile."""
+
+    def __init__(self, burst: int = 4, every: float = 2.0, clock=time.monotonic):
+        self.burst, self.every, self.clock = burst, every, clock
+        self._tokens, self._at = float(burst), clock()
+        self._lock = threading.Lock()  # taken by the reflector thread, asked by the DNS watcher's hold
+
+    def _refill(self, now: float) -> None:
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) / self.every)
+        self._at = now
+
+    def take(self) -> bool:
+        """Spend one swap if there is one."""
+        with self._lock:
+            self._refill(self.clock())
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+            return True
+
+    def ready_in(self) -> float:
+        """Seconds until a swap may be taken (0: now)."""
+        with self._lock:
+            self._refill(self.clock())
+            return max(0.0, (1.0 - self._tokens) * self.every)
 
 
 class Reflector:
@@ -151,6 +179,8 @@ class Reflector:
         self._covered = 0  # the target generation the current filter holds
         self._covered_changed = threading.Condition()
         self._swap_wanted = threading.Event()
+        self._swap_budget = SwapBudget()
+        self._swap_deferred = False  # a wanted swap waits for the budget (counted once)
         self._retired: dict = {"fast": {}, "engine": {}}  # counts of the handles handed over
         self._unnamed: list[FlowEntry] = []  # opened in this batch, owner not known yet
         self._thread: threading.Thread | None = None
@@ -215,6 +245,8 @@ class Reflector:
         known now). The DNS watcher holds an answer naming a new AI address until then,
         so the client's first SYN to it is already diverted."""
         generation = self.targets.generation if generation is None else generation
+        if self._swap_budget.ready_in() > timeout:
+            timeout = 0.0  # no swap can come in time (see SwapBudget): holding the answer gains nothing
         with self._covered_changed:
             return self._covered_changed.wait_for(
                 lambda: self.covers(generation) or self._stopping.is_set() or not self._alive(), timeout) \
@@ -233,12 +265,11 @@ class Reflector:
                                   f"({self.max_filter_addresses})")
         if self.filter["mode"] == "addresses":
             try:
-                return self._engine(reflector_filter(self.ports, self.own_ports.range, addresses, self.plain),
-                                    priority), generation
+                return self._engine(reflector_filter(self.ports, addresses, self.plain), priority), generation
             except InvalidFilterError as e:  # e.g. a filter length limit lower than ours
                 self._ports_for_good = True
                 self._filter_by_ports(f"the address filter was refused: {e}")
-        return self._engine(reflector_filter(self.ports, self.own_ports.range, plain=self.plain), priority), generation
+        return self._engine(reflector_filter(self.ports, plain=self.plain), priority), generation
 
     def _engine(self, filter: str, priority: int) -> Engine:
         engine = Engine(filter, priority=priority, policy="block", watchdog=self.watchdog)
@@ -349,6 +380,21 @@ class Reflector:
             self.filter.update(mode="addresses", why_ports=None)
         self._swap_engine(force=True)
 
+    def _swap_if_allowed(self, wait: float) -> float:
+        """Swap for a new address if the budget allows; else how long to wait for it."""
+        self._swap_wanted.clear()  # first: an address added from here on sets it again
+        if self.filter["mode"] != "addresses" or self.covers(self.targets.generation):
+            return wait
+        if not self._swap_budget.take():
+            self._swap_wanted.set()
+            if not self._swap_deferred:
+                self._swap_deferred = True
+                self.filter["swaps_deferred"] = self.filter.get("swaps_deferred", 0) + 1
+            return min(wait, max(0.01, self._swap_budget.ready_in()))
+        self._swap_deferred = False
+        self._swap_engine()
+        return wait
+
     def _swap_engine(self, force: bool = False) -> None:
         """Open the successor handle, then hand the old one over: it stops taking new
         packets, and the ones it still holds are decided here as usual, so none passes
@@ -415,10 +461,11 @@ class Reflector:
         next_target_expiry = next_expiry + (period or 0.0)
         try:
             while not self._stopping.is_set():
+                wait = 0.5
                 if self._swap_wanted.is_set():
-                    self._swap_engine()
+                    wait = self._swap_if_allowed(wait)
                 engine = self.engine
-                batch = engine.next_batch(timeout=0.5)
+                batch = engine.next_batch(timeout=wait)
                 if batch is not None:
                     self._decide(batch, engine)
                 else:  # a timeout, or the ring opened flows
@@ -477,7 +524,9 @@ class Reflector:
         src_port, dst_port = rows["src_port"], rows["dst_port"]
 
         to_server = valid & self._server_port[dst_port]
-        own = to_server & self.own_ports.mask[src_port]
+        # The registered port of the packet's family (a bit each: see own_ports.py).
+        family = np.where(rows["ip_version"] == 6, IPV6_BIT, IPV4_BIT).astype(np.uint8)
+        own = to_server & ((self.own_ports.mask[src_port] & family) != 0)
         self.counts["own_upstream"] += int(own.sum())
         to_server_rows = np.flatnonzero(to_server & ~own)
         to_server_rows = to_server_rows[self._any_address[dst_port[to_server_rows]]
@@ -506,13 +555,15 @@ class Reflector:
         outbound = batch.outbound().tolist()
         status, flags = rows["status"].tolist(), rows["tcp_flags"].tolist()
         src_ports, dst_ports = rows["src_port"].tolist(), rows["dst_port"].tolist()
+        families = [IPV6_BIT if v == 6 else IPV4_BIT for v in rows["ip_version"].tolist()]
         to_proxy: dict[int, list[int]] = {}  # proxy port → rows
         to_client: dict[int, list[int]] = {}  # server port → rows
-        for i, (ok, out, sport, dport, f) in enumerate(zip(status, outbound, src_ports, dst_ports, flags)):
+        for i, (ok, out, sport, dport, f, family) in enumerate(zip(status, outbound, src_ports, dst_ports,
+                                                                    flags, families)):
             if ok != OK or not out:
                 continue
             if dport in self.ports:
-                if self.own_ports.mask[sport]:
+                if self.own_ports.mask[sport] & family:
                     self.counts["own_upstream"] += 1
                     continue
                 address = rows["dst_addr"][i].tobytes()

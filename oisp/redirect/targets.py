@@ -19,42 +19,58 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from oisp.redirect.dns import DnsError, answer_addresses
+from oisp.redirect.dns_match import Endpoints, QueryMatcher
 from oisp.redirect.flows import address_key
 
 _KEY = np.dtype("V16")
+MAX_LEARNED = 64  # addresses DNS answers alone may add (see TargetSet)
 log = logging.getLogger(__name__)
 
 
 class TargetSet:
-    """A set of AI endpoint addresses, IPv4 and IPv6, bounded at `max_addresses`.
+    """A set of AI endpoint addresses, IPv4 and IPv6, bounded at `max_addresses`, of
+    which at most `max_learned` come from DNS answers alone (`add(..., learned=True)`):
+    learning is the part a stranger can push on (dns_match.py), and the filter holds
+    about MAX_FILTER_ADDRESSES (200) before it names the port alone, so the spec's own
+    resolution (a few per host) plus what DNS may add stays below that.
     Each address remembers when a resolution or DNS answer last named it, so ones
     no longer named can be let go (`expire`); those given here are kept for good."""
 
-    def __init__(self, addresses: Iterable = (), *, max_addresses: int = 65536):
-        self.max_addresses = max_addresses
+    def __init__(self, addresses: Iterable = (), *, max_addresses: int = 65536, max_learned: int = MAX_LEARNED):
+        self.max_addresses, self.max_learned = max_addresses, max_learned
         self._lock = threading.Lock()
         self._seen: dict[bytes, float] = {}  # key → when last named (monotonic)
+        self._learned: set[bytes] = set()  # keys only DNS answers have named
         self._array = np.empty(0, dtype=_KEY)
         self.generation = 0  # counts the changes: adds that brought new addresses, expiries
-        self.counts = {"added": 0, "full": 0, "expired": 0}
+        self.counts = {"added": 0, "full": 0, "learned_full": 0, "expired": 0}
         self.on_add: Callable[[list[bytes]], None] | None = None  # new 16-byte keys (the ring's fast path)
         self.add(addresses)
         self._pinned = frozenset(self._seen)
 
-    def add(self, addresses: Iterable, now: float | None = None) -> int:
+    def add(self, addresses: Iterable, now: float | None = None, learned: bool = False) -> int:
         """Add addresses (strings, ipaddress objects or 16-byte keys), or mark known ones
-        as named again; returns how many were new."""
+        as named again; returns how many were new. `learned`: named by a DNS answer
+        only, so bounded by max_learned; otherwise (a resolution, the caller) they stop
+        counting as learned."""
         keys = {address_key(a) for a in addresses}
         now = time.monotonic() if now is None else now
         with self._lock:
             new = keys - self._seen.keys()
             for key in keys - new:
                 self._seen[key] = now
+            if not learned:
+                self._learned -= keys
             room = self.max_addresses - len(self._seen)
             if len(new) > room:
                 self.counts["full"] += len(new) - room
                 new = set(sorted(new)[:max(room, 0)])
+            if learned:
+                room = self.max_learned - len(self._learned)
+                if len(new) > room:
+                    self.counts["learned_full"] += len(new) - max(room, 0)
+                    new = set(sorted(new)[:max(room, 0)])
+                self._learned |= new
             if not new:
                 return 0
             self._seen.update(dict.fromkeys(new, now))
@@ -74,6 +90,7 @@ class TargetSet:
                 return []
             for key in stale:
                 del self._seen[key]
+            self._learned.difference_update(stale)
             self._changed()
             self.counts["expired"] += len(stale)
         return stale
@@ -134,15 +151,19 @@ def resolve_hosts(hosts: Iterable[str], targets: TargetSet, *, timeout: float = 
 
 
 class DnsSniffer:
-    """Learns addresses from DNS responses (UDP, and TCP answers within one segment)
-    for names `wanted(name)` accepts.
+    """Learns addresses from DNS responses (UDP, and TCP messages within one segment)
+    to queries for names `wanted(name)` accepts that it saw going out (dns_match.py).
 
-    Without `hold` it only sniffs, so DNS is never delayed. With `hold` the answers are
-    diverted: one that names a new AI address is held until `hold(generation)` returns
-    (the reflector's filter takes the address), so the client cannot dial the address
-    before its SYN is diverted; every other answer is passed on at once."""
+    Without `hold` it only sniffs, so DNS is never delayed. With `hold` queries and
+    answers are diverted: an answer that names a new AI address is held until
+    `hold(generation)` returns (the reflector's filter takes the address), so the
+    client cannot dial the address before its SYN is diverted; every other message is
+    passed on at once. Queries and answers share one handle, so a query is always seen
+    before the answer to it."""
 
-    FILTER = "(udp and udp.SrcPort == 53) or (tcp and tcp.SrcPort == 53 and tcp.PayloadLength > 0)"
+    # Queries outbound only: this host's clients, not the queries a DNS server here gets.
+    FILTER = ("(udp and (udp.SrcPort == 53 or (outbound and udp.DstPort == 53))) or "
+              "(tcp and tcp.PayloadLength > 0 and (tcp.SrcPort == 53 or (outbound and tcp.DstPort == 53)))")
 
     def __init__(self, targets: TargetSet, wanted: Callable[[str], bool],
                  hold: Callable[[int], object] | None = None):
@@ -152,7 +173,8 @@ class DnsSniffer:
         self.targets = targets
         self.wanted = wanted
         self.hold = hold
-        self.counts = {"responses": 0, "learned": 0, "malformed": 0, "tcp_partial": 0, "held": 0}
+        self.matcher = QueryMatcher(wanted)
+        self.counts = {"responses": 0, "learned": 0, "tcp_partial": 0, "held": 0}
         self.failure: BaseException | None = None  # what ended it: the handle is closed (failed open)
         self._stopping = threading.Event()
         if hold is None:
@@ -168,11 +190,11 @@ class DnsSniffer:
                 messages = self._messages(batch)
                 if self.hold is None:
                     self.engine.release(batch)
-                    for message in messages:
-                        self.learn(message)
+                    for message, where in messages:
+                        self.learn(message, where)
                     continue
                 try:
-                    if sum([self.learn(message) for message in messages]):
+                    if sum([self.learn(message, where) for message, where in messages]):
                         self.counts["held"] += 1
                         self.hold(self.targets.generation)
                 finally:
@@ -184,36 +206,39 @@ class DnsSniffer:
                           type(e).__name__, e, exc_info=e)
                 self.failure = e
 
-    def _messages(self, batch) -> list[bytes]:
+    def _messages(self, batch) -> list[tuple[bytes, Endpoints]]:
+        """The DNS messages of a batch in packet order, each with its endpoints."""
         from oisp.packet import OK
 
         rows, data, out = batch.rows, batch.data, []
         for i in np.flatnonzero((rows["status"] == OK) & (rows["payload_len"] > 0)):
             start = int(rows["offset"][i]) + int(rows["payload_offset"][i])
             payload = bytes(data[start:start + int(rows["payload_len"][i])])
-            if rows["protocol"][i] == socket.IPPROTO_TCP:
+            protocol = int(rows["protocol"][i])
+            if protocol == socket.IPPROTO_TCP:
                 length = int.from_bytes(payload[:2], "big")
                 if len(payload) < 2 or len(payload) - 2 < length:
                     self.counts["tcp_partial"] += 1
                     continue
                 payload = payload[2:2 + length]
-            out.append(payload)
+            out.append((payload, Endpoints(protocol, rows["src_addr"][i].tobytes(), int(rows["src_port"][i]),
+                                           rows["dst_addr"][i].tobytes(), int(rows["dst_port"][i]))))
         return out
 
-    def learn(self, message: bytes) -> int:
-        """Add the AI addresses a DNS response names; returns how many were new."""
-        self.counts["responses"] += 1
-        try:
-            addresses = answer_addresses(message, self.wanted)
-        except DnsError:
-            self.counts["malformed"] += 1
-            return 0
-        learned = self.targets.add(addresses)
+    def learn(self, message: bytes, where: Endpoints) -> int:
+        """Add the AI addresses a DNS message teaches (an answer to a query seen going
+        out, for an AI name); returns how many were new."""
+        if len(message) > 2 and message[2] & 0x80:
+            self.counts["responses"] += 1
+        learned = self.targets.add(self.matcher.see(message, where), learned=True)
         self.counts["learned"] += learned
         return learned
+
+    def counters(self) -> dict:
+        """Its own counts and the matcher's (what was refused, and why)."""
+        return {**self.counts, **self.matcher.counts, "pending": len(self.matcher)}
 
     def stop(self) -> None:
         self._stopping.set()
         self.engine.stop()
         self._thread.join(2.0)
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
@@ -17,7 +18,21 @@ class SinkStats:
     last_error: str | None = None
 
 
+def encode_event(event: dict[str, Any]) -> bytes:
+    """An event as one line of compact JSON (no newline; CR and LF inside strings are escaped).
+
+    The one encoding every line-based sink writes, so FanOut makes it once per event for all
+    of them (at a few tens of microseconds per event it is most of what a sink costs)."""
+    try:
+        return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate (a client's JSON escape): escape all non-ASCII instead
+        return json.dumps(event, separators=(",", ":")).encode()
+
+
 class Sink(Protocol):
+    """A sink may also have ``emit_line(event, line)``, which FanOut calls instead of ``emit``
+    with the event's :func:`encode_event` line, made once for all such sinks."""
+
     name: str
     stats: SinkStats
 
@@ -35,9 +50,16 @@ class FanOut:
         self.sinks = list(sinks)
 
     def emit(self, event: dict[str, Any]) -> None:
+        line = None
         for sink in self.sinks:
             try:
-                sink.emit(event)
+                emit_line = getattr(sink, "emit_line", None)
+                if emit_line is not None:
+                    if line is None:
+                        line = encode_event(event)
+                    emit_line(event, line)
+                else:
+                    sink.emit(event)
             except Exception as e:  # noqa: BLE001 - capture must go on whatever a sink does
                 sink.stats.lost += 1
                 sink.stats.errors += 1

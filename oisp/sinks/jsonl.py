@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from oisp.paths import default_events_path
 from oisp.safefile import open_private_file
-from oisp.sinks.base import SinkStats
+from oisp.sinks.base import SinkStats, encode_event
 
 
 class JsonlSink:
@@ -24,7 +23,10 @@ class JsonlSink:
         self._size = self._fh.tell()
 
     def emit(self, event: dict[str, Any]) -> None:
-        line = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        self.emit_line(event, encode_event(event))
+
+    def emit_line(self, event: dict[str, Any], line: bytes) -> None:
+        line += b"\n"
         if self._size and self._size + len(line) > self.max_bytes:
             self._rotate()
         self._fh.write(line)

@@ -8,12 +8,20 @@ usage: redirect_client.py e2e SERVER_IP OTHER_IP [exclude-child] [events] [pytho
     optionally a connection from an excluded child process; python-path turns the ring's
     fast path off, so every packet is decided in Python; port-filter makes the handle's
     filter name the server port alone, not the AI addresses.
+usage: redirect_client.py bound SERVER_IP SOURCE_PORT [python-path]
+    the reflector and proxy as for e2e; one AI connection from a client bound to
+    SOURCE_PORT
 usage: redirect_client.py swap SERVER_IP OTHER_IP [python-path]
     the reflector knows SERVER_IP; an AI connection is half way through its data when
     OTHER_IP becomes an AI address too (a new handle takes over); then a connection to
     OTHER_IP:443.
+usage: redirect_client.py swap-flood SERVER_IP
+    48 new AI addresses, one every 80 ms: how many handle swaps that cost
 usage: redirect_client.py dns SERVER_IP
     a DnsSniffer; hand-built queries to SERVER_IP:53; which addresses were learned
+usage: redirect_client.py dns-spoof SERVER_IP SILENT_IP CLIENT_IP SPOOF_NS
+    a DnsSniffer; forged answers sent from SPOOF_NS by scapy (unsolicited, wrong id,
+    matching a query to SILENT_IP, where nothing answers); then a real query to SERVER_IP:53
 usage: redirect_client.py overflow SERVER_IP OTHER_IP
     a reflector allowed one address in its filter, given two: it filters by port;
     a third address opens no new handle; SERVER_IP:443 is still taken
@@ -47,7 +55,6 @@ import time
 
 from oisp.redirect import FlowTable, OwnPorts, ProcessFilter, ProcessResolver, Reflector, TargetSet
 from oisp.redirect import connect_upstream
-from oisp.redirect.own_ports import upstream_port_range
 
 PROXY_PORT = 8443
 CHILD = """
@@ -112,8 +119,8 @@ def relay(src, dst):
         pass
 
 
-def exchange(host, port, payload=b""):
-    c = socket.create_connection((host, port), timeout=5)
+def exchange(host, port, payload=b"", source_port=0):
+    c = socket.create_connection((host, port), timeout=5, source_address=("", source_port) if source_port else None)
     client_port = c.getsockname()[1]
     reader = c.makefile("rb")
     peer_line = reader.readline().decode().split()
@@ -131,9 +138,7 @@ def scenario_e2e(server_ip, other_ip, options):
     resolver = ProcessResolver()
     events = "events" in options and resolver.start_events()
     flows = FlowTable(linger=0.3, owner=resolver.owner)
-    # The fast path runs with the reserved upstream range (as `oisp record` does); the
-    # Python path with the registry alone, so both loop-free mechanisms meet the kernel.
-    own_ports = OwnPorts(None if "python-path" in options else upstream_port_range())
+    own_ports = OwnPorts()
     child = None
     exclude = []
     if "exclude-child" in options:
@@ -141,7 +146,7 @@ def scenario_e2e(server_ip, other_ip, options):
                                  stdout=subprocess.PIPE, text=True)
         exclude = [child.pid]
     proxy = Proxy(flows, own_ports)
-    out = {"me": os.getpid(), "events": events, "events_error": resolver.events_error, "own_range": own_ports.range,
+    out = {"me": os.getpid(), "events": events, "events_error": resolver.events_error,
            "process_filter": bool(exclude)}
     with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}, processes=resolver,
                    process_filter=ProcessFilter(exclude=exclude), fast_path="python-path" not in options,
@@ -177,10 +182,54 @@ def scenario_e2e(server_ip, other_ip, options):
     json.dump(out, sys.stdout)
 
 
+def scenario_bound(server_ip, source_port, options):
+    """A client that binds its own source port (one above the ephemeral range, which the
+    filter once left to the proxy's upstream sockets) is reflected like any other."""
+    targets = TargetSet([server_ip])
+    flows = FlowTable(linger=0.3)
+    own_ports = OwnPorts()
+    proxy = Proxy(flows, own_ports)
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        out = {"ephemeral": [int(v) for v in f.read().split()]}
+    with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT},
+                   fast_path="python-path" not in options) as reflector:
+        out["bound"] = exchange(server_ip, 443, os.urandom(100_000), source_port=source_port)
+        wait_until(lambda: len(flows) == 0, 3.0)
+        out["accepted"] = proxy.accepted
+        out["counters"] = reflector.counters()
+        out["own_ports_left"] = len(own_ports)
+        out["reflector_error"] = repr(reflector.error) if reflector.error else None
+    json.dump(out, sys.stdout)
+
+
+def scenario_swap_flood(server_ip):
+    """New AI addresses one every 80 ms for about 4 s (as a stream of DNS answers
+    could bring them): the reflector swaps handles within its budget, covers them all
+    in the end, and a connection to SERVER_IP is still taken."""
+    targets = TargetSet([server_ip])
+    flows = FlowTable(linger=0.3)
+    own_ports = OwnPorts()
+    proxy = Proxy(flows, own_ports)
+    with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}) as reflector:
+        start = time.monotonic()
+        for i in range(48):
+            targets.add([f"192.0.2.{i + 1}"])
+            time.sleep(0.08)
+        out = {"flood_seconds": time.monotonic() - start}
+        out["covered"] = reflector.wait_covered(timeout=5.0)
+        out["seconds"] = time.monotonic() - start
+        out["ai"] = exchange(server_ip, 443, b"taken after the flood")
+        time.sleep(0.2)
+        out["accepted"] = len(proxy.accepted)
+        out["counters"] = reflector.counters()
+        out["reflector_error"] = repr(reflector.error) if reflector.error else None
+    json.dump(out, sys.stdout)
+
+
 def scenario_swap(server_ip, other_ip, options):
     targets = TargetSet([server_ip])
     flows = FlowTable(linger=0.3)
-    own_ports = OwnPorts(None if "python-path" in options else upstream_port_range())
+    own_ports = OwnPorts()
     proxy = Proxy(flows, own_ports)
     out = {}
     with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT},
@@ -220,7 +269,7 @@ def scenario_swap(server_ip, other_ip, options):
 def scenario_overflow(server_ip, other_ip):
     targets = TargetSet([server_ip, "192.0.2.1"])
     flows = FlowTable(linger=0.3)
-    own_ports = OwnPorts(upstream_port_range())
+    own_ports = OwnPorts()
     proxy = Proxy(flows, own_ports)
     with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}, max_filter_addresses=1) as reflector:
         out = {"filter_at_start": dict(reflector.counters()["filter"])}
@@ -240,7 +289,7 @@ def scenario_expire(server_ip, other_ip):
     targets = TargetSet()
     targets.add([server_ip, other_ip])
     flows = FlowTable(linger=0.3)
-    own_ports = OwnPorts(upstream_port_range())
+    own_ports = OwnPorts()
     proxy = Proxy(flows, own_ports)
     with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}, max_filter_addresses=1,
                    address_ttl=1.0) as reflector:
@@ -284,7 +333,7 @@ json.dump({"ended_at": time.time(), "outcome": outcome}, open(sys.argv[2], "w"))
 def scenario_swap_kill(server_ip, other_ip, result_path, when):
     targets = TargetSet([server_ip])
     flows = FlowTable()
-    own_ports = OwnPorts(upstream_port_range())
+    own_ports = OwnPorts()
     proxy = Proxy(flows, own_ports)
     reflector = Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}).start()
     # Its own session, so it outlives us; it waits on a connection our proxy carries.
@@ -306,7 +355,7 @@ def scenario_swap_kill(server_ip, other_ip, result_path, when):
 def scenario_syn_kill(server_ip, result_path):
     targets = TargetSet([server_ip])
     flows = FlowTable()
-    own_ports = OwnPorts(upstream_port_range())
+    own_ports = OwnPorts()
     proxy = Proxy(flows, own_ports)
     reflector = Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}).start()
     reflector._from_rings.acquire()  # nothing the ring opens is adopted: only the ring knows the flow
@@ -355,13 +404,55 @@ def scenario_dns(server_ip):
         replies += 1
     wait_until(lambda: sniffer.counts["responses"] >= 4, 3.0)
     sniffer.stop()
-    json.dump({"replies": replies, "learned": sorted(map(str, targets.addresses())), "counts": sniffer.counts},
+    json.dump({"replies": replies, "learned": sorted(map(str, targets.addresses())), "counts": sniffer.counters()},
               sys.stdout)
+
+
+def scenario_dns_spoof(server_ip, silent_ip, client_ip, spoof_ns):
+    """Forged answers from SPOOF_NS (scapy): one nobody asked for; one to a query in
+    flight with the wrong id; one with the right id (on the path, a forger can match
+    a query: that is believed). Then a real query and answer from SERVER_IP."""
+    from oisp.redirect import DnsSniffer
+    from oisp.redirect.dns import TYPE_A, TYPE_AAAA, build_query
+    from oisp.spec import default_spec
+
+    v6 = ":" in server_ip
+    spoofed = ["fd66::1", "fd66::2", "fd66::3"] if v6 else ["10.66.0.1", "10.66.0.2", "10.66.0.3"]
+    targets = TargetSet()
+    sniffer = DnsSniffer(targets, default_spec().matches_host)
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("::" if v6 else "0.0.0.0", 0))
+    sock.settimeout(3)
+    port = sock.getsockname()[1]
+    agents = os.path.dirname(os.path.abspath(__file__))
+
+    def spoof(src, query_id, address, seen):
+        subprocess.run(["ip", "netns", "exec", spoof_ns, sys.executable, os.path.join(agents, "dns_spoof.py"),
+                        src, client_ip, str(port), str(query_id), address], check=True, timeout=60)
+        sock.recvfrom(2048)  # it reached the client, as a forged answer would
+        wait_until(lambda: sniffer.counts["responses"] >= seen, 3.0)  # and the watcher saw it
+        return sorted(map(str, targets.addresses()))
+
+    qtype = TYPE_AAAA if v6 else TYPE_A
+    out = {"after_unsolicited": spoof(server_ip, 7, spoofed[0], 1)}  # no query at all
+    sock.sendto(build_query("api.openai.com", qtype, query_id=8), (silent_ip, 53))  # nothing answers there
+    out["after_wrong_id"] = spoof(silent_ip, 9, spoofed[1], 2)
+    out["after_matching"] = spoof(silent_ip, 8, spoofed[2], 3)  # the query's id, endpoints and question
+    sock.sendto(build_query("api.openai.com", qtype, query_id=10), (server_ip, 53))
+    sock.recvfrom(2048)
+    wait_until(lambda: sniffer.counts["responses"] >= 4, 3.0)
+    sniffer.stop()
+    out.update(learned=sorted(map(str, targets.addresses())), counts=sniffer.counters())
+    json.dump(out, sys.stdout)
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "e2e":
         scenario_e2e(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
+    elif sys.argv[1] == "bound":
+        scenario_bound(sys.argv[2], int(sys.argv[3]), set(sys.argv[4:]))
+    elif sys.argv[1] == "swap-flood":
+        scenario_swap_flood(sys.argv[2])
     elif sys.argv[1] == "swap":
         scenario_swap(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
     elif sys.argv[1] == "overflow":
@@ -372,6 +463,8 @@ if __name__ == "__main__":
         scenario_swap_kill(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
     elif sys.argv[1] == "syn-kill":
         scenario_syn_kill(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "dns-spoof":
+        scenario_dns_spoof(*sys.argv[2:6])
     elif sys.argv[1] == "learned":
         scenario_learned(sys.argv[2])
     else:

@@ -14,6 +14,8 @@ import struct
 import sys
 import threading
 
+import psutil
+
 from oisp.redirect.dns import TYPE_A, TYPE_AAAA, TYPE_CNAME, read_name
 
 ANSWERS = {("api.openai.com", TYPE_A): "10.77.0.1", ("api.openai.com", TYPE_AAAA): "fd77::1",
@@ -58,10 +60,20 @@ def dns_answer(query):
 
 
 def serve_dns():
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    sock.bind(("::", 53))
+    """One socket per address of this namespace, so each answer comes from the address
+    its query went to (a socket bound to :: may answer from another one, which no
+    resolver, and not oisp, takes for an answer)."""
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family in (socket.AF_INET, socket.AF_INET6) and not address.address.startswith("fe80"):
+                sock = socket.socket(address.family, socket.SOCK_DGRAM)
+                sock.bind((address.address, 53))
+                threading.Thread(target=answer_on, args=(sock,), daemon=True).start()
     print("ready", flush=True)
+    threading.Event().wait()
+
+
+def answer_on(sock):
     while True:
         query, peer = sock.recvfrom(2048)
         sock.sendto(dns_answer(query), peer)

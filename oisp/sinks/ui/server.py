@@ -27,6 +27,10 @@ DEFAULT_PORT = 7878
 MAX_STREAMS = 16  # pages open at once; each holds one thread
 BATCH_BYTES = 1024 * 1024  # one SSE message: a JSON array of up to about this many bytes of events
 HEALTH_INTERVAL = 1.0
+# A page that has caught up gets a batch at most this often: under load it parses a few large batches a second
+# rather than one per pump move (the page's work competes for the recorder's CPU), and calls
+# still appear well within a second.
+PUSH_INTERVAL = 0.25
 SOCKET_TIMEOUT = 30.0  # a page that stops reading for this long is disconnected
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -211,7 +215,9 @@ def _handler(ui: UIServer) -> type[BaseHTTPRequestHandler]:
                     out.write(b"event: health\ndata: %s\n\n" % json.dumps(ui.health_message()).encode())
                     next_health = now + HEALTH_INTERVAL
                 out.flush()
-                if not lines:
+                if lines and seq >= ui.store.last_seq:  # caught up: let the next batch gather (a backlog goes at once)
+                    time.sleep(PUSH_INTERVAL)
+                elif not lines:
                     ui.store.wait(seq, max(0.05, next_health - time.monotonic()))
 
     return Handler

@@ -10,9 +10,9 @@ import threading
 from collections import deque
 from typing import Any
 
-from oisp.sinks.base import SinkStats
+from oisp.sinks.base import SinkStats, encode_event
 from oisp.sinks.ui.server import DEFAULT_PORT, UIServer
-from oisp.sinks.ui.store import EventStore
+from oisp.sinks.ui.store import SKIPPED_TYPES, EventStore
 
 PUMP_INTERVAL = 0.05  # seconds between moves from the queue to the store: latency, not throughput
 DEFAULT_MAX_PENDING = 50_000
@@ -24,8 +24,8 @@ class UISink:
     def __init__(self, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, store: EventStore | None = None,
                  max_pending: int = DEFAULT_MAX_PENDING, token: str | None = None) -> None:
         self.stats = SinkStats()
-        self.store = store or EventStore()
-        self._pending: deque[dict[str, Any]] = deque()
+        self.store = store if store is not None else EventStore()  # an empty store is falsy (len 0)
+        self._pending: deque[bytes] = deque()
         self._max_pending = max_pending
         self._status: dict[str, Any] = {"mode": "record"}
         self._stop = threading.Event()
@@ -39,11 +39,17 @@ class UISink:
         return self.server.url
 
     def emit(self, event: dict[str, Any]) -> None:
+        self.emit_line(event, encode_event(event))
+
+    def emit_line(self, event: dict[str, Any], line: bytes) -> None:
+        """Queue the event's line, encoded once for all sinks by FanOut (the page reads the same JSON)."""
+        if event.get("event_type") in SKIPPED_TYPES:
+            return
         # len() and append() on a deque are atomic under the GIL: no lock on the recording path.
         if len(self._pending) >= self._max_pending:
             self.stats.lost += 1
             return
-        self._pending.append(event)
+        self._pending.append(line)
 
     def set_status(self, status: dict[str, Any]) -> None:
         """The recorder's latest counters for the health panel (replaced whole, so read without a lock)."""
@@ -63,9 +69,9 @@ class UISink:
             batch.append(self._pending.popleft())
         if batch:
             try:
-                self.store.add_events(batch)
+                self.store.add_encoded(batch)
                 self.stats.emitted += len(batch)
-            except Exception as e:  # noqa: BLE001 - an unencodable event costs that batch, not the pump
+            except Exception as e:  # noqa: BLE001 - whatever goes wrong costs that batch, not the pump
                 self.stats.lost += len(batch)
                 self.stats.errors += 1
                 self.stats.last_error = f"{type(e).__name__}: {e}"

@@ -7,20 +7,17 @@ counted stretch): there is no per-page buffer that could grow.
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any, Iterable
+
+# encode_event escapes CR and LF inside strings, so one event is one line: safe in an SSE data field.
+from oisp.sinks.base import encode_event
 
 # Four events per call (connect, request, response, flow): about the last 100,000 calls.
 DEFAULT_MAX_EVENTS = 400_000
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 # Kinds the page has no use for: stream chunks repeat the response piece by piece.
 SKIPPED_TYPES = frozenset({"ai.streaming_chunk"})
-
-
-def encode(event: dict[str, Any]) -> bytes:
-    # json.dumps escapes CR and LF inside strings, so one event is one line: safe in an SSE data field.
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
 
 
 class EventStore:
@@ -43,7 +40,7 @@ class EventStore:
 
     def add_events(self, events: Iterable[dict[str, Any]]) -> int:
         """Encode and keep the events the page shows; returns how many were kept."""
-        return self.add_encoded(encode(e) for e in events if e.get("event_type") not in SKIPPED_TYPES)
+        return self.add_encoded(encode_event(e) for e in events if e.get("event_type") not in SKIPPED_TYPES)
 
     def add_encoded(self, lines: Iterable[bytes]) -> int:
         lines = [line for line in lines if len(line) <= self.max_bytes]

@@ -1,0 +1,123 @@
+"""What the OTLP sink adds to the sensor's CPU per request, A/B in one interception lab.
+
+    sudo python benchmarks/otlp_cost.py [--rounds 6] [--seconds 4] [--workloads seq,newconn] [--default-lab]
+
+The lab is benchmarks/interception.py's (lean unless --default-lab: the stdlib client
+and provider, so the sensor is the bottleneck and its CPU per request is what moves).
+A real OTLP receiver (ddapm-test-agent, tests/otlp_receiver.py) listens on the sensor
+namespace's loopback. Each round runs `oisp record` twice, plain (the JSONL sink) and
+with `--otlp` to the receiver as well, in alternating order, under the same client
+workloads. CPU per request comes from /proc around each workload: the sensor process's
+(all threads), and beside it the OTLP sink's exporter process's (its worker, the SDK's
+batch processors and exporters). The figures are the medians of the per-round ratios
+otlp/plain, for the sensor process alone and with the exporter process added; the
+receiver's own CPU is in neither.
+At the end the receiver's span count is checked against the requests sent with --otlp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+import interception as bench  # noqa: E402  (the lab)
+
+from tests.otlp_receiver import Receiver  # noqa: E402
+
+
+def children(pid: int) -> list[int]:
+    """The OTLP exporter process(es) `pid` started (not its guardian)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                if b"oisp.sinks.otlp.child" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                    out.append(kid)
+            except OSError:
+                pass
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--workloads", default="seq,newconn")
+    parser.add_argument("--default-lab", action="store_true", help="httpx + hypercorn instead of the lean pair")
+    args = parser.parse_args()
+    workloads = args.workloads.split(",")
+    tmp = Path(tempfile.mkdtemp(prefix="otlp-cost-"))
+    lab = bench.Lab(tmp, lean=not args.default_lab)
+    ns = lab.pair.a
+    receiver = Receiver(wrap=lambda argv: ns.cmd(*argv))
+
+    def query(path: str):
+        return json.loads(ns.run("curl", "-sS", "--fail", "-m", "30", receiver.http_url + path).stdout)
+
+    cpu = {(mode, w): [] for mode in ("plain", "otlp") for w in workloads}
+    child = {(mode, w): [] for mode in ("plain", "otlp") for w in workloads}
+    rate = {(mode, w): [] for mode in ("plain", "otlp") for w in workloads}
+    otlp_requests = 0
+    try:
+        receiver.start(query)
+        modes = {"plain": (), "otlp": ("--otlp", receiver.http_url)}
+        for i in range(args.rounds):
+            order = ["plain", "otlp"] if i % 2 == 0 else ["otlp", "plain"]
+            for mode in order:
+                pid = lab.start_oisp(extra=modes[mode])
+                try:
+                    for w in workloads:
+                        kids = children(pid)  # the OTLP sink's exporter process
+                        kids0 = sum(bench.cpu_seconds(k) for k in kids)
+                        out = lab.client("oisp", w, args.seconds, 17)
+                        total = out["requests"] + out.get("warmup", 0)
+                        cpu[(mode, w)].append(out["proxy_cpu_ms_per_req"])
+                        child[(mode, w)].append((sum(bench.cpu_seconds(k) for k in kids) - kids0) * 1000 / total)
+                        rate[(mode, w)].append(out["requests"] / out["elapsed"])
+                        if mode == "otlp":
+                            otlp_requests += out["requests"] + out.get("warmup", 0)
+                finally:
+                    lab.stop_oisp()
+                bench.log(f"round {i + 1} {mode}: " + "  ".join(
+                    f"{w} {cpu[(mode, w)][-1]:.3f} (+{child[(mode, w)][-1]:.3f} exporter) ms/req "
+                    f"{rate[(mode, w)][-1]:.0f} req/s" for w in workloads))
+                if mode == "otlp":
+                    lost = [line.strip() for line in lab.oisp_log if "sink otlp lost" in line]
+                    if lost:
+                        bench.log(f"  {lost[0]}")
+        spans = sum(len(ss.get("spans", [])) for r in query("/test/session/traces")
+                    for rs in r.get("resource_spans", []) for ss in rs.get("scope_spans", []))
+    finally:
+        receiver.stop()
+        lab.close()
+    print(f"# {bench.machine()}")
+    print(f"# {'lean' if not args.default_lab else 'default'} lab, {args.rounds} rounds interleaved, "
+          f"{args.seconds:g} s per workload; CPU = the sensor process, all threads")
+    print("CPU ms per request, median of rounds; ratio = median of the per-round ratios otlp/plain")
+    print(f"{'workload':10} {'plain':>8} {'otlp: sensor':>13} {'ratio':>7} {'+ exporter process':>19} {'ratio':>7}")
+    for w in workloads:
+        ratios = [o / p for o, p in zip(cpu[("otlp", w)], cpu[("plain", w)])]
+        both = [(o + c) / p for o, c, p in zip(cpu[("otlp", w)], child[("otlp", w)], cpu[("plain", w)])]
+        print(f"{w:10} {statistics.median(cpu[('plain', w)]):8.3f} {statistics.median(cpu[('otlp', w)]):13.3f} "
+              f"{statistics.median(ratios):7.3f} "
+              f"{statistics.median(o + c for o, c in zip(cpu[('otlp', w)], child[('otlp', w)])):19.3f} "
+              f"{statistics.median(both):7.3f}")
+        print(f"{'':10} per-round sensor ratios " + " ".join(f"{r:.3f}" for r in ratios))
+        print(f"{'':10} req/s plain {statistics.median(rate[('plain', w)]):.0f}, otlp "
+              f"{statistics.median(rate[('otlp', w)]):.0f}")
+    print(f"spans received {spans} for {otlp_requests} requests sent with --otlp")
+
+
+if __name__ == "__main__":
+    main()
