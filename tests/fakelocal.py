@@ -15,7 +15,10 @@ N` in the body picks how many pieces; `"think_seconds": S` waits before answerin
 `"chunk_delay": S` between pieces). A non-streamed body is gzip'd when the client
 accepts gzip.
 
-    python tests/fakelocal.py --host 127.0.0.1 --port 11434
+    python tests/fakelocal.py --host 127.0.0.1 --port 11434 [--log FILE]
+
+With --log, one JSON line per reply says how it went on the wire (HTTP version,
+gzip'd, streamed without a length: chunked on HTTP/1.1), for tests to check.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import asyncio
 import gzip
 import json
+import os
 import time
 
 FILLER = "the quick brown fox jumps over the lazy dog".split()
@@ -143,6 +147,11 @@ async def app(scope, receive, send):
     if not streamed and b"gzip" in accepts:
         parts = [gzip.compress(parts[0])]
         headers.append((b"content-encoding", b"gzip"))
+    log = os.environ.get("FAKELOCAL_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"path": path, "http_version": scope["http_version"], "streamed": streamed,
+                                "gzip": (b"content-encoding", b"gzip") in headers}) + "\n")
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     delay = float(body.get("chunk_delay", 0.001))
     for part in parts:
@@ -159,7 +168,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", action="append", default=[])
     parser.add_argument("--port", type=int, action="append", default=[])
+    parser.add_argument("--log", help="one JSON line per reply: its HTTP version, gzip, streamed")
     args = parser.parse_args()
+    if args.log:
+        os.environ["FAKELOCAL_LOG"] = args.log
     config = Config()
     config.bind = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h in (args.host or ["127.0.0.1"])
                    for p in (args.port or [11434])]

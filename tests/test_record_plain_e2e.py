@@ -42,8 +42,10 @@ def lab(tmp_path, request):
     public_a, public_b, bits = PUBLIC[family]
     _ip("-n", pair.a.name, "addr", "add", f"{public_a}/{bits}", "dev", ifa, *(["nodad"] if family == "6" else []))
     _ip("-n", pair.b.name, "addr", "add", f"{public_b}/{bits}", "dev", ifb, *(["nodad"] if family == "6" else []))
+    wire = tmp_path / "wire.jsonl"
+
     def serve(ns, host: str, *ports: str) -> subprocess.Popen:
-        return ns.popen(sys.executable, str(HERE / "fakelocal.py"), "--host", host,
+        return ns.popen(sys.executable, str(HERE / "fakelocal.py"), "--host", host, "--log", str(wire),
                         *sum((["--port", p] for p in ports), []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     processes = [serve(server_ns, server_ip, "11434", "8000", "9000"), serve(pair.b, public_b, "11434", "7000")]
@@ -64,7 +66,8 @@ def lab(tmp_path, request):
         _wait_listening(pair.a, public_b, 11434)
         named = f"[{public_b}]" if family == "6" else public_b
         sensor = start_sensor("--plain", "9000=llamacpp", "--plain", f"{named}:7000=vllm")
-        yield {"pair": pair, "ip": server_ip, "public": public_b, "family": family, "where": where, "sensor": sensor,
+        wire.unlink(missing_ok=True)  # the start-up probes' replies
+        yield {"pair": pair, "ip": server_ip, "public": public_b, "wire": wire, "family": family, "where": where, "sensor": sensor,
                "events": events, "start_sensor": start_sensor}
     finally:
         stop_all(processes)
@@ -146,6 +149,10 @@ def test_the_ollama_client_is_recorded_streamed_and_not_on_one_kept_alive_connec
     assert [e["event_type"] for e in events].count("network.connect") == 1
     streamed = [e for e in events if e["event_type"] == "ai.request" and e["data"]["streaming"]]
     assert len(streamed) == 6
+    # On the wire: the six whole replies gzip'd, the six streams chunked (HTTP/1.1, no length).
+    wire = [json.loads(line) for line in lab["wire"].read_text().splitlines()]
+    assert sum(w["gzip"] for w in wire) == 6 and sum(w["streamed"] for w in wire) == 6
+    assert {w["http_version"] for w in wire} == {"1.1"}
 
 
 def test_the_openai_sdk_is_recorded_against_a_vllm_port(lab):
