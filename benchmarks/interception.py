@@ -246,8 +246,10 @@ class Lab:
         return self.mitm.pid
 
     # -- the client -------------------------------------------------------------------
-    def client(self, path: str, workload: str, seconds: float, n: int) -> dict:
-        client = LEAN_CLIENT if self.lean else CLIENT
+    def client(self, path: str, workload: str, seconds: float, n: int, script: Path | None = None) -> dict:
+        """One client run; `script` replaces the client (with the same arguments and JSON line:
+        ws_interception.py's WebSocket client)."""
+        client = script or (LEAN_CLIENT if self.lean else CLIENT)
         argv = [sys.executable, str(client), workload, "--seconds", str(seconds), "--n", str(n)]
         if path == "direct":
             argv += ["--ca", self.upstream_ca]

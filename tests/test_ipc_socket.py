@@ -54,7 +54,7 @@ class Lab:
 
     def __init__(self, address: Path, *, owner=None, policy=None, flows=None, **kw):
         self.address = address
-        self.flows = flows if flows is not None else FlowTable(owner=lambda *a: (77, "named-later"))
+        self.flows = flows if flows is not None else FlowTable(owner=lambda *a, since=None: (77, "named-later"))
         self.own_ports = OwnPorts()
         handlers = flow_table_handlers(self.flows, self.own_ports,
                                        lambda: {"reflector": {"engine": {"dropped": 2}}, "dns": {"answers": 5}})
@@ -290,7 +290,7 @@ def test_a_token_of_a_former_connection_releases_nothing(ipc_dir):
 def test_a_slow_owner_lookup_holds_up_no_other_request(ipc_dir):
     """Naming a process may take long (/proc on a busy host): it runs in the worker, and
     the lookups behind it are answered meanwhile."""
-    def slow_owner(*_):
+    def slow_owner(*_, since=None):
         time.sleep(0.6)
         return 99, "slow"
 
@@ -321,7 +321,7 @@ def test_slow_lookups_waiting_for_the_worker_are_bounded_per_client(ipc_dir):
 
     gate = threading.Event()
 
-    def blocked_owner(*_):
+    def blocked_owner(*_, since=None):
         gate.wait(10)
         return 1, "x"
 

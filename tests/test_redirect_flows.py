@@ -26,7 +26,7 @@ def test_lookup_uses_the_accepted_sockets_peer_and_local_port():
 
 
 def test_lookup_names_the_owner_late_when_the_reflector_could_not():
-    table = FlowTable(owner=lambda addr, port, server, server_port: (99, "node") if port == 40000 else (None, None))
+    table = FlowTable(owner=lambda addr, port, server, server_port, since=None: (99, "node") if port == 40000 else (None, None))
     table.open(entry(pid=None))
     found = table.lookup(SERVER4, 40000, 8443)
     assert (found.pid, found.process_name) == (99, "node")

@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from oisp.redirect import processes, sock_diag
+from oisp.divert import holders
+from oisp.redirect import sock_diag
 from oisp.redirect.processes import ProcessResolver
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="netlink sock_diag is Linux")
@@ -177,7 +178,7 @@ def test_resolver_names_this_process_through_sock_diag(server4, monkeypatch):
     next connection is found among our fds from the sock_diag inode, without the
     /proc/net/tcp scan."""
     scans = []
-    monkeypatch.setattr(processes, "_socket_inode", lambda port: scans.append(port) or None)
+    monkeypatch.setattr(holders, "socket_inode", lambda *end: scans.append(end[1]) or None)
     resolver = ProcessResolver()
     sport = server4.getsockname()[1]
     first, first_accepted = connect(server4)
@@ -194,8 +195,8 @@ def test_resolver_names_this_process_through_sock_diag(server4, monkeypatch):
 
 def test_resolver_scans_proc_without_the_server_end_or_sock_diag(server4, monkeypatch):
     scans = []
-    scan = processes._socket_inode
-    monkeypatch.setattr(processes, "_socket_inode", lambda port: scans.append(port) or scan(port))
+    scan = holders.socket_inode
+    monkeypatch.setattr(holders, "socket_inode", lambda *end: scans.append(end[1]) or scan(*end))
     resolver = ProcessResolver()
     sport = server4.getsockname()[1]
     pairs = [connect(server4) for _ in range(3)]

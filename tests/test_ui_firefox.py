@@ -26,8 +26,11 @@ pytestmark = pytest.mark.skipif(not os.path.exists(FIREFOX), reason="needs Debia
 
 
 @pytest.fixture(scope="module")
-def firefox():
-    client = marionette.Marionette(host="127.0.0.1", port=0, bin=FIREFOX, headless=True, startup_timeout=120)
+def firefox(tmp_path_factory):
+    # gecko_log: Firefox's own log goes with the test's files, not into the working directory.
+    log = tmp_path_factory.mktemp("firefox") / "gecko.log"
+    client = marionette.Marionette(host="127.0.0.1", port=0, bin=FIREFOX, headless=True, startup_timeout=120,
+                                   gecko_log=str(log))
     client.start_session()
     client.set_window_rect(width=1600, height=900)
     yield client

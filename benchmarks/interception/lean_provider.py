@@ -16,6 +16,9 @@ It answers `POST /v1/chat/completions` only:
     finish_reason and usage, then `data: [DONE]`; every event is its own HTTP chunk
     and its own TLS record, written --stream-gap seconds apart (fakeprovider sleeps
     1 ms between events too; real streams are paced, so a proxy sees one event per read).
+  - `GET /v1/responses` with `Upgrade: websocket`: the Responses API's WebSocket mode
+    (lean_ws.py), each response.create answered with the same pieces as a stream, one
+    message per event, paced the same way.
 Anything else gets a 400 (or 404 for another path) and the connection is closed.
 Pipelining is not supported: the next request is read once the reply is queued.
 """
@@ -30,6 +33,8 @@ import socket
 import ssl
 import sys
 import time
+
+from lean_ws import ServerSocket, is_upgrade
 
 MODEL = "gpt-4o-mini-2024-07-18"
 CREATED = 1763769600
@@ -124,7 +129,7 @@ def parse_request(buf: bytearray) -> tuple[int, bool, int] | None:
 
 
 class Conn:
-    __slots__ = ("sock", "inbuf", "out", "handshaken", "busy", "close_after", "events", "keep_alive")
+    __slots__ = ("sock", "inbuf", "out", "handshaken", "busy", "close_after", "events", "keep_alive", "ws")
 
     def __init__(self, sock: ssl.SSLSocket):
         self.sock = sock
@@ -135,6 +140,7 @@ class Conn:
         self.close_after = False
         self.events: list[bytes] = []  # remaining stream events, newest last popped first
         self.keep_alive = True
+        self.ws: ServerSocket | None = None  # set once the connection is upgraded to a WebSocket
 
 
 class Server:
@@ -231,6 +237,10 @@ class Server:
 
     def handle_one(self, conn: Conn) -> bool:
         """Answer the request at the head of inbuf; False if it is not all there yet."""
+        if conn.ws is None and is_upgrade(conn.inbuf):
+            conn.ws = ServerSocket()
+        if conn.ws is not None:
+            return self.handle_ws(conn)
         try:
             parsed = parse_request(conn.inbuf)
         except BadRequest as e:
@@ -256,14 +266,32 @@ class Server:
         self.next_event(conn)
         return True
 
+    def handle_ws(self, conn: Conn) -> bool:
+        """Feed all of inbuf to the WebSocket; start answering its oldest response.create."""
+        if conn.inbuf:  # (wsproto would read empty bytes as the end of the connection)
+            reply = conn.ws.receive(bytes(conn.inbuf))
+            conn.inbuf.clear()
+            conn.close_after = conn.ws.closed
+            if reply:
+                self.send(conn, reply)
+        answer = conn.ws.next_answer()
+        if answer is not None:
+            conn.busy = True
+            conn.events = answer[::-1]
+            self.next_event(conn)
+        return False  # inbuf is used up
+
     def next_event(self, conn: Conn) -> None:
         """Write the stream's next event; with no gap, all of them, still one record each."""
         while conn.events:
-            self.send(conn, conn.events.pop())
+            event = conn.events.pop()
+            self.send(conn, conn.ws.frame(event) if conn.ws is not None else event)
             if self.gap > 0 and conn.events:
                 heapq.heappush(self.timers, (time.monotonic() + self.gap, id(conn), conn))
                 return
         conn.busy = False
+        if conn.ws is not None:  # a WebSocket answer has no end marker; on to the next response.create
+            return self.handle_ws(conn)
         conn.close_after = not conn.keep_alive  # before the last send, whose flush closes
         self.send(conn, STREAM_END)
         self.handle(conn)

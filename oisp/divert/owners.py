@@ -12,9 +12,12 @@ explain; callers hold packets for a moment (`SETTLE`) before asking.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
+from collections import OrderedDict
 
+from oisp.divert import holders
 from oisp.divert.address import row_key
 from oisp.divert.constants import Event, Flag, Layer
 from oisp.divert.errors import DivertError
@@ -33,25 +36,61 @@ def address_key(address) -> bytes | None:
     return key if any(key) else None
 
 
+def process_started(pid: int) -> float | None:
+    """When a process started, None if it is gone: on Linux from /proc/PID/stat (one read),
+    elsewhere from psutil. Only compared with itself: a pid's process is the same one
+    while this stays the same."""
+    if sys.platform.startswith("linux"):
+        return holders.started(pid)
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
+
+
 class ProcessNames:
-    """pid -> process name, looked up once (a process may be gone by the time we ask)."""
+    """pid -> process name, looked up once per process (a process may be gone by the time
+    we ask). Each name is kept with its process's start time: asked for the `current`
+    process, a pid now held by a newer process (pids are reused) is looked up afresh.
+    At most MAX_NAMES pids are kept, the least recently asked for going first."""
+
+    MAX_NAMES = 65536
 
     def __init__(self):
-        self._names: dict[int, str | None] = {}
+        self._names: OrderedDict[int, tuple[str | None, float | None]] = OrderedDict()  # pid → (name, started)
+        self._lock = threading.Lock()  # the event threads and the reflector's ask at once
 
-    def __call__(self, pid: int) -> str | None:
-        if pid not in self._names:
+    def __call__(self, pid: int, current: bool = False, started: float | None = None) -> str | None:
+        """`started`: the process's start time as `process_started` gives it, if known."""
+        with self._lock:
+            cached = self._names.get(pid)
+            if cached is not None and not current:
+                self._names.move_to_end(pid)
+                return cached[0]
+        started = process_started(pid) if started is None else started
+        if started is not None and cached is not None and cached[1] == started:
+            name = cached[0]
+        elif started is None and cached is not None:
+            return cached[0]  # gone: what we learned while it lived
+        else:
             import psutil
 
             try:
-                self._names[pid] = psutil.Process(pid).name()
+                name = psutil.Process(pid).name()
             except (psutil.Error, OSError):
-                self._names[pid] = None
-        return self._names[pid]
+                name = None
+        with self._lock:
+            self._names[pid] = (name, started)
+            self._names.move_to_end(pid)
+            while len(self._names) > self.MAX_NAMES:
+                self._names.popitem(last=False)
+        return name
 
     def remember(self, pid: int) -> None:
         """Look the name up now, while the process surely exists."""
-        self(pid)
+        self(pid, current=True)
 
     def label(self, pid: int) -> str:
         name = self(pid)

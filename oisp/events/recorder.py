@@ -112,6 +112,12 @@ class FlowRecorder:
         return self._event(event_type, data, ts, completeness="full" if complete else "partial", reasons=reasons, extra=extra)
 
     def _event(self, event_type: str, data: dict[str, Any], ts: float, *, completeness: str = "full", reasons=None, extra=None) -> Event:
+        if self.ctx.pid is None:
+            # Said outright: the sensor could not show which process held the connection
+            # (it had closed, or no process held its socket), and names none rather than a guess.
+            extra = dict(extra or {})
+            extra["process_attribution"] = "unknown"
+            extra["limitations"] = sorted({*extra.get("limitations", ()), "process_unknown"})
         ev = make_event(
             event_type,
             data,

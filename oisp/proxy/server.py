@@ -605,7 +605,9 @@ class TransparentProxy:
                 f"{self.pinning.ttl / 60:g} min" if pinned else "")
         self._emit([make_event("network.connect", data, time.time(), process=process, completeness="partial",
                                reasons=[f"client rejected the interception certificate ({exc.reason})"
-                                        + (f"; {then}" if then else "")])])
+                                        + (f"; {then}" if then else "")],
+                               extra_confidence=None if process else {"process_attribution": "unknown",
+                                                                      "limitations": ["process_unknown"]})])
 
     def _emit(self, events: list[dict]) -> None:
         if events:

@@ -64,11 +64,17 @@ class FlowTable:
     """Reflected flows by (server address, client port, proxy port); thread-safe."""
 
     def __init__(self, *, max_flows: int = 65536, idle_timeout: float = 300.0, linger: float = 2.0,
-                 owner: Callable[[Address, int, Address, int], tuple[int | None, str | None]] | None = None):
+                 owner: Callable[..., tuple[int | None, str | None]] | None = None,
+                 confirm: Callable[[Address, int, Address, int, int], bool | None] | None = None):
         self.max_flows = max_flows
         self.idle_timeout = idle_timeout
         self.linger = linger
-        self.owner = owner  # fills pid/name on lookup when the reflector could not name them in time
+        # owner(client, client port, server, server port, since=the flow's start) fills
+        # pid/name on lookup when the reflector could not name them in time.
+        self.owner = owner
+        # confirm(client, client port, server, server port, pid): False when the socket on
+        # the four-tuple now is not the one that pid holds (a new connection reused it).
+        self.confirm = confirm
         self._lock = threading.Lock()
         self._flows: OrderedDict[FlowKey, FlowEntry] = OrderedDict()  # least recently seen first
         self.counts = {"created": 0, "closed": 0, "expired_idle": 0, "evicted": 0}
@@ -87,13 +93,20 @@ class FlowTable:
         key = (address_key(peer_addr), peer_port, proxy_port)
         with self._lock:
             entry = self._flows.get(key)
-        if entry is None and self.on_miss is not None:
+        # An ended entry is the previous connection from the same port, lingering: the new
+        # one may be waiting in a ring, not adopted yet.
+        if (entry is None or entry.closed_at is not None) and self.on_miss is not None:
             self.on_miss()
             with self._lock:
                 entry = self._flows.get(key)
-        if name_owner and entry is not None and entry.pid is None and self.owner is not None:
+        if entry is None:
+            return None
+        if entry.pid is not None and self.confirm is not None and self.confirm(
+                entry.client_addr, entry.client_port, entry.server_addr, entry.server_port, entry.pid) is False:
+            entry.pid = entry.process_name = None  # the name went with the pid: both are found again
+        if name_owner and entry.pid is None and self.owner is not None:
             entry.pid, entry.process_name = self.owner(entry.client_addr, entry.client_port,
-                                                       entry.server_addr, entry.server_port)
+                                                       entry.server_addr, entry.server_port, since=entry.created)
         return entry
 
     def hold(self, entry: FlowEntry) -> None:

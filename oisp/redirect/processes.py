@@ -1,33 +1,52 @@
 """Which process opened a flow, and whether its flows are taken (`--process`, `--exclude`).
 
 The reflector must decide on a flow's first SYN, and a packet carries no pid.
-Sources, cheapest first:
-1. SOCKET/FLOW events (a sniff handle; on Linux it needs cgroup v2): a bound
-   socket's CONNECT and every FLOW_ESTABLISHED name the owner of a local port.
-2. A CONNECT from a socket not yet bound carries no local port, only the
-   remote end: when every recent CONNECT to that server came from one pid,
-   that is the owner.
-3. psutil, for sockets that predate the handle, events that arrive after the
-   SYN (they travel on their own handle), or when SOCKET is unavailable.
+Linux answers exactly: the client socket's inode, from an exact sock_diag lookup
+of the four-tuple (or /proc/net/tcp), and the process holding that inode, which
+had started by the time of the SYN (oisp/divert/holders.py). Every other source only says
+where to look first: the SOCKET/FLOW events (a sniff handle; on Linux it needs
+cgroup v2), the processes that connected to the same server a moment ago, the
+owners of recent flows, and last every process, newest first. So a port reused
+by the next client, a CONNECT of the previous one or an inode cache can only
+make the search shorter, never its answer wrong: a candidate that does not hold
+the socket is refused (counted), and when no process can be shown to hold it
+(the socket closed first) the owner is unknown rather than a guess.
+
+Elsewhere (Windows: no /proc) the events are the source, bound to the connection:
+an event counts only for the exact four-tuple, only while that socket is open,
+and only if it came no earlier than LEAD before the flow's SYN (so not from the
+connection that had the four-tuple before); a CONNECT of a socket not yet bound
+names no local port, so it never answers there. psutil's table, matched on the
+four-tuple, is the fallback. A candidate must be alive and have started by the SYN.
 """
 
 from __future__ import annotations
 
 import collections
 import ipaddress
-import os
 import socket
+import sys
 import threading
 import time
 
-from oisp.divert.owners import EventFeed, ProcessNames, SocketOwners
+from oisp.divert import holders
 from oisp.divert.constants import Event
 from oisp.divert.errors import DivertError
+from oisp.divert.owners import EventFeed, ProcessNames, SocketOwners
 from oisp.redirect import sock_diag
 from oisp.redirect.flows import address_key
 
-CONNECT_WINDOW = 2.0  # seconds a portless CONNECT may explain a SYN to the same server
+CONNECT_WINDOW = 2.0  # seconds a CONNECT to a server points at its process for a new flow there
+# Unverified platforms: how long before the SYN (as the ring saw it) an owning event of the
+# same connection may have been taken in (connect() precedes the SYN by microseconds; the
+# event and the packet travel on different handles).
+LEAD = 0.25
+BORN_SLACK = 0.1  # psutil's start times (unverified platforms) against the SYN's time
 RECENT_OWNERS = 16  # processes whose fds are searched first for a new flow's socket
+KNOWN_INODES = 65536  # socket inode → the process shown to hold it (a socket keeps its inode)
+KNOWN_TUPLES = 65536  # owning events kept by four-tuple (an end event may be lost: oldest go first)
+_OWNING = {Event.SOCKET_CONNECT, Event.FLOW_ESTABLISHED}
+_ENDING = {Event.SOCKET_CLOSE, Event.FLOW_DELETED}
 
 
 class ProcessFilter:
@@ -57,26 +76,38 @@ class ProcessFilter:
         return True
 
 
+def _kernel_answers() -> bool:
+    """Linux with /proc: the holder of a socket's inode can be asked."""
+    return sys.platform.startswith("linux") and holders.started(1) is not None
+
+
 class ProcessResolver:
     """Client (address, port) → (pid, name). Call `start_events()` to use SOCKET/FLOW
-    events; without them (or until they arrive) psutil answers."""
+    events; without them (or until they arrive) /proc (Linux) or psutil answers."""
 
-    def __init__(self):
+    def __init__(self, *, verify: bool | None = None):
         self.names = ProcessNames()
         self.owners = SocketOwners(self.names)
         self.feed: EventFeed | None = None
         self.events_error: str | None = None
+        # Whether answers are checked against the kernel (see the module docstring).
+        self.verifies = _kernel_answers() if verify is None else verify
         self._lock = threading.Lock()
         self._connects: dict[tuple[bytes, int], collections.deque] = {}
+        # Owning events by four-tuple (local address None: a wildcard bind):
+        # (local, local port, remote, remote port) → [noted (monotonic), pid, closed].
+        self._tuples: collections.OrderedDict[tuple, list] = collections.OrderedDict()
+        self._ended: collections.deque = collections.deque()  # (noted, key) of ended sockets, oldest first
         self._recent_pids: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self.counts = {"by_event": 0, "by_connect": 0, "by_recent_owner": 0, "by_proc_scan": 0, "by_psutil": 0,
-                       "unknown": 0}
+        self._inodes: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self.counts = {"by_event": 0, "by_connect": 0, "by_inode": 0, "by_recent_owner": 0, "by_proc_scan": 0,
+                       "by_psutil": 0, "unknown": 0, "socket_gone": 0, "refused": 0}
 
     def start_events(self) -> bool:
         """Open the SOCKET/FLOW sniff handles; False (reason in `events_error`) when the
         layers are unavailable, e.g. no cgroup v2 on Linux."""
         try:
-            self.feed = EventFeed(self.owners, on_events=self._note_connects)
+            self.feed = EventFeed(self.owners, on_events=self._note_events)
         except DivertError as e:
             self.events_error = str(e)
             return False
@@ -86,131 +117,203 @@ class ProcessResolver:
         if self.feed is not None:
             self.feed.stop()
 
-    def _note_connects(self, events) -> None:
-        now = time.monotonic()
+    def _note_events(self, events, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
         with self._lock:
             for e in events:
-                if e.event == Event.SOCKET_CONNECT and e.pid and not e.local_port:
+                if e.protocol != socket.IPPROTO_TCP:
+                    continue
+                if e.event == Event.SOCKET_CONNECT and e.pid:
                     self.names.remember(e.pid)
                     key = (address_key(e.remote), e.remote_port)
                     self._connects.setdefault(key, collections.deque(maxlen=64)).append((now, e.pid))
+                if not e.local_port:
+                    continue  # a CONNECT from a socket not bound yet: the FLOW event names it
+                key = (_local_key(e.local), e.local_port, address_key(e.remote), e.remote_port)
+                if e.event in _OWNING and e.pid:
+                    known = self._tuples.get(key)
+                    if known is not None and known[2] and known[1] == e.pid:
+                        # The ended socket's own CONNECT, late (it travels on the SOCKET
+                        # handle, its end on FLOW): it must not make the socket live again.
+                        continue
+                    self.names.remember(e.pid)
+                    self._tuples[key] = [now, e.pid, False]
+                    self._tuples.move_to_end(key)
+                    while len(self._tuples) > KNOWN_TUPLES:
+                        self._tuples.popitem(last=False)
+                elif e.event in _ENDING and key in self._tuples:
+                    self._tuples[key][0] = now
+                    self._tuples[key][2] = True
+                    self._ended.append((now, key))
             for key in [k for k, q in self._connects.items() if q[-1][0] < now - CONNECT_WINDOW]:
                 del self._connects[key]
+            # An ended socket's entry stays a while (never an answer; it keeps its late CONNECT
+            # from passing for a live socket), then goes, unless another owner took the key since.
+            while self._ended and self._ended[0][0] < now - CONNECT_WINDOW:
+                noted, key = self._ended.popleft()
+                entry = self._tuples.get(key)
+                if entry is not None and entry[2] and entry[0] == noted:
+                    del self._tuples[key]
 
     def owner(self, client_addr, client_port: int, server_addr=None, server_port: int | None = None,
-              *, guess: bool = False, use_psutil: bool = True,
+              *, since: float | None = None, guess: bool = False, use_psutil: bool = True,
               full_scan: bool = True) -> tuple[int | None, str | None]:
-        """The owner of a client socket. `guess` allows source 2, good for attribution but
-        not for a filter decision (another process's CONNECT may still be on its way).
-        `use_psutil` allows source 3; `full_scan` its last resort, psutil's scan of every
-        socket (~8-30 ms)."""
-        pid = self.owners.owner(socket.IPPROTO_TCP, address_key(client_addr), client_port)
-        if pid:
-            self.counts["by_event"] += 1
-        elif guess and server_addr is not None and (pid := self._only_connector(server_addr, server_port)):
-            self.counts["by_connect"] += 1
-        elif use_psutil and (found := self._inode_owner(client_addr, client_port, server_addr, server_port))[0]:
-            pid = found[0]
-            self.counts[found[1]] += 1
-            self.owners.own(socket.IPPROTO_TCP, client_addr, client_port, pid)
-        elif use_psutil and full_scan and (pid := self._psutil_owner(client_addr, client_port)):
-            self.counts["by_psutil"] += 1
-            self.owners.own(socket.IPPROTO_TCP, client_addr, client_port, pid)
-        if pid:
-            with self._lock:
-                self._recent_pids[pid] = None
-                self._recent_pids.move_to_end(pid)
-                while len(self._recent_pids) > RECENT_OWNERS:
-                    self._recent_pids.popitem(last=False)
+        """The owner of a client socket whose flow began at `since` (wall clock; None: no
+        bound on the owner's start). Where the kernel answers (Linux), the answer is the
+        process holding the socket: `use_psutil` False limits the search to the
+        candidates the events name, `guess` adds the processes that just connected to
+        the same server (only as candidates: each is checked like the rest). Elsewhere
+        an owning event of the four-tuple answers; `use_psutil` and `full_scan` allow
+        psutil's table of every socket (~8-30 ms), matched on the four-tuple."""
+        start = None  # the owner's start time, when the search read it
+        if self.verifies:
+            pid, how, start = self._held_owner(client_addr, client_port, server_addr, server_port, since, guess,
+                                               use_psutil)
+        else:
+            pid, how = self._event_owner(client_addr, client_port, server_addr, server_port, since,
+                                         use_psutil and full_scan)
+        self.counts[how] += 1
         if not pid:
-            self.counts["unknown"] += 1
             return None, None
-        return pid, self.names(pid)
-
-    def _only_connector(self, server_addr, server_port) -> int | None:
-        cutoff = time.monotonic() - CONNECT_WINDOW
         with self._lock:
-            queue = self._connects.get((address_key(server_addr), server_port), ())
-            pids = {pid for t, pid in queue if t >= cutoff}
-        return pids.pop() if len(pids) == 1 else None
+            self._recent_pids[pid] = None
+            self._recent_pids.move_to_end(pid)
+            while len(self._recent_pids) > RECENT_OWNERS:
+                self._recent_pids.popitem(last=False)
+        return pid, self.names(pid, current=True, started=start)  # this pid's process now, not an earlier one's
 
-    def _inode_owner(self, client_addr, client_port: int, server_addr=None,
-                     server_port: int | None = None) -> tuple[int | None, str]:
-        """Linux: the process holding the socket's inode — looked for first among the
-        processes that owned recent flows (a program usually opens many connections),
-        then among all processes, newest first (a program's first connection usually
-        comes soon after it started). Each costs a few fd reads where psutil's full scan
-        of /proc costs ~30 ms. The inode comes from an exact sock_diag lookup of the
-        four-tuple (the socket's local end is the client, its remote end the server);
-        without the server's end, or without sock_diag, from a scan of /proc/net/tcp*,
-        which grows with every socket (TIME_WAIT included) of the namespace.
-        Returns (pid or None, which way it was found)."""
+    def confirms(self, client_addr, client_port: int, server_addr, server_port: int, pid: int) -> bool | None:
+        """Whether the socket on this four-tuple now is the one `pid` was shown to hold:
+        False when another socket holds the four-tuple (a new connection reused it), None
+        when it cannot be told (no sock_diag, or the socket is gone). One sock_diag
+        lookup: cheap enough for the proxy's event loop."""
+        if not self.verifies or not sock_diag.available():
+            return None
+        inode = sock_diag.tcp_inode(client_addr, client_port, server_addr, server_port)
+        if not inode:
+            return None
+        with self._lock:
+            return self._inodes.get(inode) == pid
+
+    # -- Linux: the process holding the socket ---------------------------------------------
+    def _held_owner(self, client_addr, client_port, server_addr, server_port, since, guess,
+                    search_all) -> tuple[int | None, str, float | None]:
         if server_addr is not None and server_port is not None and sock_diag.available():
             inode = sock_diag.tcp_inode(client_addr, client_port, server_addr, server_port)
         else:
-            inode = _socket_inode(client_port)
+            inode = holders.socket_inode(client_addr, client_port, server_addr, server_port)
         if not inode:
-            return None, ""
+            return None, "socket_gone", None
         with self._lock:
-            recent = list(reversed(self._recent_pids))
-        if pid := _holder(inode, recent):
-            return pid, "by_recent_owner"
-        return _holder(inode, _pids_newest_first(exclude=set(recent))), "by_proc_scan"
+            known = self._inodes.get(inode)
+        if known is not None:
+            return known, "by_inode", None  # the same socket: its owner was shown to hold it
+        refused: list[int] = []
+        tried: set[int] = set()
+        steps = [("by_event", self._event_hints(client_addr, client_port, server_addr, server_port))]
+        if guess and server_addr is not None:
+            steps.append(("by_connect", self._connectors(server_addr, server_port)))
+        if search_all:
+            with self._lock:
+                steps.append(("by_recent_owner", list(reversed(self._recent_pids))))
+            steps.append(("by_proc_scan", None))  # every other process, newest first
+        pid = start = None
+        for how, pids in steps:
+            pids = holders.pids_newest_first(exclude=tried) if pids is None else [p for p in pids if p not in tried]
+            tried.update(pids)
+            pid, start = holders.holder(inode, pids, since, refused)
+            if pid:
+                break
+            if how in ("by_event", "by_connect"):
+                # Named by the events or a recent CONNECT, yet not holding the socket: the
+                # previous user of the port, say.
+                refused.extend(p for p in pids if p not in refused)
+        self.counts["refused"] += len(refused)  # and holders that started after the SYN
+        if not pid:
+            return None, "unknown", None
+        with self._lock:
+            self._inodes[inode] = pid
+            while len(self._inodes) > KNOWN_INODES:
+                self._inodes.popitem(last=False)
+        return pid, how, start
 
-    @staticmethod
-    def _psutil_owner(client_addr, client_port: int) -> int | None:
-        import psutil
+    def _event_hints(self, client_addr, client_port, server_addr, server_port) -> list[int]:
+        pids = []
+        if server_addr is not None and server_port is not None:
+            with self._lock:
+                for local in (address_key(client_addr), None):
+                    entry = self._tuples.get((local, client_port, address_key(server_addr), server_port))
+                    if entry is not None and not entry[2]:
+                        pids.append(entry[1])
+        pid = self.owners.owner(socket.IPPROTO_TCP, address_key(client_addr), client_port)
+        if pid:
+            pids.append(pid)
+        return list(dict.fromkeys(pids))
 
-        wanted = ipaddress.ip_address(client_addr)
-        try:
-            connections = psutil.net_connections(kind="tcp")
-        except (psutil.Error, OSError):
-            return None
-        for c in connections:
-            if c.pid and c.laddr and c.laddr.port == client_port and _same_address(c.laddr.ip, wanted):
-                return c.pid
-        return None
+    def _connectors(self, server_addr, server_port) -> list[int]:
+        """The processes that connected to this server lately, newest first."""
+        cutoff = time.monotonic() - CONNECT_WINDOW
+        with self._lock:
+            queue = self._connects.get((address_key(server_addr), server_port), ())
+            return list(dict.fromkeys(pid for t, pid in reversed(queue) if t >= cutoff))
+
+    # -- elsewhere: events bound to the connection, then psutil --------------------------
+    def _event_owner(self, client_addr, client_port, server_addr, server_port, since,
+                     use_psutil) -> tuple[int | None, str]:
+        # The flow's SYN on the monotonic clock the events are noted on.
+        syn = None if since is None else time.monotonic() - (time.time() - since)
+        candidates = []
+        if server_addr is not None and server_port is not None:
+            with self._lock:
+                for local in (address_key(client_addr), None):
+                    entry = self._tuples.get((local, client_port, address_key(server_addr), server_port))
+                    if entry is not None and not entry[2] and (syn is None or entry[0] >= syn - LEAD):
+                        candidates.append(entry[1])
+        for pid in candidates:
+            if _alive_since(pid, since):
+                return pid, "by_event"
+            self.counts["refused"] += 1
+        # The system's own table of live connections (Windows: GetExtendedTcpTable), exact
+        # on the four-tuple.
+        if use_psutil and (pid := _psutil_owner(client_addr, client_port, server_addr, server_port)):
+            if _alive_since(pid, since):
+                return pid, "by_psutil"
+            self.counts["refused"] += 1
+        return None, "unknown"
 
 
-def _socket_inode(local_port: int) -> int | None:
-    """The inode of the local TCP socket bound to `local_port` (Linux /proc/net/tcp, tcp6):
-    the fallback for `sock_diag.tcp_inode`, some 500x slower with 2000 sockets in TIME_WAIT."""
-    suffix = f":{local_port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if fields[1].endswith(suffix) and fields[3] != "0A" and fields[9] != "0":  # 0A: LISTEN
-                        return int(fields[9])
-        except (OSError, StopIteration, IndexError, ValueError):
-            continue
-    return None
+def _local_key(address) -> bytes | None:
+    key = address_key(address)
+    return key if any(key) else None  # a wildcard bind
 
 
-def _pids_newest_first(exclude: set[int] = frozenset()) -> list[int]:
+def _alive_since(pid: int, since: float | None) -> bool:
+    """psutil: the process is alive (a flow being named is open, so its owner lives) and
+    had started by the flow's SYN."""
+    import psutil
+
     try:
-        return sorted((int(name) for name in os.listdir("/proc") if name.isdigit() and int(name) not in exclude),
-                      reverse=True)
-    except OSError:
-        return []
+        return since is None or psutil.Process(pid).create_time() <= since + BORN_SLACK
+    except (psutil.Error, OSError):
+        return False
 
 
-def _holder(inode: int, pids) -> int | None:
-    """Which of `pids` holds the socket with this inode."""
-    target = f"socket:[{inode}]"
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
+def _psutil_owner(client_addr, client_port: int, server_addr=None, server_port: int | None = None) -> int | None:
+    """The pid of the connection with this local end (and remote end, when given) in
+    psutil's table of every socket; one in TIME_WAIT has none."""
+    import psutil
+
+    wanted = ipaddress.ip_address(str(client_addr))
+    server = None if server_addr is None else ipaddress.ip_address(str(server_addr))
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return None
+    for c in connections:
+        if not (c.pid and c.laddr and c.laddr.port == client_port and _same_address(c.laddr.ip, wanted)):
             continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                    return pid
-            except OSError:
-                continue
+        if server is None or (c.raddr and c.raddr.port == server_port and _same_address(c.raddr.ip, server)):
+            return c.pid
     return None
 
 
@@ -218,4 +321,6 @@ def _same_address(text: str, wanted) -> bool:
     address = ipaddress.ip_address(text.split("%")[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
+    if isinstance(wanted, ipaddress.IPv6Address) and wanted.ipv4_mapped:
+        wanted = wanted.ipv4_mapped
     return address == wanted

@@ -45,7 +45,8 @@ class Redirector:
         self.own_ports = OwnPorts()
         self.processes = ProcessResolver()
         self.process_filter = ProcessFilter(include, exclude)
-        self.flows = FlowTable(max_flows=max_flows, idle_timeout=idle_timeout, owner=self.processes.owner)
+        self.flows = FlowTable(max_flows=max_flows, idle_timeout=idle_timeout, owner=self.processes.owner,
+                               confirm=self.processes.confirms)
         self.proxy_ports = dict(proxy_ports or DEFAULT_PORTS)
         self.plain = plain
         self.refuse_quic, self.on_quic_refused = refuse_quic, on_quic_refused

@@ -337,12 +337,10 @@ class Reflector:
                         in engine.ring.fast_take_opened():
                     entry = FlowEntry(key_address(client, version), client_port, key_address(server, version),
                                       server_port, proxy_port, created=created, from_ring=True)
+                    # Named after, by the reflector thread (_name_owners): this may run on the
+                    # proxy's event loop, and naming asks the kernel.
                     if self.processes is not None:
-                        entry.pid, entry.process_name = self.processes.owner(
-                            entry.client_addr, client_port, entry.server_addr, server_port,
-                            guess=True, use_psutil=False)
-                        if entry.pid is None:
-                            self._unnamed.append(entry)
+                        self._unnamed.append(entry)
                     self.flows.open(entry)
 
     def _take_touched(self, engine: Engine) -> None:
@@ -637,27 +635,30 @@ class Reflector:
         server = key_address(key[0], version)
         client_port, server_port = key[1], int(rows["dst_port"][row])
         pid = name = None
-        if self.processes is not None:
-            exact = self.process_filter is not None  # a decision may not rest on a guess
-            pid, name = self.processes.owner(client, client_port, server, server_port,
-                                             guess=not exact, use_psutil=exact)
-            if exact and not self.process_filter.allows(pid, name):
+        created = time.time()
+        if self.process_filter is not None:  # decided now, by the process shown to hold the socket
+            pid, name = self.processes.owner(client, client_port, server, server_port, since=created)
+            if not self.process_filter.allows(pid, name):
                 self.counts["excluded"] += 1
                 return False
-        entry = self.flows.open(FlowEntry(client, client_port, server, server_port, key[2], pid, name))
+        # Otherwise named after the batch is injected (_name_owners): no SYN waits for it.
+        entry = self.flows.open(FlowEntry(client, client_port, server, server_port, key[2], pid, name,
+                                          created=created))
         if pid is None and self.processes is not None:
             self._unnamed.append(entry)
         return True
 
     def _name_owners(self) -> None:
         """After a batch is injected (so no SYN waits for it): name the owners of the flows
-        it opened that the quick sources could not, from the sockets' inodes. The proxy
-        then finds them named and need not leave its event loop to ask."""
-        unnamed, self._unnamed = self._unnamed, []
+        opened since (here or by the rings), each the process holding its socket. The
+        proxy then finds them named and need not leave its event loop to ask."""
+        with self._from_rings:  # the proxy's lookup may be adopting flows meanwhile
+            unnamed, self._unnamed = self._unnamed, []
         for entry in unnamed:
             if entry.pid is None:
                 entry.pid, entry.process_name = self.processes.owner(
-                    entry.client_addr, entry.client_port, entry.server_addr, entry.server_port, full_scan=False)
+                    entry.client_addr, entry.client_port, entry.server_addr, entry.server_port, since=entry.created,
+                    guess=True, full_scan=False)
 
 
 def _add_counts(total: dict, counts: dict) -> None:
