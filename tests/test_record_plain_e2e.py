@@ -122,7 +122,14 @@ def check_recorded(lab, ran: dict, provider: str, port: int) -> list[dict]:
     requests = [e for e in events if e["event_type"] == "ai.request"]
     assert len(responses) == len(results) == len(requests), [e["event_type"] for e in events]
     by_id = {e["data"]["request_id"]: e for e in requests}
-    for result, response in zip(results, responses):
+    # Matched by content, not order: a client with a pool of connections may have its
+    # exchanges recorded in another order than it made them.
+    unmatched = list(responses)
+    for result in results:
+        response = next((r for r in unmatched if by_id[r["data"]["request_id"]]["data"]["model"]["id"] == result["model"]
+                         and response_text(r) == result["text"]), None)
+        assert response is not None, (result, [response_text(r) for r in unmatched])
+        unmatched.remove(response)
         request = by_id[response["data"]["request_id"]]
         assert request["data"]["provider"]["id"] == provider
         assert request["data"]["model"]["id"] == result["model"]
