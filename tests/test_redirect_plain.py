@@ -96,6 +96,7 @@ def test_the_filter_takes_local_ranges_and_named_hosts_only(backend):
             if not is_local(str(neighbour)):
                 assert not taken(str(neighbour), 11434), neighbour
     assert not taken("8.8.8.8", 11434) and not taken("2001:db8::1", 11434)
+    assert not taken("fe80::1", 11434)  # link-local: the upstream would need a scope id
     assert taken("198.51.100.1", 7000) and not taken("198.51.100.1", 11434) and not taken("10.0.0.1", 7000)
     assert taken("192.0.2.1", 443) and not taken("10.0.0.1", 443)  # the AI port still names its addresses
 

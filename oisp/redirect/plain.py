@@ -3,7 +3,7 @@
 Local model servers (Ollama :11434, LM Studio :1234, vLLM :8000, llama.cpp :8080, …)
 speak plain HTTP, on loopback or to a GPU box on the LAN, so they have no AI
 address to match: a port of theirs is taken for every destination in the local
-ranges (loopback, private, link-local, CGNAT/Tailscale, IPv6 ULA), never for a
+ranges (loopback, private, IPv4 link-local, CGNAT/Tailscale, IPv6 ULA), never for a
 public address, unless `--plain HOST:PORT` names the host. The divert filter
 itself says this (see `PlainPorts.clause`), so a plaintext port's connections to
 the internet never leave the kernel, and the reflector and its ring take every
@@ -20,10 +20,12 @@ import socket
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-# The ranges a model server "on this machine or the LAN" lives in.
+# The ranges a model server "on this machine or the LAN" lives in. Not IPv6 link-local
+# (fe80::/10): the proxy's upstream would need the client's interface (a scope id),
+# which a reflected packet does not carry, so such a connection would fail.
 LOCAL_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
     "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10",
-    "::1/128", "fc00::/7", "fe80::/10"))
+    "::1/128", "fc00::/7"))
 # A named host contributes at most this many addresses (a filter holds ~250 comparisons).
 MAX_HOST_ADDRESSES = 8
 MAX_NAMED_HOSTS = 16
