@@ -57,6 +57,10 @@ def test_ports_from_the_spec_and_plain_values():
     assert ports.ports[11434].local and ports.ports[11434].addresses == {"198.51.100.1"}
     assert ports.describe()[0] == "7000 (no provider named: =ID names one): 10.1.2.3, 192.0.2.7, 2001:db8::7"
     assert PlainPorts.build([], [], resolve).clause() is None and not PlainPorts()
+    with pytest.raises(PlainSpecError, match="link-local"):
+        PlainPorts.build([], [parse_plain("[fe80::1]:8000")], resolve)
+    mixed = PlainPorts.build([], [parse_plain("box:8000")], lambda host: ["fe80::2%eth0", "10.0.0.9"])
+    assert mixed.ports[8000].addresses == {"10.0.0.9"}
 
 
 def packet(dst: str, dport: int, sport: int = 40000) -> tuple[bytes, np.ndarray]:

@@ -107,7 +107,11 @@ class PlainPorts:
                 found = resolve(request.host)
             if not found:
                 raise PlainSpecError(f"{request.host}: no address")
-            entry.addresses.update(str(ipaddress.ip_address(a.split("%")[0])) for a in found[:MAX_HOST_ADDRESSES])
+            usable = [ipaddress.ip_address(a.split("%")[0]) for a in found]
+            usable = [a for a in usable if not (a.version == 6 and a.is_link_local)]  # see LOCAL_NETWORKS
+            if not usable:
+                raise PlainSpecError(f"{request.host}: only IPv6 link-local addresses, which cannot be proxied")
+            entry.addresses.update(str(a) for a in usable[:MAX_HOST_ADDRESSES])
         return cls(ports.values())
 
     def __bool__(self) -> bool:
