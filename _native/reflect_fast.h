@@ -9,6 +9,8 @@
  *   to a server port, from one of the proxy's own ports   -> pass unchanged (any flags)
  *   to a server port, of a known flow                      -> reflect to the proxy
  *   to a server port, not an AI address (when targets_on)  -> pass unchanged (any flags)
+ *                     (a plaintext port, `any_dst`, takes every address its divert
+ *                      filter lets through: the filter names the local ranges)
  *   from a proxy port, of a known flow                     -> reflect to the client
  *
  * A client's SYN to an AI address opens its flow here too when `open_syns` is
@@ -82,6 +84,7 @@ typedef struct {
     const uint8_t *own_port;     /* 65536 bytes, 1 set = the proxy's IPv4 upstream port, 2 = IPv6 (owned by Python) */
     uint16_t proxy_for[65536];   /* server port -> proxy port, 0 = not redirected */
     uint16_t server_for[65536];  /* proxy port -> server port, 0 = not a proxy port */
+    uint8_t any_dst[65536];      /* server port -> 1: every destination is taken (plaintext model servers) */
     oisp_fast_flow *slots;
     uint32_t mask;               /* capacity - 1, capacity a power of two */
     uint32_t count;
@@ -279,9 +282,9 @@ static inline int oisp_fast_syn(oisp_fast_table *t, const unsigned char *p, int 
     oisp_fast_flow *f;
     oisp_fast_opened *o;
     struct timespec now;
-    if (t->targets_on && !oisp_fast_find(t, key, 0, 0))
+    if (t->targets_on && !t->any_dst[dport] && !oisp_fast_find(t, key, 0, 0))
         return OISP_FAST_PASS_OTHER;
-    if (!t->open_syns || !t->targets_on || (flags & OISP_TCP_ACK))
+    if (!t->open_syns || !(t->targets_on || t->any_dst[dport]) || (flags & OISP_TCP_ACK))
         return OISP_FAST_SLOW;
     f = oisp_fast_find(t, key, sport, proxy_port);
     if (!f || oisp_fast_is_closed(f)) {
@@ -341,7 +344,8 @@ static inline int oisp_fast_classify(oisp_fast_table *t, const unsigned char *p,
             return oisp_fast_syn(t, p, v6, key, sport, dport, flags, port_out);
         f = oisp_fast_find(t, key, sport, t->proxy_for[dport]);
         if (!f)
-            return t->targets_on && !oisp_fast_find(t, key, 0, 0) ? OISP_FAST_PASS_OTHER : OISP_FAST_SLOW;
+            return t->targets_on && !t->any_dst[dport] && !oisp_fast_find(t, key, 0, 0) ? OISP_FAST_PASS_OTHER
+                                                                                         : OISP_FAST_SLOW;
         oisp_fast_note(f, flags, OISP_FAST_FIN_CLIENT);
         *port_out = t->proxy_for[dport];
         return OISP_FAST_TO_PROXY;

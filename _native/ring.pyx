@@ -60,6 +60,7 @@ cdef extern from "reflect_fast.h" nogil:
         const uint8_t *own_port
         uint16_t proxy_for[65536]
         uint16_t server_for[65536]
+        uint8_t any_dst[65536]
         oisp_fast_flow *slots
         uint32_t mask
         uint32_t count
@@ -255,10 +256,12 @@ cdef class ReceiveRing:
         oisp_sync_destroy(&self.send_sync)
 
     # -- the reflector's fast path (see reflect_fast.h) -----------------------------
-    def fast_enable(self, ports, own_ports, uint32_t max_flows):
+    def fast_enable(self, ports, own_ports, uint32_t max_flows, any_address=()):
         """Let the receiver reflect packets of known flows itself. `ports` maps server
         port -> proxy port; `own_ports` is a 65536-byte array (uint8) of the proxy's upstream
-        ports, 1 set for IPv4, 2 for IPv6 (OwnPorts.mask), read live (kept alive here)."""
+        ports, 1 set for IPv4, 2 for IPv6 (OwnPorts.mask), read live (kept alive here). The
+        server ports in `any_address` take every destination (the divert filter scopes
+        them), not only the AI addresses."""
         own = np.ascontiguousarray(own_ports).view(np.uint8)
         if own.shape != (65536,):
             raise ValueError("own_ports must hold 65536 entries")
@@ -275,6 +278,11 @@ cdef class ReceiveRing:
                 raise ValueError(f"bad port pair {server} -> {proxy}")
             t.proxy_for[server] = proxy
             t.server_for[proxy] = server
+        for server in any_address:
+            if not (0 < server < 65536 and t.proxy_for[server]):
+                oisp_fast_free(t)
+                raise ValueError(f"port {server} takes any address but is not redirected")
+            t.any_dst[server] = 1
         self._fast_own_ports = own
         with nogil:
             oisp_lock(&self.sync)

@@ -288,7 +288,7 @@ def test_oisp_record_fails_open_when_a_guardian_is_killed(record_lab):
     sensor = record_lab["start"]("-m", "oisp")
     children = subprocess.run(["pgrep", "-f", "oisp/divert/guardian.py"], capture_output=True, text=True).stdout.split()
     guardians = [int(pid) for pid in children if Path(f"/proc/{pid}/stat").read_text().split()[3] == str(sensor.pid)]
-    assert len(guardians) == 2  # the reflector's handle and the DNS watcher's
+    assert len(guardians) == 3  # the reflector's handle, the DNS watcher's and the QUIC refuser's
     for pid in guardians:
         os.kill(pid, signal.SIGKILL)
     returncode = sensor.wait(15)

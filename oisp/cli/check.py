@@ -18,6 +18,7 @@ COMPILED = ["oisp._native.packet_core", "oisp._native._divert_cffi"]
 def register(sub) -> None:
     parser = sub.add_parser("check", help="show the backend, versions, privileges and what is missing")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--spec", metavar="FILE", help="the AI endpoint spec `oisp record --spec` would use")
     parser.set_defaults(func=run)
 
 
@@ -28,7 +29,24 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def gather() -> dict:
+def watched(spec=None) -> dict:
+    """What `oisp record` takes with this spec: HTTPS and QUIC to the AI providers'
+    addresses, and plain HTTP to local model servers' ports on loopback and local networks."""
+    from oisp.redirect.plain import LOCAL_NETWORKS
+    from oisp.spec import load_spec
+
+    spec = spec or load_spec()
+    named = {p.id for p in spec.providers if p.hosts or p.host_patterns}
+    local = [{"port": port, "provider": spec.provider_for(None, port).id} for port in spec.local_ports()]
+    unported = sorted(p.id for p in spec.providers if not (p.hosts or p.host_patterns or p.ports))
+    return {"https": {"port": 443, "providers": len(named), "hosts": len(spec.hosts()),
+                      "host_patterns": len(spec.host_patterns())},
+            "quic": "UDP 443 to the AI addresses is refused (clients fall back to TCP); --allow-quic lets it through",
+            "plain": local, "plain_networks": [str(n) for n in LOCAL_NETWORKS],
+            "plain_by_option": unported}
+
+
+def gather(spec=None) -> dict:
     """Everything `oisp check` reports, as data."""
     from oisp.divert import preflight
 
@@ -42,6 +60,7 @@ def gather() -> dict:
         "privileges": {},
         "missing": [],
         "notes": [],
+        "watched": watched(spec),
     }
     for module in COMPILED:
         try:
@@ -132,6 +151,13 @@ def _print_text(report: dict) -> None:
         print(f"kernel       BTF {ok(privileges['btf'])}; cgroup2 at /sys/fs/cgroup {ok(privileges['cgroup2'])}")
     else:
         print(f"privileges   Administrator {ok(privileges['administrator'])}")
+    w = report["watched"]
+    print(f"watched      HTTPS :443 to {w['https']['providers']} providers ({w['https']['hosts']} hosts, "
+          f"{w['https']['host_patterns']} host patterns); QUIC to them refused")
+    print("  plain HTTP " + ", ".join(f":{p['port']} {p['provider']}" for p in w["plain"]))
+    print(f"  on         {' '.join(w['plain_networks'])} (other hosts: oisp record --plain HOST:PORT)")
+    if w["plain_by_option"]:
+        print(f"  by option  {', '.join(w['plain_by_option'])}: oisp record --plain PORT=ID")
     for problem in report["missing"]:
         print(f"MISSING      {problem['message']}\n  fix:       {problem['fix']}")
     for note in report["notes"]:
@@ -140,7 +166,14 @@ def _print_text(report: dict) -> None:
 
 
 def run(args) -> int:
-    report = gather()
+    from oisp.spec import load_spec
+
+    try:
+        spec = load_spec(args.spec) if args.spec else None
+    except (OSError, ValueError, LookupError, TypeError, AttributeError) as e:
+        print(f"oisp check: {args.spec}: {e}", file=sys.stderr)
+        return 2
+    report = gather(spec)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -37,6 +37,15 @@ def register(sub) -> None:
     parser.add_argument("--spec", metavar="FILE", help="AI endpoint spec to use instead of the bundled one")
     parser.add_argument("--prices", metavar="FILE",
                         help="prices (USD per million tokens) overriding or adding to the bundled table (default: $OISP_PRICES)")
+    parser.add_argument("--plain", action="append", default=[], metavar="[HOST:]PORT[=PROVIDER]",
+                        help="also record plaintext HTTP to a model server on this port: on loopback and local "
+                             "networks, or only to HOST; PROVIDER (a spec id: ollama, vllm, llamacpp, …) names "
+                             "it in events (repeatable). The spec's local server ports are watched already")
+    parser.add_argument("--no-local", action="store_true",
+                        help="do not watch the spec's local model server ports (11434, 1234, 8000, 8080, …)")
+    parser.add_argument("--allow-quic", action="store_true",
+                        help="let QUIC (HTTP/3, UDP 443) to AI addresses through unrecorded; by default it is "
+                             "refused, so clients fall back to TCP, where they are recorded")
     parser.add_argument("--proxy-port", type=tcp_port, default=DEFAULT_PROXY_PORT, help="local proxy port (default 8443)")
     parser.add_argument("--flow-idle-timeout", type=seconds, default=300.0, metavar="SECONDS",
                         help="forget a redirected connection after this long without packets, unless the proxy "
@@ -46,6 +55,35 @@ def register(sub) -> None:
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     add_sink_arguments(parser, default_stdout=False, ui=True)
     parser.set_defaults(func=run)
+
+
+def plain_ports(spec, values: list[str], *, local: bool = True, reserved=frozenset()):
+    """The spec (with `=PROVIDER` choices applied) and the plaintext ports to watch: the
+    spec's local server ports unless not `local`, plus each `--plain` value."""
+    from oisp.redirect.plain import PlainPorts, PlainSpecError, parse_plain, resolve_host
+
+    requests = [parse_plain(v) for v in values]
+    clash = sorted({r.port for r in requests} & set(reserved))
+    if clash:
+        raise PlainSpecError(f"port {clash[0]} is the HTTPS path's (443) or the proxy's own")
+    spec = spec.with_port_providers({r.port: r.provider for r in requests if r.provider})
+    ports = [p for p in spec.local_ports() if p not in reserved] if local else []
+    plain = PlainPorts.build(ports, requests, resolve_host)
+    for port, entry in plain.ports.items():  # named in the banner: the provider events will name
+        found = spec.provider_for(None, port)
+        entry.provider = entry.provider or (found.id if found else None)
+    return spec, plain
+
+
+def quic_refused_event(flow: dict) -> dict:
+    """The network.connect event of a QUIC connection attempt refused (see oisp.redirect.quic)."""
+    from oisp.events import make_event
+
+    data = {"dest": {"ip": flow["server"][0], "port": flow["server"][1]},
+            "src": {"ip": flow["client"][0], "port": flow["client"][1]}, "protocol": "udp", "success": False}
+    return make_event("network.connect", data, flow["ts"], completeness="partial",
+                      reasons=["quic_refused: QUIC to an AI address was refused so the client falls back to TCP, "
+                               "where it is recorded"])
 
 
 def tcp_port(text: str) -> int:
@@ -149,7 +187,14 @@ async def _record(args) -> int:
     from oisp.redirect import Redirector
     from oisp.spec import load_spec
 
+    from oisp.redirect.plain import PlainSpecError
+
     spec = load_spec(args.spec)
+    try:
+        spec, plain = plain_ports(spec, args.plain, local=not args.no_local, reserved={443, args.proxy_port})
+    except (PlainSpecError, KeyError) as e:
+        print(f"oisp record: --plain: {e}", file=sys.stderr)
+        return 2
     ca = CertificateAuthority.load_or_create()
     print(f"oisp record: CA {ca.cert_path}\n  trust it system-wide: sudo oisp ca install"
           f"\n  or per shell: eval \"$(oisp ca env)\"", file=sys.stderr)
@@ -164,10 +209,12 @@ async def _record(args) -> int:
     stop = asyncio.Event()
     proxy_failed: list[str] = []  # kept: the proxy's own failure clears once it serves again
     redirector = Redirector(spec, proxy_ports={443: args.proxy_port}, include=args.process, exclude=args.exclude,
-                            idle_timeout=args.flow_idle_timeout)
+                            idle_timeout=args.flow_idle_timeout, plain=plain, refuse_quic=not args.allow_quic,
+                            on_quic_refused=lambda flow: loop.call_soon_threadsafe(emit, [quic_refused_event(flow)]))
+    loop = asyncio.get_running_loop()
 
-    def lookup(peer_addr: str, peer_port: int, name_owner: bool = False):
-        entry = redirector.flows.lookup(peer_addr, peer_port, args.proxy_port, name_owner=name_owner)
+    def lookup(peer_addr: str, peer_port: int, name_owner: bool = False, proxy_port: int = args.proxy_port):
+        entry = redirector.flows.lookup(peer_addr, peer_port, proxy_port, name_owner=name_owner)
         if entry is None:
             return None
         return Target(client=(str(entry.client_addr), entry.client_port),
@@ -186,6 +233,11 @@ async def _record(args) -> int:
         # A flow the proxy holds open never idles out (a pooled keep-alive connection).
         on_connection=lambda target, open_: (redirector.flows.hold if open_ else redirector.flows.release)(target.flow))
     await proxy.start(args.proxy_port)
+    for server_port in sorted(plain.ports):  # one listener each: its port tells a reply's server port
+        listener_port = await proxy.start(0, plain=True)
+        redirector.proxy_ports[server_port] = listener_port
+        proxy.listeners[-1].lookup = lambda a, p, port=listener_port: lookup(a, p, proxy_port=port)
+        proxy.listeners[-1].name_owner = lambda a, p, port=listener_port: lookup(a, p, True, proxy_port=port)
     ui = next((sink for sink in sinks.sinks if sink.name == "ui"), None)
     if ui is not None:
         from oisp.sinks.ui.health import ca_trusted, record_status
@@ -209,10 +261,12 @@ async def _record(args) -> int:
             engine = redirector.counters()["reflector"].get("engine", {})
             otlp.set_health({"flows": dict(proxy.stats), "drops": engine.get("dropped", 0), "sinks": sinks.report()})
 
-    loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, redirector.start)
     for note in redirector.notes:
         print(f"oisp record: note: {note}", file=sys.stderr)
+    if plain:
+        print("oisp record: plaintext model servers watched (port, provider: where):\n  "
+              + "\n  ".join(plain.describe()), file=sys.stderr)
     print(f"oisp record: recording (proxy :{args.proxy_port}); Ctrl-C to stop", file=sys.stderr, flush=True)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -237,8 +291,11 @@ async def _record(args) -> int:
             if otlp is not None:
                 otlp_health()
             if live:
-                engine = redirector.counters()["reflector"].get("engine", {})
+                counters = redirector.counters()
+                engine = counters["reflector"].get("engine", {})
                 print(f"\rflows {proxy.stats['intercepted']}+{proxy.stats['passed_through']}  "
+                      f"plain {proxy.stats['plain_ai']}/{proxy.stats['plain']}  "
+                      f"quic refused {counters['quic'].get('refused', 0)}  "
                       f"requests {status.requests}  responses {status.responses}  tokens {status.tokens}  cost {status.cost}  "
                       f"pinned {proxy.pinning.active(time.monotonic())}  "
                       f"drops {engine.get('dropped', 0)}   ", end="", file=sys.stderr, flush=True)

@@ -30,8 +30,9 @@ class DeferredFeed:
         self._pending: list[tuple[Direction, bytes, float]] = []
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, direction: Direction, data: bytes) -> None:
-        self._pending.append((direction, data, time.time()))
+    def add(self, direction: Direction, data: bytes, ts: float | None = None) -> None:
+        """Queue `data`, stamped `ts` (its arrival; default now)."""
+        self._pending.append((direction, data, time.time() if ts is None else ts))
         if self._timer is None:
             self._timer = self._loop.call_later(self.delay, self.flush)
 

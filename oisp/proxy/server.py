@@ -11,6 +11,12 @@ For each accepted connection:
    the plaintext both ways goes to a FlowRecorder;
 5. otherwise relay the bytes untouched, so the client sees the real server.
 
+A plaintext listener (`start(..., plain=True)`: local model servers, see
+oisp/redirect/plain.py) skips 2 and 4: the relay starts at once (a server that
+speaks first is not kept waiting) and the client's bytes are decoded as HTTP
+unless they open with a TLS record; its events are emitted once the connection
+has carried an AI exchange, so other HTTP on these ports leaves no trace.
+
 Every chunk read from one side is written to the other at once (an SSE stream
 is never buffered), with back-pressure across (see relay.py).
 """
@@ -26,6 +32,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from typing import Callable
 
 from oisp.decode import Direction, FlowContext
@@ -57,6 +64,8 @@ ACCEPT_GIVE_UP = 10.0
 ACCEPT_RECOVERED = 2.0
 # accept() errors about one connection (it was reset while queued), not about the proxy.
 _ONE_CONNECTION = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
+# A plaintext connection's bytes held while its owner is named, at most (see _record_plain).
+PLAIN_PENDING_MAX = 1 << 20
 _NO_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -69,6 +78,19 @@ class Target:
     pid: int | None = None
     process_name: str | None = None
     flow: object = field(default=None, compare=False)  # the flow table's entry, for on_connection
+
+
+@dataclass
+class Listener:
+    """One listening socket: its port, whether it takes plaintext connections, and the
+    flow lookups for connections reflected to it (None: the proxy's own)."""
+
+    sock: socket.socket
+    port: int
+    plain: bool = False
+    lookup: Callable[[str, int], Target | None] | None = None
+    name_owner: Callable[[str, int], Target | None] | None = None
+    task: Any = None
 
 
 def known_alpn(offered: list[str]) -> list[str]:
@@ -126,11 +148,12 @@ class TransparentProxy:
         self.upstream_sessions = UpstreamSessions()
         self.stats = dict.fromkeys(("connections", "intercepted", "passed_through", "pinned", "pin_bypassed", "no_flow",
                                     "not_tls", "upstream_errors", "client_tls_errors", "upstream_resumed",
-                                    "bytes_up", "bytes_down", "accept_errors"), 0)
+                                    "bytes_up", "bytes_down", "accept_errors", "plain", "plain_ai",
+                                    "plain_tls"), 0)
         # Why the proxy cannot serve (None while it can): see ACCEPT_GIVE_UP.
         self.failure: str | None = None
         self.on_failure, self.accept_give_up = on_failure, accept_give_up
-        self._accept_task: asyncio.Task | None = None
+        self.listeners: list[Listener] = []
         self._trouble_since: float | None = None  # monotonic; see ACCEPT_GIVE_UP
         self._last_trouble = 0.0
         self._owned_by_transport: set[socket.socket] = set()
@@ -150,8 +173,12 @@ class TransparentProxy:
         return context
 
     # -- listening ----------------------------------------------------------------
-    async def start(self, port: int, host: str = "::") -> int:
-        """Listen on `port` (dual-stack by default); returns the bound port."""
+    async def start(self, port: int, host: str = "::", *, plain: bool = False,
+                    lookup: Callable[[str, int], Target | None] | None = None,
+                    name_owner: Callable[[str, int], Target | None] | None = None) -> int:
+        """Listen on `port` (dual-stack by default; 0: any free port); returns the bound
+        port. May be called again for more ports, e.g. plaintext ones (`plain`), each with
+        its own flow lookups."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -160,21 +187,23 @@ class TransparentProxy:
         listener.bind((host, port))
         listener.listen(1024)
         listener.setblocking(False)
-        self._listener = listener
-        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(listener))
-        self._accept_task.add_done_callback(self._accept_ended)
-        return listener.getsockname()[1]
+        entry = Listener(listener, listener.getsockname()[1], plain, lookup, name_owner)
+        entry.task = asyncio.get_running_loop().create_task(self._accept_loop(entry))
+        entry.task.add_done_callback(self._accept_ended)
+        self.listeners.append(entry)
+        return entry.port
 
     @property
     def serving(self) -> bool:
         """Whether the proxy accepts connections: started, its accept loop alive and not
         failing for good."""
-        return self.failure is None and self._accept_task is not None and not self._accept_task.done()
+        return self.failure is None and bool(self.listeners) and not any(l.task.done() for l in self.listeners)
 
     async def stop(self) -> None:
         """Stop accepting; connections in flight go on (see drain)."""
-        self._accept_task.cancel()
-        self._listener.close()
+        for listener in self.listeners:
+            listener.task.cancel()
+            listener.sock.close()
 
     async def drain(self, timeout: float) -> None:
         """Give connections in flight up to `timeout` seconds to finish, then cut them
@@ -187,12 +216,12 @@ class TransparentProxy:
         if cut:
             await asyncio.wait(cut, timeout=1.0)
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
+    async def _accept_loop(self, listener: Listener) -> None:
         loop = asyncio.get_running_loop()
         pause = ACCEPT_BACKOFF[0]
         while True:
             try:
-                conn, _ = await loop.sock_accept(listener)
+                conn, _ = await loop.sock_accept(listener.sock)
             except OSError as exc:
                 self.stats["accept_errors"] += 1
                 if exc.errno in _ONE_CONNECTION:
@@ -202,7 +231,7 @@ class TransparentProxy:
                 pause = min(2 * pause, ACCEPT_BACKOFF[1])
                 continue
             pause = ACCEPT_BACKOFF[0]
-            task = loop.create_task(self._serve(conn))
+            task = loop.create_task(self._serve(conn, listener))
             self._tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._tasks.discard)
 
@@ -265,7 +294,7 @@ class TransparentProxy:
             log.exception("proxy: on_failure failed")
 
     # -- one connection -----------------------------------------------------------
-    async def _serve(self, conn: socket.socket) -> None:
+    async def _serve(self, conn: socket.socket, listener: Listener | None = None) -> None:
         self.stats["connections"] += 1
         upstream, upstream_port, held = None, None, None
         try:
@@ -274,7 +303,7 @@ class TransparentProxy:
             # holds them for the peer's delayed ACK (measured: ~40 ms on every other request).
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = (_plain(peer_addr), peer_port)
-            target = self.lookup(*peer)
+            target = (listener.lookup if listener and listener.lookup else self.lookup)(*peer)
             if target is None:
                 self.stats["no_flow"] += 1
                 return
@@ -284,6 +313,10 @@ class TransparentProxy:
             upstream = self._dial_upstream(target.server)
             upstream_port = upstream.getsockname()[1]
             self._untroubled()
+            if listener is not None and listener.plain:
+                await self._connected(upstream, target.server)
+                await self._record_plain(conn, upstream, target, peer, listener)
+                return
             try:
                 hello = await self._peek_hello(conn)
             except (NotTLS, TimeoutError, asyncio.TimeoutError, ConnectionError):
@@ -388,15 +421,86 @@ class TransparentProxy:
         info = self.recorder_options["attributor"].process(target.pid) or {}
         return info.get("exe") or info.get("name") or target.process_name, info.get("user")
 
-    async def _named(self, target: Target, peer: tuple[str, int]) -> Target:
+    async def _named(self, target: Target, peer: tuple[str, int], listener: Listener | None = None) -> Target:
         """The target with its owner: the flow table's entry is usually named by now (the
         redirector names owners right after reflecting a SYN); if not, `name_owner` may
         scan /proc, so it runs in a thread."""
+        lookup, name_owner = self.lookup, self.name_owner
+        if listener is not None and listener.lookup is not None:
+            lookup, name_owner = listener.lookup, listener.name_owner
         if target.pid is None:
-            target = self.lookup(*peer) or target
-        if target.pid is None and self.name_owner is not None:
-            target = await asyncio.get_running_loop().run_in_executor(None, self.name_owner, *peer) or target
+            target = lookup(*peer) or target
+        if target.pid is None and name_owner is not None:
+            target = await asyncio.get_running_loop().run_in_executor(None, name_owner, *peer) or target
         return target
+
+    async def _record_plain(self, conn, upstream, target: Target, peer: tuple[str, int], listener: Listener) -> None:
+        """A plaintext connection to a local model server: relayed at once, decoded after.
+        The owner is named once the first reply has been relayed (so naming, which may
+        scan /proc, never delays it, and the reflector has usually named it by then);
+        bytes that arrive meanwhile wait in `pending`, stamped (past PLAIN_PENDING_MAX
+        bytes, e.g. a long upload, the owner is named at once)."""
+        self.stats["plain"] += 1
+        started = time.time()
+        relay = Relay()
+        replied = asyncio.get_running_loop().create_future()
+        count = self._counter()
+        pending: list[tuple[Direction, bytes, float]] = []
+        state: dict[str, Any] = {"tls": None, "feed": None, "pending": 0}
+
+        def record(side: str, data: bytes) -> None:
+            count(side, data)
+            if state["tls"] is None and side == "client":
+                state["tls"] = data[:1] == b"\x16"  # a TLS handshake record: not ours to read
+                self.stats["plain_tls"] += state["tls"]
+            if state["tls"]:
+                return
+            direction = Direction.REQUEST if side == "client" else Direction.RESPONSE
+            if side != "client" and not replied.done():
+                replied.set_result(None)
+            if state["feed"] is None:
+                pending.append((direction, bytes(data), time.time()))
+                state["pending"] += len(data)
+                if state["pending"] > PLAIN_PENDING_MAX and not replied.done():
+                    replied.set_result(None)
+            else:
+                state["feed"].add(direction, data)
+
+        relay.on_data = record
+        await self._attach(relay, "client", conn)
+        await self._attach(relay, "upstream", upstream)
+        relay.start()
+        try:
+            await asyncio.wait([replied, relay.done], return_when=asyncio.FIRST_COMPLETED)
+            target = await self._named(target, peer, listener)
+            ctx = FlowContext(client=target.client, server=target.server, start_ts=started, pid=target.pid,
+                              process_name=target.process_name)
+            recorder = FlowRecorder(ctx, spec=self.spec, **self.recorder_options)
+            gate: dict[str, Any] = {"open": False, "connect": []}
+
+            def emit(events: list[dict]) -> None:
+                """Nothing until the connection shows an AI exchange; then its connect first."""
+                if not gate["open"]:
+                    gate["connect"] += [e for e in events if e["event_type"] == "network.connect"]
+                    events = [e for e in events if e["event_type"] != "network.connect"]
+                    if not any(e["event_type"].startswith("ai.") for e in events):
+                        return  # e.g. a web dev server's HTTP on the same port
+                    gate["open"] = True
+                    self.stats["plain_ai"] += 1
+                    events = gate["connect"] + events
+                self._emit(events)
+
+            feed = state["feed"] = DeferredFeed(recorder, emit)
+            for direction, data, ts in pending:
+                feed.add(direction, data, ts)
+            pending.clear()
+            try:
+                await asyncio.shield(relay.done)
+            finally:
+                feed.close()
+        finally:
+            if not relay.done.done():
+                relay.close(abort=True)
 
     async def _intercept(self, conn, upstream, target: Target, hello: ClientHello, peer: tuple[str, int]) -> None:
         alpn, context = self._with_alpn(hello.alpn)

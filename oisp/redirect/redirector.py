@@ -15,6 +15,7 @@ next; the reflector last.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Iterable
 
 from oisp.divert.errors import DivertError
@@ -30,7 +31,11 @@ class Redirector:
                  exclude: str | list = (), addresses: Iterable = (), resolve: bool = True,
                  resolve_timeout: float = 5.0, sniff_dns: bool = True, process_events: bool = True,
                  max_flows: int = 65536, idle_timeout: float = 300.0, watchdog: float | None = 5.0,
-                 address_ttl: float | None = 3600.0, refresh: float | None = 600.0):
+                 address_ttl: float | None = 3600.0, refresh: float | None = 600.0, plain=None,
+                 refuse_quic: bool = False, on_quic_refused=None):
+        """`plain`: the plaintext model servers' ports (oisp.redirect.plain.PlainPorts),
+        each also in `proxy_ports`. `refuse_quic`: QUIC to the AI addresses is refused
+        (oisp.redirect.quic), each refused flow told to `on_quic_refused`."""
         if spec is None:
             from oisp.spec import default_spec
 
@@ -43,6 +48,9 @@ class Redirector:
         self.flows = FlowTable(max_flows=max_flows, idle_timeout=idle_timeout, owner=self.processes.owner,
                                confirm=self.processes.confirms)
         self.proxy_ports = dict(proxy_ports or DEFAULT_PORTS)
+        self.plain = plain
+        self.refuse_quic, self.on_quic_refused = refuse_quic, on_quic_refused
+        self.quic = None
         self.resolve, self.resolve_timeout = resolve, resolve_timeout
         self.sniff_dns, self.process_events, self.watchdog = sniff_dns, process_events, watchdog
         # Learned addresses nobody has named for address_ttl seconds are let go, so the
@@ -68,11 +76,19 @@ class Redirector:
             # Set before it starts, so a DNS answer arriving meanwhile already waits for it.
             self.reflector = Reflector(self.targets, self.flows, self.own_ports, ports=self.proxy_ports,
                                        processes=self.processes, process_filter=self.process_filter,
-                                       watchdog=self.watchdog, address_ttl=self.address_ttl)
+                                       watchdog=self.watchdog, address_ttl=self.address_ttl, plain=self.plain)
             self.reflector.start()
+            if self.refuse_quic:
+                from oisp.redirect.quic import QuicRefuser
+
+                try:
+                    self.quic = QuicRefuser(self.targets, on_refused=self.on_quic_refused,
+                                            watchdog=self.watchdog).start()
+                except DivertError as e:
+                    self.notes.append(f"QUIC to AI addresses is not refused: {e}")
             if self.reflector.filter["mode"] == "ports":
                 self.notes.append(f"the filter names the port alone ({self.reflector.filter['why_ports']}): "
-                                  f"all other traffic to port {', '.join(map(str, self.proxy_ports))} crosses "
+                                  f"all other traffic to port {', '.join(map(str, self._ai_ports()))} crosses "
                                   f"user space too")
             if self.resolve and self.refresh:
                 threading.Thread(target=self._refresh_loop, name="oisp-resolve-again", daemon=True).start()
@@ -81,11 +97,17 @@ class Redirector:
             raise
         return self
 
+    def _ai_ports(self) -> list[int]:
+        return sorted(p for p in self.proxy_ports if not (self.plain and p in self.plain))
+
     def _until_diverted(self, generation: int) -> None:
         """The DNS watcher's hold: an answer naming a new AI address waits (up to 1 s) for
         the reflector's filter to take it."""
+        deadline = time.monotonic() + 1.0
         if self.reflector is not None:
             self.reflector.wait_covered(generation, timeout=1.0)
+        if self.quic is not None:
+            self.quic.wait_covered(generation, timeout=max(0.0, deadline - time.monotonic()))
 
     def _refresh_loop(self) -> None:
         while not self._stopping.wait(self.refresh):
@@ -94,13 +116,15 @@ class Redirector:
     def stop(self) -> None:
         """The reflector first, so no flow is left half-redirected behind a stopped sniffer."""
         self._stopping.set()
-        for part in (self.reflector, self.dns, self.processes):
+        for part in (self.reflector, self.quic, self.dns, self.processes):
             if part is not None:
                 part.stop()
 
     @property
     def failure(self) -> str | None:
         """What died, if a part did (it has closed its handles: traffic flows directly); else None."""
+        # The QUIC refuser is not here: should it die, its handle is closed and QUIC flows
+        # directly (counted in counters()["quic"]), while TCP goes on being recorded.
         for name, part in (("the reflector", self.reflector), ("the DNS watcher", self.dns)):
             error = part.failure if part is not None else None
             if error is not None:
@@ -118,6 +142,7 @@ class Redirector:
             "reflector": self.reflector.counters() if self.reflector else {},
             "targets": {"addresses": len(self.targets), **self.targets.counts},
             "dns": self.dns.counters() if self.dns else {},
+            "quic": dict(self.quic.counts) if self.quic else {},
             "processes": dict(self.processes.counts),
             "resolution": dict(self.resolution),
         }

@@ -49,6 +49,7 @@ from oisp.divert.errors import DivertError, InvalidFilterError
 from oisp.packet import OK, TCP_ACK, TCP_SYN, reflect
 from oisp.redirect.flows import FlowEntry, FlowTable, key_address
 from oisp.redirect.own_ports import IPV4_BIT, IPV6_BIT, OwnPorts
+from oisp.redirect.plain import PlainPorts
 from oisp.redirect.processes import ProcessFilter, ProcessResolver
 from oisp.redirect.targets import TargetSet
 
@@ -63,18 +64,26 @@ SMALL_BATCH = 8  # up to this many rows, decide row by row (see _process_small)
 MAX_FILTER_ADDRESSES = 200
 
 
-def reflector_filter(ports: dict[int, int], addresses: list | None = None) -> str:
+def reflector_filter(ports: dict[int, int], addresses: list | None = None, plain: PlainPorts | None = None) -> str:
     """Clients' packets to the server ports, from any source port (the proxy's own
     upstream packets match too, and are told apart by their registered port: see
     own_ports.py), and the proxy's packets from its proxy ports. With `addresses`
-    (ipaddress objects), only client packets to those addresses."""
-    servers = " or ".join(f"tcp.DstPort == {p}" for p in sorted(ports))
+    (ipaddress objects), only client packets to those addresses. The plaintext ports of
+    `plain` (in `ports` too) take the destinations its clause names, whatever
+    `addresses` says."""
     proxies = " or ".join(f"tcp.SrcPort == {p}" for p in sorted(ports.values()))
-    if addresses is not None:
-        if not addresses:
-            return f"tcp and outbound and ({proxies})"
-        to = " or ".join(f"{'ip' if a.version == 4 else 'ipv6'}.DstAddr == {a}" for a in addresses)
-        servers = f"(({servers}) and ({to}))"
+    ai_ports = sorted(p for p in ports if not (plain and p in plain))
+    servers = " or ".join(f"tcp.DstPort == {p}" for p in ai_ports) or None
+    if servers and addresses is not None:
+        if addresses:
+            to = " or ".join(f"{'ip' if a.version == 4 else 'ipv6'}.DstAddr == {a}" for a in addresses)
+            servers = f"(({servers}) and ({to}))"
+        else:
+            servers = None
+    clauses = [c for c in (servers, plain.clause() if plain else None) if c]
+    if not clauses:
+        return f"tcp and outbound and ({proxies})"
+    servers = " or ".join(f"({c})" for c in clauses) if len(clauses) > 1 else clauses[0]
     return f"tcp and outbound and ({servers} or {proxies})"
 
 
@@ -127,9 +136,15 @@ class Reflector:
                  ports: dict[int, int] | None = None, processes: ProcessResolver | None = None,
                  process_filter: ProcessFilter | None = None, priority: int = 0, watchdog: float | None = 5.0,
                  fast_path: bool = True, address_filter: bool = True,
-                 max_filter_addresses: int = MAX_FILTER_ADDRESSES, address_ttl: float | None = None):
+                 max_filter_addresses: int = MAX_FILTER_ADDRESSES, address_ttl: float | None = None,
+                 plain: PlainPorts | None = None):
         self.targets, self.flows, self.own_ports = targets, flows, own_ports
         self.ports = dict(ports or DEFAULT_PORTS)
+        # Plaintext model servers' ports: every destination the filter lets through is taken.
+        self.plain = plain if plain else None
+        missing = [p for p in (self.plain.ports if self.plain else ()) if p not in self.ports]
+        if missing:
+            raise ValueError(f"plaintext ports without a proxy port: {missing}")
         self.processes = processes
         self.process_filter = process_filter if process_filter and process_filter.active else None
         if self.process_filter and processes is None:
@@ -140,7 +155,8 @@ class Reflector:
         # Held while state moves from the rings to the flow table (opened flows, FINs and
         # RSTs), so a flow's end is never read before the flow is adopted.
         self._from_rings = threading.Lock()
-        self.max_filter_addresses = max_filter_addresses
+        # The plaintext clause spends part of the filter's budget.
+        self.max_filter_addresses = max(0, max_filter_addresses - (self.plain.cost() if self.plain else 0))
         # An AI address no resolution or DNS answer has named for this long, and no open
         # flow uses, is let go (the filter shrinks). None: addresses stay for good.
         self.address_ttl = address_ttl
@@ -149,6 +165,8 @@ class Reflector:
         self._proxy_port = np.zeros(65536, dtype=bool)
         self._proxy_for = np.zeros(65536, dtype=np.uint16)  # server port → its proxy port
         self._server_port[list(self.ports)] = True
+        self._any_address = np.zeros(65536, dtype=bool)  # plaintext ports: no AI-address check
+        self._any_address[list(self.plain.ports if self.plain else ())] = True
         self._proxy_port[list(self.ports.values())] = True
         self._proxy_for[list(self.ports)] = list(self.ports.values())
         self._server_for_proxy = {proxy: server for server, proxy in self.ports.items()}
@@ -247,11 +265,11 @@ class Reflector:
                                   f"({self.max_filter_addresses})")
         if self.filter["mode"] == "addresses":
             try:
-                return self._engine(reflector_filter(self.ports, addresses), priority), generation
+                return self._engine(reflector_filter(self.ports, addresses, self.plain), priority), generation
             except InvalidFilterError as e:  # e.g. a filter length limit lower than ours
                 self._ports_for_good = True
                 self._filter_by_ports(f"the address filter was refused: {e}")
-        return self._engine(reflector_filter(self.ports), priority), generation
+        return self._engine(reflector_filter(self.ports, plain=self.plain), priority), generation
 
     def _engine(self, filter: str, priority: int) -> Engine:
         engine = Engine(filter, priority=priority, policy="block", watchdog=self.watchdog)
@@ -259,7 +277,8 @@ class Reflector:
         handle, ring = engine.handle, engine.ring
         try:
             if self.fast_path:
-                ring.fast_enable(self.ports, self.own_ports.mask, self.flows.max_flows + self.targets.max_addresses)
+                ring.fast_enable(self.ports, self.own_ports.mask, self.flows.max_flows + self.targets.max_addresses,
+                                 any_address=list(self.plain.ports) if self.plain else ())
                 ring.fast_open_syns(self.open_syns and self._opening)
                 if self.open_syns:
                     ring.fast_guard(handle.death_pipe())
@@ -508,7 +527,8 @@ class Reflector:
         own = to_server & ((self.own_ports.mask[src_port] & family) != 0)
         self.counts["own_upstream"] += int(own.sum())
         to_server_rows = np.flatnonzero(to_server & ~own)
-        to_server_rows = to_server_rows[self.targets.contains(rows["dst_addr"][to_server_rows])]
+        to_server_rows = to_server_rows[self._any_address[dst_port[to_server_rows]]
+                                        | self.targets.contains(rows["dst_addr"][to_server_rows])]
         # A row to a server port was judged as a client's above, whatever its source port.
         from_proxy_rows = np.flatnonzero(valid & self._proxy_port[src_port] & ~self._server_port[dst_port])
 
@@ -545,7 +565,7 @@ class Reflector:
                     self.counts["own_upstream"] += 1
                     continue
                 address = rows["dst_addr"][i].tobytes()
-                if address not in self.targets:
+                if not self._any_address[dport] and address not in self.targets:
                     continue
                 proxy_port = self.ports[dport]
                 key = (address, sport, proxy_port)

@@ -123,6 +123,27 @@ class Spec:
         """Every exact hostname in the spec, sorted: what a redirector resolves up front."""
         return sorted(self._by_host)
 
+    def local_ports(self) -> list[int]:
+        """The ports of local model servers (Ollama, LM Studio, vLLM, llama.cpp, …), which
+        speak plain HTTP: what a redirector watches on loopback and the LAN."""
+        return sorted(self._by_port)
+
+    def provider(self, provider_id: str) -> Provider | None:
+        return next((p for p in self.providers if p.id == provider_id), None)
+
+    def with_port_providers(self, ports: Mapping[int, str]) -> "Spec":
+        """This spec with requests on these ports named by these provider ids (`--plain
+        9000=vllm`); a Host that names a provider still wins. KeyError for an unknown id."""
+        chosen = {}
+        for port, provider_id in ports.items():
+            provider = self.provider(provider_id)
+            if provider is None:
+                raise KeyError(provider_id)
+            chosen[int(port)] = provider
+        spec = Spec(list(self.providers), list(self._heuristics), self.version)
+        spec._by_port.update(chosen)
+        return spec
+
     def host_patterns(self) -> list[str]:
         return sorted({pat for p in self.providers for pat in p.host_patterns})
 
