@@ -356,7 +356,7 @@ def scenario_syn_kill(server_ip, result_path):
     targets = TargetSet([server_ip])
     flows = FlowTable()
     own_ports = OwnPorts()
-    proxy = Proxy(flows, own_ports)
+    Proxy(flows, own_ports)  # listens on PROXY_PORT from its own thread, for the whole scenario
     reflector = Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}).start()
     reflector._from_rings.acquire()  # nothing the ring opens is adopted: only the ring knows the flow
     child = subprocess.Popen([sys.executable, "-c", WAITER, server_ip, result_path, "no-greeting"],
