@@ -45,8 +45,10 @@ def lab(tmp_path, request):
                               "--upstream-ca", upstream_ca, *options, stderr=subprocess.PIPE, text=True, env=env,
                               **popen)
         processes.append(sensor)
+        sensor.banner = []  # what it said before "recording" (the dashboard's URL, notes)
         for line in sensor.stderr:
-            if "recording" in line:
+            sensor.banner.append(line)
+            if line.startswith("oisp record: recording"):  # not "recording" anywhere: paths may hold it
                 return sensor
         raise AssertionError(f"the sensor did not start: {sensor.wait()}")
 
