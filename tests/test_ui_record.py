@@ -63,3 +63,8 @@ def test_a_live_recording_shows_its_calls_in_the_browser(lab) -> None:
     for detail in page["details"]:
         assert "hello there" in detail and "echo: hello there" in detail  # the prompt and the answer
     assert "TESTKEY" not in check.stdout  # the page never saw the key the clients sent
+    # The redirector's refusals are on the health panel (DNS answers nobody asked for, owners not
+    # shown to hold the socket, QUIC sent to TCP), with the counters' names.
+    assert "refused or unknown" in page["health"]
+    for name in ("dns unsolicited", "processes unknown", "quic refused"):
+        assert name in page["health"], name

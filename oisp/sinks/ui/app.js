@@ -539,6 +539,7 @@
       groupsOut.push(["flows", flat(health.flows)]);
       groupsOut.push(["capture", [["packet drops", String(health.drops ?? 0)], ["requests", String(health.requests ?? "-")], ["responses", String(health.responses ?? "-")]]]);
       groupsOut.push(["pinned hosts (clients that refused our certificate; passed through)", (health.pinned_hosts || []).map((hn) => [hn, ""])]);
+      groupsOut.push(["refused or unknown (DNS answers nobody asked for, owners not shown to hold the socket, QUIC sent to TCP)", flat(health.defences)]);
       const sinkRows = Object.entries(health.sinks || {}).map(([name, s]) => [name, `emitted ${s.emitted}, lost ${s.lost}, errors ${s.errors}${s.last_error ? " (" + s.last_error + ")" : ""}`]);
       groupsOut.push(["sinks", sinkRows]);
       if ((health.drops || 0) > 0 || Object.values(health.sinks || {}).some((s) => s.lost > 0)) warn = true;
