@@ -12,6 +12,8 @@ import os
 
 import pytest
 
+from tests.record_lab import record_lab  # noqa: F401 - the `oisp record` lab fixture, for every module
+
 REQUIRE_PRIVILEGED = os.environ.get("OISP_REQUIRE_PRIVILEGED") == "1"
 
 # The agents tests start (`python tests/agents/x.py` in a namespace) have their own

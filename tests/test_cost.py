@@ -338,23 +338,23 @@ def test_schema_constrains_the_cost_object() -> None:
 
 # --- through the real `oisp record` path -------------------------------------------------------
 
-from tests.test_record_e2e import lab, run_client, read_events, stop_sensor  # noqa: E402,F401  (lab is a fixture)
+from tests.record_lab import read_events, run_client, stop_sensor  # noqa: E402
 
 
 @pytest.mark.privileged
-def test_record_prices_real_sdk_calls_with_the_users_file(lab) -> None:
+def test_record_prices_real_sdk_calls_with_the_users_file(record_lab) -> None:
     """`oisp record --prices FILE` in a namespace; the openai and anthropic SDKs call the fake
     provider through it: gpt-4o-mini at the user's price, claude-sonnet-4-5 at the bundled one."""
-    prices = lab["tmp"] / "prices.json"
+    prices = record_lab["tmp"] / "prices.json"
     prices.write_text(json.dumps({"as_of": "2026-11-30", "providers": {"openai": {"models": {"gpt-4o-mini": {"input": 1.0, "output": 2.0}}}}}))
-    assert stop_sensor(lab) == 0
-    lab["sensor"] = lab["start_sensor"]("--prices", str(prices))
+    assert stop_sensor(record_lab) == 0
+    record_lab["sensor"] = record_lab["start_sensor"]("--prices", str(prices))
     for name, base in (("openai_sync", "https://api.openai.com"), ("anthropic", "https://api.anthropic.com")):
-        done = run_client(lab, name, base)
+        done = run_client(record_lab, name, base)
         assert done.returncode == 0, done.stderr[-2000:]
-    assert stop_sensor(lab) == 0
-    summary = lab["sensor"].stderr.read()
-    costs = [e["data"]["usage"]["cost"] for e in read_events(lab) if e["event_type"] == "ai.response"]
+    assert stop_sensor(record_lab) == 0
+    summary = record_lab["sensor"].stderr.read()
+    costs = [e["data"]["usage"]["cost"] for e in read_events(record_lab) if e["event_type"] == "ai.response"]
     # The fake provider's usage: openai 11 prompt + 7 completion; anthropic 13 input + 5 output.
     assert costs == [
         {"usd": pytest.approx((11 * 1.0 + 7 * 2.0) / M), "estimate": True, "prices_as_of": "2026-11-30", "source": "user"},

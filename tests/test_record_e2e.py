@@ -10,95 +10,28 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.fakeprovider import make_test_pki
-from tests.netns import VethPair, stop_all
-
-HERE = Path(__file__).parent
+from tests.record_lab import HERE, read_events, run_client, start_client, stop_sensor
 
 pytestmark = pytest.mark.privileged
 
 
-@pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
-def lab(tmp_path, request):
-    pair = VethPair.create()
-    server_ip = pair.b_ip4 if request.param == 4 else pair.b_ip6
-    hosts_dir = Path("/etc/netns") / pair.a.name
-    hosts_dir.mkdir(parents=True, exist_ok=True)
-    (hosts_dir / "hosts").write_text(f"127.0.0.1 localhost\n{server_ip} api.openai.com api.anthropic.com example.test\n")
-    upstream_ca, cert, key = make_test_pki(tmp_path)
-    provider = pair.b.popen(sys.executable, str(HERE / "fakeprovider.py"), "--host", server_ip, "--port", "443",
-                            "--cert", cert, "--key", key, stdout=subprocess.DEVNULL)
-    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
-    processes = [provider]
-
-    def start_sensor(*options: str, **popen) -> subprocess.Popen:
-        sensor = pair.a.popen(sys.executable, "-m", "oisp", "record", "-o", str(tmp_path / "events.jsonl"),
-                              "--upstream-ca", upstream_ca, *options, stderr=subprocess.PIPE, text=True, env=env,
-                              **popen)
-        processes.append(sensor)
-        sensor.banner = []  # what it said before "recording" (the dashboard's URL, notes)
-        for line in sensor.stderr:
-            sensor.banner.append(line)
-            if line.startswith("oisp record: recording"):  # not "recording" anywhere: paths may hold it
-                return sensor
-        raise AssertionError(f"the sensor did not start: {sensor.wait()}")
-
-    try:
-        time.sleep(1.0)  # hypercorn binding
-        sensor = start_sensor()
-        our_ca = tmp_path / "data" / "oisp" / "oisp-ca.pem"
-        both = tmp_path / "both.pem"  # for clients that must also work once the sensor is gone
-        both.write_text(our_ca.read_text() + Path(upstream_ca).read_text())
-        yield {"family": request.param, "pair": pair, "tmp": tmp_path, "sensor": sensor, "our_ca": str(our_ca), "both": str(both),
-               "upstream_ca": upstream_ca, "events": tmp_path / "events.jsonl", "env": env,
-               "start_sensor": start_sensor}
-    finally:
-        stop_all(processes)
-        pair.delete()
-        shutil.rmtree(hosts_dir, ignore_errors=True)
-
-
-def run_client(lab, name, base="https://api.openai.com", n=0, ca=None, timeout=60) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SSL_CERT_FILE": ca or lab["our_ca"]}
-    return subprocess.run(lab["pair"].a.cmd(sys.executable, str(HERE / "agents" / "ai_clients.py"), name, base, str(n)),
-                          capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def read_events(lab) -> list[dict]:
-    return [json.loads(line) for line in lab["events"].read_text().splitlines()] if lab["events"].exists() else []
-
-
-def stop_sensor(lab) -> int:
-    lab["sensor"].send_signal(signal.SIGINT)
-    return lab["sensor"].wait(15)
-
-
-def start_client(lab, name, base, n=0) -> subprocess.Popen:
-    """`ip netns exec` execs the client, so the Popen pid is the client's own."""
-    return subprocess.Popen(lab["pair"].a.cmd(sys.executable, str(HERE / "agents" / "ai_clients.py"), name, base, str(n)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "SSL_CERT_FILE": lab["our_ca"]})
-
-
-def test_sdk_calls_are_recorded_with_the_clients_process(lab):
-    clients = [start_client(lab, "openai_stream", "https://api.openai.com", 20)]
+def test_sdk_calls_are_recorded_with_the_clients_process(record_lab):
+    clients = [start_client(record_lab, "openai_stream", "https://api.openai.com", 20)]
     clients[0].wait(60)
-    clients.append(start_client(lab, "anthropic", "https://api.anthropic.com"))
+    clients.append(start_client(record_lab, "anthropic", "https://api.anthropic.com"))
     outputs = [c.communicate(timeout=60) for c in clients]
     assert [c.returncode for c in clients] == [0, 0], [err[-2000:] for _, err in outputs]
     assert json.loads(outputs[0][0])["text"] == "echo: hello there" + "".join(f"w{i} " for i in range(20))
     assert json.loads(outputs[1][0]) == {"text": "echo: hello there", "usage": 5}
-    assert stop_sensor(lab) == 0  # SIGINT: clean stop, files flushed
-    events = read_events(lab)
+    assert stop_sensor(record_lab) == 0  # SIGINT: clean stop, files flushed
+    events = read_events(record_lab)
     requests = [e for e in events if e["event_type"] == "ai.request"]
     responses = [e for e in events if e["event_type"] == "ai.response"]
     # Exactly one request and one response per SDK call, from that client's process.
@@ -112,17 +45,17 @@ def test_sdk_calls_are_recorded_with_the_clients_process(lab):
         for event in (request, response):
             assert event["process"]["pid"] == client.pid
             assert event["process"]["name"].startswith("python")
-    assert "TESTKEY" not in lab["events"].read_text()
+    assert "TESTKEY" not in record_lab["events"].read_text()
 
 
-def test_a_node_client_is_recorded_too(lab):
+def test_a_node_client_is_recorded_too(record_lab):
     """Node's own fetch (undici), unmodified, trusting oisp's CA the Node way."""
-    client = run_node(lab, 12)
+    client = run_node(record_lab, 12)
     out, err = client.communicate(timeout=60)
     assert client.returncode == 0, err[-2000:]
     assert json.loads(out)["text"] == "echo: hello from node" + "".join(f"w{i} " for i in range(12))
-    assert stop_sensor(lab) == 0
-    events = read_events(lab)
+    assert stop_sensor(record_lab) == 0
+    events = read_events(record_lab)
     requests = [e for e in events if e["event_type"] == "ai.request"]
     responses = [e for e in events if e["event_type"] == "ai.response"]
     assert len(requests) == len(responses) == 1
@@ -131,53 +64,53 @@ def test_a_node_client_is_recorded_too(lab):
     assert responses[0]["data"]["choices"][0]["message"]["content"].startswith("echo: hello from node")
     for event in (requests[0], responses[0]):
         assert event["process"]["pid"] == client.pid and event["process"]["name"] == "node"
-    assert "TESTKEYnode" not in lab["events"].read_text()
+    assert "TESTKEYnode" not in record_lab["events"].read_text()
 
 
-def run_node(lab, chunks=0) -> subprocess.Popen:
-    return subprocess.Popen(lab["pair"].a.cmd("node", str(HERE / "agents" / "node_client.mjs"),
+def run_node(record_lab, chunks=0) -> subprocess.Popen:
+    return subprocess.Popen(record_lab["pair"].a.cmd("node", str(HERE / "agents" / "node_client.mjs"),
                                               "https://api.openai.com", str(chunks)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "NODE_EXTRA_CA_CERTS": lab["our_ca"]})
+                            env={**os.environ, "NODE_EXTRA_CA_CERTS": record_lab["our_ca"]})
 
 
-def test_process_names_choose_what_is_intercepted(lab):
+def test_process_names_choose_what_is_intercepted(record_lab):
     """`--process node`: node's connection is intercepted; python's goes straight to the
     server (it trusts only the upstream's CA here, so it would fail if intercepted)."""
-    assert stop_sensor(lab) == 0
-    lab["sensor"] = lab["start_sensor"]("--process", "node")
-    python = run_client(lab, "openai_sync", ca=lab["upstream_ca"])
+    assert stop_sensor(record_lab) == 0
+    record_lab["sensor"] = record_lab["start_sensor"]("--process", "node")
+    python = run_client(record_lab, "openai_sync", ca=record_lab["upstream_ca"])
     assert python.returncode == 0, python.stderr[-2000:]
-    node = run_node(lab)
+    node = run_node(record_lab)
     out, err = node.communicate(timeout=60)
     assert node.returncode == 0, err[-2000:]
-    assert stop_sensor(lab) == 0
-    requests = [e for e in read_events(lab) if e["event_type"] == "ai.request"]
+    assert stop_sensor(record_lab) == 0
+    requests = [e for e in read_events(record_lab) if e["event_type"] == "ai.request"]
     assert [(r["process"]["pid"], r["process"]["name"]) for r in requests] == [(node.pid, "node")]
 
 
-def test_non_ai_https_passes_through_with_the_real_certificate(lab):
-    done = lab["pair"].a.run("curl", "-sS", "--cacert", lab["upstream_ca"], "https://example.test/plain")
+def test_non_ai_https_passes_through_with_the_real_certificate(record_lab):
+    done = record_lab["pair"].a.run("curl", "-sS", "--cacert", record_lab["upstream_ca"], "https://example.test/plain")
     assert done.stdout == "plain upstream reply\n"
 
 
-def test_killing_the_sensor_mid_stream_fails_open(lab):
-    stream = subprocess.Popen(lab["pair"].a.cmd(sys.executable, str(HERE / "agents" / "ai_clients.py"),
+def test_killing_the_sensor_mid_stream_fails_open(record_lab):
+    stream = subprocess.Popen(record_lab["pair"].a.cmd(sys.executable, str(HERE / "agents" / "ai_clients.py"),
                                                 "openai_stream", "https://api.openai.com", "3000"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "SSL_CERT_FILE": lab["both"]})
+                              env={**os.environ, "SSL_CERT_FILE": record_lab["both"]})
     deadline = time.monotonic() + 20
-    while not any(e["event_type"] == "ai.request" for e in read_events(lab)):  # the stream is under way
+    while not any(e["event_type"] == "ai.request" for e in read_events(record_lab)):  # the stream is under way
         assert time.monotonic() < deadline, "the streaming request never reached the sensor"
         time.sleep(0.05)
-    lab["sensor"].send_signal(signal.SIGKILL)
+    record_lab["sensor"].send_signal(signal.SIGKILL)
     killed = time.monotonic()
-    lab["sensor"].wait()
+    record_lab["sensor"].wait()
     recovered = None
     while time.monotonic() - killed < 5:
         # A SYN sent in the instant before the filters go is lost and retried only after
         # TCP's 1 s initial timeout: short probes measure when traffic flows again.
-        done = lab["pair"].a.run("curl", "-sS", "--connect-timeout", "0.2", "-m", "2", "--cacert", lab["both"],
+        done = record_lab["pair"].a.run("curl", "-sS", "--connect-timeout", "0.2", "-m", "2", "--cacert", record_lab["both"],
                                  "https://api.openai.com/plain", check=False)
         if done.returncode == 0 and done.stdout == "plain upstream reply\n":
             recovered = time.monotonic() - killed
@@ -210,17 +143,17 @@ time.sleep(60)
 """
 
 
-def test_a_proxy_out_of_descriptors_stops_the_recording_and_traffic_flows(lab):
+def test_a_proxy_out_of_descriptors_stops_the_recording_and_traffic_flows(record_lab):
     """The sensor's hard open-file limit is low (so raising the soft one to it does not
     help); held connections exhaust it. The proxy cannot serve for its give-up time, so
     `oisp record` stops redirecting, says why and exits non-zero; connections then go
     straight to the server."""
     import resource
 
-    assert stop_sensor(lab) == 0
-    sensor = lab["start_sensor"](preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160)))
-    lab["sensor"] = sensor
-    hold = subprocess.Popen(lab["pair"].a.cmd(sys.executable, "-c", HOLD, "200"), stdout=subprocess.PIPE, text=True)
+    assert stop_sensor(record_lab) == 0
+    sensor = record_lab["start_sensor"](preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160)))
+    record_lab["sensor"] = sensor
+    hold = subprocess.Popen(record_lab["pair"].a.cmd(sys.executable, "-c", HOLD, "200"), stdout=subprocess.PIPE, text=True)
     try:
         assert int(hold.stdout.readline()) > 0
         try:
@@ -231,7 +164,7 @@ def test_a_proxy_out_of_descriptors_stops_the_recording_and_traffic_flows(lab):
         said = sensor.stderr.read()
         assert returncode == 1, said[-2000:]
         assert "the proxy could not serve" in said and "Too many open files" in said, said[-2000:]
-        done = lab["pair"].a.run("curl", "-sS", "-m", "5", "--cacert", lab["upstream_ca"],
+        done = record_lab["pair"].a.run("curl", "-sS", "-m", "5", "--cacert", record_lab["upstream_ca"],
                                  "https://api.openai.com/plain", check=False)
         assert done.stdout == "plain upstream reply\n", done.stderr
     finally:
@@ -251,26 +184,26 @@ with httpx.Client(timeout=20) as client:
 
 
 @pytest.mark.parametrize("kind", ["streaming", "waiting"])
-def test_a_clean_stop_ends_a_request_in_flight_at_once(lab, kind):
+def test_a_clean_stop_ends_a_request_in_flight_at_once(record_lab, kind):
     """SIGTERM while a stream is under way, or while the client waits for a slow answer
     (no packet flows then): the sensor drains (2 s), then cuts what is left, so the
     client sees an error within seconds, not its own read timeout (20 s here; 600 s in
     the SDKs). Stopping the redirector first left the waiting client stranded."""
     argv = ([str(HERE / "agents" / "ai_clients.py"), "openai_stream", "https://api.openai.com", "30000"]
             if kind == "streaming" else ["-c", WAITING_CLIENT])
-    client = subprocess.Popen(lab["pair"].a.cmd(sys.executable, *argv), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "SSL_CERT_FILE": lab["both"]})
+    client = subprocess.Popen(record_lab["pair"].a.cmd(sys.executable, *argv), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "SSL_CERT_FILE": record_lab["both"]})
     deadline = time.monotonic() + 20
-    while not any(e["event_type"] == "ai.request" for e in read_events(lab)):  # the request is through
+    while not any(e["event_type"] == "ai.request" for e in read_events(record_lab)):  # the request is through
         assert time.monotonic() < deadline, "the request never reached the sensor"
         time.sleep(0.05)
-    lab["sensor"].send_signal(signal.SIGTERM)
+    record_lab["sensor"].send_signal(signal.SIGTERM)
     stopped = time.monotonic()
     out, err = client.communicate(timeout=40)
     ended = time.monotonic() - stopped
     assert ended < 4.5, (ended, err[-300:])
     assert client.returncode != 0 and "Error" in err  # both take far longer than the drain
-    assert lab["sensor"].wait(10) == 0
+    assert record_lab["sensor"].wait(10) == 0
 
 
 KEPT_ALIVE = """
@@ -288,16 +221,16 @@ print(json.dumps(ports))
 """
 
 
-def test_a_kept_alive_connection_idle_past_the_flow_timeout_still_works(lab):
+def test_a_kept_alive_connection_idle_past_the_flow_timeout_still_works(record_lab):
     """Flow idle timeout 1 s; the pooled connection is reused after 3 s: the proxy still
     holds it, so its flow stays and the second request is recorded on it."""
-    assert stop_sensor(lab) == 0
-    lab["sensor"] = lab["start_sensor"]("--flow-idle-timeout", "1")
-    done = subprocess.run(lab["pair"].a.cmd(sys.executable, "-c", KEPT_ALIVE), capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "SSL_CERT_FILE": lab["our_ca"]})
+    assert stop_sensor(record_lab) == 0
+    record_lab["sensor"] = record_lab["start_sensor"]("--flow-idle-timeout", "1")
+    done = subprocess.run(record_lab["pair"].a.cmd(sys.executable, "-c", KEPT_ALIVE), capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "SSL_CERT_FILE": record_lab["our_ca"]})
     assert done.returncode == 0, done.stderr[-2000:]
     first, second = json.loads(done.stdout)
     assert first == second  # one connection, kept alive
-    assert stop_sensor(lab) == 0
-    requests = [e for e in read_events(lab) if e["event_type"] == "ai.request"]
+    assert stop_sensor(record_lab) == 0
+    requests = [e for e in read_events(record_lab) if e["event_type"] == "ai.request"]
     assert [r["data"]["messages"][-1]["content"] for r in requests] == ["again", "again"]

@@ -1,4 +1,4 @@
-"""`oisp record --otlp` end to end: unmodified SDK clients in the lab of test_record_e2e,
+"""`oisp record --otlp` end to end: unmodified SDK clients in the lab of tests/record_lab.py,
 the real sensor, and a real OTLP receiver (ddapm-test-agent) on the sensor namespace's
 loopback. What the receiver holds is compared with the JSONL the same sensor wrote."""
 
@@ -14,13 +14,13 @@ import time
 import pytest
 
 from tests.otlp_receiver import Receiver, attributes, executable
-from tests.test_record_e2e import HERE, lab, read_events, stop_sensor  # noqa: F401 - lab is a fixture
+from tests.record_lab import HERE, read_events, stop_sensor
 
 from oisp.sinks.otlp import semconv as sc
 from oisp.sinks.otlp.mapping import timestamp_ns
 
 pytestmark = pytest.mark.privileged
-IPV4 = pytest.mark.parametrize("lab", [4], indirect=True, ids=["ipv4"])
+IPV4 = pytest.mark.parametrize("record_lab", [4], indirect=True, ids=["ipv4"])
 
 SECRET = "sk-proj-PLANTEDb9Xq3TfL8mZk2RwV7nYc4Hs6Jd1Ua5Ge0Po"
 PLANTED = "planted-prompt-5be1c0"
@@ -47,10 +47,10 @@ def finish(proc: subprocess.Popen) -> dict:
 
 
 @pytest.fixture
-def otlp_lab(lab):  # noqa: F811
+def otlp_lab(record_lab):
     if executable() is None:
         pytest.skip("ddapm-test-agent is not installed (.ci/run installs it in /opt/oisp-otlp-receiver)")
-    ns = lab["pair"].a
+    ns = record_lab["pair"].a
 
     def query(path: str):
         done = ns.run("curl", "-sS", "--fail", "-m", "10", receiver.http_url + path, check=True)
@@ -58,25 +58,25 @@ def otlp_lab(lab):  # noqa: F811
 
     receiver = Receiver(wrap=lambda argv: ns.cmd(*argv))
     receiver.start(query)
-    assert stop_sensor(lab) == 0  # the lab's sensor has no --otlp
-    lab["receiver"], lab["query"] = receiver, query
+    assert stop_sensor(record_lab) == 0  # the lab's sensor has no --otlp
+    record_lab["receiver"], record_lab["query"] = receiver, query
     lines: list[str] = []
 
     def start(*options: str) -> subprocess.Popen:
         env_before = dict(os.environ)
         os.environ.update({"OTEL_METRIC_EXPORT_INTERVAL": "500", "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
         try:
-            sensor = lab["start_sensor"]("--otlp", receiver.http_url, *options)
+            sensor = record_lab["start_sensor"]("--otlp", receiver.http_url, *options)
         finally:
             os.environ.clear()
             os.environ.update(env_before)
         threading.Thread(target=lambda: lines.extend(sensor.stderr), daemon=True).start()
-        lab["sensor"] = sensor
+        record_lab["sensor"] = sensor
         return sensor
 
-    lab["start_otlp"], lab["stderr"] = start, lines
+    record_lab["start_otlp"], record_lab["stderr"] = start, lines
     try:
-        yield lab
+        yield record_lab
     finally:
         receiver.stop()
 

@@ -24,7 +24,7 @@ import pytest
 from oisp.events import load_schema
 from tests.fakeprovider import make_test_pki
 from tests.netns import VethPair, stop_all
-from tests.test_record_e2e import read_events, stop_sensor
+from tests.record_lab import read_events, stop_sensor
 
 HERE = Path(__file__).parent
 

@@ -1,0 +1,88 @@
+"""The `oisp record` lab the end-to-end tests share (fixture `record_lab`, made available to
+every test module by conftest.py) and its helpers.
+
+Two namespaces joined by a veth: `b` runs the fake AI provider (tests/fakeprovider.py) on
+:443; in `a` the hosts file names it api.openai.com / api.anthropic.com / example.test and
+`oisp record` runs as the sensor. The fixture yields a dict: the pair, the temporary
+directory, the running sensor, the CAs, the events file, and `start_sensor(*options)` to
+start another sensor (stop the running one first)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fakeprovider import make_test_pki
+from tests.netns import VethPair, stop_all
+
+HERE = Path(__file__).parent  # the tests directory: agents/, fakeprovider.py
+
+
+@pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
+def record_lab(tmp_path, request):
+    pair = VethPair.create()
+    server_ip = pair.b_ip4 if request.param == 4 else pair.b_ip6
+    hosts_dir = Path("/etc/netns") / pair.a.name
+    hosts_dir.mkdir(parents=True, exist_ok=True)
+    (hosts_dir / "hosts").write_text(f"127.0.0.1 localhost\n{server_ip} api.openai.com api.anthropic.com example.test\n")
+    upstream_ca, cert, key = make_test_pki(tmp_path)
+    provider = pair.b.popen(sys.executable, str(HERE / "fakeprovider.py"), "--host", server_ip, "--port", "443",
+                            "--cert", cert, "--key", key, stdout=subprocess.DEVNULL)
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
+    processes = [provider]
+
+    def start_sensor(*options: str, **popen) -> subprocess.Popen:
+        sensor = pair.a.popen(sys.executable, "-m", "oisp", "record", "-o", str(tmp_path / "events.jsonl"),
+                              "--upstream-ca", upstream_ca, *options, stderr=subprocess.PIPE, text=True, env=env,
+                              **popen)
+        processes.append(sensor)
+        sensor.banner = []  # what it said before "recording" (the dashboard's URL, notes)
+        for line in sensor.stderr:
+            sensor.banner.append(line)
+            if line.startswith("oisp record: recording"):  # not "recording" anywhere: paths may hold it
+                return sensor
+        raise AssertionError(f"the sensor did not start: {sensor.wait()}")
+
+    try:
+        time.sleep(1.0)  # hypercorn binding
+        sensor = start_sensor()
+        our_ca = tmp_path / "data" / "oisp" / "oisp-ca.pem"
+        both = tmp_path / "both.pem"  # for clients that must also work once the sensor is gone
+        both.write_text(our_ca.read_text() + Path(upstream_ca).read_text())
+        yield {"family": request.param, "pair": pair, "tmp": tmp_path, "sensor": sensor, "our_ca": str(our_ca), "both": str(both),
+               "upstream_ca": upstream_ca, "events": tmp_path / "events.jsonl", "env": env,
+               "start_sensor": start_sensor}
+    finally:
+        stop_all(processes)
+        pair.delete()
+        shutil.rmtree(hosts_dir, ignore_errors=True)
+
+
+def run_client(lab, name, base="https://api.openai.com", n=0, ca=None, timeout=60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SSL_CERT_FILE": ca or lab["our_ca"]}
+    return subprocess.run(lab["pair"].a.cmd(sys.executable, str(HERE / "agents" / "ai_clients.py"), name, base, str(n)),
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def read_events(lab) -> list[dict]:
+    return [json.loads(line) for line in lab["events"].read_text().splitlines()] if lab["events"].exists() else []
+
+
+def stop_sensor(lab) -> int:
+    lab["sensor"].send_signal(signal.SIGINT)
+    return lab["sensor"].wait(15)
+
+
+def start_client(lab, name, base, n=0) -> subprocess.Popen:
+    """`ip netns exec` execs the client, so the Popen pid is the client's own."""
+    return subprocess.Popen(lab["pair"].a.cmd(sys.executable, str(HERE / "agents" / "ai_clients.py"), name, base, str(n)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SSL_CERT_FILE": lab["our_ca"]})
