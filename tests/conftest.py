@@ -9,6 +9,7 @@ skipped capture test as passed.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,11 @@ def veth_pair():
         yield pair
     finally:
         pair.delete()
+
+
+@pytest.fixture
+def data_home(tmp_path, monkeypatch) -> Path:
+    """A private user data directory, so no test touches the real user's CA."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "oisp"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
+from pathlib import Path
 import sys
 from dataclasses import dataclass, field
 
@@ -102,3 +103,15 @@ def stop_all(processes: list[subprocess.Popen], timeout: float = 10) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def with_cgroup2(*argv: str) -> list[str]:
+    """FLOW/SOCKET layers need cgroup v2: a private mount namespace with it mounted."""
+    return ["unshare", "-m", "sh", "-c",
+            "mount --make-rprivate / && mount -t cgroup2 none /sys/fs/cgroup && exec " + " ".join(argv)]
+
+
+# tests/agents/echo_traffic.py, the traffic `oisp capture` and `oisp flows` tests read back,
+# and the ports its server listens on.
+ECHO_AGENT = str(Path(__file__).parent / "agents" / "echo_traffic.py")
+ECHO_TCP_PORT, ECHO_UDP_PORT = 7001, 7002

@@ -30,8 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakeprovider import make_test_pki
-from tests.netns import VethPair, stop_all
-from tests.test_cli_capture import with_cgroup2
+from tests.netns import VethPair, stop_all, with_cgroup2
 
 HERE = Path(__file__).parent
 KEY = "sk-proj-TESTKEY0123456789abcdefghijklmnopqrstuv"

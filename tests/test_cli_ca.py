@@ -18,8 +18,7 @@ from oisp.cli import main
 from oisp.proxy import trust
 from oisp.proxy.ca import CertificateAuthority
 from oisp.proxy.certs import LeafIssuer
-from tests.test_proxy_ca import data_home  # noqa: F401  (fixture)
-from tests.test_proxy_certs import HOST, TLSServer, pem
+from tests.tls_server import HOST, TLSServer, pem
 
 REPO = Path(__file__).resolve().parent.parent
 DEBIAN_ANCHORS = Path("/usr/local/share/ca-certificates")
@@ -39,11 +38,11 @@ def count_certificates(path: Path) -> int:
 
 
 @pytest.fixture
-def ca(data_home) -> CertificateAuthority:  # noqa: F811
+def ca(data_home) -> CertificateAuthority:
     return CertificateAuthority.load_or_create()
 
 
-def test_path_makes_the_ca_and_prints_where_it_is(data_home, capsys):  # noqa: F811
+def test_path_makes_the_ca_and_prints_where_it_is(data_home, capsys):
     assert main(["ca", "path"]) == 0
     printed = Path(capsys.readouterr().out.strip())
     assert printed == data_home / "oisp-ca.pem" and printed.is_file()
@@ -69,7 +68,7 @@ def test_show(ca, capsys):
     assert capsys.readouterr().out.endswith(ca.cert_pem)
 
 
-def test_bare_ca_prints_usage(data_home, capsys):  # noqa: F811
+def test_bare_ca_prints_usage(data_home, capsys):
     assert main(["ca"]) == 2
     assert "install" in capsys.readouterr().err
 

@@ -10,24 +10,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-AGENT = str(Path(__file__).parent / "agents" / "echo_traffic.py")
-TCP_PORT, UDP_PORT = 7001, 7002
+from tests.netns import ECHO_AGENT, ECHO_TCP_PORT, ECHO_UDP_PORT, with_cgroup2
+
 FIELDS = ["frame.len", "frame.interface_name", "frame.packet_flags_direction", "frame.comment", "ip.src", "ip.dst",
           "ipv6.src", "ipv6.dst", "tcp.srcport", "tcp.dstport", "tcp.len", "tcp.flags.syn", "udp.srcport",
           "udp.dstport", "udp.length"]
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not shutil.which("tshark"), reason="needs tshark (apt-get install -y tshark)")]
-
-
-def with_cgroup2(*argv: str) -> list[str]:
-    """FLOW/SOCKET layers need cgroup v2: a private mount namespace with it mounted."""
-    return ["unshare", "-m", "sh", "-c",
-            "mount --make-rprivate / && mount -t cgroup2 none /sys/fs/cgroup && exec " + " ".join(argv)]
 
 
 def start_capture(ns, *args: str, cgroup2: bool = False, stdout=subprocess.DEVNULL) -> subprocess.Popen:
@@ -58,7 +51,7 @@ def tshark(source) -> list[dict]:
 
 
 def run_client(ns, host, messages=5, datagrams=7) -> dict:
-    return json.loads(ns.python(AGENT, "client", host, str(TCP_PORT), str(UDP_PORT), str(messages),
+    return json.loads(ns.python(ECHO_AGENT, "client", host, str(ECHO_TCP_PORT), str(ECHO_UDP_PORT), str(messages),
                                 str(datagrams)).stdout)
 
 
@@ -71,19 +64,19 @@ def five_tuple(row) -> tuple:
 def check_exchange(rows, host, client) -> None:
     """Every packet is the client's TCP or UDP exchange with the server, complete."""
     tcp_c, udp_c = client["tcp_port"], client["udp_port"]
-    expected = {("tcp", host, tcp_c, host, TCP_PORT), ("tcp", host, TCP_PORT, host, tcp_c),
-                ("udp", host, udp_c, host, UDP_PORT), ("udp", host, UDP_PORT, host, udp_c)}
+    expected = {("tcp", host, tcp_c, host, ECHO_TCP_PORT), ("tcp", host, ECHO_TCP_PORT, host, tcp_c),
+                ("udp", host, udp_c, host, ECHO_UDP_PORT), ("udp", host, ECHO_UDP_PORT, host, udp_c)}
     assert {five_tuple(r) for r in rows} == expected
     by_tuple = {}
     for r in rows:
         by_tuple.setdefault(five_tuple(r), []).append(r)
     # UDP: one packet per datagram each way, as the client counted them.
-    assert len(by_tuple[("udp", host, udp_c, host, UDP_PORT)]) == client["udp_sent"]
-    assert len(by_tuple[("udp", host, UDP_PORT, host, udp_c)]) == client["udp_received"]
+    assert len(by_tuple[("udp", host, udp_c, host, ECHO_UDP_PORT)]) == client["udp_sent"]
+    assert len(by_tuple[("udp", host, ECHO_UDP_PORT, host, udp_c)]) == client["udp_received"]
     # TCP: the handshake, and exactly the payload bytes the client sent and got back.
-    to_server = by_tuple[("tcp", host, tcp_c, host, TCP_PORT)]
+    to_server = by_tuple[("tcp", host, tcp_c, host, ECHO_TCP_PORT)]
     assert sum(int(r["tcp.len"]) for r in to_server) == client["tcp_sent"]
-    assert sum(int(r["tcp.len"]) for r in by_tuple[("tcp", host, TCP_PORT, host, tcp_c)]) == client["tcp_received"]
+    assert sum(int(r["tcp.len"]) for r in by_tuple[("tcp", host, ECHO_TCP_PORT, host, tcp_c)]) == client["tcp_received"]
     assert to_server[0]["tcp.flags.syn"] in ("1", "True")
     for r in rows:
         assert r["frame.interface_name"] == "loopback"
@@ -92,14 +85,14 @@ def check_exchange(rows, host, client) -> None:
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_capture_then_sigterm_writes_every_packet_of_the_exchange(netns, tmp_path, host):
-    server = netns.popen(sys.executable, AGENT, "server", host, str(TCP_PORT), str(UDP_PORT),
+    server = netns.popen(sys.executable, ECHO_AGENT, "server", host, str(ECHO_TCP_PORT), str(ECHO_UDP_PORT),
                          stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "ready"
         out = tmp_path / "capture.pcapng"
         capture = start_capture(netns, "-w", str(out), "--no-process-info", "--duration", "60", "--filter",
-                                f"tcp.DstPort == {TCP_PORT} or tcp.SrcPort == {TCP_PORT} or "
-                                f"udp.DstPort == {UDP_PORT} or udp.SrcPort == {UDP_PORT}")
+                                f"tcp.DstPort == {ECHO_TCP_PORT} or tcp.SrcPort == {ECHO_TCP_PORT} or "
+                                f"udp.DstPort == {ECHO_UDP_PORT} or udp.SrcPort == {ECHO_UDP_PORT}")
         client = run_client(netns, host)
         time.sleep(0.5)
         capture.send_signal(signal.SIGTERM)
@@ -113,12 +106,12 @@ def test_capture_then_sigterm_writes_every_packet_of_the_exchange(netns, tmp_pat
 
 
 def test_count_stops_at_exactly_n_and_stdout_is_a_pcapng_stream(netns):
-    server = netns.popen(sys.executable, AGENT, "server", "127.0.0.1", str(TCP_PORT), str(UDP_PORT),
+    server = netns.popen(sys.executable, ECHO_AGENT, "server", "127.0.0.1", str(ECHO_TCP_PORT), str(ECHO_UDP_PORT),
                          stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "ready"
         capture = start_capture(netns, "-w", "-", "--no-process-info", "--count", "9", "--duration", "30",
-                                "--filter", f"udp.DstPort == {UDP_PORT}", stdout=subprocess.PIPE)
+                                "--filter", f"udp.DstPort == {ECHO_UDP_PORT}", stdout=subprocess.PIPE)
         client = run_client(netns, "127.0.0.1", messages=1, datagrams=20)
         data, err = capture.communicate(timeout=20)
         assert capture.returncode == 0, err.decode()
@@ -126,7 +119,7 @@ def test_count_stops_at_exactly_n_and_stdout_is_a_pcapng_stream(netns):
         server.kill()
     rows = tshark(data)
     assert len(rows) == 9
-    assert {five_tuple(r) for r in rows} == {("udp", "127.0.0.1", client["udp_port"], "127.0.0.1", UDP_PORT)}
+    assert {five_tuple(r) for r in rows} == {("udp", "127.0.0.1", client["udp_port"], "127.0.0.1", ECHO_UDP_PORT)}
 
 
 def test_invalid_filter_is_a_typed_error_with_its_position(netns, tmp_path):
@@ -137,9 +130,9 @@ def test_invalid_filter_is_a_typed_error_with_its_position(netns, tmp_path):
 
 
 def test_process_keeps_only_the_chosen_childs_flows(netns, tmp_path):
-    server = netns.popen(sys.executable, AGENT, "server", "127.0.0.1", str(TCP_PORT), str(UDP_PORT),
+    server = netns.popen(sys.executable, ECHO_AGENT, "server", "127.0.0.1", str(ECHO_TCP_PORT), str(ECHO_UDP_PORT),
                          stdout=subprocess.PIPE, text=True)
-    children = [netns.popen(sys.executable, AGENT, "client", "127.0.0.1", str(TCP_PORT), str(UDP_PORT), "4", "5",
+    children = [netns.popen(sys.executable, ECHO_AGENT, "client", "127.0.0.1", str(ECHO_TCP_PORT), str(ECHO_UDP_PORT), "4", "5",
                             "--wait", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     try:
         assert server.stdout.readline().strip() == "ready"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli_capture import AGENT, TCP_PORT, UDP_PORT, with_cgroup2
+from tests.netns import ECHO_AGENT, ECHO_TCP_PORT, ECHO_UDP_PORT, with_cgroup2
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not shutil.which("tshark"), reason="needs tshark (apt-get install -y tshark)")]
@@ -35,7 +35,7 @@ def wait_for(stream, text: str, timeout: float = 20) -> None:
 
 def reference_counts(pcap: Path, client_port: int) -> tuple[int, int]:
     """Packets and IP bytes of the client's TCP connection, as tshark counted them."""
-    done = subprocess.run(["tshark", "-r", str(pcap), "-Y", f"tcp.port == {client_port} && tcp.port == {TCP_PORT}",
+    done = subprocess.run(["tshark", "-r", str(pcap), "-Y", f"tcp.port == {client_port} && tcp.port == {ECHO_TCP_PORT}",
                            "-T", "fields", "-e", "ip.len"], capture_output=True, text=True, check=True)
     lengths = [int(x) for x in done.stdout.split()]
     return len(lengths), sum(lengths)
@@ -43,12 +43,12 @@ def reference_counts(pcap: Path, client_port: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize("process_filter", [False, True])
 def test_childs_tcp_connection_shows_with_its_pid_addresses_bytes_and_packets(netns, tmp_path, process_filter):
-    server = netns.popen(sys.executable, AGENT, "server", "127.0.0.1", str(TCP_PORT), str(UDP_PORT),
+    server = netns.popen(sys.executable, ECHO_AGENT, "server", "127.0.0.1", str(ECHO_TCP_PORT), str(ECHO_UDP_PORT),
                          stdout=subprocess.PIPE, text=True)
-    child = netns.popen(sys.executable, AGENT, "client", "127.0.0.1", str(TCP_PORT), str(UDP_PORT), "6", "3",
+    child = netns.popen(sys.executable, ECHO_AGENT, "client", "127.0.0.1", str(ECHO_TCP_PORT), str(ECHO_UDP_PORT), "6", "3",
                         "--wait", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     pcap = tmp_path / "reference.pcap"
-    reference = netns.popen("tshark", "-i", "lo", "-f", f"tcp port {TCP_PORT}", "-w", str(pcap),
+    reference = netns.popen("tshark", "-i", "lo", "-f", f"tcp port {ECHO_TCP_PORT}", "-w", str(pcap),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     flows = None
     try:
@@ -79,14 +79,14 @@ def test_childs_tcp_connection_shows_with_its_pid_addresses_bytes_and_packets(ne
     for line in out.splitlines():
         row = json.loads(line)
         latest[(row["pid"], row["protocol"], row["local"], row["local_port"], row["remote"], row["remote_port"])] = row
-    mine = latest[(pid, "tcp", "127.0.0.1", report["tcp_port"], "127.0.0.1", TCP_PORT)]
+    mine = latest[(pid, "tcp", "127.0.0.1", report["tcp_port"], "127.0.0.1", ECHO_TCP_PORT)]
     packets, nbytes = reference_counts(pcap, report["tcp_port"])
     assert (mine["packets"], mine["bytes"]) == (packets, nbytes)
     assert mine["bytes"] > report["tcp_sent"] + report["tcp_received"]  # payload plus headers
     assert mine["first_seen"] <= mine["last_seen"]
-    assert (pid, "udp", "127.0.0.1", report["udp_port"], "127.0.0.1", UDP_PORT) in latest
+    assert (pid, "udp", "127.0.0.1", report["udp_port"], "127.0.0.1", ECHO_UDP_PORT) in latest
     if process_filter:
         assert {key[0] for key in latest} == {pid}
     else:
-        server_side = latest[(server.pid, "tcp", "127.0.0.1", TCP_PORT, "127.0.0.1", report["tcp_port"])]
+        server_side = latest[(server.pid, "tcp", "127.0.0.1", ECHO_TCP_PORT, "127.0.0.1", report["tcp_port"])]
         assert (server_side["packets"], server_side["bytes"]) == (packets, nbytes)

@@ -16,22 +16,9 @@ from provider_cases import Case, context, http1_request, http1_response, load_ca
 
 from oisp.decode import Direction, FlowContext, FlowDecoder  # noqa: E402
 from oisp.events import FlowRecorder  # noqa: E402
+from tests.events_compare import normalise  # noqa: E402
 
 CASES = load_cases()
-
-
-def normalise(events: list[dict]) -> list[dict]:
-    """Events minus what is random by design (ULIDs); request ids are mapped to their order."""
-    ids: dict[str, int] = {}
-    out = []
-    for ev in events:
-        ev = {k: v for k, v in ev.items() if k != "event_id"}
-        data = dict(ev["data"])
-        if "request_id" in data:
-            data["request_id"] = ids.setdefault(data["request_id"], len(ids))
-        ev["data"] = data
-        out.append(ev)
-    return out
 
 
 def run(case: Case, req_cuts: list[int], resp_cuts: list[int]) -> list[dict]:

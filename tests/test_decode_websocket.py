@@ -26,7 +26,7 @@ from oisp.decode import Direction, FlowContext, FlowDecoder
 from oisp.decode.websocket import WebSocketSession
 from oisp.events import FlowRecorder, load_schema
 from tests import fakews
-from tests.test_decode_fuzz import normalise
+from tests.events_compare import normalise
 
 API_KEY = "sk-proj-" + "k" * 40
 Trace = list[tuple[Direction, bytes, float]]

@@ -22,6 +22,7 @@ from oisp.packet import (
     verify_checksums,
 )
 from tests.packet_strategies import ipv4, ipv6, packets, ports
+from tests.scapy_reference import scapy_rewritten
 
 
 @st.composite
@@ -35,24 +36,6 @@ def rewrite_specs(draw, version: int):
         "src_port": draw(port),
         "dst_port": draw(port),
     }
-
-
-def scapy_rewritten(pkt, spec: dict) -> bytes:
-    """The same rewrite done on the scapy object; scapy then computes every checksum in full."""
-    ref = pkt.copy()
-    if spec.get("swap_addresses"):
-        ref.src, ref.dst = ref.dst, ref.src
-    if spec.get("src_addr") is not None:
-        ref.src = spec["src_addr"]
-    if spec.get("dst_addr") is not None:
-        ref.dst = spec["dst_addr"]
-    upper = ref.getlayer(TCP) or ref.getlayer(UDP)
-    if upper is not None:
-        if spec.get("src_port", -1) >= 0:
-            upper.sport = spec["src_port"]
-        if spec.get("dst_port", -1) >= 0:
-            upper.dport = spec["dst_port"]
-    return raw(ref)
 
 
 def assert_rows_follow_packets(buf, rows) -> None:

@@ -13,7 +13,7 @@ from scapy.packet import raw
 
 from oisp.packet import Packet, parse_batch
 from tests.packet_strategies import packets
-from tests.test_packet_rewrite import scapy_rewritten
+from tests.scapy_reference import scapy_rewritten
 
 
 @settings(max_examples=150, deadline=None)

@@ -25,14 +25,6 @@ needs_openssl = pytest.mark.skipif(not shutil.which("openssl"), reason="needs th
 
 
 @pytest.fixture
-def data_home(tmp_path, monkeypatch) -> Path:
-    """A private user data directory, so no test touches the real user's CA."""
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "xdg"))
-    return tmp_path / "xdg" / "oisp"
-
-
-@pytest.fixture
 def ca(data_home) -> CertificateAuthority:
     return CertificateAuthority.load_or_create()
 

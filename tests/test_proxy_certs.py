@@ -23,25 +23,19 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from oisp.proxy.ca import CertificateAuthority
 from oisp.proxy.certs import LeafIssuer, hostname_for_leaf
-from tests.test_proxy_ca import data_home  # noqa: F401  (fixture)
-
-HOST = "api.openai.com"
+from tests.tls_server import HOST, TLSServer, pem
 needs_openssl = pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command")
 needs_curl = pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
 
 
 @pytest.fixture
-def ca(data_home) -> CertificateAuthority:  # noqa: F811
+def ca(data_home) -> CertificateAuthority:
     return CertificateAuthority.load_or_create()
 
 
 @pytest.fixture
 def issuer(ca) -> LeafIssuer:
     return LeafIssuer(ca)
-
-
-def pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def test_leaf_extensions(issuer, ca):
@@ -164,60 +158,6 @@ def test_key_touches_disk_only_in_a_private_temp_dir_that_is_removed(issuer, tmp
 
 
 # --- real handshakes -------------------------------------------------------------------------------------------
-
-class TLSServer:
-    """Accepts connections on 127.0.0.1 with one server context; answers HTTP/1.1 with "ok"."""
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self.context = context
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.05)  # closing a socket does not wake accept(): poll a stop flag instead
-        self.stopping = threading.Event()
-        self.port = self.listener.getsockname()[1]
-        self.results: list[str] = []  # the negotiated ALPN, or the server-side handshake error
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-
-    def __enter__(self) -> TLSServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        self.thread.join(5)
-        self.listener.close()
-
-    def _serve(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                raw, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            with raw:
-                raw.settimeout(5)
-                try:
-                    conn = self.context.wrap_socket(raw, server_side=True)
-                except (ssl.SSLError, OSError) as exc:
-                    self.results.append(f"error: {exc}")
-                    continue
-                alpn = conn.selected_alpn_protocol()
-                self.results.append(str(alpn))
-                with conn:
-                    try:
-                        if alpn in (None, "http/1.1"):
-                            self._answer(conn)
-                    except OSError:  # the client may hang up without a request
-                        pass
-
-    @staticmethod
-    def _answer(conn: ssl.SSLSocket) -> None:
-        request = b""
-        while b"\r\n\r\n" not in request:
-            chunk = conn.recv(4096)
-            if not chunk:
-                return
-            request += chunk
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-
 
 def strict_client(cafile: Path | None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(cafile) if cafile else None)

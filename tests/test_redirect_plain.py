@@ -19,7 +19,7 @@ from oisp.redirect import reflector as reflector_module
 from oisp.redirect.plain import LOCAL_NETWORKS, PlainPorts, PlainRequest, PlainSpecError, is_local, parse_plain
 from oisp.redirect.reflector import Reflector, reflector_filter
 from oisp.spec import default_spec
-from tests.test_redirect_small_batch import Batch
+from tests.reflector_batch import Batch
 
 TO_PROXY, PASS_OTHER, SLOW = 2, 4, 0
 

@@ -5,32 +5,14 @@ from __future__ import annotations
 import random
 import socket
 
-import numpy as np
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
-from oisp.divert.address import OUTBOUND, new_addresses
-from oisp.packet import parse_batch
 from oisp.redirect import FlowTable, OwnPorts, TargetSet
 from oisp.redirect import reflector as reflector_module
 from oisp.redirect.reflector import Reflector
-
-SERVERS = {4: ("10.200.1.2", "10.200.1.9"), 6: ("fd00:1::2", "fd00:1::9")}  # an AI address, and another
-
-
-class Batch:
-    """What Reflector.process reads and writes of an engine Batch."""
-
-    def __init__(self, packets: list[bytes], outbound: list[bool]):
-        self.data = np.frombuffer(b"".join(packets), dtype=np.uint8).copy()
-        self.rows = parse_batch(self.data)
-        self.addresses = new_addresses(len(packets))
-        self.addresses["bits"] = [OUTBOUND if o else 0 for o in outbound]
-        self.verdicts = np.zeros(len(packets), dtype=np.uint8)
-
-    def outbound(self) -> np.ndarray:
-        return (self.addresses["bits"] & OUTBOUND) != 0
+from tests.reflector_batch import SERVERS, Batch
 
 
 def random_packets(rng: random.Random, count: int) -> tuple[list[bytes], list[bool]]:

@@ -19,7 +19,7 @@ from oisp._native.ring import ReceiveRing
 from oisp.divert.address import IPV6, OUTBOUND, new_addresses, row_key
 from oisp.redirect import FlowTable, OwnPorts, TargetSet
 from oisp.redirect.reflector import Reflector
-from tests.test_redirect_small_batch import SERVERS, Batch
+from tests.reflector_batch import SERVERS, Batch
 
 SLOW, PASS, TO_PROXY, TO_CLIENT, PASS_OTHER = 0, 1, 2, 3, 4
 CLIENT = {4: "10.200.1.1", 6: "fd00:1::1"}
