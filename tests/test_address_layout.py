@@ -139,3 +139,14 @@ def test_set_flag_on_selected_rows():
     assert list(addresses["bits"]) == [A.LOOPBACK | A.OUTBOUND, A.LOOPBACK] * 2
     A.set_flag(addresses, A.LOOPBACK, False)
     assert list(addresses["bits"]) == [A.OUTBOUND, 0] * 2
+
+
+def test_unmapped_is_the_one_ipv4_mapped_rule():
+    import ipaddress
+
+    assert A.unmapped("::ffff:10.0.0.1") == ipaddress.IPv4Address("10.0.0.1")  # a dual-stack socket's IPv4 peer
+    assert A.unmapped(ipaddress.IPv6Address("::ffff:10.0.0.1")) == ipaddress.IPv4Address("10.0.0.1")
+    assert A.unmapped("fe80::1%eth0") == ipaddress.IPv6Address("fe80::1")  # the zone is not part of the address
+    assert A.unmapped("10.0.0.1") == ipaddress.IPv4Address("10.0.0.1")
+    assert A.unmapped("::1") == ipaddress.IPv6Address("::1")  # IPv6 stays IPv6
+    assert A.row_key("::ffff:10.0.0.1") == A.row_key("10.0.0.1") == bytes([10, 0, 0, 1]) + bytes(12)

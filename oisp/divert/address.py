@@ -79,10 +79,18 @@ def row_key(address) -> bytes:
     address (a dual-stack socket's view of an IPv4 peer) counts as IPv4."""
     if isinstance(address, (bytes, bytearray)):
         return bytes(address).ljust(16, b"\0")
-    address = ipaddress.ip_address(address.split("%")[0] if isinstance(address, str) else address)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return address.packed.ljust(16, b"\0")
+    return unmapped(address).packed.ljust(16, b"\0")
+
+
+def unmapped(address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address (text, with or without a %zone, or an ipaddress object) as an ipaddress
+    object, with an IPv4-mapped IPv6 address (::ffff:a.b.c.d: how a dual-stack socket or
+    the FLOW/SOCKET layers show an IPv4 peer) as the IPv4 address it stands for. The one
+    home of that rule."""
+    parsed = ipaddress.ip_address(address.split("%")[0] if isinstance(address, str) else address)
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped:
+        return parsed.ipv4_mapped
+    return parsed
 
 
 def flow_address(words) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -91,5 +99,4 @@ def flow_address(words) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     value = 0
     for i, word in enumerate(words):
         value |= int(word) << (32 * i)
-    address = ipaddress.IPv6Address(value)
-    return address.ipv4_mapped or address
+    return unmapped(ipaddress.IPv6Address(value))

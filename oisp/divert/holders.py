@@ -16,6 +16,8 @@ import os
 import struct
 import time
 
+from oisp.divert.address import unmapped
+
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # /proc/PID/stat counts start times in clock ticks, rounded down: a process that started
 # in the same tick as the connection (or the next, as the clocks are read apart) passes.
@@ -106,9 +108,7 @@ def socket_inode(local_addr, local_port: int, remote_addr=None, remote_port: int
 def _proc_forms(address) -> set[str]:
     """How /proc/net/tcp* writes an address: each 32-bit word in host byte order, in hex.
     An IPv4 address also appears IPv4-mapped in tcp6 (a dual-stack socket)."""
-    address = ipaddress.ip_address(str(address).split("%")[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
+    address = unmapped(str(address))
     if address.version == 4:
         mapped = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)
         return {_words(address.packed), _words(mapped.packed)}

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import socket
@@ -36,6 +35,7 @@ from typing import Any
 from typing import Callable
 
 from oisp.decode import Direction, FlowContext
+from oisp.divert.address import unmapped
 from oisp.events import FlowRecorder, ProcessAttributor, make_event
 from oisp.redirect.own_ports import OwnPorts, upstream_socket
 from oisp.proxy.clienthello import MAX_HELLO, ClientHello, NotTLS, hello_complete, parse_client_hello
@@ -96,12 +96,6 @@ class Listener:
 def known_alpn(offered: list[str]) -> list[str]:
     """The protocols of `offered` the proxy speaks, in the client's order, each once."""
     return list(dict.fromkeys(p for p in offered if p in KNOWN_ALPN))
-
-
-def _plain(address: str) -> str:
-    """An IPv4-mapped IPv6 address (from a dual-stack listener) as IPv4."""
-    parsed = ipaddress.ip_address(address.split("%")[0])
-    return str(getattr(parsed, "ipv4_mapped", None) or parsed)
 
 
 async def _ready(sock: socket.socket, *, write: bool, timeout: float, what: str) -> None:
@@ -302,7 +296,7 @@ class TransparentProxy:
             # Small writes (headers, one SSE event) must leave at once: without this, Nagle
             # holds them for the peer's delayed ACK (measured: ~40 ms on every other request).
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = (_plain(peer_addr), peer_port)
+            peer = (str(unmapped(peer_addr)), peer_port)  # the dual-stack listener's view of an IPv4 peer
             target = (listener.lookup if listener and listener.lookup else self.lookup)(*peer)
             if target is None:
                 self.stats["no_flow"] += 1

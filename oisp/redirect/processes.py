@@ -30,6 +30,7 @@ import threading
 import time
 
 from oisp.divert import holders
+from oisp.divert.address import unmapped
 from oisp.divert.constants import Event
 from oisp.divert.errors import DivertError
 from oisp.divert.owners import EventFeed, ProcessNames, SocketOwners
@@ -318,9 +319,4 @@ def _psutil_owner(client_addr, client_port: int, server_addr=None, server_port: 
 
 
 def _same_address(text: str, wanted) -> bool:
-    address = ipaddress.ip_address(text.split("%")[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    if isinstance(wanted, ipaddress.IPv6Address) and wanted.ipv4_mapped:
-        wanted = wanted.ipv4_mapped
-    return address == wanted
+    return unmapped(text) == unmapped(wanted)
