@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from oisp.proxy.server import Target, TransparentProxy
+from oisp.proxy.server import Destination, TransparentProxy
 
 CHAT = json.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}).encode()
 REPLY = json.dumps({"model": "llama3.2", "message": {"role": "assistant", "content": "hello"}, "done": True,
@@ -30,7 +30,7 @@ async def start(server_behaviour):
 
     def lookup(addr, port):
         lookups.append((addr, port))
-        return Target(client=(addr, port), server=("127.0.0.1", server_port), pid=None)
+        return Destination(client=(addr, port), server=("127.0.0.1", server_port), pid=None)
 
     from oisp.spec import default_spec
 

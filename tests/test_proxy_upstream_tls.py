@@ -18,7 +18,7 @@ import pytest
 
 from oisp.proxy.ca import CertificateAuthority
 from oisp.proxy.certs import LeafIssuer
-from oisp.proxy.server import Target, TransparentProxy
+from oisp.proxy.server import Destination, TransparentProxy
 from tests.fakeprovider import make_test_pki
 
 BODY = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini",
@@ -80,7 +80,7 @@ def run_proxy(tmp_path, upstream_ca: str, upstream_port: int, body):
     """Run a TransparentProxy (every connection goes to the upstream) while `body(port)`
     runs in this thread; returns (body's result, the proxy's stats)."""
     ca = CertificateAuthority.load_or_create(tmp_path / "ca")
-    proxy = TransparentProxy(lookup=lambda addr, port: Target(client=(addr, port), server=("127.0.0.1", upstream_port)),
+    proxy = TransparentProxy(lookup=lambda addr, port: Destination(client=(addr, port), server=("127.0.0.1", upstream_port)),
                              issuer=LeafIssuer(ca), upstream_cafile=upstream_ca)
 
     async def main():

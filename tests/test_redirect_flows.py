@@ -4,7 +4,7 @@ import ipaddress
 import threading
 
 from oisp.packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
-from oisp.redirect.flows import FlowEntry, FlowTable, address_key
+from oisp.redirect.flows import FlowEntry, FlowTable, row_key
 
 SERVER4, SERVER6 = ipaddress.ip_address("10.0.0.2"), ipaddress.ip_address("fd00::2")
 
@@ -79,7 +79,7 @@ def test_size_bound_evicts_the_least_recently_seen_and_counts_it():
 
 
 def test_seen_ignores_unknown_flows():
-    assert FlowTable().seen((address_key("10.0.0.2"), 1, 8443), TCP_SYN, from_client=True) is None
+    assert FlowTable().seen((row_key("10.0.0.2"), 1, 8443), TCP_SYN, from_client=True) is None
 
 
 def test_concurrent_writers_and_readers_agree():

@@ -10,7 +10,7 @@ import pytest
 from oisp.packet import PACKET_DTYPE
 from oisp.redirect.dns import (TYPE_A, TYPE_AAAA, TYPE_CNAME, DnsError, build_query, chain_addresses, question,
                                read_name)
-from oisp.redirect.flows import address_key
+from oisp.divert.address import row_key
 from oisp.redirect.targets import TargetSet, resolve_hosts
 from oisp.spec import default_spec
 
@@ -154,12 +154,12 @@ def test_learned_addresses_expire_unless_named_again_kept_or_given():
     assert targets.add(["10.0.0.2", "10.0.0.3", "10.0.0.4"], now=100.0) == 3
     assert targets.add(["10.0.0.3"], now=200.0) == 0  # named again
     generation = targets.generation
-    keep = [address_key("10.0.0.4")]  # e.g. an open flow's server
-    assert targets.expire(150.0, keep) == [address_key("10.0.0.2")]
+    keep = [row_key("10.0.0.4")]  # e.g. an open flow's server
+    assert targets.expire(150.0, keep) == [row_key("10.0.0.2")]
     assert set(map(str, targets.addresses())) == {"10.0.0.1", "10.0.0.3", "10.0.0.4"}
     assert targets.generation == generation + 1 and targets.counts["expired"] == 1
     assert targets.expire(150.0, keep) == [] and targets.generation == generation + 1
-    column = np.array([np.frombuffer(address_key(a), dtype=np.uint8) for a in ("10.0.0.2", "10.0.0.3")])
+    column = np.array([np.frombuffer(row_key(a), dtype=np.uint8) for a in ("10.0.0.2", "10.0.0.3")])
     assert targets.contains(column).tolist() == [False, True]
-    assert sorted(targets.expire(1e12)) == sorted([address_key("10.0.0.3"), address_key("10.0.0.4")])
+    assert sorted(targets.expire(1e12)) == sorted([row_key("10.0.0.3"), row_key("10.0.0.4")])
     assert list(map(str, targets.addresses())) == ["10.0.0.1"]

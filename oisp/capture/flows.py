@@ -48,7 +48,7 @@ class Flow:
         return (self.protocol, self.local, self.local_port, self.remote, self.remote_port)
 
 
-class FlowTable:
+class FlowCounters:
     def __init__(self, owners: SocketOwners, names: ProcessNames):
         self.owners = owners
         self.names = names

@@ -22,7 +22,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from oisp.capture.flows import FlowTable, render
+    from oisp.capture.flows import FlowCounters, render
     from oisp.divert.owners import EventFeed, ProcessNames, SocketOwners
     from oisp.capture.session import ProcessMatcher
     from oisp.divert.constants import Flag
@@ -34,7 +34,7 @@ def run(args) -> int:
 
     names = ProcessNames()
     owners = SocketOwners(names)
-    table = FlowTable(owners, names)
+    table = FlowCounters(owners, names)
     matcher = ProcessMatcher(args.process, names) if args.process else None
     try:
         engine = Engine(args.filter, flags=Flag.SNIFF, policy="drop", watchdog=None)

@@ -183,7 +183,7 @@ async def _record(args) -> int:
     from oisp.events import Redactor
     from oisp.proxy.ca import CertificateAuthority
     from oisp.proxy.certs import LeafIssuer
-    from oisp.proxy.server import Target, TransparentProxy
+    from oisp.proxy.server import Destination, TransparentProxy
     from oisp.redirect import Redirector
     from oisp.spec import load_spec
 
@@ -217,7 +217,7 @@ async def _record(args) -> int:
         entry = redirector.flows.lookup(peer_addr, peer_port, proxy_port, name_owner=name_owner)
         if entry is None:
             return None
-        return Target(client=(str(entry.client_addr), entry.client_port),
+        return Destination(client=(str(entry.client_addr), entry.client_port),
                       server=(str(entry.server_addr), entry.server_port), pid=entry.pid,
                       process_name=entry.process_name, flow=entry)
 

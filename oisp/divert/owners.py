@@ -30,7 +30,7 @@ _OWNING = {Event.SOCKET_BIND, Event.SOCKET_CONNECT, Event.SOCKET_LISTEN, Event.S
 _ENDING = {Event.SOCKET_CLOSE, Event.FLOW_DELETED}
 
 
-def address_key(address) -> bytes | None:
+def owner_key(address) -> bytes | None:
     """16 bytes as in a parsed packet row (IPv4 in the first 4), None for a wildcard."""
     key = row_key(address)
     return key if any(key) else None
@@ -109,14 +109,14 @@ class SocketOwners:
     def own(self, protocol: int, address, port: int, pid: int) -> None:
         if not port or not pid:
             return  # not bound yet, or the kernel's own
-        key = (protocol, address_key(address), port)
+        key = (protocol, owner_key(address), port)
         self.names.remember(pid)
         with self._lock:
             self._owners[key] = pid
             self._closed.pop(key, None)
 
     def close(self, protocol: int, address, port: int) -> None:
-        key = (protocol, address_key(address), port)
+        key = (protocol, owner_key(address), port)
         with self._lock:
             if key in self._owners:
                 self._closed[key] = time.monotonic()

@@ -21,7 +21,7 @@ from oisp.events.redact import Redactor
 from oisp.events.ulid import new_ulid
 from oisp.spec import Spec, default_spec
 
-Event = dict[str, Any]
+EventDict = dict[str, Any]
 
 
 class FlowRecorder:
@@ -59,21 +59,21 @@ class FlowRecorder:
     def stats(self):
         return self.decoder.stats
 
-    def start(self) -> list[Event]:
+    def start(self) -> list[EventDict]:
         """The network.connect event (also emitted by the first feed if not called)."""
         if self._started:
             return []
         self._started = True
         return [self._event("network.connect", builder.connect_data(self.ctx), self.ctx.start_ts)]
 
-    def feed(self, direction: Direction, data: bytes, ts: float) -> list[Event]:
+    def feed(self, direction: Direction, data: bytes, ts: float) -> list[EventDict]:
         return self.start() + self._convert(self.decoder.feed(direction, data, ts))
 
-    def close(self, ts: float) -> list[Event]:
+    def close(self, ts: float) -> list[EventDict]:
         return self.start() + self._convert(self.decoder.close(ts))
 
-    def _convert(self, records: list) -> list[Event]:
-        events: list[Event] = []
+    def _convert(self, records: list) -> list[EventDict]:
+        events: list[EventDict] = []
         for rec in records:
             if isinstance(rec, SessionComplete):
                 events.append(self._event("network.flow", builder.websocket_flow_data(rec, self.ctx), rec.ts))
@@ -97,7 +97,7 @@ class FlowRecorder:
                     events.append(self._event("network.flow", builder.flow_data(ex, self.ctx), end))
         return events
 
-    def _ai_event(self, event_type: str, data: dict[str, Any], ts: float, ex) -> Event:
+    def _ai_event(self, event_type: str, data: dict[str, Any], ts: float, ex) -> EventDict:
         complete = (ex.complete or event_type != "ai.response") and "body_truncated" not in ex.problems
         reasons = ["tls_decrypted" if self.ctx.tls else "plaintext_capture", f"endpoint_{ex.match.detection}"]
         if "body_truncated" in ex.problems:
@@ -111,7 +111,7 @@ class FlowRecorder:
             extra["limitations"] = sorted(set(ex.problems))
         return self._event(event_type, data, ts, completeness="full" if complete else "partial", reasons=reasons, extra=extra)
 
-    def _event(self, event_type: str, data: dict[str, Any], ts: float, *, completeness: str = "full", reasons=None, extra=None) -> Event:
+    def _event(self, event_type: str, data: dict[str, Any], ts: float, *, completeness: str = "full", reasons=None, extra=None) -> EventDict:
         if self.ctx.pid is None:
             # Said outright: the sensor could not show which process held the connection
             # (it had closed, or no process held its socket), and names none rather than a guess.

@@ -1,6 +1,6 @@
 """A small capture-file reader: pcapng (SHB, IDB, EPB, SPB, obsolete PB) and classic pcap.
 
-Yields :class:`Packet` (timestamp in seconds, link type, frame bytes). Unknown
+Yields :class:`Frame` (timestamp in seconds, link type, frame bytes). Unknown
 block types are skipped. Damage is handled so that nothing readable is lost:
 a block whose length is sound but whose contents are not, and a truncated
 last block or record, are skipped and counted in :class:`ReadStats`; framing
@@ -28,7 +28,7 @@ class CaptureFormatError(ValueError):
 
 
 @dataclass(frozen=True)
-class Packet:
+class Frame:
     ts: float
     linktype: int
     data: bytes
@@ -51,7 +51,7 @@ class _Interface:
     ts_unit: float = 1e-6  # seconds per timestamp tick (if_tsresol, default microseconds)
 
 
-def read_packets(path: str | Path, stats: ReadStats | None = None) -> Iterator[Packet]:
+def read_packets(path: str | Path, stats: ReadStats | None = None) -> Iterator[Frame]:
     stats = stats if stats is not None else ReadStats()
     with open(path, "rb") as fh:
         head = fh.read(4)
@@ -69,7 +69,7 @@ def read_packets(path: str | Path, stats: ReadStats | None = None) -> Iterator[P
             raise CaptureFormatError(f"{path}: neither pcapng nor pcap (magic {magic:#010x})")
 
 
-def _pcap(fh: BinaryIO, stats: ReadStats) -> Iterator[Packet]:
+def _pcap(fh: BinaryIO, stats: ReadStats) -> Iterator[Frame]:
     header = fh.read(24)
     if len(header) < 24:
         raise CaptureFormatError(f"pcap file header cut short ({len(header)} of 24 bytes)")
@@ -90,7 +90,7 @@ def _pcap(fh: BinaryIO, stats: ReadStats) -> Iterator[Packet]:
         if len(data) < incl:
             stats.skip(f"pcap record at byte {offset} cut short by the end of the file")
             return
-        yield Packet(sec + frac * unit, linktype, data)
+        yield Frame(sec + frac * unit, linktype, data)
         offset += 16 + incl
 
 
@@ -108,7 +108,7 @@ def _options(body: bytes, endian: str) -> Iterator[tuple[int, bytes]]:
         pos += 4 + ((length + 3) & ~3)
 
 
-def _pcapng(fh: BinaryIO, stats: ReadStats) -> Iterator[Packet]:
+def _pcapng(fh: BinaryIO, stats: ReadStats) -> Iterator[Frame]:
     endian = "<"
     interfaces: list[_Interface] = []
     offset = 0
@@ -155,7 +155,7 @@ def _pcapng(fh: BinaryIO, stats: ReadStats) -> Iterator[Packet]:
         offset += total
 
 
-def _block(btype: int, body: bytes, endian: str, interfaces: list[_Interface]) -> Packet | None:
+def _block(btype: int, body: bytes, endian: str, interfaces: list[_Interface]) -> Frame | None:
     if btype == IDB:
         if len(body) < 8:
             interfaces.append(_Interface(None))  # keeps the numbering of the interfaces after it
@@ -177,7 +177,7 @@ def _block(btype: int, body: bytes, endian: str, interfaces: list[_Interface]) -
     return None
 
 
-def _packet(interfaces: list[_Interface], if_id: int, ticks: int | None, data: bytes) -> Packet:
+def _packet(interfaces: list[_Interface], if_id: int, ticks: int | None, data: bytes) -> Frame:
     if if_id >= len(interfaces):
         raise ValueError(f"packet on interface {if_id}, which was not described")
     iface = interfaces[if_id]
@@ -186,4 +186,4 @@ def _packet(interfaces: list[_Interface], if_id: int, ticks: int | None, data: b
     ts = ticks * iface.ts_unit if ticks is not None else 0.0
     if ts > MAX_TS:
         raise ValueError("timestamp after the year 9999")
-    return Packet(ts, iface.linktype, data)
+    return Frame(ts, iface.linktype, data)

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from oisp.pcapng.reader import Packet
+from oisp.pcapng.reader import Frame
 
 LINKTYPE_NULL, LINKTYPE_ETHERNET, LINKTYPE_RAW, LINKTYPE_LOOP = 0, 1, 101, 108
 LINKTYPE_LINUX_SLL, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL2 = 113, 228, 229, 276
@@ -37,7 +37,7 @@ class Segment:
     payload: bytes
 
 
-def _ip_packet(pkt: Packet) -> bytes | None:
+def _ip_packet(pkt: Frame) -> bytes | None:
     d, lt = pkt.data, pkt.linktype
     if lt == LINKTYPE_ETHERNET:
         if len(d) < 14:
@@ -57,7 +57,7 @@ def _ip_packet(pkt: Packet) -> bytes | None:
     return None
 
 
-def parse_segment(pkt: Packet) -> Segment | None:
+def parse_segment(pkt: Frame) -> Segment | None:
     ip = _ip_packet(pkt)
     if not ip:
         return None

@@ -70,7 +70,7 @@ _NO_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 @dataclass(frozen=True)
-class Target:
+class Destination:
     """Where an accepted connection was going, from the flow table."""
 
     client: tuple[str, int]
@@ -88,8 +88,8 @@ class Listener:
     sock: socket.socket
     port: int
     plain: bool = False
-    lookup: Callable[[str, int], Target | None] | None = None
-    name_owner: Callable[[str, int], Target | None] | None = None
+    lookup: Callable[[str, int], Destination | None] | None = None
+    name_owner: Callable[[str, int], Destination | None] | None = None
     task: Any = None
 
 
@@ -111,14 +111,14 @@ async def _ready(sock: socket.socket, *, write: bool, timeout: float, what: str)
 
 
 class TransparentProxy:
-    def __init__(self, *, lookup: Callable[[str, int], Target | None], issuer, spec=None,
-                 name_owner: Callable[[str, int], Target | None] | None = None,
+    def __init__(self, *, lookup: Callable[[str, int], Destination | None], issuer, spec=None,
+                 name_owner: Callable[[str, int], Destination | None] | None = None,
                  own_ports: OwnPorts | None = None,
                  upstream_verify: bool = True, upstream_cafile: str | None = None, keylog: str | None = None,
                  on_events: Callable[[list[dict]], None] = lambda events: None,
                  recorder_options: dict | None = None, pinning: PinningPolicy | None = None,
                  on_failure: Callable[[str], None] = lambda why: None, accept_give_up: float = ACCEPT_GIVE_UP,
-                 on_connection: Callable[[Target, bool], None] = lambda target, open_: None):
+                 on_connection: Callable[[Destination, bool], None] = lambda target, open_: None):
         from oisp.spec import default_spec
 
         # lookup(peer address, peer port) runs on the event loop: a table lookup, it must not
@@ -168,8 +168,8 @@ class TransparentProxy:
 
     # -- listening ----------------------------------------------------------------
     async def start(self, port: int, host: str = "::", *, plain: bool = False,
-                    lookup: Callable[[str, int], Target | None] | None = None,
-                    name_owner: Callable[[str, int], Target | None] | None = None) -> int:
+                    lookup: Callable[[str, int], Destination | None] | None = None,
+                    name_owner: Callable[[str, int], Destination | None] | None = None) -> int:
         """Listen on `port` (dual-stack by default; 0: any free port); returns the bound
         port. May be called again for more ports, e.g. plaintext ones (`plain`), each with
         its own flow lookups."""
@@ -401,7 +401,7 @@ class TransparentProxy:
         await self._attach(relay, "upstream", upstream)
         await self._run(relay)
 
-    async def _pinned(self, target: Target, peer: tuple[str, int], sni: str) -> bool:
+    async def _pinned(self, target: Destination, peer: tuple[str, int], sni: str) -> bool:
         """Whether this client program passes through to `sni` (counted as a bypass)."""
         if not self.pinning.may_be_pinned(sni):
             return False  # the usual case: no need to name the client
@@ -410,12 +410,12 @@ class TransparentProxy:
             return True
         return False
 
-    def _client_of(self, target: Target) -> tuple[str | None, str | None]:
+    def _client_of(self, target: Destination) -> tuple[str | None, str | None]:
         """Who a connection's client is, for pinning: its program (exe path, else name) and user."""
         info = self.recorder_options["attributor"].process(target.pid) or {}
         return info.get("exe") or info.get("name") or target.process_name, info.get("user")
 
-    async def _named(self, target: Target, peer: tuple[str, int], listener: Listener | None = None) -> Target:
+    async def _named(self, target: Destination, peer: tuple[str, int], listener: Listener | None = None) -> Destination:
         """The target with its owner: the flow table's entry is usually named by now (the
         redirector names owners right after reflecting a SYN); if not, `name_owner` may
         scan /proc, so it runs in a thread."""
@@ -428,7 +428,7 @@ class TransparentProxy:
             target = await asyncio.get_running_loop().run_in_executor(None, name_owner, *peer) or target
         return target
 
-    async def _record_plain(self, conn, upstream, target: Target, peer: tuple[str, int], listener: Listener) -> None:
+    async def _record_plain(self, conn, upstream, target: Destination, peer: tuple[str, int], listener: Listener) -> None:
         """A plaintext connection to a local model server: relayed at once, decoded after.
         The owner is named once the first reply has been relayed (so naming, which may
         scan /proc, never delays it, and the reflector has usually named it by then);
@@ -496,7 +496,7 @@ class TransparentProxy:
             if not relay.done.done():
                 relay.close(abort=True)
 
-    async def _intercept(self, conn, upstream, target: Target, hello: ClientHello, peer: tuple[str, int]) -> None:
+    async def _intercept(self, conn, upstream, target: Destination, hello: ClientHello, peer: tuple[str, int]) -> None:
         alpn, context = self._with_alpn(hello.alpn)
         relay = Relay()
         # When the client offers HTTP/1.1 alone (or no ALPN), upstream's choice cannot change
@@ -582,7 +582,7 @@ class TransparentProxy:
             self._alpn_contexts[key] = self._upstream_context(alpn)
         return alpn, self._alpn_contexts[key]
 
-    def _client_rejected(self, sni: str, target: Target, exc: BaseException) -> None:
+    def _client_rejected(self, sni: str, target: Destination, exc: BaseException) -> None:
         """A client's handshake failed. One that refused our certificate (a TLS alert) may
         pin its server: after repeated refusals, its later connections pass through."""
         self.stats["client_tls_errors"] += 1

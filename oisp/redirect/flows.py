@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from oisp.divert.address import row_key as address_key  # re-exported: the key every table here uses
+from oisp.divert.address import row_key
 from oisp.packet import TCP_FIN, TCP_RST
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -57,7 +57,7 @@ class FlowEntry:
 
     @property
     def key(self) -> FlowKey:
-        return address_key(self.server_addr), self.client_port, self.proxy_port
+        return row_key(self.server_addr), self.client_port, self.proxy_port
 
 
 class FlowTable:
@@ -90,7 +90,7 @@ class FlowTable:
         """The flow behind an accepted socket: `peer_addr, peer_port = sock.getpeername()[:2]`,
         `proxy_port = sock.getsockname()[1]`. With `name_owner`, an entry the reflector
         could not name yet is named now (which may scan /proc: not on an event loop)."""
-        key = (address_key(peer_addr), peer_port, proxy_port)
+        key = (row_key(peer_addr), peer_port, proxy_port)
         with self._lock:
             entry = self._flows.get(key)
         # An ended entry is the previous connection from the same port, lingering: the new

@@ -35,7 +35,7 @@ from oisp.divert.constants import Event
 from oisp.divert.errors import DivertError
 from oisp.divert.owners import EventFeed, ProcessNames, SocketOwners
 from oisp.redirect import sock_diag
-from oisp.redirect.flows import address_key
+from oisp.divert.address import row_key
 
 CONNECT_WINDOW = 2.0  # seconds a CONNECT to a server points at its process for a new flow there
 # Unverified platforms: how long before the SYN (as the ring saw it) an owning event of the
@@ -126,11 +126,11 @@ class ProcessResolver:
                     continue
                 if e.event == Event.SOCKET_CONNECT and e.pid:
                     self.names.remember(e.pid)
-                    key = (address_key(e.remote), e.remote_port)
+                    key = (row_key(e.remote), e.remote_port)
                     self._connects.setdefault(key, collections.deque(maxlen=64)).append((now, e.pid))
                 if not e.local_port:
                     continue  # a CONNECT from a socket not bound yet: the FLOW event names it
-                key = (_local_key(e.local), e.local_port, address_key(e.remote), e.remote_port)
+                key = (_local_key(e.local), e.local_port, row_key(e.remote), e.remote_port)
                 if e.event in _OWNING and e.pid:
                     known = self._tuples.get(key)
                     if known is not None and known[2] and known[1] == e.pid:
@@ -242,11 +242,11 @@ class ProcessResolver:
         pids = []
         if server_addr is not None and server_port is not None:
             with self._lock:
-                for local in (address_key(client_addr), None):
-                    entry = self._tuples.get((local, client_port, address_key(server_addr), server_port))
+                for local in (row_key(client_addr), None):
+                    entry = self._tuples.get((local, client_port, row_key(server_addr), server_port))
                     if entry is not None and not entry[2]:
                         pids.append(entry[1])
-        pid = self.owners.owner(socket.IPPROTO_TCP, address_key(client_addr), client_port)
+        pid = self.owners.owner(socket.IPPROTO_TCP, row_key(client_addr), client_port)
         if pid:
             pids.append(pid)
         return list(dict.fromkeys(pids))
@@ -255,7 +255,7 @@ class ProcessResolver:
         """The processes that connected to this server lately, newest first."""
         cutoff = time.monotonic() - CONNECT_WINDOW
         with self._lock:
-            queue = self._connects.get((address_key(server_addr), server_port), ())
+            queue = self._connects.get((row_key(server_addr), server_port), ())
             return list(dict.fromkeys(pid for t, pid in reversed(queue) if t >= cutoff))
 
     # -- elsewhere: events bound to the connection, then psutil --------------------------
@@ -266,8 +266,8 @@ class ProcessResolver:
         candidates = []
         if server_addr is not None and server_port is not None:
             with self._lock:
-                for local in (address_key(client_addr), None):
-                    entry = self._tuples.get((local, client_port, address_key(server_addr), server_port))
+                for local in (row_key(client_addr), None):
+                    entry = self._tuples.get((local, client_port, row_key(server_addr), server_port))
                     if entry is not None and not entry[2] and (syn is None or entry[0] >= syn - LEAD):
                         candidates.append(entry[1])
         for pid in candidates:
@@ -284,7 +284,7 @@ class ProcessResolver:
 
 
 def _local_key(address) -> bytes | None:
-    key = address_key(address)
+    key = row_key(address)
     return key if any(key) else None  # a wildcard bind
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from oisp.redirect.dns_match import Endpoints, QueryMatcher
-from oisp.redirect.flows import address_key
+from oisp.divert.address import row_key
 
 _KEY = np.dtype("V16")
 MAX_LEARNED = 64  # addresses DNS answers alone may add (see TargetSet)
@@ -53,7 +53,7 @@ class TargetSet:
         as named again; returns how many were new. `learned`: named by a DNS answer
         only, so bounded by max_learned; otherwise (a resolution, the caller) they stop
         counting as learned."""
-        keys = {address_key(a) for a in addresses}
+        keys = {row_key(a) for a in addresses}
         now = time.monotonic() if now is None else now
         with self._lock:
             new = keys - self._seen.keys()
@@ -110,7 +110,7 @@ class TargetSet:
         return np.isin(keys, self._array)
 
     def __contains__(self, address) -> bool:
-        return address_key(address) in self._seen
+        return row_key(address) in self._seen
 
     def __len__(self) -> int:
         return len(self._seen)

@@ -20,7 +20,7 @@ STATS_INTERVAL = 0.25
 
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from oisp.sinks.otlp.config import Target
+    from oisp.sinks.otlp.config import Endpoint
     from oisp.sinks.otlp.exporter import OtlpExporter
 
     stdin, stdout = sys.stdin.buffer, sys.stdout
@@ -28,7 +28,7 @@ def main() -> int:
     if not first:  # the sensor ended before it said anything
         return 0
     settings = json.loads(first)
-    exporter = OtlpExporter(Target(settings["protocol"], settings.get("base")), content=bool(settings.get("content")),
+    exporter = OtlpExporter(Endpoint(settings["protocol"], settings.get("base")), content=bool(settings.get("content")),
                             metric_interval_ms=settings.get("metric_interval_ms"))
     lock = threading.Lock()
 

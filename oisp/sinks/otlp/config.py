@@ -31,7 +31,7 @@ class OtlpConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class Target:
+class Endpoint:
     protocol: str
     base: str | None  # None: the exporters resolve the endpoint from the environment
 
@@ -50,7 +50,7 @@ class Target:
             return None
 
 
-def resolve(url: str | None, protocol: str | None) -> Target:
+def resolve(url: str | None, protocol: str | None) -> Endpoint:
     """``url``: from ``--otlp`` ("" or None: the environment's); ``protocol``: from ``--otlp-protocol``."""
     chosen = (protocol or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or HTTP).strip().lower()
     if chosen not in PROTOCOLS:
@@ -65,14 +65,14 @@ def resolve(url: str | None, protocol: str | None) -> Target:
             raise OtlpConfigError("the OTLP endpoint is not a URL") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise OtlpConfigError(f"the OTLP endpoint must be an http:// or https:// URL, not {display_url(base)}")
-    return Target(chosen, base)
+    return Endpoint(chosen, base)
 
 
 def content_opt_in(flag: bool) -> bool:
     return flag or os.environ.get(CONTENT_ENV, "").strip().lower() == "true"
 
 
-def exporters(target: Target):
+def exporters(target: Endpoint):
     """(span, log, metric) exporters of the SDK for ``target``. Each export, its retries with
     exponential back-off included, is bounded by $OTEL_EXPORTER_OTLP_TIMEOUT (seconds, as
     the Python SDK reads it; default 10)."""

@@ -156,7 +156,7 @@ def _resource() -> Resource:
 class OtlpExporter:
     name = "otlp"
 
-    def __init__(self, target: config.Target, *, content: bool = False, exporters=None,
+    def __init__(self, target: config.Endpoint, *, content: bool = False, exporters=None,
                  metric_interval_ms: float | None = None, notify: Callable[[str], None] | None = None) -> None:
         """``exporters``: (span, log, metric) exporters (default: the SDK's OTLP ones for
         ``target``); ``metric_interval_ms``: default $OTEL_METRIC_EXPORT_INTERVAL or 60 s;

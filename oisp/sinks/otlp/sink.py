@@ -25,7 +25,7 @@ from typing import Any
 import oisp
 
 from oisp.sinks.base import encode_event
-from oisp.sinks.otlp.config import Target
+from oisp.sinks.otlp.config import Endpoint
 from oisp.sinks.otlp.exporter import CLOSE_TIMEOUT, OtlpStats
 
 QUEUE = 10_000  # lines waiting for the writer
@@ -35,7 +35,7 @@ WRITE_INTERVAL = 0.02  # seconds between the writer's rounds
 class OtlpSink:
     name = "otlp"
 
-    def __init__(self, target: Target, *, content: bool = False, metric_interval_ms: float | None = None,
+    def __init__(self, target: Endpoint, *, content: bool = False, metric_interval_ms: float | None = None,
                  close_timeout: float = CLOSE_TIMEOUT) -> None:
         self.target = target
         self.display_url = target.shown
