@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -19,11 +20,15 @@ def test_a_consumer_that_asks_before_the_receiver_runs_waits():
 
 
 def test_a_stopped_ring_returns_at_once():
+    """take(-1) waits for ever unless the ring is stopped: on a stopped ring it must return
+    (judged by whether it returns at all, not by a wall-clock window a loaded machine misses)."""
     ring = ReceiveRing(0, 0, 0, 0, nslots=2)
     ring.stop()
-    started = time.monotonic()
-    assert ring.take(-1) == -1
-    assert time.monotonic() - started < 0.1
+    results: list[int] = []
+    taker = threading.Thread(target=lambda: results.append(ring.take(-1)), daemon=True)
+    taker.start()
+    taker.join(10)
+    assert not taker.is_alive() and results == [-1]
 
 
 def test_a_slot_the_consumer_does_not_hold_cannot_be_handed_back():
