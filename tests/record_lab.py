@@ -44,12 +44,8 @@ def record_lab(tmp_path, request):
                               "--upstream-ca", upstream_ca, *options, stderr=subprocess.PIPE, text=True, env=env,
                               **popen)
         processes.append(sensor)
-        sensor.banner = []  # what it said before "recording" (the dashboard's URL, notes)
-        for line in sensor.stderr:
-            sensor.banner.append(line)
-            if line.startswith("oisp record: recording"):  # not "recording" anywhere: paths may hold it
-                return sensor
-        raise AssertionError(f"the sensor did not start: {sensor.wait()}")
+        await_recording(sensor)
+        return sensor
 
     try:
         time.sleep(1.0)  # hypercorn binding
@@ -86,3 +82,17 @@ def start_client(lab, name, base, n=0) -> subprocess.Popen:
     return subprocess.Popen(lab["pair"].a.cmd(sys.executable, str(HERE / "agents" / "ai_clients.py"), name, base, str(n)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "SSL_CERT_FILE": lab["our_ca"]})
+
+
+def await_recording(sensor: subprocess.Popen) -> list[str]:
+    """Read a starting `oisp record`'s stderr (text) up to its "recording" line and return
+    what it said before (the dashboard's URL, notes), also kept as `sensor.banner`. Only
+    that line counts: a path it prints may hold the word (temporary directories are named
+    after the test). A sensor that ends first fails the test with what it said."""
+    said: list[str] = []
+    for line in sensor.stderr:
+        said.append(line)
+        if line.startswith("oisp record: recording"):
+            sensor.banner = said
+            return said
+    raise AssertionError(f"the sensor did not start (exit {sensor.wait()}): {''.join(said)[-3000:]}")

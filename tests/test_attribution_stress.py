@@ -31,6 +31,7 @@ import pytest
 
 from tests.fakeprovider import make_test_pki
 from tests.netns import VethPair, stop_all, with_cgroup2
+from tests.record_lab import await_recording
 
 HERE = Path(__file__).parent
 KEY = "sk-proj-TESTKEY0123456789abcdefghijklmnopqrstuv"
@@ -93,13 +94,7 @@ def lab(tmp_path, request):
             argv = with_cgroup2(*[f"'{a}'" for a in argv])
         sensor = pair.a.popen(*argv, stderr=subprocess.PIPE, text=True, env=env)
         processes.append(sensor)
-        said = []
-        for line in sensor.stderr:
-            said.append(line)
-            if "recording" in line:
-                break
-        else:
-            raise AssertionError(f"the sensor did not start: {sensor.wait()} {''.join(said)}")
+        said = await_recording(sensor)
         if mode == "events":
             assert not any("named by psutil only" in line for line in said), said
         yield {"pair": pair, "sensor": sensor, "events": tmp_path / "events.jsonl",

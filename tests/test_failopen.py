@@ -24,6 +24,7 @@ import pytest
 
 from tests.fakeprovider import make_test_pki
 from tests.netns import stop_all
+from tests.record_lab import await_recording
 
 HERE = Path(__file__).parent
 AGENTS = HERE / "agents"
@@ -98,12 +99,8 @@ def record_lab(veth_pair, tmp_path):
         sensor = veth_pair.a.popen(sys.executable, *wrapper, "record", "-o", str(tmp_path / "events.jsonl"),
                                    "--upstream-ca", upstream_ca, stderr=subprocess.PIPE, text=True, env=env)
         processes.append(sensor)
-        seen = []
-        for line in sensor.stderr:
-            seen.append(line)
-            if "recording" in line:
-                return sensor
-        raise AssertionError(f"the sensor did not start: {sensor.wait()} {''.join(seen)}")
+        await_recording(sensor)
+        return sensor
 
     def curl(ca: str) -> subprocess.CompletedProcess:
         return veth_pair.a.run("curl", "-sS", "--connect-timeout", "1", "-m", "3", "--cacert", ca,

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.netns import VethPair, _ip, stop_all
+from tests.record_lab import await_recording
 
 HERE = Path(__file__).parent
 # Documentation addresses (TEST-NET-3, 2001:db8::/32): in no local range, so "public".
@@ -56,10 +57,8 @@ def lab(tmp_path, request):
         sensor = pair.a.popen(sys.executable, "-m", "oisp", "record", "-o", str(events), *options,
                               stderr=subprocess.PIPE, text=True, env=env)
         processes.append(sensor)
-        for line in sensor.stderr:
-            if "recording" in line:
-                return sensor
-        raise AssertionError(f"the sensor did not start: {sensor.wait()}")
+        await_recording(sensor)
+        return sensor
 
     try:
         _wait_listening(pair.a, server_ip, 11434)

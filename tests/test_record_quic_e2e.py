@@ -22,6 +22,7 @@ import pytest
 
 from oisp.demo.provider import make_test_pki
 from tests.netns import VethPair, _ip, stop_all
+from tests.record_lab import await_recording
 
 HERE = Path(__file__).parent
 TIMEOUT = 4.0  # the client's handshake (idle) timeout: what a dropped Initial would cost
@@ -52,10 +53,8 @@ def lab(tmp_path, request):
         sensor = pair.a.popen(sys.executable, "-m", "oisp", "record", "-o", str(events), "--no-local",
                               stderr=subprocess.PIPE, text=True, env=env)
         processes.append(sensor)
-        for line in sensor.stderr:
-            if "recording" in line:
-                return sensor
-        raise AssertionError(f"the sensor did not start: {sensor.wait()}")
+        await_recording(sensor)
+        return sensor
 
     def quic(host: str) -> dict:
         done = pair.a.python(str(HERE / "agents" / "quic_echo.py"), "connect", host, "443", ca, str(TIMEOUT),

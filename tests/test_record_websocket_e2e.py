@@ -24,7 +24,7 @@ import pytest
 from oisp.events import load_schema
 from tests.fakeprovider import make_test_pki
 from tests.netns import VethPair, stop_all
-from tests.record_lab import read_events, stop_sensor
+from tests.record_lab import await_recording, read_events, stop_sensor
 
 HERE = Path(__file__).parent
 
@@ -47,11 +47,7 @@ def lab(tmp_path):
         sensor = pair.a.popen(sys.executable, "-m", "oisp", "record", "-o", str(tmp_path / "events.jsonl"),
                               "--upstream-ca", upstream_ca, stderr=subprocess.PIPE, text=True, env=env)
         processes.append(sensor)
-        for line in sensor.stderr:
-            if "recording" in line:
-                break
-        else:
-            raise AssertionError(f"the sensor did not start: {sensor.wait()}")
+        await_recording(sensor)
         yield {"pair": pair, "sensor": sensor, "our_ca": str(tmp_path / "data" / "oisp" / "oisp-ca.pem"),
                "events": tmp_path / "events.jsonl"}
     finally:

@@ -38,6 +38,7 @@ from oisp.sinks import StdoutSink, WebhookSink
 from oisp.sinks.options import sinks_from_args
 from oisp.sinks.otlp import OtlpSink, resolve
 from tests.otlp_receiver import Receiver as OtlpReceiver, executable as otlp_executable
+from tests.record_lab import await_recording
 
 
 def _random(n: int = 28) -> str:
@@ -281,13 +282,7 @@ def recorded(tmp_path_factory):
                               "--upstream-ca", upstream_ca, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env)
         processes.append(sensor)
-        early = []
-        for line in sensor.stderr:
-            early.append(line)
-            if "recording" in line:
-                break
-        else:
-            raise AssertionError(f"the sensor did not start: {''.join(early)}")
+        early = await_recording(sensor)
         client = subprocess.run(
             pair.a.cmd(sys.executable, "-c", SDK_CLIENT, f"--api-key={s['cmdline_api_key_eq']}", "--token",
                        s["cmdline_token_space"]),
