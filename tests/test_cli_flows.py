@@ -63,6 +63,16 @@ def test_childs_tcp_connection_shows_with_its_pid_addresses_bytes_and_packets(ne
         child.stdin.write("go\n")
         child.stdin.flush()
         report = json.loads(child.stdout.readline())
+        # The connection's last packets (the server's FIN, the client's last ACK) go out once
+        # the server's thread closes its end, which on a loaded machine can be well after the
+        # client's report: wait until the client's socket is in TIME-WAIT (or gone), then give
+        # `oisp flows` time to settle and print.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            states = netns.run("ss", "-Htan", f"sport = :{report['tcp_port']}", check=False).stdout
+            if not states.strip() or "TIME-WAIT" in states:
+                break
+            time.sleep(0.05)
         time.sleep(1.0)
         flows.send_signal(signal.SIGINT)
         out, err = flows.communicate(timeout=20)
