@@ -30,6 +30,8 @@ import json
 import os
 import time
 
+from fakeprovider import request_body  # a sibling script: tests/ is this script's sys.path[0]
+
 FILLER = "the quick brown fox jumps over the lazy dog".split()
 PROMPT_TOKENS = 11
 
@@ -112,17 +114,9 @@ def openai(path: str, body: dict) -> tuple[str, list[bytes]]:
 
 
 async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
+    raw = await request_body(scope, receive, send)
+    if raw is None:
         return
-    raw = b""
-    while True:
-        message = await receive()
-        raw += message.get("body", b"")
-        if not message.get("more_body"):
-            break
     path = scope["path"]
     try:
         body = json.loads(raw) if raw else {}

@@ -21,18 +21,26 @@ import json
 from oisp.demo.provider import HOSTS, answer, make_test_pki  # noqa: F401 - re-exported
 
 
-async def app(scope, receive, send):
+async def request_body(scope, receive, send) -> bytes | None:
+    """An ASGI call's whole request body; None for the server's lifespan call, answered here.
+    (The fakes' own: test clients send small bodies, so no bound.)"""
     if scope["type"] == "lifespan":
         while (await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
-        return
+        return None
     body = b""
     while True:
         message = await receive()
         body += message.get("body", b"")
         if not message.get("more_body"):
-            break
+            return body
+
+
+async def app(scope, receive, send):
+    body = await request_body(scope, receive, send)
+    if body is None:
+        return
     if scope["path"].endswith("/chat/completions") and b'"think_seconds"' in body:
         await asyncio.sleep(json.loads(body)["think_seconds"])  # a model slow to answer: nothing flows meanwhile
     status, content_type, parts = answer(scope["path"], body)
