@@ -331,16 +331,36 @@ def attribute(raw_file: Path) -> dict:
             "by_func": dict(by_func.most_common(15))}
 
 
+def start_pyspy(lab: Lab, pyspy, pid: int, raw: Path) -> subprocess.Popen:
+    """py-spy sampling `pid` into `raw` (--nonblocking: the sampler never stops the process)."""
+    spy = subprocess.Popen([str(pyspy), "record", "--pid", str(pid), "--nonblocking", "--rate", str(RATE),
+                            "--format", "raw", "--full-filenames", "-o", str(raw)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lab.processes.append(spy)
+    return spy
+
+
+def stop_pyspy(spy: subprocess.Popen) -> None:
+    """SIGINT: py-spy writes its samples, then ends (killed if it takes over 30 s)."""
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+
+
+def check_pyspy(spy: subprocess.Popen, raw: Path) -> None:
+    if not raw.exists():
+        raise RuntimeError(f"py-spy wrote nothing: {spy.stderr.read()[-2000:]}")
+
+
 def profile_oisp(lab: Lab, seconds: float, pyspy: Path, tmp: Path) -> dict:
     """An untimed oisp turn under py-spy: the request-rate workloads, then the streams."""
     profiles = {}
     for label, workloads in (("request-rate (seq + newconn + conc)", RATE_WORKLOADS), ("ttfc streams", ("ttfc",))):
         pid = lab.start_oisp()
         raw = tmp / f"pyspy-{len(profiles)}.txt"
-        spy = subprocess.Popen([str(pyspy), "record", "--pid", str(pid), "--nonblocking", "--rate", str(RATE),
-                                "--format", "raw", "--full-filenames", "-o", str(raw)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        lab.processes.append(spy)
+        spy = start_pyspy(lab, pyspy, pid, raw)
         idle0 = cpu_seconds(pid)
         time.sleep(2.0)
         idle = (cpu_seconds(pid) - idle0) / 2.0
@@ -353,14 +373,9 @@ def profile_oisp(lab: Lab, seconds: float, pyspy: Path, tmp: Path) -> dict:
             cpu = cpu_seconds(pid) - cpu0
             wall = time.monotonic() - t0
             threads1 = thread_cpu(pid)
-            spy.send_signal(signal.SIGINT)
-            try:
-                spy.wait(30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
+            stop_pyspy(spy)
             lab.stop_oisp()
-        if not raw.exists():
-            raise RuntimeError(f"py-spy wrote nothing: {spy.stderr.read()[-2000:]}")
+        check_pyspy(spy, raw)
         result = attribute(raw)
         per_thread = sorted(((threads1[t] - threads0.get(t, 0.0), "main (event loop)" if t == pid else f"tid {t}")
                              for t in threads1), reverse=True)

@@ -42,7 +42,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +51,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "interception"))
 
-from interception import RATE, Lab, attribute, cpu_seconds, log, machine, thread_cpu  # noqa: E402
+from interception import (RATE, Lab, attribute, check_pyspy, cpu_seconds, log, machine, start_pyspy,  # noqa: E402
+                          stop_pyspy, thread_cpu)
 from lean_client import STREAM_CHUNKS  # noqa: E402
 from lean_provider import CHAT_BODY, stream_events  # noqa: E402
 from lean_provider import USAGE as SSE_USAGE  # noqa: E402
@@ -111,24 +111,16 @@ def profile(lab: Lab, pyspy: str, tmp: Path, n: int) -> dict:
     for workload in WORKLOADS:
         pid = lab.start_oisp()
         raw = tmp / f"pyspy-{workload}.txt"
-        spy = subprocess.Popen([pyspy, "record", "--pid", str(pid), "--nonblocking", "--rate", str(RATE),
-                                "--format", "raw", "--full-filenames", "-o", str(raw)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        lab.processes.append(spy)
+        spy = start_pyspy(lab, pyspy, pid, raw)
         try:
             time.sleep(1.0)  # py-spy attached before the traffic starts
             threads0 = thread_cpu(pid)
             r = run_workload(lab, workload, n, 0.0)
             threads1 = thread_cpu(pid)
         finally:
-            spy.send_signal(signal.SIGINT)
-            try:
-                spy.wait(30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
+            stop_pyspy(spy)
             lab.stop_oisp()
-        if not raw.exists():
-            raise RuntimeError(f"py-spy wrote nothing: {spy.stderr.read()[-2000:]}")
+        check_pyspy(spy, raw)
         # py-spy --nonblocking cannot tell a thread waiting in native code from a busy one: the
         # threads' own CPU says where the time really went.
         threads = sorted(((threads1[t] - threads0.get(t, 0.0), "main (event loop)" if t == pid else f"tid {t}")
