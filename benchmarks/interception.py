@@ -203,13 +203,13 @@ class Lab:
         lines = []
         for line in process.stderr:  # bounded: the process ends or says "recording"
             lines.append(line)
-            if "recording" in line:
+            if line.startswith("oisp record: recording"):
                 break
             if time.monotonic() > deadline:
                 break
         else:
             raise RuntimeError(f"oisp record did not start (exit {process.wait(10)}):\n{''.join(lines)}")
-        if "recording" not in lines[-1]:
+        if not lines[-1].startswith("oisp record: recording"):
             raise RuntimeError(f"oisp record did not start in 60 s:\n{''.join(lines)}")
         self.oisp_log = lines
         threading.Thread(target=lambda: self.oisp_log.extend(process.stderr), daemon=True).start()

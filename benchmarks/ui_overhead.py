@@ -45,8 +45,8 @@ def open_page(lab: "bench.Lab") -> subprocess.Popen:
     return page
 
 
-def close_page(page: subprocess.Popen) -> int:
-    out, err = page.communicate(input="", timeout=60)
+def close_page(page: subprocess.Popen, calls: int) -> int:
+    out, err = page.communicate(input=f"{calls}\n", timeout=60)
     if page.returncode != 0:
         raise RuntimeError(f"the dashboard page failed: {err[-2000:]}")
     return json.loads(out.strip().splitlines()[-1])["calls"]
@@ -80,7 +80,7 @@ def main() -> None:
                         rate[turn, w].append(statistics.median(out["ttfc"]) * 1000 if w == "ttfc"
                                              else out["requests"] / out["elapsed"])
                 finally:
-                    seen = close_page(page) if page is not None else None
+                    seen = close_page(page, calls) if page is not None else None
                     lab.stop_oisp()
                 if seen is not None and seen < calls:
                     raise RuntimeError(f"the page showed {seen} calls of the {calls} made in round {r + 1}")

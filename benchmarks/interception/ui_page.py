@@ -2,9 +2,10 @@
 
     python ui_page.py URL [--chromium /usr/bin/chromium]
 
-Prints "ready" once the page has connected, then waits until stdin closes and prints the
-page's own count of calls (window.oispStats.calls) as JSON, so the caller can check the page
-really followed the events it was sent.
+Prints "ready" once the page has connected, then reads from stdin the number of calls the
+benchmark made, gives the page up to 15 s to show them (the last batch is pushed up to a
+few hundred ms after the call), and prints the page's own count (window.oispStats.calls)
+as JSON, so the caller can check the page really followed the events it was sent.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def main() -> None:
     ap.add_argument("url")
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     args = ap.parse_args()
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -29,7 +31,11 @@ def main() -> None:
         page.goto(args.url)
         page.wait_for_function("() => window.oispStats !== undefined", timeout=30_000)
         print("ready", flush=True)
-        sys.stdin.read()  # until the benchmark closes it
+        made = int(sys.stdin.readline() or 0)  # the benchmark's calls, once it is done
+        try:
+            page.wait_for_function(f"() => window.oispStats.calls >= {made}", timeout=15_000)
+        except PlaywrightTimeout:
+            pass  # the count below says how far it got
         calls = page.evaluate("() => window.oispStats.calls")
         browser.close()
     print(json.dumps({"calls": calls}), flush=True)
