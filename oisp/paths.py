@@ -13,7 +13,25 @@ def data_dir() -> Path:
     through a symlink). XDG_DATA_HOME/oisp on Linux, %LOCALAPPDATA%\\oisp on Windows, Application Support on macOS.
 
     Under sudo, the invoking user's directory, not root's: `sudo oisp record` must
-    use the same CA the user trusted with `oisp ca env`."""
+    use the same CA the user trusted with `oisp ca env`.
+
+    Remembered per set of inputs (the environment variables and euid it reads): the
+    redactor asks for every secret it hashes, and the passwd lookup under sudo costs
+    ~10 us a time."""
+    inputs = (os.environ.get("XDG_DATA_HOME"), os.environ.get("LOCALAPPDATA"), os.environ.get("HOME"),
+              os.environ.get("SUDO_UID"), os.environ.get("SUDO_GID"), os.geteuid() if hasattr(os, "geteuid") else None)
+    found = _data_dirs.get(inputs)
+    if found is None:
+        if len(_data_dirs) >= 64:  # tests switch XDG_DATA_HOME often: never grows without bound
+            _data_dirs.clear()
+        found = _data_dirs[inputs] = _find_data_dir()
+    return found
+
+
+_data_dirs: dict[tuple, Path] = {}
+
+
+def _find_data_dir() -> Path:
     if sys.platform == "win32":
         base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
         return Path(base) / "oisp"
