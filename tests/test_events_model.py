@@ -66,3 +66,21 @@ def test_attribution_unknown_pid_and_pid_reuse(monkeypatch) -> None:
     monkeypatch.setattr(psutil.Process, "create_time", lambda self: real(self) + 1000)
     again = att.process(os.getpid())
     assert att.lookups == 2 and again["start_time"] != me["start_time"]
+
+
+@pytest.mark.parametrize("authority, domain", [
+    ("localhost:11434", "localhost"),            # a local model server's Host header carries its port
+    ("api.openai.com", "api.openai.com"),
+    ("API.Example.COM.:8443", "api.example.com"),
+    ("127.0.0.1:8000", None),                    # an IP literal is no domain: dest.ip says it
+    ("[::1]:11434", None),
+])
+def test_flow_domain_is_the_host_name_without_port(authority, domain):
+    from oisp.decode import FlowContext
+    from oisp.decode.records import Exchange
+    from oisp.events.builder import flow_data
+
+    ex = Exchange(1, "HTTP/1.1", "POST", "/api/chat", authority, [("host", authority)], 1.0, status=200)
+    data = flow_data(ex, FlowContext(client=("127.0.0.1", 50000), server=("127.0.0.1", 11434), start_ts=1.0))
+    assert data["dest"].get("domain") == domain
+    assert data["http"]["host"] == authority  # the header as sent stays in http.host

@@ -8,6 +8,7 @@ event, and URLs are emitted without their query string.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -17,6 +18,7 @@ from oisp.decode.ws_exchange import PROTOCOL as WEBSOCKET, SessionComplete
 from oisp.events.envelope import rfc3339
 from oisp.events.redact import secret_hash
 from oisp.spec import Spec
+from oisp.spec.model import split_host_port
 
 _FINISH = {
     "stop": "stop", "end_turn": "stop", "stop_sequence": "stop", "complete": "stop", "eos": "stop", "finish_reason_unspecified": "other",
@@ -185,6 +187,17 @@ def _endpoints(ctx: FlowContext) -> tuple[dict[str, Any], dict[str, Any]]:
     return dest, {"ip": ctx.client[0], "port": ctx.client[1]}
 
 
+def _domain(authority: str) -> str | None:
+    """The name in a Host/:authority value, without its port ('localhost:11434' → 'localhost');
+    None for an IP literal, which is no domain (dest.ip has it already)."""
+    host, _ = split_host_port(authority)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host or None
+    return None
+
+
 def _tls(ctx: FlowContext) -> dict[str, Any] | None:
     if not ctx.tls:
         return None
@@ -204,7 +217,9 @@ def connect_data(ctx: FlowContext) -> dict[str, Any]:
 def flow_data(ex: Exchange, ctx: FlowContext) -> dict[str, Any]:
     dest, src = _endpoints(ctx)
     if ex.authority and "domain" not in dest:
-        dest["domain"] = ex.authority
+        name = _domain(ex.authority)
+        if name:
+            dest["domain"] = name
     http: dict[str, Any] = {"method": ex.method, "path": ex.path, "version": ex.protocol}
     if ex.status is not None:
         http["status_code"] = ex.status
