@@ -39,6 +39,8 @@ extensions = [
         f"oisp._native.{pyx.stem}",
         [str(pyx.relative_to(HERE).as_posix())],
         include_dirs=[numpy.get_include(), "_native"],
+        # Headers included from other headers are invisible to Cython's dependency scan.
+        depends=[str(h.relative_to(HERE).as_posix()) for h in sorted((HERE / "_native").glob("*.h"))],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=COMPILE_ARGS,
     )

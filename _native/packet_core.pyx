@@ -20,6 +20,20 @@ import numpy as np
 
 cnp.import_array()
 
+cdef extern from "packet_bytes.h" nogil:
+    uint32_t be16 "oisp_be16"(const unsigned char *p)
+    void put16 "oisp_put16"(unsigned char *p, uint32_t v)
+    uint32_t fold16 "oisp_fold16"(uint64_t s)
+    enum:
+        OISP_TCP_FIN
+        OISP_TCP_SYN
+        OISP_TCP_RST
+        OISP_TCP_PSH
+        OISP_TCP_ACK
+        OISP_TCP_URG
+        OISP_TCP_ECE
+        OISP_TCP_CWR
+
 cdef extern from "packet_checksum.h" nogil:
     uint64_t oisp_sum_native(const unsigned char *p, size_t n)
     uint32_t oisp_fold_native(uint64_t acc)
@@ -117,6 +131,10 @@ L4_TRUNCATED = ST_L4_TRUNCATED
 BAD_L4_HEADER = ST_BAD_L4_HEADER
 FIRST_PACKET_ERROR = ST_BAD_EXTENSION_HEADER
 
+# TCP flag bits as found in a row's `tcp_flags` (packet_bytes.h: the C code reads the same).
+TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH = OISP_TCP_FIN, OISP_TCP_SYN, OISP_TCP_RST, OISP_TCP_PSH
+TCP_ACK, TCP_URG, TCP_ECE, TCP_CWR = OISP_TCP_ACK, OISP_TCP_URG, OISP_TCP_ECE, OISP_TCP_CWR
+
 cdef enum:
     PROTO_ICMP = 1
     PROTO_TCP = 6
@@ -163,24 +181,8 @@ _check_layout()
 
 # ---------------------------------------------------------------- byte helpers
 
-cdef inline uint32_t be16(const unsigned char *p) noexcept nogil:
-    return (<uint32_t>p[0] << 8) | p[1]
-
-
 cdef inline uint32_t be32(const unsigned char *p) noexcept nogil:
     return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
-
-
-cdef inline void put16(unsigned char *p, uint32_t v) noexcept nogil:
-    p[0] = <unsigned char>(v >> 8)
-    p[1] = <unsigned char>(v & 0xFF)
-
-
-cdef inline uint32_t fold16(uint64_t s) noexcept nogil:
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
-    return <uint32_t>s
 
 
 # ---------------------------------------------------------------- framing + parse

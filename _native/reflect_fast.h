@@ -41,6 +41,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include "packet_bytes.h"
 #ifndef _WIN32
 #include <unistd.h>
 #endif
@@ -53,10 +54,6 @@ enum { OISP_FAST_SLOW = 0, OISP_FAST_PASS = 1, OISP_FAST_TO_PROXY = 2, OISP_FAST
 #define OISP_FAST_FIN_PROXY 2
 #define OISP_FAST_RST 4
 #define OISP_FAST_CLOSED 8 /* Python saw it end (packets it decided itself) */
-#define OISP_TCP_FIN 0x01
-#define OISP_TCP_SYN 0x02
-#define OISP_TCP_RST 0x04
-#define OISP_TCP_ACK 0x10
 #define OISP_FAST_OPENED_MAX 1024
 
 typedef struct {
@@ -95,14 +92,6 @@ typedef struct {
     uint64_t opened_total;
     int guard_fd;                /* the guardian's pipe (Linux), -1: none; see oisp_fast_guard */
 } oisp_fast_table;
-
-static inline uint16_t oisp_be16(const unsigned char *p) { return (uint16_t)((p[0] << 8) | p[1]); }
-
-static inline void oisp_put_be16(unsigned char *p, uint16_t v)
-{
-    p[0] = (unsigned char)(v >> 8);
-    p[1] = (unsigned char)v;
-}
 
 static inline oisp_fast_table *oisp_fast_new(uint32_t max_flows)
 {
@@ -384,13 +373,11 @@ static inline void oisp_fast_reflect(unsigned char *p, uint32_t len, unsigned ch
     }
     at = p + tcp + (action == OISP_FAST_TO_PROXY ? 2 : 0);
     old = oisp_be16(at);
-    oisp_put_be16(at, port);
+    oisp_put16(at, port);
     ck = p + tcp + 16;
     /* HC' = ~(~HC + ~m + m') */
     sum = (uint32_t)(~oisp_be16(ck) & 0xffff) + (uint32_t)(~old & 0xffff) + port;
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    oisp_put_be16(ck, (uint16_t)~sum);
+    oisp_put16(ck, (uint16_t)~oisp_fold16(sum));
     memcpy(&bits, address + 8, 4);
     bits &= ~OISP_FAST_OUTBOUND_BIT;
     memcpy(address + 8, &bits, 4);

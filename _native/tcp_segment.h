@@ -12,20 +12,8 @@
 
 #include <stdint.h>
 #include <string.h>
+#include "packet_bytes.h"
 #include "packet_checksum.h"
-
-#define OISP_TCP_FIN 0x01
-#define OISP_TCP_PSH 0x08
-#define OISP_TCP_CWR 0x80
-
-static inline uint32_t oisp_get16(const unsigned char *p) { return ((uint32_t)p[0] << 8) | p[1]; }
-static inline void oisp_put16(unsigned char *p, uint32_t v) { p[0] = (unsigned char)(v >> 8); p[1] = (unsigned char)v; }
-static inline uint32_t oisp_fold16(uint64_t s)
-{
-    while (s >> 16)
-        s = (s & 0xffff) + (s >> 16);
-    return (uint32_t)s;
-}
 
 /* Where the TCP header starts, or 0 when the packet is not a plain
  * (unfragmented, extension-free for IPv6) TCP packet we can segment. */
@@ -35,7 +23,7 @@ static uint32_t oisp_tcp_offset(const unsigned char *pkt, uint32_t len)
         return 0;
     if (pkt[0] >> 4 == 4) {
         uint32_t ihl = (uint32_t)(pkt[0] & 0x0f) * 4;
-        if (ihl < 20 || pkt[9] != 6 || (oisp_get16(pkt + 6) & 0x3fff) != 0 || len < ihl + 20)
+        if (ihl < 20 || pkt[9] != 6 || (oisp_be16(pkt + 6) & 0x3fff) != 0 || len < ihl + 20)
             return 0;
         return ihl;
     }
@@ -71,7 +59,7 @@ static uint32_t oisp_tcp_segment(const unsigned char *pkt, uint32_t len, uint32_
     uint32_t payload = len - hdr, mss = mtu - hdr, done = 0, n = 0;
     int v4 = pkt[0] >> 4 == 4;
     uint32_t seq = ((uint32_t)pkt[l4 + 4] << 24) | ((uint32_t)pkt[l4 + 5] << 16) | ((uint32_t)pkt[l4 + 6] << 8) | pkt[l4 + 7];
-    uint32_t ip_id = oisp_get16(pkt + 4);
+    uint32_t ip_id = oisp_be16(pkt + 4);
     uint8_t flags = pkt[l4 + 13];
     uint64_t addr_sum = v4 ? (uint64_t)oisp_sum16(pkt + 12, 8) : (uint64_t)oisp_sum16(pkt + 8, 32);
 

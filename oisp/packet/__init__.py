@@ -39,6 +39,14 @@ from oisp._native.packet_core import (
     L4_TRUNCATED,
     OK,
     PACKET_DTYPE,
+    TCP_ACK,
+    TCP_CWR,
+    TCP_ECE,
+    TCP_FIN,
+    TCP_PSH,
+    TCP_RST,
+    TCP_SYN,
+    TCP_URG,
     TRUNCATED,
     checksum_adjust,
     compute_checksums,
@@ -60,9 +68,6 @@ STATUS_NAMES = {
     L4_TRUNCATED: "transport header truncated",
     BAD_L4_HEADER: "bad transport header",
 }
-
-# TCP flag bits as found in `tcp_flags`.
-TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK, TCP_URG, TCP_ECE, TCP_CWR = (1 << i for i in range(8))
 
 __all__ = [
     "BAD_EXTENSION_HEADER",

@@ -14,6 +14,12 @@ import ipaddress
 from oisp._native.packet_core import (
     FIRST_PACKET_ERROR,
     OK,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_PSH,
+    TCP_RST,
+    TCP_SYN,
+    TCP_URG,
     checksum_adjust,
     compute_checksums,
     parse_batch,
@@ -22,7 +28,7 @@ from oisp._native.packet_core import (
 )
 
 _TCP, _UDP = 6, 17
-_FLAG_BITS = {"fin": 0x01, "syn": 0x02, "rst": 0x04, "psh": 0x08, "ack": 0x10, "urg": 0x20}
+_FLAG_BITS = {"fin": TCP_FIN, "syn": TCP_SYN, "rst": TCP_RST, "psh": TCP_PSH, "ack": TCP_ACK, "urg": TCP_URG}
 
 
 def _flag(name: str) -> property:

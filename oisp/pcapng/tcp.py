@@ -16,12 +16,12 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from oisp.packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from oisp.pcapng.reader import Frame
 
 LINKTYPE_NULL, LINKTYPE_ETHERNET, LINKTYPE_RAW, LINKTYPE_LOOP = 0, 1, 101, 108
 LINKTYPE_LINUX_SLL, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL2 = 113, 228, 229, 276
 _RAW_ALIASES = {12, 14, LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6}
-FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 
 Endpoint = tuple[str, int]
 MAX_PENDING_BYTES = 8 * 1024 * 1024
@@ -152,10 +152,10 @@ class TcpReassembler:
         self.last_ts = max(self.last_ts, seg.ts)
         key = frozenset((seg.src, seg.dst))
         flow = self.flows.get(key)
-        if flow is None or (flow.closed and seg.flags & SYN):
-            if seg.flags & SYN and seg.flags & ACK:
+        if flow is None or (flow.closed and seg.flags & TCP_SYN):
+            if seg.flags & TCP_SYN and seg.flags & TCP_ACK:
                 client, server = seg.dst, seg.src
-            elif seg.flags & SYN:
+            elif seg.flags & TCP_SYN:
                 client, server = seg.src, seg.dst
             else:
                 client, server = (seg.src, seg.dst) if seg.src[1] > seg.dst[1] else (seg.dst, seg.src)
@@ -163,15 +163,15 @@ class TcpReassembler:
         if flow.closed:
             return
         half = flow.halves[seg.src == flow.client]
-        if seg.flags & SYN:
+        if seg.flags & TCP_SYN:
             half.next_seq = (seg.seq + 1) & 0xFFFFFFFF
         elif half.next_seq is None:
             half.next_seq = seg.seq
         if seg.payload:
             yield from self._deliver(flow, seg.src == flow.client, half, seg.seq, seg.payload, seg.ts)
-        if seg.flags & FIN:
+        if seg.flags & TCP_FIN:
             half.fin = True
-        if seg.flags & RST or all(h.fin for h in flow.halves.values()):
+        if seg.flags & TCP_RST or all(h.fin for h in flow.halves.values()):
             flow.closed = True
             yield FlowClosed(flow, seg.ts)
 
