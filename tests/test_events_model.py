@@ -84,3 +84,30 @@ def test_flow_domain_is_the_host_name_without_port(authority, domain):
     data = flow_data(ex, FlowContext(client=("127.0.0.1", 50000), server=("127.0.0.1", 11434), start_ts=1.0))
     assert data["dest"].get("domain") == domain
     assert data["http"]["host"] == authority  # the header as sent stays in http.host
+
+
+def test_a_certificate_rejection_is_a_partial_failed_connect() -> None:
+    """The event a pinning client's refused handshake makes (the proxy's _client_rejected)."""
+    from oisp.events.builder import certificate_rejected_event
+
+    validator = jsonschema.Draft202012Validator(load_schema("network.connect"))
+    named = certificate_rejected_event(("10.0.0.2", 443), ("10.0.0.1", 40000), "api.mistral.ai", 1000.0,
+                                       reason="TLSV1_ALERT_UNKNOWN_CA", pid=1234, process_name="curl",
+                                       passes_for=600.0)
+    validator.validate(named)
+    assert named["data"] == {"dest": {"ip": "10.0.0.2", "port": 443, "domain": "api.mistral.ai"},
+                             "src": {"ip": "10.0.0.1", "port": 40000}, "protocol": "tcp", "success": False,
+                             "tls": {"sni": "api.mistral.ai"}}
+    assert named["process"] == {"pid": 1234, "name": "curl"}
+    assert named["confidence"]["completeness"] == "partial"
+    assert named["confidence"]["reasons"] == [
+        "client rejected the interception certificate (TLSV1_ALERT_UNKNOWN_CA); this program's connections "
+        "to api.mistral.ai pass through undecrypted for 10 min"]
+    assert "process_attribution" not in named["confidence"]
+    unknown = certificate_rejected_event(("10.0.0.2", 443), ("10.0.0.1", 40000), "api.mistral.ai", 1000.0,
+                                         reason="closed")
+    validator.validate(unknown)
+    assert "process" not in unknown
+    assert unknown["confidence"]["reasons"] == ["client rejected the interception certificate (closed)"]
+    assert unknown["confidence"]["process_attribution"] == "unknown"
+    assert unknown["confidence"]["limitations"] == ["process_unknown"]

@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl
 from oisp.decode import Exchange, FlowContext
 from oisp.decode.messages import header
 from oisp.decode.ws_exchange import PROTOCOL as WEBSOCKET, SessionComplete
-from oisp.events.envelope import rfc3339
+from oisp.events.envelope import make_event, rfc3339
 from oisp.events.redact import secret_hash
 from oisp.spec import Spec
 from oisp.spec.model import split_host_port
@@ -212,6 +212,24 @@ def connect_data(ctx: FlowContext) -> dict[str, Any]:
     if tls:
         data["tls"] = tls
     return data
+
+
+def certificate_rejected_event(server: tuple[str, int], client: tuple[str, int], sni: str, ts: float, *,
+                               reason: str, pid: int | None = None, process_name: str | None = None,
+                               passes_for: float | None = None) -> dict[str, Any]:
+    """The network.connect event of a client whose TLS handshake refused the interception
+    certificate (`reason`: its alert), a sign that it pins its server. `passes_for`
+    (seconds): the proxy now lets this program's connections to `sni` pass through
+    undecrypted that long. No exchange was decoded, so the event is partial."""
+    data = {"dest": {"ip": server[0], "port": server[1], "domain": sni}, "src": {"ip": client[0], "port": client[1]},
+            "protocol": "tcp", "success": False, "tls": {"sni": sni}}
+    process = {"pid": pid, **({"name": process_name} if process_name else {})} if pid else None
+    why = f"client rejected the interception certificate ({reason})"
+    if passes_for:
+        why += f"; this program's connections to {sni} pass through undecrypted for {passes_for / 60:g} min"
+    return make_event("network.connect", data, ts, process=process, completeness="partial", reasons=[why],
+                      extra_confidence=None if process else {"process_attribution": "unknown",
+                                                             "limitations": ["process_unknown"]})
 
 
 def flow_data(ex: Exchange, ctx: FlowContext) -> dict[str, Any]:

@@ -36,7 +36,8 @@ from typing import Callable
 
 from oisp.decode import Direction, FlowContext
 from oisp.divert.address import unmapped
-from oisp.events import FlowRecorder, ProcessAttributor, make_event
+from oisp.events import FlowRecorder, ProcessAttributor
+from oisp.events.builder import certificate_rejected_event
 from oisp.redirect.own_ports import OwnPorts, upstream_socket
 from oisp.proxy.clienthello import MAX_HELLO, ClientHello, NotTLS, hello_complete, parse_client_hello
 from oisp.proxy.deferred import DeferredFeed
@@ -590,18 +591,9 @@ class TransparentProxy:
             return  # closed, timed out, or not about the certificate: nothing learned
         pinned = self.pinning.rejected(self._client_of(target), sni, time.monotonic())
         self.stats["pinned"] += pinned
-        data = {"dest": {"ip": target.server[0], "port": target.server[1], "domain": sni},
-                "src": {"ip": target.client[0], "port": target.client[1]},
-                "protocol": "tcp", "success": False, "tls": {"sni": sni}}
-        process = {"pid": target.pid, **({"name": target.process_name} if target.process_name else {})} \
-            if target.pid else None
-        then = (f"this program's connections to {sni} pass through undecrypted for "
-                f"{self.pinning.ttl / 60:g} min" if pinned else "")
-        self._emit([make_event("network.connect", data, time.time(), process=process, completeness="partial",
-                               reasons=[f"client rejected the interception certificate ({exc.reason})"
-                                        + (f"; {then}" if then else "")],
-                               extra_confidence=None if process else {"process_attribution": "unknown",
-                                                                      "limitations": ["process_unknown"]})])
+        self._emit([certificate_rejected_event(target.server, target.client, sni, time.time(), reason=exc.reason,
+                                               pid=target.pid, process_name=target.process_name,
+                                               passes_for=self.pinning.ttl if pinned else None)])
 
     def _emit(self, events: list[dict]) -> None:
         if events:
