@@ -55,6 +55,8 @@ enum { OISP_FAST_SLOW = 0, OISP_FAST_PASS = 1, OISP_FAST_TO_PROXY = 2, OISP_FAST
 #define OISP_FAST_RST 4
 #define OISP_FAST_CLOSED 8 /* Python saw it end (packets it decided itself) */
 #define OISP_FAST_OPENED_MAX 1024
+#define OISP_OWN_IPV4 1 /* own_port's bits: the proxy holds the port for IPv4, IPv6 (own_ports.py) */
+#define OISP_OWN_IPV6 2
 
 typedef struct {
     uint8_t addr[16];
@@ -77,8 +79,17 @@ typedef struct {
     int64_t created_ns; /* wall clock */
 } oisp_fast_opened;
 
+/* What the receiver did with the batches it decided whole. */
 typedef struct {
-    const uint8_t *own_port;     /* 65536 bytes, 1 set = the proxy's IPv4 upstream port, 2 = IPv6 (owned by Python) */
+    uint64_t to_proxy, to_client;
+    uint64_t passed;       /* the proxy's own upstream */
+    uint64_t passed_other; /* not to an AI address */
+    uint64_t batches;
+    int send_error;        /* the last injection error (0: none) */
+} oisp_fast_counts;
+
+typedef struct {
+    const uint8_t *own_port;     /* 65536 bytes of OISP_OWN_IPV4 | OISP_OWN_IPV6: the proxy's upstream ports (owned by Python) */
     uint16_t proxy_for[65536];   /* server port -> proxy port, 0 = not redirected */
     uint16_t server_for[65536];  /* proxy port -> server port, 0 = not a proxy port */
     uint8_t any_dst[65536];      /* server port -> 1: every destination is taken (plaintext model servers) */
@@ -91,6 +102,9 @@ typedef struct {
     uint32_t opened_head, opened_len;
     uint64_t opened_total;
     int guard_fd;                /* the guardian's pipe (Linux), -1: none; see oisp_fast_guard */
+    oisp_fast_counts counts;
+    uint32_t targets;            /* AI addresses in the table (kept by Python) */
+    uint8_t targets_failed;      /* one did not fit: targets_on stays off */
 } oisp_fast_table;
 
 static inline oisp_fast_table *oisp_fast_new(uint32_t max_flows)
@@ -323,7 +337,7 @@ static inline int oisp_fast_classify(oisp_fast_table *t, const unsigned char *p,
     dport = oisp_be16(p + tcp + 2);
     /* The proxy's own upstream, whatever its flags: no flow state. Per family, since
      * holding a port in IPv4 does not keep IPv6-only sockets off it (own_ports.py). */
-    if (t->proxy_for[dport] && t->own_port && (t->own_port[sport] & (v6 ? 2 : 1)))
+    if (t->proxy_for[dport] && t->own_port && (t->own_port[sport] & (v6 ? OISP_OWN_IPV6 : OISP_OWN_IPV4)))
         return OISP_FAST_PASS;
     flags = p[tcp + 13];
     memset(key, 0, sizeof key);

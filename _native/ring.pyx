@@ -40,6 +40,14 @@ cdef extern from "reflect_fast.h" nogil:
         OISP_FAST_TO_PROXY
         OISP_FAST_TO_CLIENT
         OISP_FAST_PASS_OTHER
+    enum:
+        OISP_FAST_OPENED_MAX
+        OISP_FAST_CLOSED
+        OISP_FAST_FIN_CLIENT
+        OISP_FAST_FIN_PROXY
+        OISP_FAST_RST
+        OISP_OWN_IPV4
+        OISP_OWN_IPV6
     ctypedef struct oisp_fast_flow:
         uint8_t addr[16]
         uint16_t client_port
@@ -56,6 +64,9 @@ cdef extern from "reflect_fast.h" nogil:
         uint16_t server_port
         uint8_t v6
         int64_t created_ns
+    ctypedef struct oisp_fast_counts:
+        uint64_t to_proxy, to_client, passed, passed_other, batches
+        int send_error
     ctypedef struct oisp_fast_table:
         const uint8_t *own_port
         uint16_t proxy_for[65536]
@@ -66,14 +77,14 @@ cdef extern from "reflect_fast.h" nogil:
         uint32_t count
         uint8_t targets_on
         uint8_t open_syns
-        oisp_fast_opened opened[1024]
+        oisp_fast_opened opened[OISP_FAST_OPENED_MAX]
         uint32_t opened_head
         uint32_t opened_len
         uint64_t opened_total
         int guard_fd
-    enum:
-        OISP_FAST_OPENED_MAX
-        OISP_FAST_CLOSED
+        oisp_fast_counts counts
+        uint32_t targets
+        uint8_t targets_failed
     oisp_fast_table *oisp_fast_new(uint32_t max_flows)
     void oisp_fast_free(oisp_fast_table *t)
     int oisp_fast_add(oisp_fast_table *t, const uint8_t *addr, uint16_t client_port, uint16_t proxy_port)
@@ -195,12 +206,8 @@ cdef class ReceiveRing:
         readonly uint64_t received, dropped_overflow, dropped_drain, drained, sent, dropped_verdict, \
             send_errors, consumed, high_water, batches, releases
         object _free_stack_arr, _ready_arr, _holding_arr
-        oisp_fast_table *fast
+        oisp_fast_table *fast_table  # the fast path's (see FastPath), NULL until enable_fast()
         object _fast_own_ports
-        readonly uint64_t fast_to_proxy, fast_to_client, fast_passed, fast_passed_other, fast_batches
-        readonly uint32_t fast_targets
-        readonly bint fast_targets_failed
-        readonly int fast_send_error  # the last injection error of the fast path (0: none)
 
     def __cinit__(self, int kind, uintptr_t recv_fn, uintptr_t send_fn, uintptr_t handle, *, int nslots=16,
                   int batch=255, uint32_t slot_bytes=0, int policy=C_POLICY_BLOCK):
@@ -251,21 +258,22 @@ cdef class ReceiveRing:
         oisp_sync_init(&self.send_sync)
 
     def __dealloc__(self):
-        oisp_fast_free(self.fast)  # closes the guardian's pipe too
+        oisp_fast_free(self.fast_table)  # closes the guardian's pipe too
         oisp_sync_destroy(&self.sync)
         oisp_sync_destroy(&self.send_sync)
 
     # -- the reflector's fast path (see reflect_fast.h) -----------------------------
-    def fast_enable(self, ports, own_ports, uint32_t max_flows, any_address=()):
-        """Let the receiver reflect packets of known flows itself. `ports` maps server
-        port -> proxy port; `own_ports` is a 65536-byte array (uint8) of the proxy's upstream
-        ports, 1 set for IPv4, 2 for IPv6 (OwnPorts.mask), read live (kept alive here). The
-        server ports in `any_address` take every destination (the divert filter scopes
-        them), not only the AI addresses."""
+    def enable_fast(self, ports, own_ports, uint32_t max_flows, any_address=()):
+        """Let the receiver reflect packets of known flows itself; returns the FastPath
+        (then also `fast`). `ports` maps server port -> proxy port; `own_ports` is a
+        65536-byte array (uint8) of the proxy's upstream ports, FastPath.OWN_IPV4 | OWN_IPV6
+        each (OwnPorts.mask), read live (kept alive here). The server ports in
+        `any_address` take every destination (the divert filter scopes them), not only
+        the AI addresses."""
         own = np.ascontiguousarray(own_ports).view(np.uint8)
         if own.shape != (65536,):
             raise ValueError("own_ports must hold 65536 entries")
-        if self.fast != NULL:
+        if self.fast_table != NULL:
             raise ValueError("the fast path is already enabled")
         cdef oisp_fast_table *t = oisp_fast_new(max_flows)
         if t == NULL:
@@ -286,189 +294,14 @@ cdef class ReceiveRing:
         self._fast_own_ports = own
         with nogil:
             oisp_lock(&self.sync)
-            self.fast = t
+            self.fast_table = t
             oisp_unlock(&self.sync)
-
-    def fast_add(self, const uint8_t[::1] key, uint16_t client_port, uint16_t proxy_port, bint reopen=False):
-        """Known flow: (server address as 16 bytes, client port, proxy port). False if full.
-        A flow already there keeps its state, unless `reopen` (Python opened a new
-        connection on its port): then what the old one saw is forgotten."""
-        self._fast_key(key)
-        cdef int added
-        cdef oisp_fast_flow *f
-        with nogil:
-            oisp_lock(&self.sync)
-            added = oisp_fast_add(self.fast, &key[0], client_port, proxy_port)
-            if added == 0 and reopen:
-                f = oisp_fast_find(self.fast, &key[0], client_port, proxy_port)
-                f.ends = 0
-                f.closed = 0
-            oisp_unlock(&self.sync)
-        return added >= 0
-
-    def fast_remove(self, const uint8_t[::1] key, uint16_t client_port, uint16_t proxy_port):
-        self._fast_key(key)
-        cdef int removed
-        with nogil:
-            oisp_lock(&self.sync)
-            removed = oisp_fast_remove(self.fast, &key[0], client_port, proxy_port)
-            oisp_unlock(&self.sync)
-        return bool(removed)
-
-    def fast_add_targets(self, keys, bint enable=False):
-        """AI addresses (16-byte keys). With `enable`, and while every target given so far
-        fit, packets to any other address pass in C; once one did not fit (a full table),
-        they never do again (Python decides, as without targets)."""
-        self._require_fast()
-        cdef const uint8_t[::1] key
-        cdef int added
-        for k in keys:
-            key = k
-            self._fast_key(key)
-            with nogil:
-                oisp_lock(&self.sync)
-                added = oisp_fast_add(self.fast, &key[0], 0, 0)
-                if added < 0:
-                    self.fast_targets_failed = True
-                    self.fast.targets_on = 0
-                elif added > 0:
-                    self.fast_targets += 1
-                oisp_unlock(&self.sync)
-        if enable:
-            with nogil:
-                oisp_lock(&self.sync)
-                self.fast.targets_on = not self.fast_targets_failed
-                oisp_unlock(&self.sync)
-
-    def fast_take_touched(self):
-        """[(key, ends)] of the flows that had packets through the fast path since the last
-        call; `ends` has bit 1 for a FIN from the client, 2 for one from the proxy, 4 for a RST."""
-        if self.fast == NULL:
-            return []
-        touched = []
-        cdef uint32_t i
-        oisp_lock(&self.sync)
-        try:
-            for i in range(self.fast.mask + 1):
-                if self.fast.slots[i].used and self.fast.slots[i].touched:
-                    touched.append(((bytes(self.fast.slots[i].addr[:16]), self.fast.slots[i].client_port,
-                                     self.fast.slots[i].proxy_port), self.fast.slots[i].ends))
-                    self.fast.slots[i].touched = 0
-                    self.fast.slots[i].ends = 0
-        finally:
-            oisp_unlock(&self.sync)
-        return touched
-
-    def fast_take_ends(self, const uint8_t[::1] key, uint16_t client_port, uint16_t proxy_port):
-        """One flow's FIN/RST bits seen since they were last taken (0 if none, or unknown)."""
-        self._fast_key(key)
-        cdef oisp_fast_flow *f
-        cdef uint8_t ends = 0
-        with nogil:
-            oisp_lock(&self.sync)
-            f = oisp_fast_find(self.fast, &key[0], client_port, proxy_port)
-            if f != NULL:
-                ends = f.ends
-                f.ends = 0
-            oisp_unlock(&self.sync)
-        return ends
-
-    def fast_open_syns(self, bint on=True):
-        """Let the receiver open a flow itself on a client's SYN to an AI address (it
-        needs the targets: fast_add_targets(..., enable=True)); Python adopts them with
-        fast_take_opened(). Only without a process filter: a packet names no process."""
-        self._require_fast()
-        with nogil:
-            oisp_lock(&self.sync)
-            self.fast.open_syns = on
-            oisp_unlock(&self.sync)
-
-    def fast_guard(self, fd):
-        """The guardian's pipe (a descriptor the ring now owns and closes; None: none): a flow
-        opened on a SYN here is announced to it at once (see guardian.py)."""
-        self._require_fast()
-        cdef int new_fd = -1 if fd is None else fd
-        cdef int old_fd
-        with nogil:
-            oisp_lock(&self.sync)
-            old_fd = self.fast.guard_fd
-            self.fast.guard_fd = new_fd
-            oisp_unlock(&self.sync)
-        if old_fd >= 0:
-            os.close(old_fd)
+        return FastPath(self)
 
     @property
-    def fast_opened(self):
-        """Flows the receiver has opened (all time), and those not yet taken: (total, pending)."""
-        if self.fast == NULL:
-            return 0, 0
-        return self.fast.opened_total, self.fast.opened_len
-
-    def fast_take_opened(self):
-        """The flows the receiver opened since the last call, oldest first: [(server key,
-        client key, client port, proxy port, server port, IP version, created)], keys as
-        16 bytes (IPv4 in the first 4), `created` in seconds since the epoch."""
-        if self.fast == NULL:
-            return []
-        opened = []
-        cdef oisp_fast_opened *o
-        oisp_lock(&self.sync)
-        try:
-            while self.fast.opened_len:
-                o = &self.fast.opened[self.fast.opened_head]
-                opened.append((bytes(o.server[:16]), bytes(o.client[:16]), o.client_port, o.proxy_port,
-                               o.server_port, 6 if o.v6 else 4, o.created_ns / 1e9))
-                self.fast.opened_head = (self.fast.opened_head + 1) % OISP_FAST_OPENED_MAX
-                self.fast.opened_len -= 1
-        finally:
-            oisp_unlock(&self.sync)
-        return opened
-
-    def fast_mark_closed(self, const uint8_t[::1] key, uint16_t client_port, uint16_t proxy_port):
-        """Python saw this flow end (in packets it decided): a SYN on its port is a new
-        connection. Unknown flows are ignored."""
-        self._fast_key(key)
-        cdef oisp_fast_flow *f
-        with nogil:
-            oisp_lock(&self.sync)
-            f = oisp_fast_find(self.fast, &key[0], client_port, proxy_port)
-            if f != NULL:
-                f.closed |= OISP_FAST_CLOSED
-            oisp_unlock(&self.sync)
-
-    def fast_decide(self, packet, address):
-        """What the fast path does with one packet: (action, packet after, address after).
-        Action: 0 slow (to Python), 1 pass (our upstream), 2 reflect to the proxy, 3 reflect
-        to the client, 4 pass (not an AI address)."""
-        self._require_fast()
-        cdef bytearray p = bytearray(packet), a = bytearray(address)
-        if len(a) != OISP_ADDRESS_SIZE:
-            raise ValueError(f"an address is {OISP_ADDRESS_SIZE} bytes")
-        cdef unsigned char *pp = p
-        cdef unsigned char *ap = a
-        cdef uint16_t port = 0
-        cdef int action
-        oisp_lock(&self.sync)
-        action = oisp_fast_classify(self.fast, pp, <uint32_t>len(p), ap, &port)
-        oisp_unlock(&self.sync)
-        if action == OISP_FAST_TO_PROXY or action == OISP_FAST_TO_CLIENT:
-            oisp_fast_reflect(pp, <uint32_t>len(p), ap, action, port)
-        return action, bytes(p), bytes(a)
-
-    def fast_flows(self):
-        """Flows in the fast path's table (the AI addresses not counted)."""
-        return 0 if self.fast == NULL else self.fast.count - self.fast_targets
-
-    cdef int _require_fast(self) except -1:
-        if self.fast == NULL:
-            raise ValueError("the fast path is not enabled")
-        return 0
-
-    cdef int _fast_key(self, const uint8_t[::1] key) except -1:
-        self._require_fast()
-        if key.shape[0] != 16:
-            raise ValueError("a flow key or target address is 16 bytes")
-        return 0
+    def fast(self):
+        """The fast path (a FastPath), None until enable_fast()."""
+        return None if self.fast_table == NULL else FastPath(self)
 
     cdef bint _fast_batch(self, int slot, uint32_t nbytes, uint32_t count) noexcept nogil:
         """With the lock held: if every packet of the slot is decided here, rewrite and
@@ -482,9 +315,9 @@ cdef class ReceiveRing:
         cdef uint32_t i, to_proxy = 0, to_client = 0, passed = 0, passed_other = 0, mtu
         cdef bint oversize = False
         cdef int err
-        cdef uint64_t opened_before = self.fast.opened_total
+        cdef uint64_t opened_before = self.fast_table.opened_total
         for i in range(count):
-            actions[i] = oisp_fast_classify(self.fast, buf + offsets[i], lengths[i],
+            actions[i] = oisp_fast_classify(self.fast_table, buf + offsets[i], lengths[i],
                                             addrs + i * OISP_ADDRESS_SIZE, &ports[i])
             if actions[i] == OISP_FAST_SLOW:
                 return False
@@ -509,18 +342,18 @@ cdef class ReceiveRing:
             self.sent += count
         else:
             self.send_errors += count
-            self.fast_send_error = err
-        self.fast_to_proxy += to_proxy
-        self.fast_to_client += to_client
-        self.fast_passed += passed
-        self.fast_passed_other += passed_other
-        self.fast_batches += 1
+            self.fast_table.counts.send_error = err
+        self.fast_table.counts.to_proxy += to_proxy
+        self.fast_table.counts.to_client += to_client
+        self.fast_table.counts.passed += passed
+        self.fast_table.counts.passed_other += passed_other
+        self.fast_table.counts.batches += 1
         # Only this thread waits for free slots, and waking the consumer (blocked in take())
         # for a batch it never sees would cost it the GIL each time: it is woken only to
         # adopt flows opened here.
         self.free_stack[self.free_top] = slot
         self.free_top += 1
-        if self.fast.opened_total != opened_before:
+        if self.fast_table.opened_total != opened_before:
             oisp_broadcast(&self.sync)
         return True
 
@@ -594,7 +427,7 @@ cdef class ReceiveRing:
                     continue
                 split_packets(buf, nbytes, count, self.offsets_p + <size_t>slot * self.batch,
                               self.lengths_p + <size_t>slot * self.batch)
-                if self.fast != NULL and self._fast_batch(slot, nbytes, count):
+                if self.fast_table != NULL and self._fast_batch(slot, nbytes, count):
                     oisp_unlock(&self.sync)
                     continue
                 self.nbytes_p[slot] = nbytes
@@ -614,7 +447,7 @@ cdef class ReceiveRing:
     def take(self, int timeout_ms=-1):
         """The next ready slot, or -1 on timeout or when the ring has stopped and is empty.
         A take with a timeout also returns -1 when woken: by wake(), or by flows the fast
-        path opened (fast_take_opened)."""
+        path opened (FastPath.take_opened)."""
         cdef int slot = -1
         with nogil:
             oisp_lock(&self.sync)
@@ -857,3 +690,234 @@ cdef inline void memset_verdicts(uint8_t *v, int n) noexcept nogil:
     cdef int i
     for i in range(n):
         v[i] = C_VERDICT_PASS
+
+
+cdef class FastPath:
+    """The reflector's fast path (reflect_fast.h): the flow and AI-address table the ring's
+    receiver consults to reflect or pass a batch itself, without the GIL, and what it
+    counted. A ring has at most one (ReceiveRing.enable_fast, then ReceiveRing.fast); the
+    ring owns the table, this object keeps the ring alive, and every call takes the
+    ring's lock, the one its receiver holds while it decides.
+
+    The class attributes name the C constants, for Python and the tests to use rather
+    than copy: the decisions of `decide`, the `ends` bits of `take_touched` and
+    `take_ends`, the bits of the own-ports mask, and the length of the opened queue."""
+
+    SLOW, PASS, TO_PROXY = OISP_FAST_SLOW, OISP_FAST_PASS, OISP_FAST_TO_PROXY
+    TO_CLIENT, PASS_OTHER = OISP_FAST_TO_CLIENT, OISP_FAST_PASS_OTHER
+    FIN_CLIENT, FIN_PROXY, RST = OISP_FAST_FIN_CLIENT, OISP_FAST_FIN_PROXY, OISP_FAST_RST
+    OWN_IPV4, OWN_IPV6 = OISP_OWN_IPV4, OISP_OWN_IPV6
+    OPENED_MAX = OISP_FAST_OPENED_MAX
+
+    cdef:
+        readonly ReceiveRing ring
+        oisp_fast_table *table
+        oisp_sync *sync
+
+    def __cinit__(self, ReceiveRing ring not None):
+        if ring.fast_table == NULL:
+            raise ValueError("the fast path is not enabled")
+        self.ring, self.table, self.sync = ring, ring.fast_table, &ring.sync
+
+    cdef int _key(self, const uint8_t[::1] key) except -1:
+        if key.shape[0] != 16:
+            raise ValueError("a flow key or target address is 16 bytes")
+        return 0
+
+    def add(self, const uint8_t[::1] key, uint16_t client_port, uint16_t proxy_port, bint reopen=False):
+        """Known flow: (server address as 16 bytes, client port, proxy port). False if full.
+        A flow already there keeps its state, unless `reopen` (Python opened a new
+        connection on its port): then what the old one saw is forgotten."""
+        self._key(key)
+        cdef int added
+        cdef oisp_fast_flow *f
+        with nogil:
+            oisp_lock(self.sync)
+            added = oisp_fast_add(self.table, &key[0], client_port, proxy_port)
+            if added == 0 and reopen:
+                f = oisp_fast_find(self.table, &key[0], client_port, proxy_port)
+                f.ends = 0
+                f.closed = 0
+            oisp_unlock(self.sync)
+        return added >= 0
+
+    def remove(self, const uint8_t[::1] key, uint16_t client_port, uint16_t proxy_port):
+        self._key(key)
+        cdef int removed
+        with nogil:
+            oisp_lock(self.sync)
+            removed = oisp_fast_remove(self.table, &key[0], client_port, proxy_port)
+            oisp_unlock(self.sync)
+        return bool(removed)
+
+    def add_targets(self, keys, bint enable=False):
+        """AI addresses (16-byte keys). With `enable`, and while every target given so far
+        fit, packets to any other address pass in C; once one did not fit (a full table),
+        they never do again (Python decides, as without targets)."""
+        cdef const uint8_t[::1] key
+        cdef int added
+        for k in keys:
+            key = k
+            self._key(key)
+            with nogil:
+                oisp_lock(self.sync)
+                added = oisp_fast_add(self.table, &key[0], 0, 0)
+                if added < 0:
+                    self.table.targets_failed = 1
+                    self.table.targets_on = 0
+                elif added > 0:
+                    self.table.targets += 1
+                oisp_unlock(self.sync)
+        if enable:
+            with nogil:
+                oisp_lock(self.sync)
+                self.table.targets_on = not self.table.targets_failed
+                oisp_unlock(self.sync)
+
+    def take_touched(self):
+        """[(key, ends)] of the flows that had packets through the fast path since the last
+        call; `ends` holds FIN_CLIENT, FIN_PROXY and RST (a FIN from either side, a RST)."""
+        touched = []
+        cdef uint32_t i
+        oisp_lock(self.sync)
+        try:
+            for i in range(self.table.mask + 1):
+                if self.table.slots[i].used and self.table.slots[i].touched:
+                    touched.append(((bytes(self.table.slots[i].addr[:16]), self.table.slots[i].client_port,
+                                     self.table.slots[i].proxy_port), self.table.slots[i].ends))
+                    self.table.slots[i].touched = 0
+                    self.table.slots[i].ends = 0
+        finally:
+            oisp_unlock(self.sync)
+        return touched
+
+    def take_ends(self, const uint8_t[::1] key, uint16_t client_port, uint16_t proxy_port):
+        """One flow's FIN/RST bits seen since they were last taken (0 if none, or unknown)."""
+        self._key(key)
+        cdef oisp_fast_flow *f
+        cdef uint8_t ends = 0
+        with nogil:
+            oisp_lock(self.sync)
+            f = oisp_fast_find(self.table, &key[0], client_port, proxy_port)
+            if f != NULL:
+                ends = f.ends
+                f.ends = 0
+            oisp_unlock(self.sync)
+        return ends
+
+    def open_syns(self, bint on=True):
+        """Let the receiver open a flow itself on a client's SYN to an AI address (it
+        needs the targets: add_targets(..., enable=True)); Python adopts them with
+        take_opened(). Only without a process filter: a packet names no process."""
+        with nogil:
+            oisp_lock(self.sync)
+            self.table.open_syns = on
+            oisp_unlock(self.sync)
+
+    def guard(self, fd):
+        """The guardian's pipe (a descriptor the fast path now owns and closes; None: none):
+        a flow opened on a SYN here is announced to it at once (see guardian.py)."""
+        cdef int new_fd = -1 if fd is None else fd
+        cdef int old_fd
+        with nogil:
+            oisp_lock(self.sync)
+            old_fd = self.table.guard_fd
+            self.table.guard_fd = new_fd
+            oisp_unlock(self.sync)
+        if old_fd >= 0:
+            os.close(old_fd)
+
+    @property
+    def opened(self):
+        """Flows the receiver has opened (all time), and those not yet taken: (total, pending)."""
+        return self.table.opened_total, self.table.opened_len
+
+    def take_opened(self):
+        """The flows the receiver opened since the last call, oldest first: [(server key,
+        client key, client port, proxy port, server port, IP version, created)], keys as
+        16 bytes (IPv4 in the first 4), `created` in seconds since the epoch."""
+        opened = []
+        cdef oisp_fast_opened *o
+        oisp_lock(self.sync)
+        try:
+            while self.table.opened_len:
+                o = &self.table.opened[self.table.opened_head]
+                opened.append((bytes(o.server[:16]), bytes(o.client[:16]), o.client_port, o.proxy_port,
+                               o.server_port, 6 if o.v6 else 4, o.created_ns / 1e9))
+                self.table.opened_head = (self.table.opened_head + 1) % OISP_FAST_OPENED_MAX
+                self.table.opened_len -= 1
+        finally:
+            oisp_unlock(self.sync)
+        return opened
+
+    def mark_closed(self, const uint8_t[::1] key, uint16_t client_port, uint16_t proxy_port):
+        """Python saw this flow end (in packets it decided): a SYN on its port is a new
+        connection. Unknown flows are ignored."""
+        self._key(key)
+        cdef oisp_fast_flow *f
+        with nogil:
+            oisp_lock(self.sync)
+            f = oisp_fast_find(self.table, &key[0], client_port, proxy_port)
+            if f != NULL:
+                f.closed |= OISP_FAST_CLOSED
+            oisp_unlock(self.sync)
+
+    def decide(self, packet, address):
+        """What the receiver does with one packet: (action, packet after, address after),
+        the action one of SLOW (to Python), PASS (our upstream), TO_PROXY, TO_CLIENT
+        (reflected) and PASS_OTHER (not an AI address)."""
+        cdef bytearray p = bytearray(packet), a = bytearray(address)
+        if len(a) != OISP_ADDRESS_SIZE:
+            raise ValueError(f"an address is {OISP_ADDRESS_SIZE} bytes")
+        cdef unsigned char *pp = p
+        cdef unsigned char *ap = a
+        cdef uint16_t port = 0
+        cdef int action
+        oisp_lock(self.sync)
+        action = oisp_fast_classify(self.table, pp, <uint32_t>len(p), ap, &port)
+        oisp_unlock(self.sync)
+        if action == OISP_FAST_TO_PROXY or action == OISP_FAST_TO_CLIENT:
+            oisp_fast_reflect(pp, <uint32_t>len(p), ap, action, port)
+        return action, bytes(p), bytes(a)
+
+    def flows(self):
+        """Flows in the table (the AI addresses not counted)."""
+        return self.table.count - self.table.targets
+
+    # What the receiver did with the batches it decided whole (all time).
+    @property
+    def targets(self):
+        """AI addresses in the table."""
+        return self.table.targets
+
+    @property
+    def targets_failed(self):
+        """An AI address did not fit: packets to other addresses never pass in C again."""
+        return bool(self.table.targets_failed)
+
+    @property
+    def to_proxy(self):
+        return self.table.counts.to_proxy
+
+    @property
+    def to_client(self):
+        return self.table.counts.to_client
+
+    @property
+    def passed(self):
+        """The proxy's own upstream packets passed."""
+        return self.table.counts.passed
+
+    @property
+    def passed_other(self):
+        """Packets to addresses that are not AI endpoints passed."""
+        return self.table.counts.passed_other
+
+    @property
+    def batches(self):
+        return self.table.counts.batches
+
+    @property
+    def send_error(self):
+        """The last injection error of a batch decided here (0: none)."""
+        return self.table.counts.send_error

@@ -21,7 +21,7 @@ import pytest
 from oisp.divert.constants import Event
 from oisp.divert.engine import FlowEvent
 from oisp.divert import holders
-from oisp.redirect.flows import FlowEntry, FlowTable
+from oisp.redirect.flows import ENDS_RST, FlowEntry, FlowTable
 from oisp.redirect.processes import ProcessResolver
 
 LOOPBACK = "127.0.0.1"
@@ -227,7 +227,7 @@ def test_an_ended_entry_is_not_taken_for_the_new_connection_on_its_port():
     main answered with the lingering entry of the previous one, and its owner."""
     table = FlowTable()
     old = table.open(_entry(pid=7, name="python"))
-    table.touch([(old.key, 4)])  # RST: it ended, and lingers
+    table.touch([(old.key, ENDS_RST)])  # it ended, and lingers
     new = _entry(pid=8, name="python")
     table.on_miss = lambda: table.open(new) if table.get(new.key) is old else None
     assert table.lookup("10.0.0.2", 40000, 8443) is new

@@ -13,6 +13,7 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
+from oisp._native.ring import FastPath
 from oisp.divert.address import IPV6, OUTBOUND, new_addresses, row_key
 from oisp.redirect import FlowTable, OwnPorts, TargetSet
 from oisp.redirect import reflector as reflector_module
@@ -21,7 +22,7 @@ from oisp.redirect.reflector import Reflector, reflector_filter
 from oisp.spec import default_spec
 from tests.reflector_batch import Batch
 
-TO_PROXY, PASS_OTHER, SLOW = 2, 4, 0
+TO_PROXY, PASS_OTHER, SLOW = FastPath.TO_PROXY, FastPath.PASS_OTHER, FastPath.SLOW
 
 
 @pytest.mark.parametrize("text, want", [
@@ -150,19 +151,18 @@ def test_the_ring_opens_and_reflects_flows_of_a_plaintext_port_to_any_address():
     from oisp._native.ring import ReceiveRing
 
     own = OwnPorts()
-    ring = ReceiveRing(0, 0, 0, 0, nslots=2)
-    ring.fast_enable({443: 8443, 11434: 30001}, own.mask, 64, any_address=[11434])
-    ring.fast_add_targets([row_key("10.200.1.2")], enable=True)
-    ring.fast_open_syns(True)
+    fast = ReceiveRing(0, 0, 0, 0, nslots=2).enable_fast({443: 8443, 11434: 30001}, own.mask, 64, any_address=[11434])
+    fast.add_targets([row_key("10.200.1.2")], enable=True)
+    fast.open_syns(True)
     for dst in ("127.0.0.1", "::1", "192.168.1.20"):
         data, address = packet(dst, 11434)
-        action, out, _ = ring.fast_decide(data, address.tobytes())
+        action, out, _ = fast.decide(data, address.tobytes())
         assert action == TO_PROXY, dst
     data, address = packet("192.168.1.20", 443)
-    assert ring.fast_decide(data, address.tobytes())[0] == PASS_OTHER  # 443 still wants an AI address
-    assert [o[2] for o in ring.fast_take_opened()] == [40000, 40000, 40000]
+    assert fast.decide(data, address.tobytes())[0] == PASS_OTHER  # 443 still wants an AI address
+    assert [o[2] for o in fast.take_opened()] == [40000, 40000, 40000]
     with pytest.raises(ValueError, match="not redirected"):
-        ReceiveRing(0, 0, 0, 0, nslots=2).fast_enable({443: 8443}, own.mask, 64, any_address=[11434])
+        ReceiveRing(0, 0, 0, 0, nslots=2).enable_fast({443: 8443}, own.mask, 64, any_address=[11434])
 
 
 def test_oisp_check_says_which_local_servers_and_ports_are_watched(tmp_path):

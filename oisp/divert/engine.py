@@ -294,6 +294,7 @@ class Engine:
     def counters(self) -> dict:
         ring = self._ring
         ready, held_slots = ring.occupancy()
+        fast_error = ring.fast.send_error if ring.fast is not None else 0
         counters = {
             "received": ring.received,
             "sent": ring.sent - self._passed_untaken,  # those are counted as drained
@@ -303,7 +304,7 @@ class Engine:
             "send_errors": ring.send_errors,
             "segmented": ring.segmented,
             "last_send_error": self._last_send_error or (
-                str(self.handle.backend.error(ring.fast_send_error, "inject")) if ring.fast_send_error else None),
+                str(self.handle.backend.error(fast_error, "inject")) if fast_error else None),
             "consumed": ring.consumed,
             "drained": ring.drained + self._passed_untaken,  # passed unexamined because stopping
             "held": ring.held_packets(),

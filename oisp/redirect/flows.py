@@ -25,13 +25,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
+from oisp._native.ring import FastPath
 from oisp.divert.address import row_key
 from oisp.packet import TCP_FIN, TCP_RST
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 FlowKey = tuple[bytes, int, int]  # (server address as 16 bytes, client port, proxy port)
-# How a flow ended, as the ring's fast path reports it (_native/reflect_fast.h).
-ENDS_FIN_CLIENT, ENDS_FIN_PROXY, ENDS_RST = 1, 2, 4
+# How a flow ended, as the ring's fast path reports it (FastPath.take_touched), and as `seen` notes it.
+ENDS_FIN_CLIENT, ENDS_FIN_PROXY, ENDS_RST = FastPath.FIN_CLIENT, FastPath.FIN_PROXY, FastPath.RST
 
 
 def key_address(key: bytes, ip_version: int) -> Address:

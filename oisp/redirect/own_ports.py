@@ -45,7 +45,10 @@ import threading
 
 import numpy as np
 
-IPV4_BIT, IPV6_BIT = 1, 2  # the mask's bits: which families hold the port
+from oisp._native.ring import FastPath
+
+# The mask's bits: which families hold the port (the ring's fast path reads the same).
+IPV4_BIT, IPV6_BIT = FastPath.OWN_IPV4, FastPath.OWN_IPV6
 
 
 def family_bit(family: int) -> int:

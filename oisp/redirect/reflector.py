@@ -218,7 +218,7 @@ class Reflector:
         self._opening = False
         if self.fast_path:
             for engine in self._engines:
-                engine.ring.fast_open_syns(False)
+                engine.ring.fast.open_syns(False)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -277,16 +277,17 @@ class Reflector:
         handle, ring = engine.handle, engine.ring
         try:
             if self.fast_path:
-                ring.fast_enable(self.ports, self.own_ports.mask, self.flows.max_flows + self.targets.max_addresses,
-                                 any_address=list(self.plain.ports) if self.plain else ())
-                ring.fast_open_syns(self.open_syns and self._opening)
+                fast = ring.enable_fast(self.ports, self.own_ports.mask,
+                                        self.flows.max_flows + self.targets.max_addresses,
+                                        any_address=list(self.plain.ports) if self.plain else ())
+                fast.open_syns(self.open_syns and self._opening)
                 if self.open_syns:
-                    ring.fast_guard(handle.death_pipe())
+                    fast.guard(handle.death_pipe())
             entries = self.flows.entries()  # flows carried by the handle this one succeeds
             handle.abort_on_death(*(entry.client_port for entry in entries))
             if self.fast_path:
                 for entry in entries:
-                    ring.fast_add(*entry.key)
+                    fast.add(*entry.key)
         except BaseException:
             engine.stop()  # half set up: it must not go on diverting
             raise
@@ -302,7 +303,7 @@ class Reflector:
         engine, generation = self._open_engine(priority)
         self._engines = (*self._engines, engine)  # from here on, new addresses reach its ring too
         if self.fast_path:
-            engine.ring.fast_add_targets(self.targets.keys(), enable=True)
+            engine.ring.fast.add_targets(self.targets.keys(), enable=True)
         self.filter["addresses"] = len(self.targets) if self.filter["mode"] == "addresses" else 0
         with self._covered_changed:
             self._covered = generation
@@ -317,13 +318,13 @@ class Reflector:
                 engine.handle.abort_on_death(entry.client_port)
             if self.fast_path:
                 # A flow the ring opened keeps what it saw since; one opened here is new.
-                engine.ring.fast_add(*entry.key, reopen=not entry.from_ring)
+                engine.ring.fast.add(*entry.key, reopen=not entry.from_ring)
 
     def _flow_closed(self, entry: FlowEntry) -> None:
         """So a ring takes a SYN on this port for a new connection, not a retransmission."""
         if self.fast_path:
             for engine in self._engines:
-                engine.ring.fast_mark_closed(*entry.key)
+                engine.ring.fast.mark_closed(*entry.key)
 
     def _adopt(self) -> None:
         """Take the flows the rings opened on clients' SYNs into the flow table, oldest
@@ -334,7 +335,7 @@ class Reflector:
         with self._from_rings:
             for engine in self._engines:
                 for server, client, client_port, proxy_port, server_port, version, created \
-                        in engine.ring.fast_take_opened():
+                        in engine.ring.fast.take_opened():
                     entry = FlowEntry(key_address(client, version), client_port, key_address(server, version),
                                       server_port, proxy_port, created=created, from_ring=True)
                     # Named after, by the reflector thread (_name_owners): this may run on the
@@ -346,12 +347,12 @@ class Reflector:
     def _take_touched(self, engine: Engine) -> None:
         """The flows the ring carried since last asked, and the FINs and RSTs it passed."""
         with self._from_rings:
-            self.flows.touch(engine.ring.fast_take_touched())
+            self.flows.touch(engine.ring.fast.take_touched())
 
     def _flow_removed(self, entry: FlowEntry) -> None:
         for engine in self._engines:
             if self.fast_path:
-                engine.ring.fast_remove(*entry.key)
+                engine.ring.fast.remove(*entry.key)
             engine.handle.forget_on_death(entry.client_port)
 
     def _targets_added(self, keys: list[bytes]) -> None:
@@ -359,7 +360,7 @@ class Reflector:
         address mode, the reflector thread then swaps in a handle whose filter names them."""
         if self.fast_path:
             for engine in self._engines:
-                engine.ring.fast_add_targets(keys)
+                engine.ring.fast.add_targets(keys)
         if self.filter["mode"] == "addresses":
             self._swap_wanted.set()
             engine = self.engine
@@ -433,8 +434,8 @@ class Reflector:
                 _add_counts(fast, self._fast_counts(live))
             current = self.engine
             if current is not None:
-                fast.update(flows=current.ring.fast_flows(), targets=current.ring.fast_targets,
-                            targets_failed=current.ring.fast_targets_failed)
+                fast.update(flows=current.ring.fast.flows(), targets=current.ring.fast.targets,
+                            targets_failed=current.ring.fast.targets_failed)
             counts["reflected_to_proxy"] += fast.get("to_proxy", 0)
             counts["reflected_to_client"] += fast.get("to_client", 0)
             counts["own_upstream"] += fast.get("own_upstream", 0)
@@ -448,9 +449,11 @@ class Reflector:
 
     @staticmethod
     def _fast_counts(engine: Engine) -> dict:
-        ring = engine.ring
-        return {"to_proxy": ring.fast_to_proxy, "to_client": ring.fast_to_client, "own_upstream": ring.fast_passed,
-                "not_ai": ring.fast_passed_other, "batches": ring.fast_batches, "opened": ring.fast_opened[0]}
+        fast = engine.ring.fast
+        if fast is None:
+            return {}
+        return {"to_proxy": fast.to_proxy, "to_client": fast.to_client, "own_upstream": fast.passed,
+                "not_ai": fast.passed_other, "batches": fast.batches, "opened": fast.opened[0]}
 
     def _run(self) -> None:
         next_expiry = time.monotonic() + 1.0
@@ -622,7 +625,7 @@ class Reflector:
         if self.fast_path:
             with self._from_rings:
                 for engine in self._engines:
-                    ends = engine.ring.fast_take_ends(*key)
+                    ends = engine.ring.fast.take_ends(*key)
                     if ends:
                         self.flows.touch([(key, ends)])
         entry = self.flows.get(key)

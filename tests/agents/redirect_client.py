@@ -362,7 +362,7 @@ def scenario_syn_kill(server_ip, result_path):
     child = subprocess.Popen([sys.executable, "-c", WAITER, server_ip, result_path, "no-greeting"],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     connected = child.stdout.readline().strip() == "connected"  # the handshake went through the ring
-    out = {"connected": connected, "opened": reflector.engine.ring.fast_opened, "flows": len(flows)}
+    out = {"connected": connected, "opened": reflector.engine.ring.fast.opened, "flows": len(flows)}
     print(json.dumps(out), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
