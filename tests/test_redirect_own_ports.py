@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from oisp.redirect import OwnPorts, ProcessFilter, connect_upstream, open_upstream
-from oisp.redirect.reflector import reflector_filter
+from oisp.redirect.succession import reflector_filter
 
 
 def listener(family, host):
@@ -140,7 +140,7 @@ def test_no_other_socket_can_send_from_a_registered_port():
 
 
 def test_the_swap_budget_allows_a_burst_then_one_per_period():
-    from oisp.redirect.reflector import SwapBudget
+    from oisp.redirect.succession import SwapBudget
 
     now = [100.0]
     budget = SwapBudget(burst=3, every=2.0, clock=lambda: now[0])
@@ -168,8 +168,8 @@ def test_the_dns_hold_does_not_wait_for_a_swap_the_budget_cannot_give_in_time():
 
     waited = []
     reflector = Reflector(TargetSet(), FlowTable(), OwnPorts())
-    reflector._covered_changed = Recording()
+    reflector.succession.covered_changed = Recording()
     assert not reflector.wait_covered(1, timeout=1.0) and waited == [1.0]  # a swap may come: it waits
-    while reflector._swap_budget.take():
+    while reflector.succession.budget.take():
         pass
     assert not reflector.wait_covered(1, timeout=1.0) and waited == [1.0, 0.0]

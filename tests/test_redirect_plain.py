@@ -16,9 +16,10 @@ from scapy.layers.inet6 import IPv6
 from oisp._native.ring import FastPath
 from oisp.divert.address import IPV6, OUTBOUND, new_addresses, row_key
 from oisp.redirect import FlowTable, OwnPorts, TargetSet
-from oisp.redirect import reflector as reflector_module
+from oisp.redirect import batch_decision
 from oisp.redirect.plain import LOCAL_NETWORKS, PlainPorts, PlainRequest, PlainSpecError, is_local, parse_plain
-from oisp.redirect.reflector import Reflector, reflector_filter
+from oisp.redirect.reflector import Reflector
+from oisp.redirect.succession import reflector_filter
 from oisp.spec import default_spec
 from tests.reflector_batch import Batch
 
@@ -121,7 +122,7 @@ def test_the_spec_lists_local_servers_and_names_a_port():
 
 
 def plain_reflector(small: bool, monkeypatch) -> Reflector:
-    monkeypatch.setattr(reflector_module, "SMALL_BATCH", 10**6 if small else 0)
+    monkeypatch.setattr(batch_decision, "SMALL_BATCH", 10**6 if small else 0)
     plain = PlainPorts.build([11434], [], lambda host: [])
     return Reflector(TargetSet(["10.200.1.2"]), FlowTable(), OwnPorts(), ports={443: 8443, 11434: 30001},
                      plain=plain)

@@ -10,7 +10,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
 from oisp.redirect import FlowTable, OwnPorts, TargetSet
-from oisp.redirect import reflector as reflector_module
+from oisp.redirect import batch_decision
 from oisp.redirect.reflector import Reflector
 from tests.reflector_batch import SERVERS, Batch
 
@@ -42,7 +42,7 @@ def random_packets(rng: random.Random, count: int) -> tuple[list[bytes], list[bo
 
 
 def run(packets, outbound, small: bool, monkeypatch) -> tuple:
-    monkeypatch.setattr(reflector_module, "SMALL_BATCH", 10**6 if small else 0)
+    monkeypatch.setattr(batch_decision, "SMALL_BATCH", 10**6 if small else 0)
     own = OwnPorts()
     own.register(50000, socket.AF_INET)  # IPv4 alone: IPv6 packets from it are a client's
     reflector = Reflector(TargetSet([SERVERS[4][0], SERVERS[6][0]]), FlowTable(), own)

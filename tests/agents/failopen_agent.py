@@ -48,7 +48,7 @@ def scenario_reflector_fault(server_ip, other_ip, fault):
         proxy = Proxy(redirector.flows, redirector.own_ports)
         out = {"before": exchange(server_ip, 443, b"through the proxy"), "filters_before": len(divert_filters())}
         if fault == "method":
-            redirector.reflector._take_touched = injected  # it runs once a second in the reflector thread
+            redirector.reflector.mirror.take_touched = injected  # it runs once a second in the reflector thread
         else:
             popen, subprocess.Popen = subprocess.Popen, injected
             redirector.targets.add([other_ip])  # the reflector thread swaps in a handle: a new guardian

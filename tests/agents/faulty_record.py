@@ -9,10 +9,10 @@ import os
 import sys
 
 from oisp.cli import main
-from oisp.redirect.reflector import Reflector
+from oisp.redirect.fast_mirror import FastMirror
 
 trigger = sys.argv.pop(1)
-take_touched = Reflector._take_touched
+take_touched = FastMirror.take_touched
 
 
 def _take_touched(self, engine):
@@ -21,5 +21,5 @@ def _take_touched(self, engine):
     return take_touched(self, engine)
 
 
-Reflector._take_touched = _take_touched
+FastMirror.take_touched = _take_touched
 sys.exit(main())

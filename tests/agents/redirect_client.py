@@ -358,7 +358,7 @@ def scenario_syn_kill(server_ip, result_path):
     own_ports = OwnPorts()
     Proxy(flows, own_ports)  # listens on PROXY_PORT from its own thread, for the whole scenario
     reflector = Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}).start()
-    reflector._from_rings.acquire()  # nothing the ring opens is adopted: only the ring knows the flow
+    reflector.mirror.lock.acquire()  # nothing the ring opens is adopted: only the ring knows the flow
     child = subprocess.Popen([sys.executable, "-c", WAITER, server_ip, result_path, "no-greeting"],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     connected = child.stdout.readline().strip() == "connected"  # the handshake went through the ring
