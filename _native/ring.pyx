@@ -48,6 +48,7 @@ cdef extern from "reflect_fast.h" nogil:
         OISP_FAST_RST
         OISP_OWN_IPV4
         OISP_OWN_IPV6
+    uint32_t OISP_FAST_OUTBOUND_BIT
     ctypedef struct oisp_fast_flow:
         uint8_t addr[16]
         uint16_t client_port
@@ -701,13 +702,15 @@ cdef class FastPath:
 
     The class attributes name the C constants, for Python and the tests to use rather
     than copy: the decisions of `decide`, the `ends` bits of `take_touched` and
-    `take_ends`, the bits of the own-ports mask, and the length of the opened queue."""
+    `take_ends`, the bits of the own-ports mask, the length of the opened queue, and
+    the address bit it reads as "outbound"."""
 
     SLOW, PASS, TO_PROXY = OISP_FAST_SLOW, OISP_FAST_PASS, OISP_FAST_TO_PROXY
     TO_CLIENT, PASS_OTHER = OISP_FAST_TO_CLIENT, OISP_FAST_PASS_OTHER
     FIN_CLIENT, FIN_PROXY, RST = OISP_FAST_FIN_CLIENT, OISP_FAST_FIN_PROXY, OISP_FAST_RST
     OWN_IPV4, OWN_IPV6 = OISP_OWN_IPV4, OISP_OWN_IPV6
     OPENED_MAX = OISP_FAST_OPENED_MAX
+    OUTBOUND = OISP_FAST_OUTBOUND_BIT  # the WINDIVERT_ADDRESS bit it reads (oisp.divert.address.OUTBOUND)
 
     cdef:
         readonly ReceiveRing ring

@@ -380,6 +380,15 @@ def test_api_errors_are_clear():
     assert ring.fast.add(row_key("10.0.0.1"), 1, 8443) and fast.flows() == 1  # one table, however reached
 
 
+def test_the_fast_path_reads_the_address_bits_python_writes():
+    """The C copy of the WINDIVERT_ADDRESS layout agrees with oisp.divert.address, and the
+    own-port bits with OwnPorts (which takes them from FastPath)."""
+    assert FastPath.OUTBOUND == OUTBOUND
+    own = OwnPorts()
+    own.register(OWN_PORT, socket.AF_INET6)
+    assert own.mask[OWN_PORT] == FastPath.OWN_IPV6 and FastPath.OWN_IPV4 != FastPath.OWN_IPV6
+
+
 def test_the_fast_path_keeps_its_ring_alive():
     """A FastPath is a view of its ring's table and lock: holding it must keep both."""
     fast = ReceiveRing(0, 0, 0, 0, nslots=2).enable_fast({443: 8443}, np.zeros(65536, dtype=bool), 8)
