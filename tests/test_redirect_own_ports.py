@@ -1,5 +1,5 @@
 """The proxy's own upstream ports are registered before the SYN leaves, released after;
-the process filter's include/exclude rules; the reflector's filter and its swap budget."""
+the reflector's filter and its swap budget."""
 
 import asyncio
 import errno
@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from oisp.redirect import OwnPorts, ProcessFilter, connect_upstream, open_upstream
+from oisp.redirect import OwnPorts, connect_upstream, open_upstream
 from oisp.redirect.reflector import reflector_filter
 
 
@@ -89,18 +89,6 @@ def test_a_port_shared_by_two_sockets_stays_registered_until_both_go():
     assert not own.holds(5000, socket.AF_INET) and own.holds(5000, socket.AF_INET6) and own.mask[5000] == 2
     own.unregister(5000, socket.AF_INET6)
     assert own.mask[5000] == 0 and len(own) == 0
-
-
-def test_process_filter_rules():
-    everyone = ProcessFilter()
-    assert not everyone.active and everyone.allows(None, None)
-    only = ProcessFilter(include="python,node")
-    assert only.allows(1, "Python") and only.allows(2, "node") and not only.allows(3, "chrome")
-    assert not only.allows(None, None)  # unknown owner: not in the include list
-    but_not = ProcessFilter(include="python", exclude=["42"])
-    assert but_not.allows(41, "python") and not but_not.allows(42, "python")
-    no_chrome = ProcessFilter(exclude="chrome, 7")
-    assert no_chrome.allows(None, None) and not no_chrome.allows(5, "chrome") and not no_chrome.allows(7, "x")
 
 
 def test_reflector_filter_names_every_server_and_proxy_port():

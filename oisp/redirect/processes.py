@@ -1,4 +1,4 @@
-"""Which process opened a flow, and whether its flows are taken (`--process`, `--exclude`).
+"""Which process opened a flow (whether its flows are taken: oisp/divert/process_filter.py).
 
 The reflector must decide on a flow's first SYN, and a packet carries no pid.
 Linux answers exactly: the client socket's inode, from an exact sock_diag lookup
@@ -48,33 +48,6 @@ KNOWN_INODES = 65536  # socket inode → the process shown to hold it (a socket 
 KNOWN_TUPLES = 65536  # owning events kept by four-tuple (an end event may be lost: oldest go first)
 _OWNING = {Event.SOCKET_CONNECT, Event.FLOW_ESTABLISHED}
 _ENDING = {Event.SOCKET_CLOSE, Event.FLOW_DELETED}
-
-
-class ProcessFilter:
-    """Include/exclude by pid or name. With an include list only those are taken;
-    an exclusion always wins."""
-
-    def __init__(self, include: str | list = (), exclude: str | list = ()):
-        self.include_pids, self.include_names = self._parse(include)
-        self.exclude_pids, self.exclude_names = self._parse(exclude)
-
-    @staticmethod
-    def _parse(spec) -> tuple[set[int], set[str]]:
-        items = spec.split(",") if isinstance(spec, str) else list(spec)
-        items = [str(i).strip() for i in items if str(i).strip()]
-        return {int(i) for i in items if i.isdigit()}, {i.lower() for i in items if not i.isdigit()}
-
-    @property
-    def active(self) -> bool:
-        return bool(self.include_pids or self.include_names or self.exclude_pids or self.exclude_names)
-
-    def allows(self, pid: int | None, name: str | None) -> bool:
-        name = (name or "").lower()
-        if pid in self.exclude_pids or name in self.exclude_names:
-            return False
-        if self.include_pids or self.include_names:
-            return pid in self.include_pids or name in self.include_names
-        return True
 
 
 def _kernel_answers() -> bool:

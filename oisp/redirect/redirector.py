@@ -21,7 +21,8 @@ from typing import Iterable
 from oisp.divert.errors import DivertError
 from oisp.redirect.flows import FlowTable
 from oisp.redirect.own_ports import OwnPorts
-from oisp.redirect.processes import ProcessFilter, ProcessResolver
+from oisp.divert.process_filter import ProcessFilter
+from oisp.redirect.processes import ProcessResolver
 from oisp.redirect.reflector import DEFAULT_PORTS, Reflector
 from oisp.redirect.targets import DnsSniffer, TargetSet, resolve_hosts
 

@@ -50,7 +50,8 @@ from oisp.packet import OK, TCP_ACK, TCP_SYN, reflect
 from oisp.redirect.flows import FlowEntry, FlowTable, key_address
 from oisp.redirect.own_ports import IPV4_BIT, IPV6_BIT, OwnPorts
 from oisp.redirect.plain import PlainPorts
-from oisp.redirect.processes import ProcessFilter, ProcessResolver
+from oisp.divert.process_filter import ProcessFilter
+from oisp.redirect.processes import ProcessResolver
 from oisp.redirect.targets import TargetSet
 
 DEFAULT_PORTS = {443: 8443}  # server port → proxy port
