@@ -28,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from oisp.divert import holders
 from oisp.divert.address import unmapped
@@ -48,6 +49,20 @@ KNOWN_INODES = 65536  # socket inode → the process shown to hold it (a socket 
 KNOWN_TUPLES = 65536  # owning events kept by four-tuple (an end event may be lost: oldest go first)
 _OWNING = {Event.SOCKET_CONNECT, Event.FLOW_ESTABLISHED}
 _ENDING = {Event.SOCKET_CLOSE, Event.FLOW_DELETED}
+
+
+@dataclass(frozen=True)
+class _Search:
+    """How far an owner search goes past the candidates the events name."""
+
+    connectors: bool  # Linux: the processes that connected to the same server lately, as candidates
+    every_process: bool  # Linux: the recent owners, then every process, newest first
+    psutil_table: bool  # elsewhere: psutil's table of every socket (~8-30 ms)
+
+
+_FULL = _Search(connectors=False, every_process=True, psutil_table=True)
+_NEW_FLOW = _Search(connectors=True, every_process=True, psutil_table=False)
+_HINTS = _Search(connectors=True, every_process=False, psutil_table=False)
 
 
 def _kernel_answers() -> bool:
@@ -130,22 +145,37 @@ class ProcessResolver:
                     del self._tuples[key]
 
     def owner(self, client_addr, client_port: int, server_addr=None, server_port: int | None = None,
-              *, since: float | None = None, guess: bool = False, use_psutil: bool = True,
-              full_scan: bool = True) -> tuple[int | None, str | None]:
+              *, since: float | None = None) -> tuple[int | None, str | None]:
         """The owner of a client socket whose flow began at `since` (wall clock; None: no
-        bound on the owner's start). Where the kernel answers (Linux), the answer is the
-        process holding the socket: `use_psutil` False limits the search to the
-        candidates the events name, `guess` adds the processes that just connected to
-        the same server (only as candidates: each is checked like the rest). Elsewhere
-        an owning event of the four-tuple answers; `use_psutil` and `full_scan` allow
+        bound on the owner's start), searched as far as it takes. Where the kernel answers
+        (Linux), the process holding the socket: the candidates the events name, then the
+        recent owners and every process. Elsewhere an owning event of the four-tuple, then
         psutil's table of every socket (~8-30 ms), matched on the four-tuple."""
+        return self._owner(client_addr, client_port, server_addr, server_port, since, _FULL)
+
+    def new_flow_owner(self, client_addr, client_port: int, server_addr, server_port: int, *,
+                       since: float) -> tuple[int | None, str | None]:
+        """The owner of a flow just opened, asked on the redirector's thread: as `owner`,
+        with the processes that just connected to the same server tried early (Linux: as
+        candidates, each checked like the rest), and never psutil's table (elsewhere: too
+        slow for that thread; the proxy's lookup asks `owner` for what stays unknown)."""
+        return self._owner(client_addr, client_port, server_addr, server_port, since, _NEW_FLOW)
+
+    def hinted_owner(self, client_addr, client_port: int, server_addr=None, server_port: int | None = None,
+                     *, since: float | None = None) -> tuple[int | None, str | None]:
+        """What the hints alone show: the candidates the events name and the processes that
+        just connected to the same server (Linux: each checked like the rest), no search of
+        every process or socket."""
+        return self._owner(client_addr, client_port, server_addr, server_port, since, _HINTS)
+
+    def _owner(self, client_addr, client_port, server_addr, server_port, since,
+               search: _Search) -> tuple[int | None, str | None]:
         start = None  # the owner's start time, when the search read it
         if self.verifies:
-            pid, how, start = self._held_owner(client_addr, client_port, server_addr, server_port, since, guess,
-                                               use_psutil)
+            pid, how, start = self._held_owner(client_addr, client_port, server_addr, server_port, since, search)
         else:
             pid, how = self._event_owner(client_addr, client_port, server_addr, server_port, since,
-                                         use_psutil and full_scan)
+                                         search.psutil_table)
         self.counts[how] += 1
         if not pid:
             return None, None
@@ -170,8 +200,8 @@ class ProcessResolver:
             return self._inodes.get(inode) == pid
 
     # -- Linux: the process holding the socket ---------------------------------------------
-    def _held_owner(self, client_addr, client_port, server_addr, server_port, since, guess,
-                    search_all) -> tuple[int | None, str, float | None]:
+    def _held_owner(self, client_addr, client_port, server_addr, server_port, since,
+                    search: _Search) -> tuple[int | None, str, float | None]:
         if server_addr is not None and server_port is not None and sock_diag.available():
             inode = sock_diag.tcp_inode(client_addr, client_port, server_addr, server_port)
         else:
@@ -185,9 +215,9 @@ class ProcessResolver:
         refused: list[int] = []
         tried: set[int] = set()
         steps = [("by_event", self._event_hints(client_addr, client_port, server_addr, server_port))]
-        if guess and server_addr is not None:
+        if search.connectors and server_addr is not None:
             steps.append(("by_connect", self._connectors(server_addr, server_port)))
-        if search_all:
+        if search.every_process:
             with self._lock:
                 steps.append(("by_recent_owner", list(reversed(self._recent_pids))))
             steps.append(("by_proc_scan", None))  # every other process, newest first
@@ -233,7 +263,7 @@ class ProcessResolver:
 
     # -- elsewhere: events bound to the connection, then psutil --------------------------
     def _event_owner(self, client_addr, client_port, server_addr, server_port, since,
-                     use_psutil) -> tuple[int | None, str]:
+                     psutil_table) -> tuple[int | None, str]:
         # The flow's SYN on the monotonic clock the events are noted on.
         syn = None if since is None else time.monotonic() - (time.time() - since)
         candidates = []
@@ -249,7 +279,7 @@ class ProcessResolver:
             self.counts["refused"] += 1
         # The system's own table of live connections (Windows: GetExtendedTcpTable), exact
         # on the four-tuple.
-        if use_psutil and (pid := _psutil_owner(client_addr, client_port, server_addr, server_port)):
+        if psutil_table and (pid := _psutil_owner(client_addr, client_port, server_addr, server_port)):
             if _alive_since(pid, since):
                 return pid, "by_psutil"
             self.counts["refused"] += 1

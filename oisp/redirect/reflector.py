@@ -657,9 +657,8 @@ class Reflector:
             unnamed, self._unnamed = self._unnamed, []
         for entry in unnamed:
             if entry.pid is None:
-                entry.pid, entry.process_name = self.processes.owner(
-                    entry.client_addr, entry.client_port, entry.server_addr, entry.server_port, since=entry.created,
-                    guess=True, full_scan=False)
+                entry.pid, entry.process_name = self.processes.new_flow_owner(
+                    entry.client_addr, entry.client_port, entry.server_addr, entry.server_port, since=entry.created)
 
 
 def _add_counts(total: dict, counts: dict) -> None:
