@@ -3,7 +3,9 @@
     redirector = Redirector(proxy_ports={443: 8443}, exclude="chrome").start()
     ...                                     # the proxy, on an accepted socket:
     entry = redirector.flows.lookup(*sock.getpeername()[:2], sock.getsockname()[1])
-    upstream = await open_upstream(str(entry.server_addr), entry.server_port, redirector.own_ports)
+    family = socket.AF_INET6 if entry.server_addr.version == 6 else socket.AF_INET
+    upstream = upstream_socket(family, redirector.own_ports)  # its port registered before the connect
+    await loop.sock_connect(upstream, (str(entry.server_addr), entry.server_port))
     ...
     redirector.stop()
 
