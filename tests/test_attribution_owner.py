@@ -119,7 +119,8 @@ def test_a_candidate_the_events_name_is_refused_unless_it_holds_the_socket(serve
         assert resolver.hinted_owner(LOOPBACK, _port(mine), LOOPBACK, server, since=time.time()) == (None, None)
         assert resolver.counts["refused"] == 1  # one pid, named twice
         pid, name = resolver.owner(LOOPBACK, _port(mine), LOOPBACK, server, since=time.time())
-        assert pid == os.getpid() and name
+        assert pid == os.getpid()
+        assert name
         assert resolver.counts["by_proc_scan"] == 1
 
 
@@ -240,10 +241,16 @@ def test_an_owner_the_kernel_does_not_confirm_is_named_again():
     table = FlowTable(owner=owner, confirm=lambda client, port, server, server_port, pid: pid == 8)
     stale = table.open(_entry(pid=7, name="python", created=1234.5))
     found = table.lookup("10.0.0.2", 40000, 8443, name_owner=False)
-    assert (found.pid, found.process_name) == (None, None) and not named  # not named on the event loop
+    # not named on the event loop
+    assert (found.pid, found.process_name) == (None, None)
+    assert not named
     found = table.lookup("10.0.0.2", 40000, 8443)
-    assert (found.pid, found.process_name) == (8, "curl") and named == [1234.5]  # bound by the flow's start
-    assert table.lookup("10.0.0.2", 40000, 8443) is stale and len(named) == 1  # confirmed: kept
+    # bound by the flow's start
+    assert (found.pid, found.process_name) == (8, "curl")
+    assert named == [1234.5]
+    # confirmed: kept
+    assert table.lookup("10.0.0.2", 40000, 8443) is stale
+    assert len(named) == 1
 
 
 # -- what the events say ------------------------------------------------------------------
@@ -339,4 +346,5 @@ def test_a_name_is_the_current_process_behind_a_reused_pid(children, monkeypatch
     monkeypatch.setattr(ProcessNames, "MAX_NAMES", 3)
     for pid in (1, os.getpid(), os.getppid(), child.pid):
         names(pid)
-    assert len(names._names) == 3 and 1 not in names._names
+    assert len(names._names) == 3
+    assert 1 not in names._names

@@ -75,7 +75,8 @@ def test_scapy_pcapng_decodes_like_live(tmp_path, name: str) -> None:
     events: list[dict] = []
     counts = decode_capture(str(path), events.append)
     validate(events)
-    assert counts["connections"] == 1 and counts["decode_errors"] == 0
+    assert counts["connections"] == 1
+    assert counts["decode_errors"] == 0
     assert comparable(events) == comparable(direct_events(case, 11434))
     resp = next(e for e in events if e["event_type"] == "ai.response")["data"]
     assert resp["choices"][0]["message"]["content"] == case.expected["text"]
@@ -154,7 +155,8 @@ def test_dumpcap_capture_of_real_loopback_exchange(tmp_path, capsys) -> None:
         assert r["choices"][0]["message"]["content"] == "Sky is blue."
         assert r["usage"] == {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
         # The first chunk follows the headers at once: under 1 ms on loopback rounds to 0.
-        assert r["finish_reason"] == "stop" and 0 <= r["time_to_first_token_ms"] < r["latency_ms"]
+        assert r["finish_reason"] == "stop"
+        assert 0 <= r["time_to_first_token_ms"] < r["latency_ms"]
 
 
 def test_not_a_capture_is_a_clean_error(tmp_path, capsys) -> None:
@@ -208,7 +210,8 @@ def test_truncated_anywhere_keeps_every_whole_packet(tmp_path) -> None:
         got = list(read_packets(cut_file, stats))
         whole_blocks = sum(1 for e in ends if e <= cut)
         # Every packet whose block is whole is read; a block cut short is one counted skip.
-        assert got == full[: len(got)] and stats.skipped == (0 if cut in ends else 1), cut
+        assert got == full[: len(got)], cut
+        assert stats.skipped == (0 if cut in ends else 1), cut
         assert len(got) == len(full) - sum(1 for e in ends[2:] if e > cut) or whole_blocks < 2, cut
 
 
@@ -220,7 +223,8 @@ def test_a_packet_on_an_undescribed_interface_is_skipped_and_counted(tmp_path, c
     damaged.write_bytes(data[: off + total] + _epb(7, b"\x00" * 60) + data[off + total :])
     events: list[dict] = []
     counts = decode_capture(str(damaged), events.append)
-    assert counts["skipped_blocks"] == 1 and comparable(events) == comparable(clean_events)
+    assert counts["skipped_blocks"] == 1
+    assert comparable(events) == comparable(clean_events)
     assert main(["decode", str(damaged), "--quiet"]) == 0
     assert "1 unreadable blocks skipped" in capsys.readouterr().err
 
@@ -233,7 +237,8 @@ def test_a_short_interface_block_is_skipped_and_its_packets_with_it(tmp_path) ->
     damaged = tmp_path / "bad-idb.pcapng"
     damaged.write_bytes(data[:idb_off] + short_idb + data[idb_off + idb_len :])
     stats = ReadStats()
-    assert list(read_packets(damaged, stats)) == [] and stats.skipped == len(_blocks(data)) - 1
+    assert list(read_packets(damaged, stats)) == []
+    assert stats.skipped == len(_blocks(data)) - 1
 
 
 def test_damage_part_way_decodes_what_came_before_and_says_so(tmp_path, capsys) -> None:
@@ -244,7 +249,9 @@ def test_damage_part_way_decodes_what_came_before_and_says_so(tmp_path, capsys) 
     assert main(["decode", str(damaged)]) == 1
     out = capsys.readouterr()
     assert comparable([json.loads(line) for line in out.out.splitlines()]) == comparable(clean_events)
-    assert "impossible length" in out.err and "decoded what came before" in out.err and "Traceback" not in out.err
+    assert "impossible length" in out.err
+    assert "decoded what came before" in out.err
+    assert "Traceback" not in out.err
     # The same damage with nothing readable before it: not a capture, status 2.
     shb = data[: _blocks(data)[0][1]]
     damaged.write_bytes(shb + struct.pack("<II", 6, 4) + b"\0" * 16)
@@ -261,7 +268,8 @@ def test_pcap_record_of_impossible_length_and_short_header(tmp_path, capsys) -> 
     path.write_bytes(data + struct.pack("<IIII", 0, 0, 0xFFFFFFF0, 0xFFFFFFF0) + b"\0" * 32)
     assert main(["decode", str(path)]) == 1
     out = capsys.readouterr()
-    assert comparable([json.loads(line) for line in out.out.splitlines()]) == comparable(clean) and "claims" in out.err
+    assert comparable([json.loads(line) for line in out.out.splitlines()]) == comparable(clean)
+    assert "claims" in out.err
     path.write_bytes(data[:10])
     assert main(["decode", str(path)]) == 2
     assert "pcap file header cut short" in capsys.readouterr().err

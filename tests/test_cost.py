@@ -145,7 +145,9 @@ def test_every_priced_fixture_validates_and_says_bundled() -> None:
         cost = resp.get("usage", {}).get("cost")
         if cost:
             priced += 1
-            assert cost["estimate"] is True and cost["source"] == "bundled" and cost["prices_as_of"] == AS_OF
+            assert cost["estimate"] is True
+            assert cost["source"] == "bundled"
+            assert cost["prices_as_of"] == AS_OF
     assert priced >= 10
 
 
@@ -183,7 +185,8 @@ def test_no_loose_match_to_a_shorter_model() -> None:
         assert only_4o.lookup("openai", model) is None, model
     assert only_4o.lookup("openai", "gpt-4o-2024-08-06") is not None
     only_opus_5 = PriceTable.parse({"as_of": "2026-01-01", "providers": {"anthropic": {"models": {"claude-opus-5": {"input": 5, "output": 25}}}}}, "user", "t")
-    assert only_opus_5.lookup("anthropic", "claude-opus-5-5") is None and only_opus_5.lookup("anthropic", "claude-opus-5-5-20261001") is None
+    assert only_opus_5.lookup("anthropic", "claude-opus-5-5") is None
+    assert only_opus_5.lookup("anthropic", "claude-opus-5-5-20261001") is None
     assert only_opus_5.lookup("anthropic", "claude-opus-5-20260724") is not None
 
 
@@ -197,7 +200,8 @@ def test_unknown_model_has_no_cost(provider, model) -> None:
 
 def test_unknown_model_event_has_no_cost_field() -> None:
     resp = decoded("ollama_chat_ndjson")
-    assert resp["usage"]["prompt_tokens"] == 11 and "cost" not in resp["usage"]
+    assert resp["usage"]["prompt_tokens"] == 11
+    assert "cost" not in resp["usage"]
 
 
 def test_missing_rate_gives_no_cost_not_a_wrong_one() -> None:
@@ -247,7 +251,8 @@ def test_user_file_overrides_and_adds(tmp_path) -> None:
     assert gpt4o == {"usd": pytest.approx((1000 * 2.0 + 100 * 8.0) / M), "estimate": True, "prices_as_of": "2026-11-30", "source": "user"}
     assert table.cost("ollama", "llama3.2", {"prompt_tokens": 11, "completion_tokens": 3})["usd"] == 0
     mini = table.cost("openai", "gpt-4o-mini", {"prompt_tokens": 1000, "completion_tokens": 100})  # untouched: bundled
-    assert mini["source"] == "bundled" and mini["prices_as_of"] == AS_OF
+    assert mini["source"] == "bundled"
+    assert mini["prices_as_of"] == AS_OF
     assert bundled().cost("openai", "gpt-4o", {"prompt_tokens": 1000, "completion_tokens": 100})["source"] == "bundled"
 
 
@@ -297,7 +302,9 @@ def test_record_refuses_a_bad_price_file_at_start(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-m", "oisp", "record", "--prices", str(path), "--duration", "0"],
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2
-    assert str(path) in out.stderr and "gpt-4o" in out.stderr and "output" in out.stderr
+    assert str(path) in out.stderr
+    assert "gpt-4o" in out.stderr
+    assert "output" in out.stderr
 
 
 def test_bundled_table_is_dated_and_sourced() -> None:

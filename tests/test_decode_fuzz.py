@@ -177,7 +177,8 @@ def test_fuzz_content_decoders(coding: str, plain: bytes, flips: list[tuple[int,
 
     out = bounded(run)
     if not flips:  # undamaged: exactly the original, up to what was asked for
-        assert out == plain[: len(out)] and len(out) >= min(len(plain), cap)
+        assert out == plain[: len(out)]
+        assert len(out) >= min(len(plain), cap)
 
 
 @FUZZ
@@ -201,7 +202,9 @@ def test_fuzz_ndjson_and_json_array(pieces: list[bytes]) -> None:
 
     lines, elements = bounded(run)
     nd, arr = NDJSONSplitter(), JSONArraySplitter()
-    assert lines == nd.feed(whole) + nd.close() and elements == arr.feed(whole)  # cut-invariant
+    # cut-invariant
+    assert lines == nd.feed(whole) + nd.close()
+    assert elements == arr.feed(whole)
 
 
 def _http1_message(start: str, headers: list[str], body: bytes, chunked: bool) -> bytes:

@@ -53,7 +53,8 @@ def test_pipelined_requests_sent_before_any_response() -> None:
     records = d.feed(Direction.RESPONSE, resp() + resp(b'{"models":[]}') + resp(), 2.0)
     done = completed(records)
     assert [e.method for e in done] == ["POST", "GET", "POST"]
-    assert done[1].match is None and done[0].ai_response.text == done[2].ai_response.text == "héllo"
+    assert done[1].match is None
+    assert done[0].ai_response.text == done[2].ai_response.text == "héllo"
 
 
 @pytest.mark.parametrize("status", ["204 No Content", "304 Not Modified"])
@@ -61,14 +62,16 @@ def test_no_body_statuses(status: str) -> None:
     # 204/304 carry no body even if they announce one, and the next exchange follows at once.
     records, d = decode(req("GET", "/x", b"") + req(), resp(b"", status, length=False) + resp())
     done = completed(records)
-    assert [e.status for e in done] == [int(status[:3]), 200] and done[1].ai_response.text == "héllo"
+    assert [e.status for e in done] == [int(status[:3]), 200]
+    assert done[1].ai_response.text == "héllo"
 
 
 def test_head_response_has_no_body_despite_content_length() -> None:
     head_resp = b"HTTP/1.1 200 OK\r\nContent-Length: 9999\r\n\r\n"
     records, d = decode(req("HEAD", "/api/chat", b"") + req(), head_resp + resp())
     done = completed(records)
-    assert [e.method for e in done] == ["HEAD", "POST"] and done[1].ai_response.text == "héllo"
+    assert [e.method for e in done] == ["HEAD", "POST"]
+    assert done[1].ai_response.text == "héllo"
     assert d.stats.decode_errors == 0
 
 
@@ -80,7 +83,9 @@ def test_expect_100_continue() -> None:
     out += d.feed(Direction.REQUEST, body, 1.2)
     out += d.feed(Direction.RESPONSE, resp(), 2.0)
     done = completed(out)
-    assert len(done) == 1 and done[0].status == 200 and done[0].ai_response.text == "héllo"
+    assert len(done) == 1
+    assert done[0].status == 200
+    assert done[0].ai_response.text == "héllo"
 
 
 def _zstd(data: bytes) -> bytes:
@@ -105,7 +110,8 @@ def test_content_encodings(name: str, encode) -> None:
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     response = f"HTTP/1.1 200 OK\r\nContent-Encoding: {name}\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + chunked
     records, d = decode(req(), response)
-    assert completed(records)[0].ai_response.text == "héllo" and d.stats.decode_errors == 0
+    assert completed(records)[0].ai_response.text == "héllo"
+    assert d.stats.decode_errors == 0
 
 
 def test_gzip_request_body() -> None:
@@ -117,20 +123,26 @@ def test_gzip_request_body() -> None:
 def test_body_read_until_close() -> None:
     records, d = decode(req(), b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + REPLY)
     done = completed(records)
-    assert done[0].complete and done[0].ai_response.text == "héllo"
+    assert done[0].complete
+    assert done[0].ai_response.text == "héllo"
 
 
 def test_truncated_response_is_reported_incomplete() -> None:
     records, d = decode(req(), resp()[:-10])
     done = completed(records)
-    assert len(done) == 1 and not done[0].complete and "response_incomplete" in done[0].problems
+    assert len(done) == 1
+    assert not done[0].complete
+    assert "response_incomplete" in done[0].problems
 
 
 def test_garbage_is_one_counted_error_and_no_exchange() -> None:
     records, d = decode(b"\x16\x03\x01\x02\x00garbage\r\n\r\n", b"\x00\xff" * 100)
-    assert records == [] and d.stats.decode_errors == 1 and d.stats.abandoned
+    assert records == []
+    assert d.stats.decode_errors == 1
+    assert d.stats.abandoned
 
 
 def test_malformed_after_good_exchange_keeps_the_good_one() -> None:
     records, d = decode(req() + b"NOT HTTP AT ALL\r\n\r\n", resp())
-    assert len(completed(records)) == 1 and d.stats.decode_errors == 1
+    assert len(completed(records)) == 1
+    assert d.stats.decode_errors == 1

@@ -149,4 +149,5 @@ def test_matches_h11_peers_whatever_the_cuts_and_interleaving(exchanges: list[di
     # Streams come in order, and each message's pieces in order: head, body, end.
     assert [m.stream for m in got if isinstance(m, RequestHead)] == list(range(len({m.stream for m in expected})))
     for pieces in _per_message(got).values():
-        assert isinstance(pieces[0], (RequestHead, ResponseHead)) and isinstance(pieces[-1], End)
+        assert isinstance(pieces[0], (RequestHead, ResponseHead))
+        assert isinstance(pieces[-1], End)

@@ -41,7 +41,8 @@ def test_fixture_yields_expected_pair(case: Case) -> None:
     if "error_type" in exp:
         assert resp["error"]["type"] == exp["error_type"]
     flows = [e for e in events if e["event_type"] == "network.flow"]
-    assert len(flows) == 1 and flows[0]["data"]["http"]["status_code"] == case.status
+    assert len(flows) == 1
+    assert flows[0]["data"]["http"]["status_code"] == case.status
     assert flows[0]["data"]["http"]["path"] == case.path.split("?")[0]
 
 

@@ -91,14 +91,16 @@ def test_async_iteration(netns):
 def test_watchdog_closes_the_handle_when_the_consumer_stalls(netns):
     result = run(netns, "watchdog")
     assert result["held_count"] == 1
-    assert result["restored_after"] is not None and result["restored_after"] < 1.0
+    assert result["restored_after"] is not None
+    assert result["restored_after"] < 1.0
     assert "closed" in result["error"]
 
 
 def test_kill_9_of_the_consumer_lets_traffic_flow_within_a_second(netns):
     result = run(netns, "kill9")
     assert result["delivered_before_kill"] > 10  # it really was diverting
-    assert result["first_after_kill"] is not None and result["first_after_kill"] < 1.0
+    assert result["first_after_kill"] is not None
+    assert result["first_after_kill"] < 1.0
     assert result["delivered_after_kill"] > 10
 
 
@@ -121,5 +123,6 @@ def test_flow_events_name_the_connecting_child(netns):
 def test_socket_events_name_the_connecting_child(netns):
     result = _run_with_cgroup2(netns, "events", "SOCKET")
     connects = [e for e in result["events"] if e["event"] == "SOCKET_CONNECT"]
-    assert connects and all(e["pid"] == result["child"] for e in connects)
+    assert connects
+    assert all(e["pid"] == result["child"] for e in connects)
     assert all(e["remote"] == "127.0.0.1" and e["remote_port"] == result["port"] for e in connects)

@@ -59,13 +59,18 @@ def agent(ns, *args, timeout=60) -> dict:
 def test_an_unexpected_error_in_the_reflector_fails_open_and_is_kept(lab, fault):
     out = agent(lab.a, "reflector-fault", lab.b_ip4, lab.extra4, fault)
     before, after = out["before"], out["after"]
-    assert before["intact"] and before["server_saw"][1] != before["client_port"]  # through the proxy
+    # through the proxy
+    assert before["intact"]
+    assert before["server_saw"][1] != before["client_port"]
     assert out["filters_before"] == 4  # ingress and egress, on lo and the veth
     assert out["failed"], out
-    assert out["failure"].startswith("the reflector died (") and "injected fault" in out["failure"]
+    assert out["failure"].startswith("the reflector died (")
+    assert "injected fault" in out["failure"]
     # Straight to the server now (it saw the client's own port), and no filter is left.
-    assert after["intact"] and after["server_saw"] == [lab.a_ip4, after["client_port"]]
-    assert out["filters_after"] == 0 and out["accepted"] == 1
+    assert after["intact"]
+    assert after["server_saw"] == [lab.a_ip4, after["client_port"]]
+    assert out["filters_after"] == 0
+    assert out["accepted"] == 1
 
 
 def test_an_unexpected_error_in_the_dns_watcher_closes_its_handle(veth_pair):
@@ -77,9 +82,11 @@ def test_an_unexpected_error_in_the_dns_watcher_closes_its_handle(veth_pair):
     finally:
         dns.kill()
         dns.wait()
-    assert out["failed"] and out["failure"].startswith("the DNS watcher died (RuntimeError: injected fault")
+    assert out["failed"]
+    assert out["failure"].startswith("the DNS watcher died (RuntimeError: injected fault")
     # Answers flow at once, not after the watchdog's 5 s with the answer held meanwhile.
-    assert not out["dns_handle_open"] and out["second_answer_after"] < 1.0, out
+    assert not out["dns_handle_open"], out
+    assert out["second_answer_after"] < 1.0, out
 
 
 @pytest.fixture
@@ -126,7 +133,8 @@ def test_oisp_record_says_what_died_and_exits_non_zero(record_lab):
     returncode = sensor.wait(15)  # a sensor that carries on half alive times out here
     rest = sensor.stderr.read()
     assert returncode == 1, rest
-    assert "the reflector died (RuntimeError: injected fault)" in rest and "traffic flows directly" in rest, rest
+    assert "the reflector died (RuntimeError: injected fault)" in rest, rest
+    assert "traffic flows directly" in rest, rest
     assert rest.count("Traceback") == 1  # logged once, with where it came from
     direct = record_lab["curl"](record_lab["upstream_ca"])  # the real server's certificate: not intercepted
     assert direct.stdout == "plain upstream reply\n", direct.stderr
@@ -177,7 +185,8 @@ def listeners(netns):
 def start_holder(ns, port: int, *options: str) -> tuple[subprocess.Popen, int]:
     holder = ns.popen(sys.executable, GUARDIAN, "holder", str(port), *options, stdout=subprocess.PIPE, text=True)
     line = holder.stdout.readline().split()
-    assert line and line[0] in ("ready", "opened"), line
+    assert line, line
+    assert line[0] in ("ready", "opened"), line
     return holder, int(line[1]) if line[0] == "ready" else 0
 
 
@@ -187,10 +196,15 @@ def test_the_engine_notices_its_guardian_died_and_fails_open(listeners, sig):
     the engine notices and closes the handle. Either way it is counted and said."""
     done = listeners.python(GUARDIAN, "engine", "7001", sig)
     out = json.loads(done.stdout)
-    assert not out["connects_while_diverted"] and out["filters_before"] == 2  # it really diverted
-    assert out["noticed_after"] is not None and out["noticed_after"] < 1.0, out
-    assert out["error"] == "GuardianLost" and out["guardian_deaths"] == 1
-    assert out["filters_after"] == 0 and out["connects_after"]
+    # it really diverted
+    assert not out["connects_while_diverted"]
+    assert out["filters_before"] == 2
+    assert out["noticed_after"] is not None, out
+    assert out["noticed_after"] < 1.0, out
+    assert out["error"] == "GuardianLost"
+    assert out["guardian_deaths"] == 1
+    assert out["filters_after"] == 0
+    assert out["connects_after"]
 
 
 def test_a_sigterm_storm_while_the_guardian_cleans_up_leaves_no_filter(listeners):
@@ -199,7 +213,8 @@ def test_a_sigterm_storm_while_the_guardian_cleans_up_leaves_no_filter(listeners
     for i in range(6):
         listeners.run("ip", "link", "add", f"vs{i}a", "type", "veth", "peer", "name", f"vs{i}b")
     holder, guardian = start_holder(listeners, 7001)
-    assert len(bpf_filters(listeners)) == 2 * 13 and not connects(listeners, 7001)
+    assert len(bpf_filters(listeners)) == 2 * 13
+    assert not connects(listeners, 7001)
     holder.kill()
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
@@ -217,7 +232,8 @@ def test_a_sigterm_storm_while_the_guardian_cleans_up_leaves_no_filter(listeners
 def test_a_sigterm_to_the_guardian_of_a_live_holder_removes_its_filters(listeners):
     holder, guardian = start_holder(listeners, 7001)
     try:
-        assert bpf_filters(listeners) and not connects(listeners, 7001)
+        assert bpf_filters(listeners)
+        assert not connects(listeners, 7001)
         os.kill(guardian, signal.SIGTERM)
         assert wait_for(lambda: not bpf_filters(listeners), 2.0) is not None
         assert connects(listeners, 7001)
@@ -245,12 +261,14 @@ def test_orphaned_filters_are_reported_by_check_and_removed_by_record_and_live_o
         time.sleep(0.1)
         orphan.kill()
         orphan.wait()
-        assert len(bpf_filters(listeners)) == 4 and not connects(listeners, 7001)
+        assert len(bpf_filters(listeners)) == 4
+        assert not connects(listeners, 7001)
         env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
         check = subprocess.run(listeners.cmd(sys.executable, "-m", "oisp", "check", "--json"),
                                capture_output=True, text=True, timeout=60, env=env)
         notes = [n for n in json.loads(check.stdout)["notes"] if n["what"] == "orphaned filters"]
-        assert len(notes) == 1 and notes[0]["message"].startswith("2 eBPFDivert filters (lo egress, lo ingress)")
+        assert len(notes) == 1
+        assert notes[0]["message"].startswith("2 eBPFDivert filters (lo egress, lo ingress)")
         assert "tc filter del dev lo" in notes[0]["fix"]
         assert len(bpf_filters(listeners)) == 4  # check only reports
         record = subprocess.run(listeners.cmd(sys.executable, "-m", "oisp", "record", "--duration", "1",
@@ -258,7 +276,8 @@ def test_orphaned_filters_are_reported_by_check_and_removed_by_record_and_live_o
                                 capture_output=True, text=True, timeout=60, env=env)
         assert record.returncode == 0, record.stderr
         assert "removed 2 eBPFDivert filters a dead process had left" in record.stderr
-        assert len(bpf_filters(listeners)) == 2 and connects(listeners, 7001)
+        assert len(bpf_filters(listeners)) == 2
+        assert connects(listeners, 7001)
         assert not connects(listeners, 7002)  # the live holder still diverts
     finally:
         live.kill()
@@ -271,7 +290,8 @@ def test_without_iproute2_check_and_record_say_fail_open_on_kill_is_unavailable(
     check = subprocess.run(netns.cmd(*without, "-m", "oisp", "check", "--json"),
                            capture_output=True, text=True, timeout=60, env=env)
     notes = [n for n in json.loads(check.stdout)["notes"] if n["what"] == "guardian"]
-    assert len(notes) == 1 and "fail-open on kill -9 is unavailable: tc and ss (iproute2) missing" in notes[0]["message"]
+    assert len(notes) == 1
+    assert "fail-open on kill -9 is unavailable: tc and ss (iproute2) missing" in notes[0]["message"]
     assert "apt-get install iproute2" in notes[0]["fix"]
     record = subprocess.run(netns.cmd(*without, "-m", "oisp", "record", "--duration", "1",
                                       "-o", str(tmp_path / "events.jsonl")),
@@ -290,7 +310,9 @@ def test_oisp_record_fails_open_when_a_guardian_is_killed(record_lab):
         os.kill(pid, signal.SIGKILL)
     returncode = sensor.wait(15)
     rest = sensor.stderr.read()
-    assert returncode == 1 and "GuardianLost" in rest and "traffic flows directly" in rest, rest
+    assert returncode == 1, rest
+    assert "GuardianLost" in rest, rest
+    assert "traffic flows directly" in rest, rest
     direct = record_lab["curl"](record_lab["upstream_ca"])
     assert direct.stdout == "plain upstream reply\n", direct.stderr
     assert not bpf_filters(record_lab["pair"].a)

@@ -123,7 +123,8 @@ def test_empty_buffer_has_no_rows():
 def test_every_truncation_is_a_truncated_row(sample, guarded):
     for cut in range(1, len(sample)):
         rows = parse_batch(guarded.holding(sample[:cut]))
-        assert len(rows) == 1 and int(rows[0]["status"]) == TRUNCATED, cut
+        assert len(rows) == 1, cut
+        assert int(rows[0]["status"]) == TRUNCATED, cut
         assert int(rows[0]["length"]) == cut
 
 

@@ -125,7 +125,8 @@ def test_sdk_calls_become_events(lab):
     assert requests[0]["data"]["model"]["id"] == "gpt-4o-mini"
     assert requests[0]["data"]["messages"][0]["content"] == "hello there"
     assert responses[0]["data"]["usage"]["total_tokens"] == 18
-    assert requests[0]["data"]["auth"]["key_prefix"] and KEY not in lab["events"].read_text()
+    assert requests[0]["data"]["auth"]["key_prefix"]
+    assert KEY not in lab["events"].read_text()
 
 
 def test_non_ai_tls_passes_through_with_the_upstreams_certificate(lab):
@@ -147,7 +148,8 @@ def test_pinning_client_fails_twice_then_passes_through(lab):
     assert third.stdout == "plain upstream reply\n"
     rejected = [e for e in events(lab) if e["event_type"] == "network.connect" and not e["data"].get("success", True)
                 and e["data"]["tls"]["sni"] == "api.mistral.ai"]
-    assert len(rejected) == 2 and "pass through undecrypted" in rejected[1]["confidence"]["reasons"][0]
+    assert len(rejected) == 2
+    assert "pass through undecrypted" in rejected[1]["confidence"]["reasons"][0]
 
 
 CLOSE_AFTER_HELLO = """

@@ -145,7 +145,8 @@ def test_the_proxy_accepts_again_once_descriptors_free_up(low_fd_proxy):
         sock.close()
     assert _served(port)
     stats = _stats(proxy)
-    assert stats["serving"] and stats["accept_errors"] > 0
+    assert stats["serving"]
+    assert stats["accept_errors"] > 0
 
 
 def test_a_proxy_that_cannot_accept_for_long_says_so(low_fd_proxy):
@@ -155,7 +156,9 @@ def test_a_proxy_that_cannot_accept_for_long_says_so(low_fd_proxy):
     flood = _flood(port)
     _until(lambda: _stats(proxy)["accept_errors"] > 0)
     told = _until(lambda: _stats(proxy)["told"])
-    assert len(told) == 1 and "no connection served" in told[0] and "Too many open files" in told[0]
+    assert len(told) == 1
+    assert "no connection served" in told[0]
+    assert "Too many open files" in told[0]
     assert _stats(proxy)["serving"] is False
     for sock in flood:
         sock.close()

@@ -157,7 +157,8 @@ def test_the_ollama_client_is_recorded_streamed_and_not_on_one_kept_alive_connec
     assert len(streamed) == 6
     # On the wire: the six whole replies gzip'd, the six streams chunked (HTTP/1.1, no length).
     wire = [json.loads(line) for line in lab["wire"].read_text().splitlines()]
-    assert sum(w["gzip"] for w in wire) == 6 and sum(w["streamed"] for w in wire) == 6
+    assert sum(w["gzip"] for w in wire) == 6
+    assert sum(w["streamed"] for w in wire) == 6
     assert {w["http_version"] for w in wire} == {"1.1"}
 
 
@@ -173,7 +174,8 @@ def test_h2c_on_a_port_named_with_plain(lab):
     ran = run_clients(lab, "h2c", 9000, n=3)
     events = check_recorded(lab, ran, "llamacpp", 9000)
     flows = [e for e in events if e["event_type"] == "network.flow"]
-    assert flows and all(f["data"]["http"]["version"] == "HTTP/2" for f in flows), flows[:1]
+    assert flows, flows[:1]
+    assert all(f["data"]["http"]["version"] == "HTTP/2" for f in flows), flows[:1]
 
 
 def test_other_http_on_a_watched_port_passes_and_leaves_no_event(lab):
@@ -225,7 +227,8 @@ def test_killing_the_sensor_mid_stream_fails_open(lab):
             recovered = time.monotonic() - killed
             break
         time.sleep(0.02)
-    assert recovered is not None and recovered < 1.0, recovered
+    assert recovered is not None, recovered
+    assert recovered < 1.0, recovered
     out, err = stream.communicate(timeout=40)
     ended = time.monotonic() - killed
     if stream.returncode == 0:  # it completed: then it got the whole reply

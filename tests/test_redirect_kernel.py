@@ -59,21 +59,26 @@ def check_redirected(out, server_ip, client_ip, log):
     # ... and the table gave back the original destination and the client's pid.
     assert first["entry"] == {"server": server_ip, "server_port": 443, "client": client_ip,
                               "client_port": ai["client_port"], "pid": out["me"]}
-    assert ai["intact"] and ai["echoed"] == 300_000
+    assert ai["intact"]
+    assert ai["echoed"] == 300_000
     # The server saw the proxy's upstream port, once, never the client's own port: no loop.
-    assert ai["server_saw"] == [client_ip, first["upstream_port"]] and first["upstream_port"] != ai["client_port"]
+    assert ai["server_saw"] == [client_ip, first["upstream_port"]]
+    assert first["upstream_port"] != ai["client_port"]
     ai_conns = [c for c in log if c[0] == 443 and c[2] in (first["upstream_port"], ai["client_port"])]
     assert ai_conns == [(443, client_ip, first["upstream_port"])]
     assert out["counters"]["own_upstream"] > 0  # the proxy's upstream packets: diverted, passed untouched
     assert out["own_ports_left"] == 0
     # FIN both ways, then RST: each flow leaves the table after its linger.
-    assert out["flows_after_ai"] == 1 and out["flows_empty_after_fin"]
-    assert out["flows_before_rst"] == 1 and out["flows_empty_after_rst"]
+    assert out["flows_after_ai"] == 1
+    assert out["flows_empty_after_fin"]
+    assert out["flows_before_rst"] == 1
+    assert out["flows_empty_after_rst"]
     assert out["counters"]["flow_table"]["closed"] == 2
     assert out["counters"]["engine"]["dropped"] == 0, json.dumps(out["counters"]["engine"])
     fast = out["counters"]["fast_path"]
     if fast:  # the ring reflected the established flow's packets itself, Python the rest
-        assert fast["to_proxy"] > 0 and fast["to_client"] > 0
+        assert fast["to_proxy"] > 0
+        assert fast["to_client"] > 0
         assert fast["flows"] == 0  # removed with the flow table's entries
         # Without a process filter the ring opened both AI flows on their SYNs, and the
         # table adopted them (the AI connection, then the reset one).
@@ -87,14 +92,17 @@ def check_redirected(out, server_ip, client_ip, log):
 def check_untouched(out, client_ip, log, accepted=2):
     fast = out["counters"]["fast_path"]
     if out["counters"]["filter"]["mode"] == "addresses":  # the filter names the AI address: never diverted
-        assert out["diverted_other"] == 0 and fast.get("not_ai", 0) == 0
+        assert out["diverted_other"] == 0
+        assert fast.get("not_ai", 0) == 0
     else:  # diverted for the port; the ring passes it itself (not AI), or Python does
         assert out["diverted_other"] > 0
         if fast:
-            assert fast["not_ai"] > 0 and fast["targets"] == 1
+            assert fast["not_ai"] > 0
+            assert fast["targets"] == 1
     for name, port in (("other_address", 443), ("other_port", 444)):
         conn = out[name]
-        assert conn["intact"] and conn["server_saw"] == [client_ip, conn["client_port"]]
+        assert conn["intact"]
+        assert conn["server_saw"] == [client_ip, conn["client_port"]]
         assert (port, client_ip, conn["client_port"]) in log
     assert len(out["accepted"]) == accepted  # the AI and RST connections only
 
@@ -119,18 +127,24 @@ def test_a_client_bound_to_a_port_above_the_ephemeral_range_is_reflected(lab, fa
     filter once left to the proxy's own upstream sockets: such a client went unseen."""
     server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
     out = run_client(lab.a, "bound", server_ip, "61000", *(["python-path"] if path == "python" else []))
-    assert out["ephemeral"][1] < 61000 and out["reflector_error"] is None
+    assert out["ephemeral"][1] < 61000
+    assert out["reflector_error"] is None
     bound = out["bound"]
-    assert bound["client_port"] == 61000 and bound["intact"] and bound["echoed"] == 100_000
+    assert bound["client_port"] == 61000
+    assert bound["intact"]
+    assert bound["echoed"] == 100_000
     # The proxy took it: peer (server, 61000), the table gave the client back ...
     [seen] = out["accepted"]
     assert seen["peer"] == [server_ip, 61000]
-    assert seen["entry"]["client"] == client_ip and seen["entry"]["client_port"] == 61000
+    assert seen["entry"]["client"] == client_ip
+    assert seen["entry"]["client_port"] == 61000
     # ... and the server saw the proxy's registered upstream port, once: no loop.
     assert bound["server_saw"] == [client_ip, seen["upstream_port"]] != [client_ip, 61000]
     assert [c for c in server_log(lab.server) if c[0] == 443] == [(443, client_ip, seen["upstream_port"])]
     counters = out["counters"]
-    assert counters["own_upstream"] > 0 and counters["reflected_to_proxy"] > 0 and out["own_ports_left"] == 0
+    assert counters["own_upstream"] > 0
+    assert counters["reflected_to_proxy"] > 0
+    assert out["own_ports_left"] == 0
     assert bool(counters["fast_path"]) == (path == "fast")
 
 
@@ -155,7 +169,8 @@ def test_a_new_ai_address_swaps_in_a_handle_without_breaking_a_flow(lab, family,
     server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
     other_ip = lab.extra[family]
     out = run_client(lab.a, "swap", server_ip, other_ip, *(["python-path"] if path == "python" else []))
-    assert out["reflector_error"] is None and out["covered"]
+    assert out["reflector_error"] is None
+    assert out["covered"]
     assert out["sending_at_swap"]  # the swap came mid-stream ...
     assert out["first"]["intact"], out["first"]  # ... and the flow carried on, byte for byte
     counters = out["counters"]
@@ -164,9 +179,11 @@ def test_a_new_ai_address_swaps_in_a_handle_without_breaking_a_flow(lab, family,
     # The new address is taken now: the proxy accepted it and dialled the server itself.
     assert [a["peer"] for a in out["accepted"]] == [[server_ip, a["peer"][1]] for a in out["accepted"][:1]] + \
         [[other_ip, other["client_port"]]]
-    assert other["intact"] and other["server_saw"] == [client_ip, out["accepted"][1]["upstream_port"]]
+    assert other["intact"]
+    assert other["server_saw"] == [client_ip, out["accepted"][1]["upstream_port"]]
     # Nothing the old handle held was passed untouched (a stop's drain) or dropped.
-    assert counters["engine"]["drained"] == 0 and counters["engine"]["dropped"] == 0, counters["engine"]
+    assert counters["engine"]["drained"] == 0, counters["engine"]
+    assert counters["engine"]["dropped"] == 0, counters["engine"]
     log = server_log(lab.server)
     assert (443, client_ip, other["client_port"]) not in log
 
@@ -175,13 +192,16 @@ def test_a_stream_of_new_addresses_swaps_handles_within_the_budget(lab):
     """Each new address asks for a handle swap; a burst of four, then one per 2 s, each
     taking every address learned meanwhile (on main: one swap per address)."""
     out = run_client(lab.a, "swap-flood", lab.b_ip4)
-    assert out["reflector_error"] is None and out["covered"]
+    assert out["reflector_error"] is None
+    assert out["covered"]
     filter = out["counters"]["filter"]
-    assert filter["addresses"] == 49 and filter["mode"] == "addresses"
+    assert filter["addresses"] == 49
+    assert filter["mode"] == "addresses"
     # The first handle, a burst of 4, and one more per 2 s from the start.
     assert filter["handles"] <= 1 + 4 + int(out["seconds"] / 2.0) + 1, (filter, out["seconds"])
     assert filter["swaps_deferred"] >= 1
-    assert out["ai"]["intact"] and out["accepted"] == 1
+    assert out["ai"]["intact"]
+    assert out["accepted"] == 1
 
 
 PROBE = """
@@ -231,22 +251,30 @@ def check_failed_open(lab, result: Path) -> None:
             recovered = time.time() - lab.killed
             break
         time.sleep(0.02)
-    assert recovered is not None and recovered < 1.0, recovered
+    assert recovered is not None, recovered
+    assert recovered < 1.0, recovered
     deadline = time.time() + 10
     while not result.exists() and time.time() < deadline:
         time.sleep(0.05)
     assert result.exists(), "the carried connection was not aborted: it still waits"
     ended = json.loads(result.read_text())
-    assert ended["outcome"] != "data" and ended["ended_at"] - lab.killed < 3, ended
+    assert ended["outcome"] != "data", ended
+    assert ended["ended_at"] - lab.killed < 3, ended
 
 
 def test_more_addresses_than_a_filter_holds_fall_back_to_the_port(lab):
     out = run_client(lab.a, "overflow", lab.b_ip4, lab.extra[4])
     start = out["filter_at_start"]
-    assert start["mode"] == "ports" and start["why_ports"].startswith("2 AI addresses") and start["handles"] == 1
-    assert out["covered"] and out["counters"]["filter"]["handles"] == 1  # no swap in port mode
-    assert out["ai"]["intact"] and [a["peer"][0] for a in out["accepted"]] == [lab.b_ip4]
-    assert out["other"]["intact"] and out["diverted_other"] > 0
+    assert start["mode"] == "ports"
+    assert start["why_ports"].startswith("2 AI addresses")
+    assert start["handles"] == 1
+    # no swap in port mode
+    assert out["covered"]
+    assert out["counters"]["filter"]["handles"] == 1
+    assert out["ai"]["intact"]
+    assert [a["peer"][0] for a in out["accepted"]] == [lab.b_ip4]
+    assert out["other"]["intact"]
+    assert out["diverted_other"] > 0
     assert out["counters"]["fast_path"]["not_ai"] > 0
 
 
@@ -258,11 +286,17 @@ def test_addresses_nobody_names_any_more_are_let_go_but_not_under_an_open_flow(l
     assert out["kept_while_open"]
     # The other one went, and with one address left the filter names it again.
     first = out["filter_after_first"]
-    assert first["mode"] == "addresses" and first["addresses"] == 1 and first["handles"] == 2
+    assert first["mode"] == "addresses"
+    assert first["addresses"] == 1
+    assert first["handles"] == 2
     assert out["echo"] == "still carried after the swap"
     other = out["other"]
-    assert other["intact"] and other["server_saw"] == [client_ip, other["client_port"]] and out["diverted_other"] == 0
-    assert out["all_gone"] and out["filter_at_end"]["addresses"] == 0 and out["counts"]["expired"] == 2
+    assert other["intact"]
+    assert other["server_saw"] == [client_ip, other["client_port"]]
+    assert out["diverted_other"] == 0
+    assert out["all_gone"]
+    assert out["filter_at_end"]["addresses"] == 0
+    assert out["counts"]["expired"] == 2
     assert [a["peer"][0] for a in out["accepted"]] == [lab.b_ip4]
 
 
@@ -281,7 +315,9 @@ def test_dns_answers_on_the_wire_teach_the_address_set(veth_pair, family):
     # and neither it nor bad.test (an answer cut short) is an AI name, so no query is kept.
     assert out["learned"] == ["10.77.0.1", "fd77::1"], out
     counts = out["counts"]
-    assert counts["responses"] == 4 and counts["queries"] == 2 and counts["matched"] == 2, counts
+    assert counts["responses"] == 4, counts
+    assert counts["queries"] == 2, counts
+    assert counts["matched"] == 2, counts
     assert counts["unsolicited"] == counts["wrong_question"] == counts["pending"] == 0
 
 
@@ -307,11 +343,14 @@ def test_a_forged_dns_answer_without_a_query_teaches_nothing(veth_pair, family):
         dns.wait()
     spoofed = ["fd66::1", "fd66::2", "fd66::3"] if family == 6 else ["10.66.0.1", "10.66.0.2", "10.66.0.3"]
     real = "fd77::1" if family == 6 else "10.77.0.1"
-    assert out["after_unsolicited"] == [] and out["after_wrong_id"] == [], out
+    assert out["after_unsolicited"] == [], out
+    assert out["after_wrong_id"] == [], out
     assert out["after_matching"] == [spoofed[2]]
     assert out["learned"] == sorted([spoofed[2], real])
     counts = out["counts"]
-    assert counts["unsolicited"] == 2 and counts["matched"] == 2 and counts["responses"] == 4, counts
+    assert counts["unsolicited"] == 2, counts
+    assert counts["matched"] == 2, counts
+    assert counts["responses"] == 4, counts
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -331,5 +370,6 @@ def test_a_whole_redirector_takes_a_server_once_dns_names_it_an_ai_endpoint(lab,
     assert out["learned"], json.dumps(out["counters"]["dns"])  # the counters say what the watcher saw
     assert out["counters"]["dns"]["held"] >= 1
     assert [a["peer"] for a in out["accepted"]] == [[server_ip, after["client_port"]]]
-    assert after["intact"] and after["server_saw"] == [client_ip, out["accepted"][0]["upstream_port"]]
+    assert after["intact"]
+    assert after["server_saw"] == [client_ip, out["accepted"][0]["upstream_port"]]
     assert out["counters"]["dns"]["learned"] >= 1

@@ -58,7 +58,8 @@ def test_reflects_both_ways_with_valid_checksums(family):
     assert action == TO_PROXY
     got = L(out)
     assert (got.src, got.dst, got[TCP].sport, got[TCP].dport) == (server, client, 40000, 8443)
-    assert bytes(got[TCP].payload) == b"hello" * 51 and got[TCP].seq == 7
+    assert bytes(got[TCP].payload) == b"hello" * 51
+    assert got[TCP].seq == 7
     recomputed = L(out)
     del recomputed[TCP].chksum
     if family == 4:
@@ -90,7 +91,8 @@ def test_fins_and_rsts_are_reflected_and_reported(family):
                                               ("RA", TO_CLIENT, 8443, 40000, 4)):
         packet = bytes(L(src=client, dst=server) / TCP(sport=sport, dport=dport, flags=flags))
         assert ring.fast_decide(packet, address(v6=v6))[0] == action, flags
-        assert ring.fast_take_ends(*key) == ends and ring.fast_take_ends(*key) == 0
+        assert ring.fast_take_ends(*key) == ends
+        assert ring.fast_take_ends(*key) == 0
     fin_client = bytes(L(src=client, dst=server) / TCP(sport=40000, dport=443, flags="FA"))
     fin_proxy = bytes(L(src=client, dst=server) / TCP(sport=8443, dport=40000, flags="FA"))
     ring.fast_decide(fin_client, address(v6=v6))
@@ -135,7 +137,8 @@ def test_with_the_targets_loaded_other_addresses_pass_in_c(family):
     to_other = bytes(L(src=client, dst=other) / TCP(sport=40000, dport=443, flags="PA") / b"not ai")
     assert ring.fast_decide(to_other, address(v6=v6))[0] == SLOW  # no targets yet: Python decides
     ring.fast_add_targets([row_key(server)], enable=True)
-    assert ring.fast_targets == 1 and ring.fast_flows() == 1
+    assert ring.fast_targets == 1
+    assert ring.fast_flows() == 1
     for flags in ("S", "PA", "FA", "R"):
         packet = bytes(L(src=client, dst=other) / TCP(sport=40000, dport=443, flags=flags))
         addr = address(v6=v6)
@@ -171,18 +174,23 @@ def test_opens_flows_on_clients_syns_and_reports_each_once(family):
     batch = Batch([syn], [True])
     batch.addresses["bits"] |= IPV6 if v6 else 0
     python.process(batch)
-    assert action == TO_PROXY and out == batch.data.tobytes() and addr == batch.addresses.tobytes()
+    assert action == TO_PROXY
+    assert out == batch.data.tobytes()
+    assert addr == batch.addresses.tobytes()
     [(server_key, client_key, client_port, proxy_port, server_port, version, created)] = ring.fast_take_opened()
     assert (server_key, client_key, client_port, proxy_port, server_port, version) == \
         (row_key(server), row_key(client), 40000, 8443, 443, family)
     assert before - 0.01 <= created <= time.time() + 0.01
-    assert ring.fast_opened == (1, 0) and ring.fast_flows() == 1
+    assert ring.fast_opened == (1, 0)
+    assert ring.fast_flows() == 1
 
     def syn_again(port=40000):
         return ring.fast_decide(bytes(L(src=client, dst=server) / TCP(sport=port, dport=443, flags="S")),
                                 address(v6=v6))[0]
 
-    assert syn_again() == TO_PROXY and ring.fast_take_opened() == []  # retransmitted
+    # retransmitted
+    assert syn_again() == TO_PROXY
+    assert ring.fast_take_opened() == []
     key = (row_key(server), 40000, 8443)
     for ending in (("FA", "FA"), ("R",), ("closed by python",)):
         for i, flags in enumerate(ending):
@@ -197,14 +205,18 @@ def test_opens_flows_on_clients_syns_and_reports_each_once(family):
         assert ring.fast_take_ends(*key) == 0  # the old connection's ends went with it
     half = bytes(L(src=client, dst=server) / TCP(sport=40000, dport=443, flags="FA"))
     ring.fast_decide(half, address(v6=v6))
-    assert syn_again() == TO_PROXY and ring.fast_take_opened() == []  # half-closed is not closed
+    # half-closed is not closed
+    assert syn_again() == TO_PROXY
+    assert ring.fast_take_opened() == []
     # Python opened a new connection on the port itself (e.g. with the queue full): forget the old.
     ring.fast_mark_closed(*key)
     assert ring.fast_add(*key, reopen=True)
-    assert syn_again() == TO_PROXY and ring.fast_take_opened() == []
+    assert syn_again() == TO_PROXY
+    assert ring.fast_take_opened() == []
     ring.fast_mark_closed(*key)
     assert ring.fast_add(*key)  # without reopen the ring keeps what it saw
-    assert syn_again() == TO_PROXY and len(ring.fast_take_opened()) == 1
+    assert syn_again() == TO_PROXY
+    assert len(ring.fast_take_opened()) == 1
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -219,7 +231,8 @@ def test_syns_the_ring_must_not_open_go_to_python(family):
     ring.fast_open_syns(False)  # a process filter: Python decides
     syn = bytes(L(src=client, dst=server) / TCP(sport=40000, dport=443, flags="S"))
     assert ring.fast_decide(syn, address(v6=v6))[0] == SLOW
-    assert ring.fast_opened == (0, 0) and ring.fast_flows() == 0
+    assert ring.fast_opened == (0, 0)
+    assert ring.fast_flows() == 0
 
 
 def test_a_full_queue_or_table_leaves_the_syn_to_python():
@@ -231,11 +244,14 @@ def test_a_full_queue_or_table_leaves_the_syn_to_python():
         return ring.fast_decide(packet, address())[0]
 
     assert [syn(20000 + i) for i in range(1024)] == [TO_PROXY] * 1024
-    assert syn(30000) == SLOW and ring.fast_opened == (1024, 1024)  # the queue is full
+    # the queue is full
+    assert syn(30000) == SLOW
+    assert ring.fast_opened == (1024, 1024)
     assert syn(20000) == TO_PROXY  # a retransmission needs no room
     opened = ring.fast_take_opened()
     assert [o[2] for o in opened] == list(range(20000, 21024))  # oldest first
-    assert syn(30000) == TO_PROXY and ring.fast_opened == (1025, 1)
+    assert syn(30000) == TO_PROXY
+    assert ring.fast_opened == (1025, 1)
     small = syn_ring(max_flows=4)  # 16 slots (the least), at most 8 entries: 2 targets + 6 flows
     packets = [bytes(IP(src=CLIENT[4], dst=server) / TCP(sport=p, dport=443, flags="S")) for p in range(1, 8)]
     assert [small.fast_decide(p, address())[0] for p in packets] == [TO_PROXY] * 6 + [SLOW]
@@ -249,7 +265,8 @@ def test_a_full_table_turns_the_target_shortcut_off_for_good():
     other = bytes(IP(src="10.9.9.9", dst="10.2.0.1") / TCP(sport=40000, dport=443, flags="A"))
     assert ring.fast_decide(other, address())[0] == PASS_OTHER
     ring.fast_add_targets([row_key("10.1.0.8")])  # does not fit: an AI address the table cannot hold
-    assert ring.fast_targets_failed and ring.fast_decide(other, address())[0] == SLOW
+    assert ring.fast_targets_failed
+    assert ring.fast_decide(other, address())[0] == SLOW
     ring.fast_add_targets([], enable=True)
     assert ring.fast_decide(other, address())[0] == SLOW
 
@@ -269,7 +286,8 @@ def test_passes_the_proxys_own_upstream_unchanged():
     assert ring.fast_decide(v6, address(v6=True))[0] == PASS
     own.register(OWN_PORT, socket.AF_INET)
     own.unregister(OWN_PORT, socket.AF_INET6)
-    assert ring.fast_decide(v6, address(v6=True))[0] == SLOW and ring.fast_decide(packet, addr)[0] == PASS
+    assert ring.fast_decide(v6, address(v6=True))[0] == SLOW
+    assert ring.fast_decide(packet, addr)[0] == PASS
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -289,7 +307,8 @@ def test_same_bytes_as_the_python_reflector(seed):
         for port in (40000, 40001):
             syn = layer(family)(src=CLIENT[family], dst=SERVERS[family][0]) / TCP(sport=port, dport=443, flags="S")
             python.process(Batch([bytes(syn)], [True]))
-    assert len(python.flows) == 4 and ring.fast_flows() == 4
+    assert len(python.flows) == 4
+    assert ring.fast_flows() == 4
     taken = 0
     for _ in range(400):
         family = rng.choice((4, 6))

@@ -50,12 +50,14 @@ def test_covers_required_providers() -> None:
 )
 def test_known_endpoints(host: str, path: str, provider: str, api: str, request_type: str) -> None:
     m = SPEC.match(host, path)
-    assert m is not None and (m.provider_id, m.api, m.request_type, m.detection) == (provider, api, request_type, "known_endpoint")
+    assert m is not None
+    assert (m.provider_id, m.api, m.request_type, m.detection) == (provider, api, request_type, "known_endpoint")
 
 
 def test_path_params_give_model() -> None:
     m = SPEC.match("generativelanguage.googleapis.com", "/v1beta/models/gemini-2.0-flash:generateContent")
-    assert m.params["model"] == "gemini-2.0-flash" and not m.streaming_path
+    assert m.params["model"] == "gemini-2.0-flash"
+    assert not m.streaming_path
 
 
 def test_port_from_flow_when_host_has_none() -> None:
@@ -70,17 +72,23 @@ def test_non_ai_paths_and_hosts() -> None:
 
 def test_body_heuristics_on_unknown_host() -> None:
     m = SPEC.match("llm.internal", "/proxy/v1/chat/completions", body={"model": "x", "messages": []})
-    assert m.provider is None and m.api == "openai.chat" and m.detection == "payload_inspection"
+    assert m.provider is None
+    assert m.api == "openai.chat"
+    assert m.detection == "payload_inspection"
     m = SPEC.match("llm.internal", "/run", body={"model": "x", "prompt": "hi"})
     assert m.api == "generic"
 
 
 def test_redirector_api() -> None:
     hosts = SPEC.hosts()
-    assert "api.openai.com" in hosts and "api.anthropic.com" in hosts and hosts == sorted(hosts)
-    assert SPEC.matches_host("API.OpenAI.com.") and SPEC.matches_host("res.openai.azure.com")
+    assert "api.openai.com" in hosts
+    assert "api.anthropic.com" in hosts
+    assert hosts == sorted(hosts)
+    assert SPEC.matches_host("API.OpenAI.com.")
+    assert SPEC.matches_host("res.openai.azure.com")
     assert SPEC.matches_host("bedrock-runtime.us-west-2.amazonaws.com")
-    assert not SPEC.matches_host("openai.com.evil.example") and not SPEC.matches_host("localhost")
+    assert not SPEC.matches_host("openai.com.evil.example")
+    assert not SPEC.matches_host("localhost")
     assert "*.openai.azure.com" in SPEC.host_patterns()
 
 
@@ -97,4 +105,5 @@ def test_override_by_env_and_by_path(tmp_path, monkeypatch) -> None:
     assert load_spec(spec_file).match("llm.corp", "/chat").provider_id == "corp"
     monkeypatch.setenv("OISP_SPEC", str(spec_file))
     spec = load_spec()
-    assert spec.hosts() == ["llm.corp"] and spec.match("api.openai.com", "/v1/chat/completions") is None
+    assert spec.hosts() == ["llm.corp"]
+    assert spec.match("api.openai.com", "/v1/chat/completions") is None
