@@ -105,6 +105,20 @@ def stop_all(processes: list[subprocess.Popen], timeout: float = 10) -> None:
             process.wait()
 
 
+def agent_args(scenario: str, **options) -> list[str]:
+    """The command line of a namespace agent (tests/agents/*.py): its scenario, then each
+    option as `--name value` (`slots=16` → `--slots 16`); True gives the bare flag, and
+    False or None leave the option out (the agent's default)."""
+    argv = [scenario]
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        argv.append("--" + name.replace("_", "-"))
+        if value is not True:
+            argv.append(str(value))
+    return argv
+
+
 def with_cgroup2(*argv: str) -> list[str]:
     """FLOW/SOCKET layers need cgroup v2: a private mount namespace with it mounted."""
     return ["unshare", "-m", "sh", "-c",
