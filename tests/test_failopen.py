@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakeprovider import make_test_pki
-from tests.netns import stop_all
+from tests.netns import agent_args, stop_all
 from tests.record_lab import await_recording
 
 HERE = Path(__file__).parent
@@ -38,7 +38,7 @@ def lab(veth_pair):
     ifname = veth_pair.b.run("ip", "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0]
     veth_pair.extra4 = veth_pair.b_ip4.rsplit(".", 1)[0] + ".3"
     veth_pair.b.run("ip", "addr", "add", f"{veth_pair.extra4}/24", "dev", ifname)
-    server = veth_pair.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), "tcp", "443",
+    server = veth_pair.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), *agent_args("tcp", ports=443),
                                stdout=subprocess.PIPE, text=True)
     assert server.stdout.readline().strip() == "ready"
     yield veth_pair
@@ -46,8 +46,8 @@ def lab(veth_pair):
     server.wait()
 
 
-def agent(ns, *args, timeout=60) -> dict:
-    done = subprocess.run(ns.cmd(sys.executable, str(AGENTS / "failopen_agent.py"), *args),
+def agent(ns, scenario: str, timeout=60, **options) -> dict:
+    done = subprocess.run(ns.cmd(sys.executable, str(AGENTS / "failopen_agent.py"), *agent_args(scenario, **options)),
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout)
@@ -57,7 +57,7 @@ def agent(ns, *args, timeout=60) -> dict:
 
 @pytest.mark.parametrize("fault", ["method", "popen"])
 def test_an_unexpected_error_in_the_reflector_fails_open_and_is_kept(lab, fault):
-    out = agent(lab.a, "reflector-fault", lab.b_ip4, lab.extra4, fault)
+    out = agent(lab.a, "reflector-fault", server_ip=lab.b_ip4, other_ip=lab.extra4, fault=fault)
     before, after = out["before"], out["after"]
     # through the proxy
     assert before["intact"]
@@ -78,7 +78,7 @@ def test_an_unexpected_error_in_the_dns_watcher_closes_its_handle(veth_pair):
                             stdout=subprocess.PIPE, text=True)
     try:
         assert dns.stdout.readline().strip() == "ready"
-        out = agent(veth_pair.a, "dns-fault", veth_pair.b_ip4)
+        out = agent(veth_pair.a, "dns-fault", dns_ip=veth_pair.b_ip4)
     finally:
         dns.kill()
         dns.wait()
@@ -174,7 +174,7 @@ def connects(ns, port: int) -> bool:
 @pytest.fixture
 def listeners(netns):
     """TCP listeners on 127.0.0.1:7001 and :7002 in the namespace."""
-    servers = [netns.popen(sys.executable, GUARDIAN, "listen", str(port), stdout=subprocess.PIPE, text=True)
+    servers = [netns.popen(sys.executable, GUARDIAN, *agent_args("listen", port=port), stdout=subprocess.PIPE, text=True)
                for port in (7001, 7002)]
     for server in servers:
         assert server.stdout.readline().strip() == "ready"
@@ -182,8 +182,9 @@ def listeners(netns):
     stop_all(servers)
 
 
-def start_holder(ns, port: int, *options: str) -> tuple[subprocess.Popen, int]:
-    holder = ns.popen(sys.executable, GUARDIAN, "holder", str(port), *options, stdout=subprocess.PIPE, text=True)
+def start_holder(ns, port: int, die_in_open: bool = False) -> tuple[subprocess.Popen, int]:
+    holder = ns.popen(sys.executable, GUARDIAN, *agent_args("holder", port=port, die_in_open=die_in_open),
+                      stdout=subprocess.PIPE, text=True)
     line = holder.stdout.readline().split()
     assert line, line
     assert line[0] in ("ready", "opened"), line
@@ -194,7 +195,7 @@ def start_holder(ns, port: int, *options: str) -> tuple[subprocess.Popen, int]:
 def test_the_engine_notices_its_guardian_died_and_fails_open(listeners, sig):
     """SIGTERM: the guardian removes the filters itself before it goes; SIGKILL: it cannot,
     the engine notices and closes the handle. Either way it is counted and said."""
-    done = listeners.python(GUARDIAN, "engine", "7001", sig)
+    done = listeners.python(GUARDIAN, *agent_args("engine", port=7001, sig=sig))
     out = json.loads(done.stdout)
     # it really diverted
     assert not out["connects_while_diverted"]
@@ -245,7 +246,7 @@ def test_a_sigterm_to_the_guardian_of_a_live_holder_removes_its_filters(listener
 def test_a_process_killed_while_its_handle_opens_leaves_no_filter(listeners):
     """SIGKILLed the moment the backend attached the filters, before the handle could
     tell anyone which programs they run."""
-    holder, _ = start_holder(listeners, 7001, "die-in-open")
+    holder, _ = start_holder(listeners, 7001, die_in_open=True)
     assert holder.wait(10) == -signal.SIGKILL
     assert wait_for(lambda: not bpf_filters(listeners), 3.0) is not None, bpf_filters(listeners)
     assert connects(listeners, 7001)

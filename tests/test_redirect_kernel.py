@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.netns import agent_args
+
 pytestmark = pytest.mark.privileged
 
 AGENTS = Path(__file__).parent / "agents"
@@ -25,7 +27,7 @@ def lab(veth_pair):
     extra6 = veth_pair.b_ip6.rsplit(":", 1)[0] + ":3"
     veth_pair.b.run("ip", "addr", "add", f"{extra4}/24", "dev", ifname)
     veth_pair.b.run("ip", "addr", "add", f"{extra6}/64", "dev", ifname, "nodad")
-    server = veth_pair.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), "tcp", "443", "444",
+    server = veth_pair.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), *agent_args("tcp", ports="443,444"),
                                stdout=subprocess.PIPE, text=True)
     assert server.stdout.readline().strip() == "ready"
     veth_pair.extra = {4: extra4, 6: extra6}
@@ -41,8 +43,8 @@ def server_log(server) -> list[tuple[int, str, int]]:
     return [(int(p), host, int(port)) for _, p, host, port in (line.split() for line in lines if line)]
 
 
-def run_client(ns, *args, cgroup2=False):
-    argv = [sys.executable, str(AGENTS / "redirect_client.py"), *args]
+def run_client(ns, scenario: str, cgroup2=False, **options):
+    argv = [sys.executable, str(AGENTS / "redirect_client.py"), *agent_args(scenario, **options)]
     if cgroup2:
         argv = ["unshare", "-m", "sh", "-c", CGROUP2, *argv]
     done = subprocess.run(ns.cmd(*argv), capture_output=True, text=True, timeout=90)
@@ -112,8 +114,8 @@ def check_untouched(out, client_ip, log, accepted=2):
                                                 (4, "fast", "ports")])
 def test_ai_flows_reach_the_proxy_and_the_rest_is_untouched(lab, family, path, filter):
     server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
-    out = run_client(lab.a, "e2e", server_ip, lab.extra[family], *(["python-path"] if path == "python" else []),
-                     *(["port-filter"] if filter == "ports" else []))
+    out = run_client(lab.a, "e2e", server_ip=server_ip, other_ip=lab.extra[family], python_path=path == "python",
+                     port_filter=filter == "ports")
     assert out["counters"]["filter"]["mode"] == filter
     assert bool(out["counters"]["fast_path"]) == (path == "fast")
     log = server_log(lab.server)
@@ -126,7 +128,7 @@ def test_a_client_bound_to_a_port_above_the_ephemeral_range_is_reflected(lab, fa
     """Port 61000 lies above Linux's default ephemeral range (32768-60999), which the
     filter once left to the proxy's own upstream sockets: such a client went unseen."""
     server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
-    out = run_client(lab.a, "bound", server_ip, "61000", *(["python-path"] if path == "python" else []))
+    out = run_client(lab.a, "bound", server_ip=server_ip, source_port=61000, python_path=path == "python")
     assert out["ephemeral"][1] < 61000
     assert out["reflector_error"] is None
     bound = out["bound"]
@@ -152,8 +154,8 @@ def test_a_client_bound_to_a_port_above_the_ephemeral_range_is_reflected(lab, fa
 def test_an_excluded_process_is_never_reflected(lab, family, events):
     """/proc names the child without SOCKET events; with cgroup2 the events feed runs too."""
     server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
-    out = run_client(lab.a, "e2e", server_ip, lab.extra[family], "exclude-child",
-                     *(["events"] if events else []), cgroup2=events)
+    out = run_client(lab.a, "e2e", server_ip=server_ip, other_ip=lab.extra[family], exclude_child=True,
+                     events=events, cgroup2=events)
     assert out["events"] == events
     log = server_log(lab.server)
     check_redirected(out, server_ip, client_ip, log)
@@ -168,7 +170,7 @@ def test_an_excluded_process_is_never_reflected(lab, family, events):
 def test_a_new_ai_address_swaps_in_a_handle_without_breaking_a_flow(lab, family, path):
     server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
     other_ip = lab.extra[family]
-    out = run_client(lab.a, "swap", server_ip, other_ip, *(["python-path"] if path == "python" else []))
+    out = run_client(lab.a, "swap", server_ip=server_ip, other_ip=other_ip, python_path=path == "python")
     assert out["reflector_error"] is None
     assert out["covered"]
     assert out["sending_at_swap"]  # the swap came mid-stream ...
@@ -191,7 +193,7 @@ def test_a_new_ai_address_swaps_in_a_handle_without_breaking_a_flow(lab, family,
 def test_a_stream_of_new_addresses_swaps_handles_within_the_budget(lab):
     """Each new address asks for a handle swap; a burst of four, then one per 2 s, each
     taking every address learned meanwhile (on main: one swap per address)."""
-    out = run_client(lab.a, "swap-flood", lab.b_ip4)
+    out = run_client(lab.a, "swap-flood", server_ip=lab.b_ip4)
     assert out["reflector_error"] is None
     assert out["covered"]
     filter = out["counters"]["filter"]
@@ -216,7 +218,7 @@ def test_a_sensor_killed_at_a_swap_fails_open_and_aborts_what_it_carried(lab, tm
     """Killed while both handles live (either guardian may act), or once the old one is
     closed (only the successor's guardian can abort the flow it inherited)."""
     result = tmp_path / "waiter.json"
-    out = run_and_die(lab, "swap-kill", lab.b_ip4, lab.extra[4], str(result), when)
+    out = run_and_die(lab, "swap-kill", server_ip=lab.b_ip4, other_ip=lab.extra[4], result_path=result, when=when)
     assert out == {"connected": True, "covered": True, "handles": 2, "accepted": 1,
                    **({"live": 1} if when == "after-swap" else {})}
     check_failed_open(lab, result)
@@ -226,13 +228,14 @@ def test_a_sensor_killed_before_it_adopts_a_flow_the_ring_opened_aborts_it(lab, 
     """The ring opened the flow on its SYN and the handshake completed, but the flow
     table never heard of it: the ring itself told the guardian."""
     result = tmp_path / "waiter.json"
-    out = run_and_die(lab, "syn-kill", lab.b_ip4, str(result))
+    out = run_and_die(lab, "syn-kill", server_ip=lab.b_ip4, result_path=result)
     assert out == {"connected": True, "opened": [1, 1], "flows": 0}
     check_failed_open(lab, result)
 
 
-def run_and_die(lab, *args) -> dict:
-    done = subprocess.run(lab.a.cmd(sys.executable, str(AGENTS / "redirect_client.py"), *args),
+def run_and_die(lab, scenario: str, **options) -> dict:
+    argv = [sys.executable, str(AGENTS / "redirect_client.py"), *agent_args(scenario, **options)]
+    done = subprocess.run(lab.a.cmd(*argv),
                           capture_output=True, text=True, timeout=60)
     lab.killed = time.time()
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
@@ -263,7 +266,7 @@ def check_failed_open(lab, result: Path) -> None:
 
 
 def test_more_addresses_than_a_filter_holds_fall_back_to_the_port(lab):
-    out = run_client(lab.a, "overflow", lab.b_ip4, lab.extra[4])
+    out = run_client(lab.a, "overflow", server_ip=lab.b_ip4, other_ip=lab.extra[4])
     start = out["filter_at_start"]
     assert start["mode"] == "ports"
     assert start["why_ports"].startswith("2 AI addresses")
@@ -280,7 +283,7 @@ def test_more_addresses_than_a_filter_holds_fall_back_to_the_port(lab):
 
 def test_addresses_nobody_names_any_more_are_let_go_but_not_under_an_open_flow(lab):
     client_ip = lab.a_ip4
-    out = run_client(lab.a, "expire", lab.b_ip4, lab.extra[4])
+    out = run_client(lab.a, "expire", server_ip=lab.b_ip4, other_ip=lab.extra[4])
     assert out["reflector_error"] is None
     assert out["mode_at_start"] == "ports"  # two addresses, room for one
     assert out["kept_while_open"]
@@ -306,7 +309,7 @@ def test_dns_answers_on_the_wire_teach_the_address_set(veth_pair, family):
                                stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "ready"
-        out = run_client(veth_pair.a, "dns", veth_pair.b_ip4 if family == 4 else veth_pair.b_ip6)
+        out = run_client(veth_pair.a, "dns", server_ip=veth_pair.b_ip4 if family == 4 else veth_pair.b_ip6)
     finally:
         server.kill()
         server.wait()
@@ -337,7 +340,8 @@ def test_a_forged_dns_answer_without_a_query_teaches_nothing(veth_pair, family):
         ifname = lab.b.run("ip", "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0]
         lab.b.run("ip", "addr", "add", f"{silent_ip}/{24 if family == 4 else 64}", "dev", ifname,
                   *(["nodad"] if family == 6 else []))
-        out = run_client(lab.a, "dns-spoof", server_ip, silent_ip, client_ip, lab.b.name)
+        out = run_client(lab.a, "dns-spoof", server_ip=server_ip, silent_ip=silent_ip, client_ip=client_ip,
+                         spoof_ns=lab.b.name)
     finally:
         dns.kill()
         dns.wait()
@@ -356,11 +360,12 @@ def test_a_forged_dns_answer_without_a_query_teaches_nothing(veth_pair, family):
 @pytest.mark.parametrize("family", [4, 6])
 def test_a_whole_redirector_takes_a_server_once_dns_names_it_an_ai_endpoint(lab, family):
     server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
-    dns = lab.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), "dns", lab.b_ip4, lab.b_ip6,
+    dns = lab.b.popen(sys.executable, str(AGENTS / "redirect_server.py"),
+                      *agent_args("dns", answer_a=lab.b_ip4, answer_aaaa=lab.b_ip6),
                       stdout=subprocess.PIPE, text=True)
     try:
         assert dns.stdout.readline().strip() == "ready"
-        out = run_client(lab.a, "learned", server_ip)
+        out = run_client(lab.a, "learned", server_ip=server_ip)
     finally:
         dns.kill()
         dns.wait()
