@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakeprovider import make_test_pki
-from tests.netns import NetNS, stop_all
+from tests.netns import NetNS, agent_args, stop_all
 
 HERE = Path(__file__).parent
 PROXY_PORT, UPSTREAM_PORT = 8443, 9443
@@ -54,9 +54,9 @@ def lab(tmp_path_factory):
         processes.append(ns.popen(sys.executable, str(HERE / "fakeprovider.py"), "--port", str(UPSTREAM_PORT),
                                   "--cert", cert, "--key", key, stdout=subprocess.DEVNULL))
         events = tmp / "events.jsonl"
-        proxy = ns.popen(sys.executable, str(HERE / "agents" / "proxy_agent.py"), str(tmp / "data"),
-                         str(PROXY_PORT), "127.0.0.1", str(UPSTREAM_PORT), upstream_ca, str(events),
-                         stdout=subprocess.PIPE, text=True)
+        argv = agent_args(data_dir=tmp / "data", port=PROXY_PORT, upstream_host="127.0.0.1", upstream_port=UPSTREAM_PORT,
+                          upstream_ca=upstream_ca, events_path=events)
+        proxy = ns.popen(sys.executable, str(HERE / "agents" / "proxy_agent.py"), *argv, stdout=subprocess.PIPE, text=True)
         processes.append(proxy)
         assert proxy.stdout.readline().split()[0] == "ready"
         _wait_port(ns, UPSTREAM_PORT)

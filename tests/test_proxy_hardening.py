@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from oisp.cli import main
+from tests.netns import agent_args
 
 
 @pytest.mark.parametrize("port", ["0", "-1", "65536", "99999", "http"])
@@ -69,7 +70,8 @@ def low_fd_proxy():
 
     echo = _EchoServer()
     agent = Path(__file__).parent / "agents" / "plain_proxy.py"
-    proxy = subprocess.Popen([sys.executable, str(agent), "127.0.0.1", str(echo.port), "64", "1.5"],
+    argv = agent_args(upstream_host="127.0.0.1", upstream_port=echo.port, nofile=64, give_up=1.5)
+    proxy = subprocess.Popen([sys.executable, str(agent), *argv],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         ready = proxy.stdout.readline().split()
