@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from oisp.demo.provider import make_test_pki
-from tests.netns import VethPair, _ip, stop_all
+from tests.netns import VethPair, _ip, agent_args, stop_all
 from tests.record_lab import await_recording
 
 HERE = Path(__file__).parent
@@ -44,7 +44,8 @@ def lab(tmp_path, request):
     hosts_dir.mkdir(parents=True, exist_ok=True)
     (hosts_dir / "hosts").write_text(f"127.0.0.1 localhost\n{ai} api.openai.com\n")
     ca, cert, key = make_test_pki(tmp_path)
-    processes = [pair.b.popen(sys.executable, str(HERE / "agents" / "quic_echo.py"), "serve", host, "443", cert, key)
+    processes = [pair.b.popen(sys.executable, str(HERE / "agents" / "quic_echo.py"),
+                              *agent_args("serve", host=host, port=443, cert=cert, key=key))
                  for host in (ai, other)]
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
     events = tmp_path / "events.jsonl"
@@ -57,8 +58,8 @@ def lab(tmp_path, request):
         return sensor
 
     def quic(host: str) -> dict:
-        done = pair.a.python(str(HERE / "agents" / "quic_echo.py"), "connect", host, "443", ca, str(TIMEOUT),
-                             timeout=30)
+        done = pair.a.python(str(HERE / "agents" / "quic_echo.py"),
+                             *agent_args("connect", host=host, port=443, ca=ca, timeout=TIMEOUT), timeout=30)
         return json.loads(done.stdout)
 
     try:
