@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import VethPair, _ip, stop_all
+from tests.netns import VethPair, _ip, agent_args, stop_all
 from tests.record_lab import await_recording
 
 HERE = Path(__file__).parent
@@ -88,8 +88,8 @@ def _wait_listening(ns, host: str, port: int, timeout: float = 15.0) -> None:
 
 
 def run_clients(lab, scenario: str, port: int, n: int = 1, host: str | None = None) -> dict:
-    done = lab["pair"].a.python(str(HERE / "agents" / "local_clients.py"), scenario, host or lab["ip"], str(port),
-                                str(n), timeout=90)
+    done = lab["pair"].a.python(str(HERE / "agents" / "local_clients.py"),
+                                *agent_args(scenario, host=host or lab["ip"], port=port, count=n), timeout=90)
     return json.loads(done.stdout)
 
 
@@ -209,8 +209,8 @@ def test_a_burst_of_concurrent_streams_is_recorded_whole(lab):
 
 
 def test_killing_the_sensor_mid_stream_fails_open(lab):
-    stream = lab["pair"].a.popen(sys.executable, str(HERE / "agents" / "local_clients.py"), "stream", lab["ip"],
-                                 "8000", "1000", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stream = lab["pair"].a.popen(sys.executable, str(HERE / "agents" / "local_clients.py"),
+                                 *agent_args("stream", host=lab["ip"], port=8000, count=1000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
     while not any(e["event_type"] == "ai.request" for e in read_events(lab)):  # the stream is under way
         assert time.monotonic() < deadline, "the streaming request never reached the sensor"

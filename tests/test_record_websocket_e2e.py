@@ -23,7 +23,7 @@ import pytest
 
 from oisp.events import load_schema
 from tests.fakeprovider import make_test_pki
-from tests.netns import VethPair, stop_all
+from tests.netns import VethPair, agent_args, stop_all
 from tests.record_lab import await_recording, read_events, stop_sensor
 
 HERE = Path(__file__).parent
@@ -57,7 +57,8 @@ def lab(tmp_path):
 
 
 def run_client(lab, name: str, base: str = "wss://api.openai.com") -> tuple[subprocess.Popen, object]:
-    client = subprocess.Popen(lab["pair"].a.cmd(sys.executable, str(HERE / "agents" / "ws_clients.py"), name, base),
+    argv = [sys.executable, str(HERE / "agents" / "ws_clients.py"), *agent_args(name, base=base)]
+    client = subprocess.Popen(lab["pair"].a.cmd(*argv),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "SSL_CERT_FILE": lab["our_ca"]})
     out, err = client.communicate(timeout=60)

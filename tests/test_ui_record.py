@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import uievents  # noqa: E402
+from tests.netns import agent_args  # noqa: E402
 from tests.record_lab import HERE, read_events, start_client, stop_sensor  # noqa: E402
 
 pytestmark = [pytest.mark.privileged,
@@ -41,8 +42,9 @@ def test_a_live_recording_shows_its_calls_in_the_browser(record_lab) -> None:
     while sum(e["event_type"] == "ai.response" for e in read_events(record_lab)) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
 
-    check = subprocess.run(record_lab["pair"].a.cmd(sys.executable, str(HERE / "agents" / "ui_page_check.py"), url, "2",
-                                             str(record_lab["tmp"])), capture_output=True, text=True, timeout=120)
+    argv = agent_args(url=url, expected_calls=2, screenshot_dir=record_lab["tmp"])
+    check = subprocess.run(record_lab["pair"].a.cmd(sys.executable, str(HERE / "agents" / "ui_page_check.py"), *argv),
+                           capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stderr[-3000:]
     page = json.loads(check.stdout)
     print(f"screenshot: {record_lab['tmp'] / 'record-ui.png'}")

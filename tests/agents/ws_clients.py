@@ -1,11 +1,11 @@
 """Real WebSocket clients for interception tests; each prints one JSON result: what it assembled.
 
-usage: ws_clients.py CLIENT WSS_BASE   (CLIENT: openai_responses | openai_realtime | gemini_live | plain)
+usage: ws_clients.py CLIENT --base WSS_BASE   (CLIENT: openai_responses | openai_realtime | gemini_live | plain)
 They trust whatever SSL_CERT_FILE names, as in real use.
 """
 
+import argparse
 import json
-import sys
 
 KEY = "sk-proj-TESTKEYws0123456789abcdefghijklmnopqrstuv"
 REQUESTS = [
@@ -106,6 +106,10 @@ def plain(base):
 
 
 if __name__ == "__main__":
-    name, base = sys.argv[1], sys.argv[2]
-    print(json.dumps({"openai_responses": openai_responses, "openai_realtime": openai_realtime, "gemini_live": gemini_live,
-                      "plain": plain}[name](base)))
+    CLIENTS = {"openai_responses": openai_responses, "openai_realtime": openai_realtime, "gemini_live": gemini_live,
+               "plain": plain}
+    parser = argparse.ArgumentParser(description="A real WebSocket client; prints what it assembled as JSON.")
+    parser.add_argument("client", choices=CLIENTS)
+    parser.add_argument("--base", required=True, help="the wss:// base URL")
+    options = parser.parse_args()
+    print(json.dumps(CLIENTS[options.client](options.base)))
