@@ -126,7 +126,7 @@ def record_lab(veth_pair, tmp_path):
 
 def test_oisp_record_says_what_died_and_exits_non_zero(record_lab):
     trigger = record_lab["tmp"] / "fault"
-    sensor = record_lab["start"](str(AGENTS / "faulty_record.py"), str(trigger))
+    sensor = record_lab["start"](str(AGENTS / "faulty_record.py"), "--trigger", str(trigger))
     intercepted = record_lab["curl"](record_lab["our_ca"])  # our leaf certificate: through the proxy
     assert intercepted.stdout == "plain upstream reply\n", intercepted.stderr
     trigger.touch()  # the reflector thread raises on its next periodic step
