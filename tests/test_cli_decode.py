@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
-from provider_cases import Case, http1_request, http1_response, load_cases, validate  # noqa: E402
+from provider_cases import Case, http1_request, http1_response, load_cases, validate
 
-from oisp.cli import main  # noqa: E402
-from oisp.cli.decode import decode_capture  # noqa: E402
-from oisp.decode import Direction, FlowContext  # noqa: E402
-from oisp.events import FlowRecorder  # noqa: E402
+from oisp.cli import main
+from oisp.cli.decode import decode_capture
+from oisp.decode import Direction, FlowContext
+from oisp.events import FlowRecorder
 
 scapy_all = pytest.importorskip("scapy.all")
 
@@ -35,7 +35,8 @@ scapy_all = pytest.importorskip("scapy.all")
 def comparable(events: list[dict]) -> list[tuple]:
     out = []
     for e in events:
-        data = {k: v for k, v in e["data"].items() if k not in ("request_id", "latency_ms", "time_to_first_token_ms", "duration_ms", "start_time", "end_time")}
+        data = {k: v for k, v in e["data"].items()
+                if k not in ("request_id", "latency_ms", "time_to_first_token_ms", "duration_ms", "start_time", "end_time")}
         out.append((e["event_type"], json.dumps(data, sort_keys=True)))
     return out
 
@@ -44,7 +45,10 @@ def segments_for(case: Case, client=("10.1.1.2", 40001), server=("10.1.1.9", 114
     IP, TCP, Ether = scapy_all.IP, scapy_all.TCP, scapy_all.Ether
     c_isn, s_isn = 1000, 500000
     req, resp = http1_request(case), http1_response(case)
-    mk = lambda src, dst, flags, seq, payload=b"": Ether() / IP(src=src[0], dst=dst[0]) / TCP(sport=src[1], dport=dst[1], flags=flags, seq=seq) / payload
+
+    def mk(src, dst, flags, seq, payload=b""):
+        return Ether() / IP(src=src[0], dst=dst[0]) / TCP(sport=src[1], dport=dst[1], flags=flags, seq=seq) / payload
+
     pkts = [mk(client, server, "S", c_isn), mk(server, client, "SA", s_isn), mk(client, server, "A", c_isn + 1)]
     for data, src, dst, isn in ((req, client, server, c_isn + 1), (resp, server, client, s_isn + 1)):
         pieces = [(isn + i, data[i : i + 40]) for i in range(0, len(data), 40)]
@@ -64,7 +68,8 @@ def segments_for(case: Case, client=("10.1.1.2", 40001), server=("10.1.1.9", 114
 
 def direct_events(case: Case, server_port: int) -> list[dict]:
     rec = FlowRecorder(FlowContext(("10.1.1.2", 40001), ("10.1.1.9", server_port), 0.0), capture_method="other")
-    return rec.feed(Direction.REQUEST, http1_request(case), 1.0) + rec.feed(Direction.RESPONSE, http1_response(case), 2.0) + rec.close(3.0)
+    return (rec.feed(Direction.REQUEST, http1_request(case), 1.0) + rec.feed(Direction.RESPONSE, http1_response(case), 2.0)
+            + rec.close(3.0))
 
 
 @pytest.mark.parametrize("name", ["ollama_chat_ndjson", "ollama_generate_json"])
@@ -97,10 +102,12 @@ def test_classic_pcap_and_port_filter(tmp_path) -> None:
 class _FakeOllama(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        lines = [{"model": body["model"], "message": {"role": "assistant", "content": w}, "done": False} for w in ("Sky ", "is ", "blue.")]
-        lines.append({"model": body["model"], "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop", "prompt_eval_count": 9, "eval_count": 3})
+        lines = [{"model": body["model"], "message": {"role": "assistant", "content": w}, "done": False}
+                 for w in ("Sky ", "is ", "blue.")]
+        lines.append({"model": body["model"], "message": {"role": "assistant", "content": ""}, "done": True,
+                      "done_reason": "stop", "prompt_eval_count": 9, "eval_count": 3})
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
         self.send_header("Transfer-Encoding", "chunked")
@@ -134,7 +141,10 @@ def test_dumpcap_capture_of_real_loopback_exchange(tmp_path, capsys) -> None:
             time.sleep(0.05)
         time.sleep(0.5)
         for prompt in ("why is the sky blue?", "and the sea?"):
-            req = urllib.request.Request("http://127.0.0.1:11434/api/chat", data=json.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": prompt}]}).encode(), headers={"Content-Type": "application/json"})
+            req = urllib.request.Request("http://127.0.0.1:11434/api/chat",
+                                         data=json.dumps({"model": "llama3.2",
+                                                          "messages": [{"role": "user", "content": prompt}]}).encode(),
+                                         headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(req) as r:
                 assert r.read().count(b"\n") == 4
         time.sleep(0.5)

@@ -52,7 +52,8 @@ def bomb(coding: str, pattern: bytes = b"\0") -> bytes:
 
 def request(body: bytes, coding: str | None = None, path: str = "/v1/chat/completions") -> bytes:
     enc = f"Content-Encoding: {coding}\r\n" if coding else ""
-    head = f"POST {path} HTTP/1.1\r\nHost: api.openai.com\r\nContent-Type: application/json\r\n{enc}Content-Length: {len(body)}\r\n\r\n"
+    head = (f"POST {path} HTTP/1.1\r\nHost: api.openai.com\r\nContent-Type: application/json\r\n"
+            f"{enc}Content-Length: {len(body)}\r\n\r\n")
     return head.encode() + body
 
 
@@ -62,7 +63,9 @@ def response(body: bytes, coding: str | None = None, ctype: str = "application/j
 
 
 CHAT = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
-REPLY = json.dumps({"id": "c1", "model": "gpt-4o-mini", "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}]}).encode()
+REPLY = json.dumps({"id": "c1", "model": "gpt-4o-mini",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"},
+                                 "finish_reason": "stop"}]}).encode()
 
 
 def peak_while(fn) -> tuple[object, int]:
@@ -245,7 +248,9 @@ def test_http2_continuation_flood_is_refused_in_bounded_memory() -> None:
 
     from oisp.decode.http2 import PREFACE
 
-    head = HeadersFrame(1, hpack.Encoder().encode([(":method", "POST"), (":path", "/v1/chat/completions"), (":authority", "api.openai.com"), (":scheme", "https")]))
+    head = HeadersFrame(1,
+                        hpack.Encoder().encode([(":method", "POST"), (":path", "/v1/chat/completions"),
+                                                (":authority", "api.openai.com"), (":scheme", "https")]))
     cont = ContinuationFrame(1, b"\x00" * 16384).serialize()
     d = FlowDecoder(FlowContext(("10.0.0.2", 50000), ("10.0.0.9", 443), 0.0, alpn="h2", tls_version="TLSv1.3"))
 
@@ -265,12 +270,17 @@ def _deltas(api: str, piece: str, n: int) -> list[object]:
     """``n`` streamed objects of ``api``'s format, each carrying ``piece`` as text (and, where the
     format has them, as tool-call arguments and thinking)."""
     if api == "openai.chat":
-        return [{"choices": [{"index": 0, "delta": {"content": piece, "reasoning_content": piece, "tool_calls": [{"index": 0, "function": {"arguments": piece}}]}}]}] * n
+        return [{"choices": [{"index": 0,
+                              "delta": {"content": piece, "reasoning_content": piece,
+                                        "tool_calls": [{"index": 0, "function": {"arguments": piece}}]}}]}] * n
     if api == "openai.responses":
         added = {"type": "response.output_item.added", "item": {"type": "function_call", "id": "fc", "name": "f"}}
-        return [added] + [{"type": t, "delta": piece, "item_id": "fc"} for _ in range(n) for t in ("response.output_text.delta", "response.function_call_arguments.delta", "response.reasoning_text.delta")]
+        return [added] + [{"type": t, "delta": piece, "item_id": "fc"} for _ in range(n)
+                          for t in ("response.output_text.delta", "response.function_call_arguments.delta",
+                                    "response.reasoning_text.delta")]
     if api == "anthropic.messages":
-        starts = [{"type": "content_block_start", "index": 0, "content_block": {"type": "text"}}, {"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t", "name": "f"}}]
+        starts = [{"type": "content_block_start", "index": 0, "content_block": {"type": "text"}},
+                  {"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t", "name": "f"}}]
         return starts + [
             d for _ in range(n)
             for d in ({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}},
@@ -291,7 +301,9 @@ def _deltas(api: str, piece: str, n: int) -> list[object]:
     raise ValueError(api)
 
 
-@pytest.mark.parametrize("api", ["openai.chat", "openai.responses", "anthropic.messages", "gemini.generate", "ollama.chat", "cohere.chat"])
+@pytest.mark.parametrize("api",
+                         ["openai.chat", "openai.responses", "anthropic.messages", "gemini.generate", "ollama.chat",
+                          "cohere.chat"])
 def test_assemblers_are_linear_in_the_number_of_deltas(api: str) -> None:
     from oisp.decode.providers import FORMATS
 

@@ -13,7 +13,8 @@ from oisp.decode import Direction, FlowContext, FlowDecoder, RequestComplete, Re
 
 CTX = FlowContext(("127.0.0.1", 40000), ("127.0.0.1", 11434), 0.0)
 CHAT = json.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}).encode()
-REPLY = json.dumps({"model": "llama3.2", "message": {"role": "assistant", "content": "héllo"}, "done": True, "done_reason": "stop", "prompt_eval_count": 3, "eval_count": 2}).encode()
+REPLY = json.dumps({"model": "llama3.2", "message": {"role": "assistant", "content": "héllo"}, "done": True,
+                    "done_reason": "stop", "prompt_eval_count": 3, "eval_count": 2}).encode()
 
 
 def req(method: str = "POST", path: str = "/api/chat", body: bytes = CHAT, extra: str = "") -> bytes:

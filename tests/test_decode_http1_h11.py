@@ -40,7 +40,8 @@ def _exchange(draw) -> dict:
 
 def _send(conn: h11.Connection, event, extensions: bool) -> bytes:
     parts = conn.send_with_data_passthrough(event) or []
-    if extensions and parts and parts[0].endswith(b"\r\n") and parts[0][:-2].isalnum() and isinstance(event, (h11.Data, h11.EndOfMessage)):
+    chunk_size_line = parts and parts[0].endswith(b"\r\n") and parts[0][:-2].isalnum()
+    if extensions and chunk_size_line and isinstance(event, (h11.Data, h11.EndOfMessage)):
         parts[0] = parts[0][:-2] + b';ext="x";n\r\n'  # a chunk-size line, given extensions h11 never writes
     return b"".join(parts)
 
@@ -91,7 +92,9 @@ def _play(exchanges: list[dict]) -> tuple[bytes, bytes, list]:
             framing, resp_headers = "none", []
         else:
             resp_headers = _framing_headers(framing, ex["resp_body"])
-        wire += _send(server, h11.Response(status_code=ex["status"], headers=[(b"Content-Type", b"application/json"), *resp_headers]), False)
+        wire += _send(server,
+                      h11.Response(status_code=ex["status"], headers=[(b"Content-Type", b"application/json"), *resp_headers]),
+                      False)
         wire += _body(server, ex["resp_body"], framing, ex["trailers"], ex["extensions"])
         answered += wire
         for ev in _parsed(client, wire):
@@ -113,7 +116,8 @@ def _merged(messages: list) -> list:
     """Adjacent Body pieces of one message joined: how a body is cut into pieces depends on the feeds."""
     out: list = []
     for m in messages:
-        if isinstance(m, Body) and out and isinstance(out[-1], Body) and (out[-1].stream, out[-1].direction) == (m.stream, m.direction):
+        if (isinstance(m, Body) and out and isinstance(out[-1], Body)
+                and (out[-1].stream, out[-1].direction) == (m.stream, m.direction)):
             out[-1] = Body(m.stream, m.direction, out[-1].data + m.data, m.ts)
         elif not (isinstance(m, Body) and not m.data):
             out.append(m)
@@ -123,7 +127,8 @@ def _merged(messages: list) -> list:
 def _per_message(messages: list) -> dict:
     by: dict = {}
     for m in messages:
-        direction = Direction.REQUEST if isinstance(m, RequestHead) else Direction.RESPONSE if isinstance(m, ResponseHead) else m.direction
+        direction = (Direction.REQUEST if isinstance(m, RequestHead)
+                     else Direction.RESPONSE if isinstance(m, ResponseHead) else m.direction)
         by.setdefault((m.stream, direction), []).append(m)
     return {k: _merged(v) for k, v in by.items()}
 
@@ -138,7 +143,8 @@ def test_matches_h11_peers_whatever_the_cuts_and_interleaving(exchanges: list[di
         bounds = [0, *cuts, len(wire)]
         feeds.append([(direction, wire[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a])
     requests, responses = feeds
-    order = data.draw(st.lists(st.booleans(), min_size=len(requests) + len(responses), max_size=len(requests) + len(responses)), label="interleaving")
+    order = data.draw(st.lists(st.booleans(), min_size=len(requests) + len(responses), max_size=len(requests) + len(responses)),
+                      label="interleaving")
     decoder, got = Http1Decoder(), []
     for take_request in order:
         queue = requests if (take_request and requests) or not responses else responses

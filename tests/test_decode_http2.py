@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
-from provider_cases import http2_conversation, load_cases, validate  # noqa: E402
+from provider_cases import http2_conversation, load_cases, validate
 
-from oisp.decode import Direction, FlowContext, FlowDecoder, ResponseComplete  # noqa: E402
-from oisp.events import FlowRecorder  # noqa: E402
+from oisp.decode import Direction, FlowContext, FlowDecoder, ResponseComplete
+from oisp.events import FlowRecorder
 
 TLS_CASES = [c for c in load_cases() if c.tls]
 
@@ -52,4 +52,5 @@ def test_h2_detected_from_preface_without_alpn_and_cut_small() -> None:
     cut = [r for r in feed_all(d2, convo, step=7) if isinstance(r, ResponseComplete)]
     assert d.stats.protocol == "HTTP/2"
     assert len(whole) == 3
-    assert [(r.exchange.stream, r.exchange.ai_response.text) for r in whole] == [(r.exchange.stream, r.exchange.ai_response.text) for r in cut]
+    assert ([(r.exchange.stream, r.exchange.ai_response.text) for r in whole]
+            == [(r.exchange.stream, r.exchange.ai_response.text) for r in cut])

@@ -176,8 +176,10 @@ def test_each_response_create_is_one_exchange_equal_to_what_the_client_assembled
     assert resp["choices"][0]["message"]["content"] == got["text"] == got["final"].output_text
     assert resp["thinking"] == got["final"].output[0].summary[0].text
     u = got["final"].usage
-    assert resp["usage"] == {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens, "total_tokens": u.total_tokens,
-                             "cached_tokens": u.input_tokens_details.cached_tokens, "reasoning_tokens": u.output_tokens_details.reasoning_tokens}
+    assert resp["usage"] == {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens,
+                             "total_tokens": u.total_tokens,
+                             "cached_tokens": u.input_tokens_details.cached_tokens,
+                             "reasoning_tokens": u.output_tokens_details.reasoning_tokens}
     assert resp["finish_reason"] == "stop"
     assert resp["success"] is True
     assert resp["status_code"] == 101
@@ -262,7 +264,8 @@ def frame(payload: bytes, *, opcode: int = 1, fin: bool = True, rsv1: bool = Fal
     head = bytes([(0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode])
     n = len(payload)
     m = 0x80 if mask else 0
-    head += bytes([m | n]) if n < 126 else bytes([m | 126]) + struct.pack("!H", n) if n < 65536 else bytes([m | 127]) + struct.pack("!Q", n)
+    head += (bytes([m | n]) if n < 126 else bytes([m | 126]) + struct.pack("!H", n) if n < 65536
+             else bytes([m | 127]) + struct.pack("!Q", n))
     if not mask:
         return head + payload
     key = b"\x01\x02\x03\x04"
@@ -453,12 +456,15 @@ def sdk_realtime(port: int) -> tuple[Trace, list[dict]]:
                 return got
         raise AssertionError("the session ended mid-response")
 
-    with client.realtime.connect(model="gpt-realtime", websocket_connection_options={"sock": sock, "proxy": None, "compression": "deflate"}) as conn:
+    with client.realtime.connect(model="gpt-realtime",
+                                 websocket_connection_options={"sock": sock, "proxy": None, "compression": "deflate"}) as conn:
         conn.session.update(session={"type": "realtime", "instructions": "answer briefly", "output_modalities": ["text"]})
-        conn.conversation.item.create(item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi realtime"}]})
+        conn.conversation.item.create(item={"type": "message", "role": "user",
+                                            "content": [{"type": "input_text", "text": "hi realtime"}]})
         conn.response.create()
         results.append(turn())
-        conn.response.create(response={"tools": [{"type": "function", "name": "lookup", "description": "look it up", "parameters": {"type": "object"}}]})
+        conn.response.create(response={"tools": [{"type": "function", "name": "lookup", "description": "look it up",
+                                                  "parameters": {"type": "object"}}]})
         results.append(turn())
         conn.session.update(session={"type": "realtime", "output_modalities": ["audio"]})
         for _ in range(3):
@@ -535,7 +541,8 @@ def wsproto_trace(target: str, host: str, client_msgs: list, server_msgs: list, 
         t[0] += 0.01
         trace.append((direction, data, t[0]))
 
-    send(client, server, Direction.REQUEST, Request(host=host, target=target, extensions=[PerMessageDeflate()] if extensions else [],
+    send(client, server, Direction.REQUEST,
+         Request(host=host, target=target, extensions=[PerMessageDeflate()] if extensions else [],
                                                           extra_headers=list(headers)))
     send(server, client, Direction.RESPONSE, AcceptConnection(extensions=[PerMessageDeflate()] if extensions else []))
     for msg, answers in zip(client_msgs, server_msgs):
@@ -555,7 +562,8 @@ LIVE_CLIENT = [
 ]
 LIVE_SERVER = [
     [{"setupComplete": {}}],
-    [{"serverContent": {"modelTurn": {"parts": [{"inlineData": {"mimeType": "audio/pcm", "data": base64.b64encode(b"\x07" * 960).decode()}}]},
+    [{"serverContent": {"modelTurn": {"parts": [{"inlineData": {"mimeType": "audio/pcm",
+                                                                "data": base64.b64encode(b"\x07" * 960).decode()}}]},
                         "outputTranscription": {"text": "hi "}}},
      {"serverContent": {"outputTranscription": {"text": "there"}}},
      {"serverContent": {"turnComplete": True}, "usageMetadata": fakews.live_usage(1)}],
@@ -580,7 +588,8 @@ def test_gemini_live_turns_audio_counted_and_the_url_key_never_written() -> None
     assert [(m["role"], m["content"]) for m in reqs[0]["messages"]] == [("system", "be kind"), ("user", "say hi")]
     assert resps[0]["choices"][0]["message"]["content"] == "hi there"
     assert resps[0]["finish_reason"] == "stop"
-    assert resps[0]["usage"] == {"prompt_tokens": 8, "completion_tokens": 3, "total_tokens": 11, "input_text_tokens": 8, "output_text_tokens": 3}
+    assert resps[0]["usage"] == {"prompt_tokens": 8, "completion_tokens": 3, "total_tokens": 11, "input_text_tokens": 8,
+                                 "output_text_tokens": 3}
     # the second turn was the server's, on realtime audio; it was interrupted
     assert reqs[1]["messages"][-1] == {"role": "assistant", "content": "hi there", "content_length": 8}
     assert resps[1]["choices"][0]["message"]["content"] == "heard you"
@@ -603,14 +612,16 @@ def test_ephemeral_secrets_of_a_session_are_hashed_never_written(kind) -> None:
     secret = "ek_68a1SECRETSECRETSECRET0123" if kind.startswith("realtime") else "auth_tokens/SECRETSECRETSECRET0123"
     leaked = "sk-proj-" + "LEAKED" * 5  # a key pasted into instructions: the Redactor's patterns still apply
     if kind.startswith("realtime"):
-        target, host, headers = "/v1/realtime?model=gpt-realtime", "api.openai.com", [(b"authorization", f"Bearer {secret}".encode())]
+        headers = [(b"authorization", f"Bearer {secret}".encode())]
+        target, host = "/v1/realtime?model=gpt-realtime", "api.openai.com"
         msgs = [{"type": "session.update", "session": {"type": "realtime", "instructions": f"key {leaked}"}},
                 {"type": "response.create"}]
         answers = [[{"type": "session.updated", "session": {"model": "gpt-realtime"}}],
                    [{"type": "response.created", "response": {"id": "r1"}},
                     {"type": "response.done", "response": {"id": "r1", "status": "completed", "output": []}}]]
     else:
-        target = f"/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContentConstrained?access_token={secret}"
+        target = ("/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContentConstrained"
+                  f"?access_token={secret}")
         host, headers = "generativelanguage.googleapis.com", []
         msgs = [{"setup": {"model": "models/m", "systemInstruction": {"parts": [{"text": f"key {leaked}"}]}}},
                 {"clientContent": {"turns": [{"role": "user", "parts": [{"text": "x"}]}], "turnComplete": True}}]

@@ -41,7 +41,8 @@ from oisp.packet import (
 )
 
 SAMPLES = [
-    raw(IP(src="10.0.0.1", dst="10.0.0.2", options=b"\x01\x01\x01\x00") / TCP(sport=1, dport=443, options=[("MSS", 1460)]) / b"hello"),
+    raw(IP(src="10.0.0.1", dst="10.0.0.2", options=b"\x01\x01\x01\x00") / TCP(sport=1, dport=443,
+                                                                              options=[("MSS", 1460)]) / b"hello"),
     raw(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=53, dport=5353) / b"odd"),
     raw(IP(src="10.0.0.1", dst="10.0.0.2") / ICMP() / b"ping"),
     raw(IPv6(src="fd00::1", dst="fd00::2") / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / TCP(sport=2, dport=80) / b"x"),

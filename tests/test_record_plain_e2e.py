@@ -66,7 +66,8 @@ def lab(tmp_path, request):
         named = f"[{public_b}]" if family == "6" else public_b
         sensor = start_sensor("--plain", "9000=llamacpp", "--plain", f"{named}:7000=vllm")
         wire.unlink(missing_ok=True)  # the start-up probes' replies
-        yield {"pair": pair, "ip": server_ip, "public": public_b, "wire": wire, "family": family, "where": where, "sensor": sensor,
+        yield {"pair": pair, "ip": server_ip, "public": public_b, "wire": wire, "family": family, "where": where,
+               "sensor": sensor,
                "events": events, "start_sensor": start_sensor}
     finally:
         stop_all(processes)
@@ -210,7 +211,8 @@ def test_a_burst_of_concurrent_streams_is_recorded_whole(lab):
 
 def test_killing_the_sensor_mid_stream_fails_open(lab):
     stream = lab["pair"].a.popen(sys.executable, str(HERE / "agents" / "local_clients.py"),
-                                 *agent_args("stream", host=lab["ip"], port=8000, count=1000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                 *agent_args("stream", host=lab["ip"], port=8000, count=1000), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
     while not any(e["event_type"] == "ai.request" for e in read_events(lab)):  # the stream is under way
         assert time.monotonic() < deadline, "the streaming request never reached the sensor"

@@ -91,8 +91,10 @@ def test_responses_websocket_mode_is_recorded_like_http(lab):
     assert requests[1]["data"]["messages"][-1]["content"] == "hello over a socket"
     assert [r["data"]["provider_request_id"] for r in responses] == [g["id"] for g in got]
     assert [r["data"]["choices"][0]["message"]["content"] for r in responses] == [g["text"] for g in got]
-    assert [[[c["id"], c["name"], c["arguments"]] for c in r["data"]["tool_calls"]] for r in responses] == [g["calls"] for g in got]
-    assert [[r["data"]["usage"]["prompt_tokens"], r["data"]["usage"]["completion_tokens"]] for r in responses] == [g["usage"] for g in got]
+    assert [[[c["id"], c["name"], c["arguments"]] for c in r["data"]["tool_calls"]] for r in responses] == [
+        g["calls"] for g in got]
+    assert [[r["data"]["usage"]["prompt_tokens"], r["data"]["usage"]["completion_tokens"]] for r in responses] == [
+        g["usage"] for g in got]
     assert all(r["data"]["success"] for r in responses)
     flow = [e["data"] for e in events if e["event_type"] == "network.flow"]
     assert len(flow) == 1
@@ -114,10 +116,12 @@ def test_a_realtime_session_is_recorded_response_by_response(lab):
         assert event["process"]["pid"] == client.pid
         jsonschema.validate(event, load_schema(event["event_type"]))
     assert [r["data"]["model"]["id"] for r in requests] == ["gpt-realtime"] * 2
-    assert [m["content"] for m in requests[1]["data"]["messages"]] == ["answer briefly", "first question", got[0]["text"], "second question"]
+    assert [m["content"] for m in requests[1]["data"]["messages"]] == [
+        "answer briefly", "first question", got[0]["text"], "second question"]
     assert [r["data"]["provider_request_id"] for r in responses] == [g["id"] for g in got]
     assert [r["data"]["choices"][0]["message"]["content"] for r in responses] == [g["text"] for g in got]
-    assert [[r["data"]["usage"]["prompt_tokens"], r["data"]["usage"]["completion_tokens"]] for r in responses] == [g["usage"] for g in got]
+    assert [[r["data"]["usage"]["prompt_tokens"], r["data"]["usage"]["completion_tokens"]] for r in responses] == [
+        g["usage"] for g in got]
     assert "TESTKEYws" not in lab["events"].read_text()
 
 
@@ -153,8 +157,10 @@ def test_gemini_live_is_recorded_turn_by_turn(lab):
     assert first["tools"] == [{"type": "function", "name": "get_weather", "description": "the weather"}]
     assert requests[2]["data"]["messages"][-1]["role"] == "tool"
     assert [r["data"]["choices"][0]["message"]["content"] for r in responses] == [g["text"] for g in got]
-    assert [[[c["id"], c["name"], json.loads(c["arguments"])] for c in r["data"]["tool_calls"]] for r in responses] == [g["calls"] for g in got]
-    assert [[r["data"]["usage"]["prompt_tokens"], r["data"]["usage"]["completion_tokens"]] for r in responses] == [g["usage"] for g in got]
+    assert [[[c["id"], c["name"], json.loads(c["arguments"])] for c in r["data"]["tool_calls"]]
+            for r in responses] == [g["calls"] for g in got]
+    assert [[r["data"]["usage"]["prompt_tokens"], r["data"]["usage"]["completion_tokens"]] for r in responses] == [
+        g["usage"] for g in got]
     assert [r["data"]["finish_reason"] for r in responses] == ["stop", "tool_calls", "stop"]
     flow = [e["data"] for e in events if e["event_type"] == "network.flow"]
     assert len(flow) == 1

@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
-from provider_cases import validate  # noqa: E402
+from provider_cases import validate
 
-from oisp.decode import Direction, FlowContext  # noqa: E402
-from oisp.events import FlowRecorder, Redactor  # noqa: E402
-from oisp.events import redact  # noqa: E402
-from oisp.events.redact import scrub_secrets  # noqa: E402
+from oisp.decode import Direction, FlowContext
+from oisp.events import FlowRecorder, Redactor
+from oisp.events import redact
+from oisp.events.redact import scrub_secrets
 
 SECRETS = {
     "openai": "sk-proj-Pl4ntedOpenAIKey0000000000000000",
@@ -52,7 +52,11 @@ def planted_exchange() -> tuple[bytes, bytes]:
     ).encode() + raw
     chunks = [
         {"id": "x", "model": "gpt-4o", "choices": [{"index": 0, "delta": {"content": f"echo {s['openai']}"}}]},
-        {"id": "x", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "t", "type": "function", "function": {"name": "f", "arguments": json.dumps({"k": s["aws"]})}}]}, "finish_reason": "tool_calls"}]},
+        {"id": "x",
+         "choices": [{"index": 0,
+                      "delta": {"tool_calls": [{"index": 0, "id": "t", "type": "function",
+                                                "function": {"name": "f", "arguments": json.dumps({"k": s["aws"]})}}]},
+                      "finish_reason": "tool_calls"}]},
     ]
     sse = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
     resp = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n" % len(sse) + sse
@@ -60,7 +64,8 @@ def planted_exchange() -> tuple[bytes, bytes]:
 
 
 def record(mode: str) -> list[dict]:
-    ctx = FlowContext(("10.0.0.2", 1), ("10.0.0.3", 443), 1.0, sni="api.openai.com", tls_version="TLSv1.3", flow_id=f"flow-{SECRETS['jwt']}")
+    ctx = FlowContext(("10.0.0.2", 1), ("10.0.0.3", 443), 1.0, sni="api.openai.com", tls_version="TLSv1.3",
+                      flow_id=f"flow-{SECRETS['jwt']}")
     rec = FlowRecorder(ctx, redactor=Redactor(mode), streaming_chunks=True)
     req, resp = planted_exchange()
     events = rec.feed(Direction.REQUEST, req, 2.0) + rec.feed(Direction.RESPONSE, resp, 3.0) + rec.close(4.0)

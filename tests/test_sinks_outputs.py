@@ -14,7 +14,8 @@ from oisp.sinks import FanOut, JsonlSink, StdoutSink, WebhookSink, default_event
 
 
 def ev(i: int) -> dict:
-    return {"event_type": "network.connect", "ts": "2025-01-01T00:00:00.000000Z", "event_id": f"E{i}", "data": {"dest": {"ip": "1.1.1.1", "port": 443}, "i": i}}
+    return {"event_type": "network.connect", "ts": "2025-01-01T00:00:00.000000Z", "event_id": f"E{i}",
+            "data": {"dest": {"ip": "1.1.1.1", "port": 443}, "i": i}}
 
 
 def test_default_path_follows_xdg(monkeypatch, tmp_path) -> None:
@@ -35,7 +36,8 @@ def test_jsonl_rotates_by_size(tmp_path) -> None:
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["e.jsonl", "e.jsonl.1", "e.jsonl.2"]
     assert all(p.stat().st_size <= 500 for p in tmp_path.iterdir())
-    lines = [json.loads(ln) for name in ("e.jsonl.2", "e.jsonl.1", "e.jsonl") for ln in (tmp_path / name).read_text().splitlines()]
+    lines = [json.loads(ln) for name in ("e.jsonl.2", "e.jsonl.1", "e.jsonl")
+             for ln in (tmp_path / name).read_text().splitlines()]
     ids = [e["data"]["i"] for e in lines]
     assert ids == sorted(ids)
     assert ids[-1] == 39
@@ -77,7 +79,7 @@ class _Collector(BaseHTTPRequestHandler):
     fail_first = 0
     calls = 0
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         cls = type(self)
         body = self.rfile.read(int(self.headers["Content-Length"]))
         cls.calls += 1

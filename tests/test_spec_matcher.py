@@ -26,12 +26,19 @@ def test_covers_required_providers() -> None:
         ("api.openai.com", "/v1/chat/completions", "openai", "openai.chat", "chat"),
         ("api.openai.com", "/v1/responses", "openai", "openai.responses", "chat"),
         ("api.openai.com", "/v1/embeddings", "openai", "openai.embeddings", "embedding"),
-        ("contoso.openai.azure.com", "/openai/deployments/gpt4/chat/completions?api-version=2024-10-21", "azure_openai", "openai.chat", "chat"),
+        ("contoso.openai.azure.com", "/openai/deployments/gpt4/chat/completions?api-version=2024-10-21", "azure_openai",
+         "openai.chat", "chat"),
         ("api.anthropic.com", "/v1/messages", "anthropic", "anthropic.messages", "chat"),
-        ("generativelanguage.googleapis.com", "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", "google_gemini", "gemini.generate", "chat"),
-        ("us-central1-aiplatform.googleapis.com", "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-1.5-pro:generateContent", "google_vertex", "gemini.generate", "chat"),
-        ("us-east5-aiplatform.googleapis.com", "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-3-5-sonnet:streamRawPredict", "google_vertex", "anthropic.messages", "chat"),
-        ("bedrock-runtime.eu-west-1.amazonaws.com", "/model/anthropic.claude-3-haiku-20240307-v1:0/converse", "aws_bedrock", "bedrock.converse", "chat"),
+        ("generativelanguage.googleapis.com", "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", "google_gemini",
+         "gemini.generate", "chat"),
+        ("us-central1-aiplatform.googleapis.com",
+         "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-1.5-pro:generateContent", "google_vertex",
+         "gemini.generate", "chat"),
+        ("us-east5-aiplatform.googleapis.com",
+         "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-3-5-sonnet:streamRawPredict", "google_vertex",
+         "anthropic.messages", "chat"),
+        ("bedrock-runtime.eu-west-1.amazonaws.com", "/model/anthropic.claude-3-haiku-20240307-v1:0/converse", "aws_bedrock",
+         "bedrock.converse", "chat"),
         ("api.mistral.ai", "/v1/chat/completions", "mistral", "openai.chat", "chat"),
         ("api.cohere.com", "/v2/chat", "cohere", "cohere.chat", "chat"),
         ("api.groq.com", "/openai/v1/chat/completions", "groq", "openai.chat", "chat"),
@@ -101,7 +108,8 @@ def test_key_prefixes_are_short_and_public() -> None:
 
 def test_override_by_env_and_by_path(tmp_path, monkeypatch) -> None:
     spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps({"providers": [{"id": "corp", "hosts": ["llm.corp"], "endpoints": [{"path": "/chat", "request_type": "chat", "api": "openai.chat"}]}]}))
+    endpoint = {"path": "/chat", "request_type": "chat", "api": "openai.chat"}
+    spec_file.write_text(json.dumps({"providers": [{"id": "corp", "hosts": ["llm.corp"], "endpoints": [endpoint]}]}))
     assert load_spec(spec_file).match("llm.corp", "/chat").provider_id == "corp"
     monkeypatch.setenv("OISP_SPEC", str(spec_file))
     spec = load_spec()

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import uievents  # noqa: E402
-from tests.netns import agent_args  # noqa: E402
-from tests.record_lab import HERE, read_events, start_client, stop_sensor  # noqa: E402
+import uievents
+from tests.netns import agent_args
+from tests.record_lab import HERE, read_events, start_client, stop_sensor
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs Debian's chromium (.ci/run installs it)")]

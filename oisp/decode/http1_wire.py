@@ -46,7 +46,8 @@ def _error(what: str) -> ProtocolError:
 class Head:
     """A parsed request or response head, plus the header facts framing depends on."""
 
-    __slots__ = ("method", "target", "version", "status", "headers", "host", "hosts", "content_length", "chunked", "close", "upgrade", "keep_alive_named")
+    __slots__ = ("method", "target", "version", "status", "headers", "host", "hosts", "content_length", "chunked", "close",
+                 "upgrade", "keep_alive_named")
 
     def __init__(self) -> None:
         self.method = ""
