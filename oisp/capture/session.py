@@ -184,7 +184,7 @@ class Capture:
         comments, comment_ids = [], None
         select = None
         if rows is not None:
-            src_pids, dst_pids = packet_owners(self.owners, rows, bits)
+            src_pids, dst_pids = packet_owners(self.owners, rows, bits)  # type: ignore[arg-type]  # rows come only with owners
             pids = np.where(src_pids != 0, src_pids, dst_pids)  # the sender, if it is local
             if self.matcher:
                 src_match = self.matcher.mask(src_pids)

@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
 
 
 def decode_capture(path: str, emit, *, ports: list[int] | None = None, spec=None, redactor=None, all_http: bool = False,
-                   streaming_chunks: bool = False) -> dict[str, int]:
+                   streaming_chunks: bool = False) -> dict[str, Any]:
     """Decode every TCP connection of a capture; ``emit(event)`` receives each event. Returns counters.
 
     A capture damaged part way is decoded up to the damage, its connections

@@ -226,7 +226,7 @@ class WireReader:
                 return END
             piece = self._take()
         elif framing is _CHUNKED:
-            piece = self._read_chunked()
+            piece = self._read_chunked()  # type: ignore[assignment]  # bytes, or None: more data is needed
         elif self.pos < len(self.buf):
             piece = bytes(self.buf[self.pos :])
             self.pos = len(self.buf)

@@ -7,12 +7,14 @@ names its programs "Python.exe" or "python.exe" alike).
 
 from __future__ import annotations
 
+from typing import Iterable
+
 
 class ProcessFilter:
     """Include/exclude by pid or name. With an include list only those are taken;
     an exclusion always wins."""
 
-    def __init__(self, include: str | list = (), exclude: str | list = ()):
+    def __init__(self, include: str | Iterable[str | int] = (), exclude: str | Iterable[str | int] = ()):
         self.include_pids, self.include_names = self._parse(include)
         self.exclude_pids, self.exclude_names = self._parse(exclude)
 

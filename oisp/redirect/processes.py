@@ -114,8 +114,8 @@ class ProcessResolver:
                     continue
                 if e.event == Event.SOCKET_CONNECT and e.pid:
                     self.names.remember(e.pid)
-                    key = (row_key(e.remote), e.remote_port)
-                    self._connects.setdefault(key, collections.deque(maxlen=64)).append((now, e.pid))
+                    server = (row_key(e.remote), e.remote_port)
+                    self._connects.setdefault(server, collections.deque(maxlen=64)).append((now, e.pid))
                 if not e.local_port:
                     continue  # a CONNECT from a socket not bound yet: the FLOW event names it
                 key = (_local_key(e.local), e.local_port, row_key(e.remote), e.remote_port)
@@ -134,8 +134,8 @@ class ProcessResolver:
                     self._tuples[key][0] = now
                     self._tuples[key][2] = True
                     self._ended.append((now, key))
-            for key in [k for k, q in self._connects.items() if q[-1][0] < now - CONNECT_WINDOW]:
-                del self._connects[key]
+            for server in [k for k, q in self._connects.items() if q[-1][0] < now - CONNECT_WINDOW]:
+                del self._connects[server]
             # An ended socket's entry stays a while (never an answer; it keeps its late CONNECT
             # from passing for a live socket), then goes, unless another owner took the key since.
             while self._ended and self._ended[0][0] < now - CONNECT_WINDOW:
@@ -214,7 +214,9 @@ class ProcessResolver:
             return known, "by_inode", None  # the same socket: its owner was shown to hold it
         refused: list[int] = []
         tried: set[int] = set()
-        steps = [("by_event", self._event_hints(client_addr, client_port, server_addr, server_port))]
+        # (how, candidate pids): None is every process, newest first
+        steps: list[tuple[str, list[int] | None]] = [
+            ("by_event", self._event_hints(client_addr, client_port, server_addr, server_port))]
         if search.connectors and server_addr is not None:
             steps.append(("by_connect", self._connectors(server_addr, server_port)))
         if search.every_process:

@@ -53,7 +53,8 @@ def sinks_from_args(args: argparse.Namespace) -> FanOut:
             target = config.resolve(args.otlp, getattr(args, "otlp_protocol", None))
         except config.OtlpConfigError as e:
             raise SystemExit(f"oisp: {e}") from None
-        sinks.append(OtlpSink(target, content=config.content_opt_in(getattr(args, "otlp_content", False))))
+        # its stats are an OtlpStats, a SinkStats (mypy holds a protocol's attribute to its exact type)
+        sinks.append(OtlpSink(target, content=config.content_opt_in(getattr(args, "otlp_content", False))))  # type: ignore[arg-type]
     if (args.stdout or args.pretty) and not args.quiet:
         sinks.append(StdoutSink(pretty=args.pretty))
     if getattr(args, "ui", None) is not None:

@@ -241,10 +241,10 @@ class ResponsesAssembler(ResponseAssembler):
                 self.info.tool_calls.append(call)
         elif kind == "response.function_call_arguments.delta" and isinstance(obj.get("delta"), str):
             self._token(ts)
-            call = self._calls.get(str(obj.get("item_id")))
-            if call is not None:
-                call.add_arguments(obj["delta"])
-                piece = {"id": call.id, "arguments": obj["delta"]}
+            known = self._calls.get(str(obj.get("item_id")))
+            if known is not None:
+                known.add_arguments(obj["delta"])
+                piece = {"id": known.id, "arguments": obj["delta"]}
                 return [{"delta": {"tool_calls": [piece]}, "finish_reason": None, "index": 0}]
         elif kind in ("response.completed", "response.incomplete", "response.failed"):
             if isinstance(obj.get("response"), Mapping):

@@ -130,10 +130,10 @@ class RealtimeAssembler(ResponseAssembler):
                 info.tool_calls.append(call)
         elif kind == "response.function_call_arguments.delta" and isinstance(delta, str):
             self._token(ts)
-            call = self._calls.get(str(obj.get("call_id")))
-            if call is not None:
-                call.arguments += delta
-                return [{"delta": {"tool_calls": [{"id": call.id, "arguments": delta}]}, "finish_reason": None, "index": 0}]
+            known = self._calls.get(str(obj.get("call_id")))
+            if known is not None:
+                known.arguments += delta
+                return [{"delta": {"tool_calls": [{"id": known.id, "arguments": delta}]}, "finish_reason": None, "index": 0}]
         elif kind == "response.done" and isinstance(obj.get("response"), Mapping):
             self._done(obj["response"])
         elif kind == "error":
