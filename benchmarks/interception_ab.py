@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import interception as bench  # noqa: E402  (the lab)
+import interception as bench  # the lab
 
 
 def build_in_place(tree: Path) -> None:

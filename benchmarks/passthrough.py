@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import interception  # noqa: E402  (the lab)
+import interception  # the lab
 
 SINK = """
 import socket, sys

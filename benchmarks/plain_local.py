@@ -197,7 +197,8 @@ def report(results: dict, args) -> str:
             d, o = results[(leg, workload, "direct")], results[(leg, workload, "recorded")]
             ratio = med(o, "rps") / med(d, "rps")
             lines.append(f"{leg:<14} {workload:<8} {med(d, 'rps'):>12.0f}  {med(o, 'rps'):>14.0f}  {ratio:>5.2f}"
-                         f"  {med(d, 'p50_ms'):>8.2f} ms  {med(o, 'p50_ms'):>9.2f} ms  {med(o, 'p50_ms') - med(d, 'p50_ms'):>6.2f} ms")
+                         f"  {med(d, 'p50_ms'):>8.2f} ms  {med(o, 'p50_ms'):>9.2f} ms  "
+                         f"{med(o, 'p50_ms') - med(d, 'p50_ms'):>6.2f} ms")
     lines.append("")
     for (leg, workload, path), rows in sorted(results.items()):
         lines.append(f"per round {leg} {workload} {path}: req/s " + " / ".join(f"{r['rps']:.0f}" for r in rows)

@@ -70,7 +70,7 @@ print(json.dumps({"seconds": time.monotonic() - started, "outcome": outcome}))
 
 def main() -> None:
     from oisp.demo.provider import make_test_pki
-    from tests.netns import VethPair, stop_all
+    from tests.netns import VethPair, agent_args, stop_all
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tries", type=int, default=5)
@@ -81,7 +81,8 @@ def main() -> None:
     ca, cert, key = make_test_pki(tmp)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     echo = str(ROOT / "tests" / "agents" / "quic_echo.py")
-    server = pair.b.popen(sys.executable, echo, "serve", pair.b_ip4, "443", cert, key, env=env)
+    server = pair.b.popen(sys.executable, echo, *agent_args("serve", host=pair.b_ip4, port=443, cert=cert, key=key),
+                          env=env)
     processes = [server]
     rows = []
     try:
@@ -95,8 +96,8 @@ def main() -> None:
                 assert refuser.stdout.readline().strip() == "ready"
             aioquic, connected = [], []
             for _ in range(args.tries):
-                done = subprocess.run(pair.a.cmd(sys.executable, echo, "connect", pair.b_ip4, "443", ca,
-                                                 str(args.timeout)), capture_output=True, text=True, env=env)
+                argv = agent_args("connect", host=pair.b_ip4, port=443, ca=ca, timeout=args.timeout)
+                done = subprocess.run(pair.a.cmd(sys.executable, echo, *argv), capture_output=True, text=True, env=env)
                 aioquic.append(json.loads(done.stdout))
                 done = subprocess.run(pair.a.cmd(sys.executable, "-c", CONNECTED, pair.b_ip4, str(args.timeout)),
                                       capture_output=True, text=True, env=env)

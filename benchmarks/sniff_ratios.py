@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_ratios import C_DIR, IDLE, PORT, QUEUE_LENGTH, build_c, library_path, machine, namespace, report, run_flood  # noqa: E402
+from engine_ratios import C_DIR, IDLE, PORT, QUEUE_LENGTH, build_c, library_path, machine, namespace, report, run_flood
 
 FILTER = f"udp.DstPort == {PORT}"
 VARIANTS = {

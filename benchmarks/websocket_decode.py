@@ -43,7 +43,8 @@ def session(target: str, client_msgs: list, server_msgs: list[list], deflate: bo
 
     ext = [PerMessageDeflate()] if deflate else []
     send(client, server, Direction.REQUEST, Request(host="api.openai.com", target=target, extensions=ext,
-                                                    extra_headers=[(b"authorization", b"Bearer sk-proj-BENCHKEY0000000000000000")]))
+                                                    extra_headers=[(b"authorization",
+                                                                    b"Bearer sk-proj-BENCHKEY0000000000000000")]))
     send(server, client, Direction.RESPONSE, AcceptConnection(extensions=[PerMessageDeflate()] if deflate else []))
     for msg, answers in zip(client_msgs, server_msgs):
         send(client, server, Direction.REQUEST, msg)
@@ -73,18 +74,21 @@ def responses_stream(deltas: int = 500) -> tuple[str, list, list]:
 
 def realtime_audio(deltas: int = 200) -> tuple[str, list, list]:
     audio = base64.b64encode(bytes(range(256)) * 19).decode()  # ~4.8 kB of base64 per delta, 100 ms of 24 kHz PCM16
-    events = [{"type": "response.created", "response": {"id": "r1", "object": "realtime.response", "status": "in_progress", "output": []}}]
+    events = [{"type": "response.created",
+               "response": {"id": "r1", "object": "realtime.response", "status": "in_progress", "output": []}}]
     for i in range(deltas):
         events.append({"type": "response.output_audio.delta", "response_id": "r1", "item_id": "i1", "delta": audio})
         events.append({"type": "response.output_audio_transcript.delta", "response_id": "r1", "item_id": "i1", "delta": f"w{i} "})
-    events.append({"type": "response.done", "response": {"id": "r1", "status": "completed", "output": [], "usage": {"total_tokens": 9}}})
+    events.append({"type": "response.done",
+                   "response": {"id": "r1", "status": "completed", "output": [], "usage": {"total_tokens": 9}}})
     msgs = [text({"type": "session.update", "session": {"type": "realtime", "output_modalities": ["audio"]}}),
             text({"type": "response.create"})]
     return "/v1/realtime?model=gpt-realtime", msgs, [[], [text(e) for e in events]]
 
 
 def plain(messages: int = 10_000) -> tuple[str, list, list]:
-    return "/echo", [BytesMessage(data=b"x" * 64) for _ in range(messages)], [[BytesMessage(data=b"y" * 64)] for _ in range(messages)]
+    return ("/echo", [BytesMessage(data=b"x" * 64) for _ in range(messages)],
+            [[BytesMessage(data=b"y" * 64)] for _ in range(messages)])
 
 
 def run_once(kind: str, trace: Trace, segment: int) -> float:
@@ -108,7 +112,8 @@ def main() -> int:
     args = ap.parse_args()
     print(f"Python {platform.python_version()} on {platform.machine()}, best of {args.repeat}, {args.segment}-byte feeds")
     print(f"{'workload':<44} {'output':<14} {'msgs':>6} {'ms':>8} {'msgs/s':>10} {'µs/msg':>7} {'MB/s':>7}")
-    for name, make in (("Responses mode, 500 deltas", responses_stream), ("Realtime, 200 audio + 200 transcript deltas", realtime_audio),
+    for name, make in (("Responses mode, 500 deltas", responses_stream),
+                       ("Realtime, 200 audio + 200 transcript deltas", realtime_audio),
                        ("plain, 10,000 + 10,000 messages", plain)):
         for deflate in (False, True):
             trace, count = session(*make(), deflate)
@@ -116,13 +121,15 @@ def main() -> int:
             for kind in ("decoder", "recorder"):
                 best = min(run_once(kind, trace, args.segment) for _ in range(args.repeat))
                 label = f"{name}{', deflate' if deflate else ''}"
-                print(f"{label:<44} {kind:<14} {count:>6} {best * 1000:>8.1f} {count / best:>10,.0f} {best / count * 1e6:>7.1f} {mb / best:>7.2f}")
+                print(f"{label:<44} {kind:<14} {count:>6} {best * 1000:>8.1f} {count / best:>10,.0f} {best / count * 1e6:>7.1f} "
+                      f"{mb / best:>7.2f}")
     request, response = sse_stream(500)
     trace = [(Direction.REQUEST, request), (Direction.RESPONSE, response)]
     for kind in ("decoder", "recorder"):
         best = min(run_once(kind, trace, args.segment) for _ in range(args.repeat))
         mb = (len(request) + len(response)) / 1e6
-        print(f"{'SSE stream, 500 chunks (for comparison)':<44} {kind:<14} {502:>6} {best * 1000:>8.1f} {502 / best:>10,.0f} {best / 502 * 1e6:>7.1f} {mb / best:>7.2f}")
+        print(f"{'SSE stream, 500 chunks (for comparison)':<44} {kind:<14} {502:>6} {best * 1000:>8.1f} {502 / best:>10,.0f} "
+              f"{best / 502 * 1e6:>7.1f} {mb / best:>7.2f}")
     return 0
 
 

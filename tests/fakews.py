@@ -52,7 +52,8 @@ def responses_events(body: dict, n: int) -> list[dict]:
     rid, model = f"resp_{n}", body.get("model", "gpt-test")
     if model == "bad-model":
         return [{"type": "error", "status": 400, "error": {"type": "invalid_request_error", "code": "model_not_found",
-                                                             "message": "The model 'bad-model' does not exist", "param": "model"}}]
+                                                             "message": "The model 'bad-model' does not exist",
+                                                           "param": "model"}}]
     head = {"id": rid, "object": "response", "created_at": 1, "model": model, "status": "in_progress", "output": []}
     events: list[dict] = [{"type": "response.created", "response": head}, {"type": "response.in_progress", "response": head}]
     output: list[dict] = []
@@ -60,19 +61,23 @@ def responses_events(body: dict, n: int) -> list[dict]:
         pass
     elif body.get("tools"):
         args = ['{"city"', ': "Par', 'is"}']
-        item = {"id": f"fc_{n}", "type": "function_call", "call_id": f"call_{n}", "name": "get_weather", "arguments": "", "status": "in_progress"}
+        item = {"id": f"fc_{n}", "type": "function_call", "call_id": f"call_{n}", "name": "get_weather", "arguments": "",
+                "status": "in_progress"}
         events.append({"type": "response.output_item.added", "output_index": 0, "item": item})
         for a in args:
-            events.append({"type": "response.function_call_arguments.delta", "item_id": item["id"], "output_index": 0, "delta": a})
+            events.append({"type": "response.function_call_arguments.delta", "item_id": item["id"],
+                           "output_index": 0, "delta": a})
         done = {**item, "arguments": "".join(args), "status": "completed"}
-        events.append({"type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": 0, "arguments": done["arguments"]})
+        events.append({"type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": 0,
+                       "arguments": done["arguments"]})
         events.append({"type": "response.output_item.done", "output_index": 0, "item": done})
         output.append(done)
     else:
         summary = "thinking about it"
         rs = {"id": f"rs_{n}", "type": "reasoning", "summary": []}
         events.append({"type": "response.output_item.added", "output_index": 0, "item": rs})
-        events.append({"type": "response.reasoning_summary_text.delta", "item_id": rs["id"], "output_index": 0, "summary_index": 0, "delta": summary})
+        events.append({"type": "response.reasoning_summary_text.delta", "item_id": rs["id"], "output_index": 0,
+                       "summary_index": 0, "delta": summary})
         rs_done = {**rs, "summary": [{"type": "summary_text", "text": summary}]}
         events.append({"type": "response.output_item.done", "output_index": 0, "item": rs_done})
         chunks = int((body.get("metadata") or {}).get("stream_chunks", 3))
@@ -80,11 +85,14 @@ def responses_events(body: dict, n: int) -> list[dict]:
         msg = {"id": f"msg_{n}", "type": "message", "status": "in_progress", "role": "assistant", "content": []}
         events.append({"type": "response.output_item.added", "output_index": 1, "item": msg})
         part = {"type": "output_text", "text": "", "annotations": []}
-        events.append({"type": "response.content_part.added", "item_id": msg["id"], "output_index": 1, "content_index": 0, "part": part})
+        events.append({"type": "response.content_part.added", "item_id": msg["id"], "output_index": 1, "content_index": 0,
+                       "part": part})
         for p in pieces:
-            events.append({"type": "response.output_text.delta", "item_id": msg["id"], "output_index": 1, "content_index": 0, "delta": p})
+            events.append({"type": "response.output_text.delta", "item_id": msg["id"], "output_index": 1,
+                           "content_index": 0, "delta": p})
         text = "".join(pieces)
-        events.append({"type": "response.output_text.done", "item_id": msg["id"], "output_index": 1, "content_index": 0, "text": text})
+        events.append({"type": "response.output_text.done", "item_id": msg["id"], "output_index": 1, "content_index": 0,
+                       "text": text})
         msg_done = {**msg, "status": "completed", "content": [{**part, "text": text}]}
         events.append({"type": "response.output_item.done", "output_index": 1, "item": msg_done})
         output += [rs_done, msg_done]
@@ -125,16 +133,19 @@ class Realtime:
             item = {"id": f"item_{len(self.items)}", "type": "message", "role": "user",
                     "content": [{"type": "input_audio", "transcript": "spoken words"}]}
             self.items.append(item)
-            return [{"type": "input_audio_buffer.committed", "item_id": item["id"]}, {"type": "conversation.item.added", "item": item}]
+            return [{"type": "input_audio_buffer.committed", "item_id": item["id"]},
+                    {"type": "conversation.item.added", "item": item}]
         if kind != "response.create":
             return []
         self.n += 1
         rid = f"resp_rt_{self.n}"
         opts = {**self.session, **(ev.get("response") or {})}
-        out: list[dict] = [{"type": "response.created", "response": {"id": rid, "object": "realtime.response", "status": "in_progress", "output": []}}]
+        out: list[dict] = [{"type": "response.created",
+                            "response": {"id": rid, "object": "realtime.response", "status": "in_progress", "output": []}}]
         item_id = f"out_{self.n}"
         if opts.get("tools"):
-            item = {"id": item_id, "type": "function_call", "call_id": f"call_rt_{self.n}", "name": opts["tools"][0]["name"], "arguments": ""}
+            item = {"id": item_id, "type": "function_call", "call_id": f"call_rt_{self.n}", "name": opts["tools"][0]["name"],
+                    "arguments": ""}
             out.append({"type": "response.output_item.added", "response_id": rid, "output_index": 0, "item": item})
             args = ['{"q": ', '"x"}']
             for a in args:
@@ -150,11 +161,14 @@ class Realtime:
             out.append({"type": "response.output_item.added", "response_id": rid, "output_index": 0, "item": item})
             for p in pieces:
                 if audio:
-                    out.append({"type": "response.output_audio.delta", "response_id": rid, "item_id": item_id, "delta": AUDIO_CHUNK})
-                    out.append({"type": "response.output_audio_transcript.delta", "response_id": rid, "item_id": item_id, "delta": p})
+                    out.append({"type": "response.output_audio.delta", "response_id": rid, "item_id": item_id,
+                                "delta": AUDIO_CHUNK})
+                    out.append({"type": "response.output_audio_transcript.delta", "response_id": rid,
+                                "item_id": item_id, "delta": p})
                 else:
                     out.append({"type": "response.output_text.delta", "response_id": rid, "item_id": item_id, "delta": p})
-            part = {"type": "output_audio", "transcript": "".join(pieces)} if audio else {"type": "output_text", "text": "".join(pieces)}
+            text = "".join(pieces)
+            part = {"type": "output_audio", "transcript": text} if audio else {"type": "output_text", "text": text}
             done = {**item, "content": [part], "status": "completed"}
         out.append({"type": "response.output_item.done", "response_id": rid, "output_index": 0, "item": done})
         out.append({"type": "response.done", "response": {"id": rid, "object": "realtime.response", "status": "completed",
@@ -173,7 +187,8 @@ def realtime(ws: ServerConnection, model: str) -> None:
 
 def live_usage(n: int) -> dict:
     return {"promptTokenCount": 7 + n, "responseTokenCount": 3, "totalTokenCount": 10 + n,
-            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 7 + n}], "responseTokensDetails": [{"modality": "TEXT", "tokenCount": 3}]}
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 7 + n}],
+            "responseTokensDetails": [{"modality": "TEXT", "tokenCount": 3}]}
 
 
 def gemini_live(ws: ServerConnection) -> None:

@@ -105,6 +105,20 @@ def stop_all(processes: list[subprocess.Popen], timeout: float = 10) -> None:
             process.wait()
 
 
+def agent_args(*words: str, **options) -> list[str]:
+    """The command line of a namespace agent (tests/agents/*.py): its scenario (if it has
+    any), then each option as `--name value` (`slots=16` → `--slots 16`); True gives the
+    bare flag, and False or None leave the option out (the agent's default)."""
+    argv = list(words)
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        argv.append("--" + name.replace("_", "-"))
+        if value is not True:
+            argv.append(str(value))
+    return argv
+
+
 def with_cgroup2(*argv: str) -> list[str]:
     """FLOW/SOCKET layers need cgroup v2: a private mount namespace with it mounted."""
     return ["unshare", "-m", "sh", "-c",
@@ -115,3 +129,8 @@ def with_cgroup2(*argv: str) -> list[str]:
 # and the ports its server listens on.
 ECHO_AGENT = str(Path(__file__).parent / "agents" / "echo_traffic.py")
 ECHO_TCP_PORT, ECHO_UDP_PORT = 7001, 7002
+
+
+def echo_args(role: str, host: str, **options) -> list[str]:
+    """The echo agent's command line ("server" or "client") on the echo ports."""
+    return [ECHO_AGENT, *agent_args(role, host=host, tcp_port=ECHO_TCP_PORT, udp_port=ECHO_UDP_PORT, **options)]

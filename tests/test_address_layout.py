@@ -85,7 +85,8 @@ def test_layer_and_event_bits():
     c_address.Layer = 3
     c_address.Event = 5
     bits = np.frombuffer(ffi.buffer(c_address), dtype=A.ADDRESS_DTYPE)[0]["bits"]
-    assert A.layer_of(bits) == 3 and A.event_of(bits) == 5
+    assert A.layer_of(bits) == 3
+    assert A.event_of(bits) == 5
 
 
 @pytest.mark.parametrize("flag, filter", [(A.OUTBOUND, "outbound"), (A.LOOPBACK, "loopback"), (A.IMPOSTOR, "impostor")])
@@ -120,7 +121,8 @@ def test_backend_requires_our_ipv6_bit_to_match_the_packet():
     v6 = bytes(IPv6(src="fd00::1", dst="fd00::2") / TCP(sport=1, dport=2))
     plain, flagged = A.new_addresses(1), A.new_addresses(1)
     flagged["bits"] = A.IPV6
-    assert eval_filter("true", v4, plain) and eval_filter("true", v6, flagged)
+    assert eval_filter("true", v4, plain)
+    assert eval_filter("true", v6, flagged)
     for packet, address in ((v4, flagged), (v6, plain)):
         with pytest.raises(ValueError, match="IPv6 bit"):
             eval_filter("true", packet, address)

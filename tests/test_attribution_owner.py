@@ -116,11 +116,11 @@ def test_a_candidate_the_events_name_is_refused_unless_it_holds_the_socket(serve
         resolver._note_events([event(Event.FLOW_ESTABLISHED, other.pid, _port(mine), server),
                                event(Event.SOCKET_CONNECT, other.pid, 0, server)])
         # Only the candidates the events name (as on a SYN): none holds it, so none is given.
-        assert resolver.owner(LOOPBACK, _port(mine), LOOPBACK, server, since=time.time(), guess=True,
-                              use_psutil=False) == (None, None)
+        assert resolver.hinted_owner(LOOPBACK, _port(mine), LOOPBACK, server, since=time.time()) == (None, None)
         assert resolver.counts["refused"] == 1  # one pid, named twice
         pid, name = resolver.owner(LOOPBACK, _port(mine), LOOPBACK, server, since=time.time())
-        assert pid == os.getpid() and name
+        assert pid == os.getpid()
+        assert name
         assert resolver.counts["by_proc_scan"] == 1
 
 
@@ -163,14 +163,14 @@ def test_without_proc_an_event_of_the_connection_before_does_not_name_a_new_one(
     syn = time.time()
     now = time.monotonic()
     resolver._note_events([event(Event.FLOW_ESTABLISHED, old.pid, 40000, 443)], now=now - 1.0)
-    assert resolver.owner(LOOPBACK, 40000, LOOPBACK, 443, since=syn, guess=True, use_psutil=False) == (None, None)
+    assert resolver.hinted_owner(LOOPBACK, 40000, LOOPBACK, 443, since=syn) == (None, None)
     resolver._note_events([event(Event.FLOW_ESTABLISHED, new.pid, 40000, 443)], now=now)
-    assert resolver.owner(LOOPBACK, 40000, LOOPBACK, 443, since=syn, use_psutil=False)[0] == new.pid
+    assert resolver.hinted_owner(LOOPBACK, 40000, LOOPBACK, 443, since=syn)[0] == new.pid
     resolver._note_events([event(Event.FLOW_DELETED, new.pid, 40000, 443)], now=now)
-    assert resolver.owner(LOOPBACK, 40000, LOOPBACK, 443, since=syn, use_psutil=False) == (None, None)
+    assert resolver.hinted_owner(LOOPBACK, 40000, LOOPBACK, 443, since=syn) == (None, None)
     # Its CONNECT, arriving after the end (the SOCKET and FLOW handles are apart), stays ended.
     resolver._note_events([event(Event.SOCKET_CONNECT, new.pid, 40000, 443)], now=now + 0.1)
-    assert resolver.owner(LOOPBACK, 40000, LOOPBACK, 443, since=syn, use_psutil=False) == (None, None)
+    assert resolver.hinted_owner(LOOPBACK, 40000, LOOPBACK, 443, since=syn) == (None, None)
     # Once the end is long past, the entry is gone.
     resolver._note_events([], now=now + 10)
     assert not resolver._tuples
@@ -180,7 +180,7 @@ def test_without_proc_a_wildcard_bound_connect_names_its_flow():
     resolver = ProcessResolver(verify=False)
     syn = time.time()
     resolver._note_events([event(Event.SOCKET_CONNECT, os.getpid(), 40002, 443, local="0.0.0.0")])
-    assert resolver.owner(LOOPBACK, 40002, LOOPBACK, 443, since=syn, use_psutil=False)[0] == os.getpid()
+    assert resolver.hinted_owner(LOOPBACK, 40002, LOOPBACK, 443, since=syn)[0] == os.getpid()
 
 
 def test_without_proc_a_connect_of_an_unbound_socket_is_no_answer(children):
@@ -191,11 +191,11 @@ def test_without_proc_a_connect_of_an_unbound_socket_is_no_answer(children):
     before, now = children(SLEEPER), children(SLEEPER)
     syn = time.time()
     resolver._note_events([event(Event.SOCKET_CONNECT, before.pid, 0, 443)], now=time.monotonic() - 1.0)
-    assert resolver.owner(LOOPBACK, 40001, LOOPBACK, 443, since=syn, guess=True, use_psutil=False) == (None, None)
+    assert resolver.hinted_owner(LOOPBACK, 40001, LOOPBACK, 443, since=syn) == (None, None)
     resolver._note_events([event(Event.SOCKET_CONNECT, now.pid, 0, 443)])
-    assert resolver.owner(LOOPBACK, 40001, LOOPBACK, 443, since=syn, guess=True, use_psutil=False) == (None, None)
+    assert resolver.hinted_owner(LOOPBACK, 40001, LOOPBACK, 443, since=syn) == (None, None)
     resolver._note_events([event(Event.FLOW_ESTABLISHED, now.pid, 40001, 443)])
-    assert resolver.owner(LOOPBACK, 40001, LOOPBACK, 443, since=syn, guess=True, use_psutil=False)[0] == now.pid
+    assert resolver.hinted_owner(LOOPBACK, 40001, LOOPBACK, 443, since=syn)[0] == now.pid
 
 
 def test_without_proc_an_exited_or_later_process_is_refused(children):
@@ -203,13 +203,11 @@ def test_without_proc_an_exited_or_later_process_is_refused(children):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
     resolver._note_events([event(Event.FLOW_ESTABLISHED, int(gone.stdout), 40003, 443)])
-    assert resolver.owner(LOOPBACK, 40003, LOOPBACK, 443, since=time.time() - 0.1,
-                          use_psutil=False) == (None, None)
+    assert resolver.hinted_owner(LOOPBACK, 40003, LOOPBACK, 443, since=time.time() - 0.1) == (None, None)
     # psutil's start times rest on a boot time in whole seconds here: a wide margin.
     later = children(SLEEPER)
     resolver._note_events([event(Event.FLOW_ESTABLISHED, later.pid, 40004, 443)])
-    assert resolver.owner(LOOPBACK, 40004, LOOPBACK, 443, since=time.time() - 3.0,
-                          use_psutil=False) == (None, None)
+    assert resolver.hinted_owner(LOOPBACK, 40004, LOOPBACK, 443, since=time.time() - 3.0) == (None, None)
     assert resolver.counts["refused"] == 2
 
 
@@ -243,10 +241,16 @@ def test_an_owner_the_kernel_does_not_confirm_is_named_again():
     table = FlowTable(owner=owner, confirm=lambda client, port, server, server_port, pid: pid == 8)
     stale = table.open(_entry(pid=7, name="python", created=1234.5))
     found = table.lookup("10.0.0.2", 40000, 8443, name_owner=False)
-    assert (found.pid, found.process_name) == (None, None) and not named  # not named on the event loop
+    # not named on the event loop
+    assert (found.pid, found.process_name) == (None, None)
+    assert not named
     found = table.lookup("10.0.0.2", 40000, 8443)
-    assert (found.pid, found.process_name) == (8, "curl") and named == [1234.5]  # bound by the flow's start
-    assert table.lookup("10.0.0.2", 40000, 8443) is stale and len(named) == 1  # confirmed: kept
+    # bound by the flow's start
+    assert (found.pid, found.process_name) == (8, "curl")
+    assert named == [1234.5]
+    # confirmed: kept
+    assert table.lookup("10.0.0.2", 40000, 8443) is stale
+    assert len(named) == 1
 
 
 # -- what the events say ------------------------------------------------------------------
@@ -321,8 +325,8 @@ def test_owning_events_are_kept_within_a_bound(monkeypatch):
     resolver = ProcessResolver(verify=False)
     resolver._note_events([event(Event.FLOW_ESTABLISHED, os.getpid(), 20000 + i, 443) for i in range(250)])
     assert len(resolver._tuples) == 100
-    assert resolver.owner(LOOPBACK, 20249, LOOPBACK, 443, use_psutil=False)[0] == os.getpid()
-    assert resolver.owner(LOOPBACK, 20000, LOOPBACK, 443, use_psutil=False) == (None, None)
+    assert resolver.hinted_owner(LOOPBACK, 20249, LOOPBACK, 443)[0] == os.getpid()
+    assert resolver.hinted_owner(LOOPBACK, 20000, LOOPBACK, 443) == (None, None)
 
 
 def test_a_name_is_the_current_process_behind_a_reused_pid(children, monkeypatch):
@@ -342,4 +346,5 @@ def test_a_name_is_the_current_process_behind_a_reused_pid(children, monkeypatch
     monkeypatch.setattr(ProcessNames, "MAX_NAMES", 3)
     for pid in (1, os.getpid(), os.getppid(), child.pid):
         names(pid)
-    assert len(names._names) == 3 and 1 not in names._names
+    assert len(names._names) == 3
+    assert 1 not in names._names

@@ -80,7 +80,8 @@ def test_handshake_and_responses(provider, deflate):
                 "response.completed"]
             assert [e["sequence_number"] for e in events] == list(range(9))
             done = events[-1]["response"]
-            assert done["id"] == f"resp_lean{number:04d}" and done["status"] == "completed"
+            assert done["id"] == f"resp_lean{number:04d}"
+            assert done["status"] == "completed"
             assert done["output"][0]["content"][0]["text"] == "".join(e["delta"] for e in events[1:-1]) == \
                 "".join(f"w{i} " for i in range(7))
             assert done["usage"] == USAGE
@@ -99,4 +100,5 @@ def test_http_requests_still_served_beside_websockets(provider):
         buf = bytearray()
         while (reply := parse_response(buf)) is None:
             buf += s.recv(65536)
-    assert reply[1] == 200 and reply[3] == CHAT_BODY
+    assert reply[1] == 200
+    assert reply[3] == CHAT_BODY

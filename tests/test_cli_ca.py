@@ -45,7 +45,8 @@ def ca(data_home) -> CertificateAuthority:
 def test_path_makes_the_ca_and_prints_where_it_is(data_home, capsys):
     assert main(["ca", "path"]) == 0
     printed = Path(capsys.readouterr().out.strip())
-    assert printed == data_home / "oisp-ca.pem" and printed.is_file()
+    assert printed == data_home / "oisp-ca.pem"
+    assert printed.is_file()
     assert main(["ca", "path"]) == 0
     assert Path(capsys.readouterr().out.strip()) == printed
 
@@ -56,14 +57,19 @@ def test_path_still_answers_when_the_ca_is_damaged_and_show_explains(ca, capsys)
     assert capsys.readouterr().out.strip() == str(ca.cert_path)
     assert main(["ca", "show"]) == 1
     err = capsys.readouterr().err
-    assert str(ca.key_path) in err and "oisp ca path" in err and "delete" in err
+    assert str(ca.key_path) in err
+    assert "oisp ca path" in err
+    assert "delete" in err
 
 
 def test_show(ca, capsys):
     assert main(["ca", "show"]) == 0
     out = capsys.readouterr().out
-    assert ca.fingerprint_sha256 in out and "O=oisp" in out and str(ca.cert_path) in out
-    assert "valid until: 20" in out and "BEGIN CERTIFICATE" not in out
+    assert ca.fingerprint_sha256 in out
+    assert "O=oisp" in out
+    assert str(ca.cert_path) in out
+    assert "valid until: 20" in out
+    assert "BEGIN CERTIFICATE" not in out
     assert main(["ca", "show", "--pem"]) == 0
     assert capsys.readouterr().out.endswith(ca.cert_pem)
 
@@ -81,7 +87,8 @@ def test_bundle_is_the_system_roots_plus_our_ca(ca, tmp_path, capsys):
     system = {c for c in x509.load_pem_x509_certificates("\n".join(roots).encode())}
     inside = x509.load_pem_x509_certificates(bundle.read_bytes())
     assert len(system) > 20  # a real root store, not an empty file
-    assert len(inside) == len(system) + 1 and set(inside) == system | {ca.certificate}
+    assert len(inside) == len(system) + 1
+    assert set(inside) == system | {ca.certificate}
     if DEBIAN_BUNDLE.exists():
         assert count_certificates(bundle) == count_certificates(DEBIAN_BUNDLE) + (ca.cert_pem not in DEBIAN_BUNDLE.read_text())
 
@@ -136,7 +143,8 @@ def test_ssl_cert_file_bundle_trusts_our_leaf_and_the_system_roots(ca, tmp_path,
                               capture_output=True, text=True, env={**os.environ, **only}, timeout=60)
     assert done.returncode == 0, done.stderr
     loaded, response = done.stdout.splitlines()
-    assert int(loaded) == len(roots) + 1 and response == "200 ok"
+    assert int(loaded) == len(roots) + 1
+    assert response == "200 ok"
 
 
 def test_env_evals_in_bash_to_the_right_files(tmp_path):
@@ -151,7 +159,8 @@ def test_env_evals_in_bash_to_the_right_files(tmp_path):
     data = home / "oisp"
     assert bundle == requests_bundle == curl_bundle == str(data / "ca-bundle.pem")
     assert node == str(data / "oisp-ca.pem")
-    assert count_certificates(Path(bundle)) > 20 and Path(node).read_text() in Path(bundle).read_text()
+    assert count_certificates(Path(bundle)) > 20
+    assert Path(node).read_text() in Path(bundle).read_text()
 
 
 def test_env_for_powershell(ca, capsys):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.netns import ECHO_AGENT, ECHO_TCP_PORT, ECHO_UDP_PORT, with_cgroup2
+from tests.netns import ECHO_TCP_PORT, ECHO_UDP_PORT, echo_args, with_cgroup2
 
 FIELDS = ["frame.len", "frame.interface_name", "frame.packet_flags_direction", "frame.comment", "ip.src", "ip.dst",
           "ipv6.src", "ipv6.dst", "tcp.srcport", "tcp.dstport", "tcp.len", "tcp.flags.syn", "udp.srcport",
@@ -51,8 +51,7 @@ def tshark(source) -> list[dict]:
 
 
 def run_client(ns, host, messages=5, datagrams=7) -> dict:
-    return json.loads(ns.python(ECHO_AGENT, "client", host, str(ECHO_TCP_PORT), str(ECHO_UDP_PORT), str(messages),
-                                str(datagrams)).stdout)
+    return json.loads(ns.python(*echo_args("client", host, messages=messages, datagrams=datagrams)).stdout)
 
 
 def five_tuple(row) -> tuple:
@@ -85,7 +84,7 @@ def check_exchange(rows, host, client) -> None:
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_capture_then_sigterm_writes_every_packet_of_the_exchange(netns, tmp_path, host):
-    server = netns.popen(sys.executable, ECHO_AGENT, "server", host, str(ECHO_TCP_PORT), str(ECHO_UDP_PORT),
+    server = netns.popen(sys.executable, *echo_args("server", host),
                          stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "ready"
@@ -106,7 +105,7 @@ def test_capture_then_sigterm_writes_every_packet_of_the_exchange(netns, tmp_pat
 
 
 def test_count_stops_at_exactly_n_and_stdout_is_a_pcapng_stream(netns):
-    server = netns.popen(sys.executable, ECHO_AGENT, "server", "127.0.0.1", str(ECHO_TCP_PORT), str(ECHO_UDP_PORT),
+    server = netns.popen(sys.executable, *echo_args("server", "127.0.0.1"),
                          stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "ready"
@@ -130,10 +129,10 @@ def test_invalid_filter_is_a_typed_error_with_its_position(netns, tmp_path):
 
 
 def test_process_keeps_only_the_chosen_childs_flows(netns, tmp_path):
-    server = netns.popen(sys.executable, ECHO_AGENT, "server", "127.0.0.1", str(ECHO_TCP_PORT), str(ECHO_UDP_PORT),
+    server = netns.popen(sys.executable, *echo_args("server", "127.0.0.1"),
                          stdout=subprocess.PIPE, text=True)
-    children = [netns.popen(sys.executable, ECHO_AGENT, "client", "127.0.0.1", str(ECHO_TCP_PORT), str(ECHO_UDP_PORT), "4", "5",
-                            "--wait", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    children = [netns.popen(sys.executable, *echo_args("client", "127.0.0.1", messages=4, datagrams=5, wait=True),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     try:
         assert server.stdout.readline().strip() == "ready"
         chosen, other = (json.loads(c.stdout.readline())["pid"] for c in children)
@@ -152,6 +151,7 @@ def test_process_keeps_only_the_chosen_childs_flows(netns, tmp_path):
         for p in (server, *children):
             p.kill()
     rows = tshark(out)
-    assert reports[0]["pid"] == chosen and reports[1]["pid"] == other
+    assert reports[0]["pid"] == chosen
+    assert reports[1]["pid"] == other
     check_exchange(rows, "127.0.0.1", reports[0])
     assert {r["frame.comment"].split(" (")[0] for r in rows} == {f"pid {chosen}"}

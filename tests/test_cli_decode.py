@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
-from provider_cases import Case, http1_request, http1_response, load_cases, validate  # noqa: E402
+from provider_cases import Case, http1_request, http1_response, load_cases, validate
 
-from oisp.cli import main  # noqa: E402
-from oisp.cli.decode import decode_capture  # noqa: E402
-from oisp.decode import Direction, FlowContext  # noqa: E402
-from oisp.events import FlowRecorder  # noqa: E402
+from oisp.cli import main
+from oisp.cli.decode import decode_capture
+from oisp.decode import Direction, FlowContext
+from oisp.events import FlowRecorder
 
 scapy_all = pytest.importorskip("scapy.all")
 
@@ -35,7 +35,8 @@ scapy_all = pytest.importorskip("scapy.all")
 def comparable(events: list[dict]) -> list[tuple]:
     out = []
     for e in events:
-        data = {k: v for k, v in e["data"].items() if k not in ("request_id", "latency_ms", "time_to_first_token_ms", "duration_ms", "start_time", "end_time")}
+        data = {k: v for k, v in e["data"].items()
+                if k not in ("request_id", "latency_ms", "time_to_first_token_ms", "duration_ms", "start_time", "end_time")}
         out.append((e["event_type"], json.dumps(data, sort_keys=True)))
     return out
 
@@ -44,7 +45,10 @@ def segments_for(case: Case, client=("10.1.1.2", 40001), server=("10.1.1.9", 114
     IP, TCP, Ether = scapy_all.IP, scapy_all.TCP, scapy_all.Ether
     c_isn, s_isn = 1000, 500000
     req, resp = http1_request(case), http1_response(case)
-    mk = lambda src, dst, flags, seq, payload=b"": Ether() / IP(src=src[0], dst=dst[0]) / TCP(sport=src[1], dport=dst[1], flags=flags, seq=seq) / payload
+
+    def mk(src, dst, flags, seq, payload=b""):
+        return Ether() / IP(src=src[0], dst=dst[0]) / TCP(sport=src[1], dport=dst[1], flags=flags, seq=seq) / payload
+
     pkts = [mk(client, server, "S", c_isn), mk(server, client, "SA", s_isn), mk(client, server, "A", c_isn + 1)]
     for data, src, dst, isn in ((req, client, server, c_isn + 1), (resp, server, client, s_isn + 1)):
         pieces = [(isn + i, data[i : i + 40]) for i in range(0, len(data), 40)]
@@ -64,7 +68,8 @@ def segments_for(case: Case, client=("10.1.1.2", 40001), server=("10.1.1.9", 114
 
 def direct_events(case: Case, server_port: int) -> list[dict]:
     rec = FlowRecorder(FlowContext(("10.1.1.2", 40001), ("10.1.1.9", server_port), 0.0), capture_method="other")
-    return rec.feed(Direction.REQUEST, http1_request(case), 1.0) + rec.feed(Direction.RESPONSE, http1_response(case), 2.0) + rec.close(3.0)
+    return (rec.feed(Direction.REQUEST, http1_request(case), 1.0) + rec.feed(Direction.RESPONSE, http1_response(case), 2.0)
+            + rec.close(3.0))
 
 
 @pytest.mark.parametrize("name", ["ollama_chat_ndjson", "ollama_generate_json"])
@@ -75,7 +80,8 @@ def test_scapy_pcapng_decodes_like_live(tmp_path, name: str) -> None:
     events: list[dict] = []
     counts = decode_capture(str(path), events.append)
     validate(events)
-    assert counts["connections"] == 1 and counts["decode_errors"] == 0
+    assert counts["connections"] == 1
+    assert counts["decode_errors"] == 0
     assert comparable(events) == comparable(direct_events(case, 11434))
     resp = next(e for e in events if e["event_type"] == "ai.response")["data"]
     assert resp["choices"][0]["message"]["content"] == case.expected["text"]
@@ -96,10 +102,12 @@ def test_classic_pcap_and_port_filter(tmp_path) -> None:
 class _FakeOllama(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        lines = [{"model": body["model"], "message": {"role": "assistant", "content": w}, "done": False} for w in ("Sky ", "is ", "blue.")]
-        lines.append({"model": body["model"], "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop", "prompt_eval_count": 9, "eval_count": 3})
+        lines = [{"model": body["model"], "message": {"role": "assistant", "content": w}, "done": False}
+                 for w in ("Sky ", "is ", "blue.")]
+        lines.append({"model": body["model"], "message": {"role": "assistant", "content": ""}, "done": True,
+                      "done_reason": "stop", "prompt_eval_count": 9, "eval_count": 3})
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
         self.send_header("Transfer-Encoding", "chunked")
@@ -133,7 +141,10 @@ def test_dumpcap_capture_of_real_loopback_exchange(tmp_path, capsys) -> None:
             time.sleep(0.05)
         time.sleep(0.5)
         for prompt in ("why is the sky blue?", "and the sea?"):
-            req = urllib.request.Request("http://127.0.0.1:11434/api/chat", data=json.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": prompt}]}).encode(), headers={"Content-Type": "application/json"})
+            req = urllib.request.Request("http://127.0.0.1:11434/api/chat",
+                                         data=json.dumps({"model": "llama3.2",
+                                                          "messages": [{"role": "user", "content": prompt}]}).encode(),
+                                         headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(req) as r:
                 assert r.read().count(b"\n") == 4
         time.sleep(0.5)
@@ -154,7 +165,8 @@ def test_dumpcap_capture_of_real_loopback_exchange(tmp_path, capsys) -> None:
         assert r["choices"][0]["message"]["content"] == "Sky is blue."
         assert r["usage"] == {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
         # The first chunk follows the headers at once: under 1 ms on loopback rounds to 0.
-        assert r["finish_reason"] == "stop" and 0 <= r["time_to_first_token_ms"] < r["latency_ms"]
+        assert r["finish_reason"] == "stop"
+        assert 0 <= r["time_to_first_token_ms"] < r["latency_ms"]
 
 
 def test_not_a_capture_is_a_clean_error(tmp_path, capsys) -> None:
@@ -208,7 +220,8 @@ def test_truncated_anywhere_keeps_every_whole_packet(tmp_path) -> None:
         got = list(read_packets(cut_file, stats))
         whole_blocks = sum(1 for e in ends if e <= cut)
         # Every packet whose block is whole is read; a block cut short is one counted skip.
-        assert got == full[: len(got)] and stats.skipped == (0 if cut in ends else 1), cut
+        assert got == full[: len(got)], cut
+        assert stats.skipped == (0 if cut in ends else 1), cut
         assert len(got) == len(full) - sum(1 for e in ends[2:] if e > cut) or whole_blocks < 2, cut
 
 
@@ -220,7 +233,8 @@ def test_a_packet_on_an_undescribed_interface_is_skipped_and_counted(tmp_path, c
     damaged.write_bytes(data[: off + total] + _epb(7, b"\x00" * 60) + data[off + total :])
     events: list[dict] = []
     counts = decode_capture(str(damaged), events.append)
-    assert counts["skipped_blocks"] == 1 and comparable(events) == comparable(clean_events)
+    assert counts["skipped_blocks"] == 1
+    assert comparable(events) == comparable(clean_events)
     assert main(["decode", str(damaged), "--quiet"]) == 0
     assert "1 unreadable blocks skipped" in capsys.readouterr().err
 
@@ -233,7 +247,8 @@ def test_a_short_interface_block_is_skipped_and_its_packets_with_it(tmp_path) ->
     damaged = tmp_path / "bad-idb.pcapng"
     damaged.write_bytes(data[:idb_off] + short_idb + data[idb_off + idb_len :])
     stats = ReadStats()
-    assert list(read_packets(damaged, stats)) == [] and stats.skipped == len(_blocks(data)) - 1
+    assert list(read_packets(damaged, stats)) == []
+    assert stats.skipped == len(_blocks(data)) - 1
 
 
 def test_damage_part_way_decodes_what_came_before_and_says_so(tmp_path, capsys) -> None:
@@ -244,7 +259,9 @@ def test_damage_part_way_decodes_what_came_before_and_says_so(tmp_path, capsys) 
     assert main(["decode", str(damaged)]) == 1
     out = capsys.readouterr()
     assert comparable([json.loads(line) for line in out.out.splitlines()]) == comparable(clean_events)
-    assert "impossible length" in out.err and "decoded what came before" in out.err and "Traceback" not in out.err
+    assert "impossible length" in out.err
+    assert "decoded what came before" in out.err
+    assert "Traceback" not in out.err
     # The same damage with nothing readable before it: not a capture, status 2.
     shb = data[: _blocks(data)[0][1]]
     damaged.write_bytes(shb + struct.pack("<II", 6, 4) + b"\0" * 16)
@@ -261,7 +278,8 @@ def test_pcap_record_of_impossible_length_and_short_header(tmp_path, capsys) -> 
     path.write_bytes(data + struct.pack("<IIII", 0, 0, 0xFFFFFFF0, 0xFFFFFFF0) + b"\0" * 32)
     assert main(["decode", str(path)]) == 1
     out = capsys.readouterr()
-    assert comparable([json.loads(line) for line in out.out.splitlines()]) == comparable(clean) and "claims" in out.err
+    assert comparable([json.loads(line) for line in out.out.splitlines()]) == comparable(clean)
+    assert "claims" in out.err
     path.write_bytes(data[:10])
     assert main(["decode", str(path)]) == 2
     assert "pcap file header cut short" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import ECHO_AGENT, ECHO_TCP_PORT, ECHO_UDP_PORT, with_cgroup2
+from tests.netns import ECHO_TCP_PORT, ECHO_UDP_PORT, echo_args, with_cgroup2
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(not shutil.which("tshark"), reason="needs tshark (apt-get install -y tshark)")]
@@ -43,10 +43,10 @@ def reference_counts(pcap: Path, client_port: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize("process_filter", [False, True])
 def test_childs_tcp_connection_shows_with_its_pid_addresses_bytes_and_packets(netns, tmp_path, process_filter):
-    server = netns.popen(sys.executable, ECHO_AGENT, "server", "127.0.0.1", str(ECHO_TCP_PORT), str(ECHO_UDP_PORT),
+    server = netns.popen(sys.executable, *echo_args("server", "127.0.0.1"),
                          stdout=subprocess.PIPE, text=True)
-    child = netns.popen(sys.executable, ECHO_AGENT, "client", "127.0.0.1", str(ECHO_TCP_PORT), str(ECHO_UDP_PORT), "6", "3",
-                        "--wait", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = netns.popen(sys.executable, *echo_args("client", "127.0.0.1", messages=6, datagrams=3, wait=True),
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     pcap = tmp_path / "reference.pcap"
     reference = netns.popen("tshark", "-i", "lo", "-f", f"tcp port {ECHO_TCP_PORT}", "-w", str(pcap),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -12,7 +12,8 @@ from oisp.events import make_event
 def write_events(path, n: int, gap: float, secret: str = "") -> None:
     with path.open("w") as fh:
         for i in range(n):
-            fh.write(json.dumps(make_event("network.connect", {"dest": {"ip": "1.2.3.4", "port": 443, "domain": f"h{i}{secret}"}}, 1700000000 + i * gap)) + "\n")
+            fh.write(json.dumps(make_event("network.connect", {"dest": {"ip": "1.2.3.4", "port": 443, "domain": f"h{i}{secret}"}},
+                                           1700000000 + i * gap)) + "\n")
         fh.write("not json\n")
 
 

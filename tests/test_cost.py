@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
-from provider_cases import load_cases, pair, run_case, validate  # noqa: E402
+from provider_cases import load_cases, pair, run_case, validate
 
 from oisp.cli.record import Status
 from oisp.decode import Direction
@@ -145,7 +145,9 @@ def test_every_priced_fixture_validates_and_says_bundled() -> None:
         cost = resp.get("usage", {}).get("cost")
         if cost:
             priced += 1
-            assert cost["estimate"] is True and cost["source"] == "bundled" and cost["prices_as_of"] == AS_OF
+            assert cost["estimate"] is True
+            assert cost["source"] == "bundled"
+            assert cost["prices_as_of"] == AS_OF
     assert priced >= 10
 
 
@@ -178,12 +180,17 @@ def test_exact_id_wins_over_its_snapshot_prefix() -> None:
 
 
 def test_no_loose_match_to_a_shorter_model() -> None:
-    only_4o = PriceTable.parse({"as_of": "2026-01-01", "providers": {"openai": {"models": {"gpt-4o": {"input": 2.5, "output": 10}}}}}, "user", "t")
-    for model in ("gpt-4o-mini", "gpt-4o-mini-2024-07-18", "gpt-4o-audio-preview", "gpt-4o-2024-08-06-ft", "chatgpt-4o-latest", "gpt-4"):
+    only_4o = PriceTable.parse({"as_of": "2026-01-01",
+                                "providers": {"openai": {"models": {"gpt-4o": {"input": 2.5, "output": 10}}}}}, "user", "t")
+    for model in ("gpt-4o-mini", "gpt-4o-mini-2024-07-18", "gpt-4o-audio-preview", "gpt-4o-2024-08-06-ft", "chatgpt-4o-latest",
+                  "gpt-4"):
         assert only_4o.lookup("openai", model) is None, model
     assert only_4o.lookup("openai", "gpt-4o-2024-08-06") is not None
-    only_opus_5 = PriceTable.parse({"as_of": "2026-01-01", "providers": {"anthropic": {"models": {"claude-opus-5": {"input": 5, "output": 25}}}}}, "user", "t")
-    assert only_opus_5.lookup("anthropic", "claude-opus-5-5") is None and only_opus_5.lookup("anthropic", "claude-opus-5-5-20261001") is None
+    only_opus_5 = PriceTable.parse({"as_of": "2026-01-01",
+                                    "providers": {"anthropic": {"models": {"claude-opus-5": {"input": 5, "output": 25}}}}},
+                                   "user", "t")
+    assert only_opus_5.lookup("anthropic", "claude-opus-5-5") is None
+    assert only_opus_5.lookup("anthropic", "claude-opus-5-5-20261001") is None
     assert only_opus_5.lookup("anthropic", "claude-opus-5-20260724") is not None
 
 
@@ -197,12 +204,14 @@ def test_unknown_model_has_no_cost(provider, model) -> None:
 
 def test_unknown_model_event_has_no_cost_field() -> None:
     resp = decoded("ollama_chat_ndjson")
-    assert resp["usage"]["prompt_tokens"] == 11 and "cost" not in resp["usage"]
+    assert resp["usage"]["prompt_tokens"] == 11
+    assert "cost" not in resp["usage"]
 
 
 def test_missing_rate_gives_no_cost_not_a_wrong_one() -> None:
     # gpt-4o-2024-05-13 has no cached-input price; cache writes have none at OpenAI.
-    assert bundled().cost("openai", "gpt-4o-2024-05-13", {"prompt_tokens": 2000, "cached_tokens": 1024, "completion_tokens": 5}) is None
+    assert bundled().cost("openai", "gpt-4o-2024-05-13",
+                          {"prompt_tokens": 2000, "cached_tokens": 1024, "completion_tokens": 5}) is None
     assert bundled().cost("openai", "gpt-4o", {"prompt_tokens": 2000, "cache_write_tokens": 1024, "completion_tokens": 5}) is None
     assert bundled().cost("openai", "gpt-4o", {"total_tokens": 5}) is None
 
@@ -224,7 +233,8 @@ def test_unsplit_cache_write_is_billed_at_the_5m_rate() -> None:
 def test_reasoning_priced_apart_when_the_table_says_so() -> None:
     table = PriceTable.parse({"as_of": "2026-01-01", "providers": {"google_gemini": {"models": {
         "gemini-2.5-flash-preview-04-17": {"input": 0.15, "output": 0.6, "reasoning": 3.5}}}}}, "user", "t")
-    got = table.cost("google_gemini", "gemini-2.5-flash-preview-04-17", {"prompt_tokens": 100, "completion_tokens": 1100, "reasoning_tokens": 1000})
+    got = table.cost("google_gemini", "gemini-2.5-flash-preview-04-17",
+                     {"prompt_tokens": 100, "completion_tokens": 1100, "reasoning_tokens": 1000})
     assert got["usd"] == pytest.approx((100 * 0.15 + 100 * 0.6 + 1000 * 3.5) / M)
 
 
@@ -244,10 +254,12 @@ def test_user_file_overrides_and_adds(tmp_path) -> None:
     path.write_text(json.dumps(USER))
     table = load_prices(str(path))
     gpt4o = table.cost("openai", "gpt-4o-2024-08-06", {"prompt_tokens": 1000, "completion_tokens": 100})
-    assert gpt4o == {"usd": pytest.approx((1000 * 2.0 + 100 * 8.0) / M), "estimate": True, "prices_as_of": "2026-11-30", "source": "user"}
+    assert gpt4o == {"usd": pytest.approx((1000 * 2.0 + 100 * 8.0) / M), "estimate": True, "prices_as_of": "2026-11-30",
+                     "source": "user"}
     assert table.cost("ollama", "llama3.2", {"prompt_tokens": 11, "completion_tokens": 3})["usd"] == 0
     mini = table.cost("openai", "gpt-4o-mini", {"prompt_tokens": 1000, "completion_tokens": 100})  # untouched: bundled
-    assert mini["source"] == "bundled" and mini["prices_as_of"] == AS_OF
+    assert mini["source"] == "bundled"
+    assert mini["prices_as_of"] == AS_OF
     assert bundled().cost("openai", "gpt-4o", {"prompt_tokens": 1000, "completion_tokens": 100})["source"] == "bundled"
 
 
@@ -255,7 +267,8 @@ def test_user_prices_reach_the_event(tmp_path) -> None:
     path = tmp_path / "prices.json"
     path.write_text(json.dumps(USER))
     resp = decoded("openai_chat_json", prices=load_prices(str(path)))  # gpt-4o-2024-08-06: 12 in, 2 out
-    assert resp["usage"]["cost"] == {"usd": pytest.approx((12 * 2.0 + 2 * 8.0) / M), "estimate": True, "prices_as_of": "2026-11-30", "source": "user"}
+    assert resp["usage"]["cost"] == {"usd": pytest.approx((12 * 2.0 + 2 * 8.0) / M), "estimate": True,
+                                     "prices_as_of": "2026-11-30", "source": "user"}
 
 
 def test_env_var_names_the_user_file(tmp_path, monkeypatch) -> None:
@@ -277,9 +290,11 @@ def test_env_var_names_the_user_file(tmp_path, monkeypatch) -> None:
     ('{"as_of": "2026-11-30"}', "providers"),
     ('{"as_of": "2026-11-30", "providers": {"openai": {"models": {"gpt-4o": {"input": -1, "output": 8}}}}}', r"gpt-4o\.input"),
     ('{"as_of": "2026-11-30", "providers": {"openai": {"models": {"gpt-4o": {"input": 1}}}}}', r"\"output\" is required"),
-    ('{"as_of": "2026-11-30", "providers": {"openai": {"models": {"gpt-4o": {"input": 1, "output": 2, "cache_read": 0.5}}}}}', "cache_read"),
+    ('{"as_of": "2026-11-30", "providers": {"openai": {"models": {"gpt-4o": {"input": 1, "output": 2, "cache_read": 0.5}}}}}',
+     "cache_read"),
     ('{"as_of": "2026-11-30", "providers": {"openai": {"models": {"gpt-4o": {"input": "2.5", "output": 2}}}}}', "number"),
-    ('{"as_of": "2026-11-30", "providers": {"openai": {"models": {"gpt-4o": {"input": 1, "output": 2, "tiers": [{"input": 2}]}}}}}', "above"),
+    ('{"as_of": "2026-11-30", "providers": {"openai": {"models": {"gpt-4o": {"input": 1, "output": 2, "tiers": [{"input": '
+     '2}]}}}}}', "above"),
     ('{"as_of": "2026-11-30", "provider": {}}', "provider"),
 ])
 def test_bad_user_file_is_a_clear_error(tmp_path, doc: str, message: str) -> None:
@@ -297,7 +312,9 @@ def test_record_refuses_a_bad_price_file_at_start(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-m", "oisp", "record", "--prices", str(path), "--duration", "0"],
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2
-    assert str(path) in out.stderr and "gpt-4o" in out.stderr and "output" in out.stderr
+    assert str(path) in out.stderr
+    assert "gpt-4o" in out.stderr
+    assert "output" in out.stderr
 
 
 def test_bundled_table_is_dated_and_sourced() -> None:
@@ -346,7 +363,8 @@ def test_record_prices_real_sdk_calls_with_the_users_file(record_lab) -> None:
     """`oisp record --prices FILE` in a namespace; the openai and anthropic SDKs call the fake
     provider through it: gpt-4o-mini at the user's price, claude-sonnet-4-5 at the bundled one."""
     prices = record_lab["tmp"] / "prices.json"
-    prices.write_text(json.dumps({"as_of": "2026-11-30", "providers": {"openai": {"models": {"gpt-4o-mini": {"input": 1.0, "output": 2.0}}}}}))
+    prices.write_text(json.dumps({"as_of": "2026-11-30",
+                                  "providers": {"openai": {"models": {"gpt-4o-mini": {"input": 1.0, "output": 2.0}}}}}))
     assert stop_sensor(record_lab) == 0
     record_lab["sensor"] = record_lab["start_sensor"]("--prices", str(prices))
     for name, base in (("openai_sync", "https://api.openai.com"), ("anthropic", "https://api.anthropic.com")):

@@ -52,7 +52,8 @@ def bomb(coding: str, pattern: bytes = b"\0") -> bytes:
 
 def request(body: bytes, coding: str | None = None, path: str = "/v1/chat/completions") -> bytes:
     enc = f"Content-Encoding: {coding}\r\n" if coding else ""
-    head = f"POST {path} HTTP/1.1\r\nHost: api.openai.com\r\nContent-Type: application/json\r\n{enc}Content-Length: {len(body)}\r\n\r\n"
+    head = (f"POST {path} HTTP/1.1\r\nHost: api.openai.com\r\nContent-Type: application/json\r\n"
+            f"{enc}Content-Length: {len(body)}\r\n\r\n")
     return head.encode() + body
 
 
@@ -62,7 +63,9 @@ def response(body: bytes, coding: str | None = None, ctype: str = "application/j
 
 
 CHAT = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
-REPLY = json.dumps({"id": "c1", "model": "gpt-4o-mini", "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}]}).encode()
+REPLY = json.dumps({"id": "c1", "model": "gpt-4o-mini",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"},
+                                 "finish_reason": "stop"}]}).encode()
 
 
 def peak_while(fn) -> tuple[object, int]:
@@ -92,13 +95,16 @@ def test_request_bomb_stops_at_the_budget_and_the_connection_goes_on(coding: str
     events, peak = peak_while(lambda: feed_all(rec, wire, response(REPLY) + response(REPLY)) + rec.close(2.0))
     # Kept: the budget once, plus its copy as the exchange's bytes; never the 256 MiB.
     assert peak < 2 * MAX_BODY_BYTES + 16 * MiB, f"peak {peak / MiB:.0f} MiB"
-    assert rec.stats.bodies_truncated == 1 and rec.stats.decode_errors == 0
+    assert rec.stats.bodies_truncated == 1
+    assert rec.stats.decode_errors == 0
     requests = [e for e in events if e["event_type"] == "ai.request"]
     assert len(requests) == 2
     bombed, good = requests
-    assert bombed["confidence"]["completeness"] == "partial" and "body_truncated" in bombed["confidence"]["reasons"]
+    assert bombed["confidence"]["completeness"] == "partial"
+    assert "body_truncated" in bombed["confidence"]["reasons"]
     assert "body_truncated" in bombed["confidence"]["limitations"]
-    assert good["confidence"]["completeness"] == "full" and good["data"]["model"]["id"] == "gpt-4o-mini"
+    assert good["confidence"]["completeness"] == "full"
+    assert good["data"]["model"]["id"] == "gpt-4o-mini"
 
 
 @pytest.mark.parametrize("coding", ["br", "zstd"])
@@ -110,7 +116,9 @@ def test_streamed_response_bomb_is_parsed_up_to_the_budget_in_little_memory(codi
     records, peak = peak_while(lambda: feed_all(d, request(body), response(stream, coding, "text/event-stream")) + d.close(2.0))
     assert peak < 8 * MiB, f"peak {peak / MiB:.0f} MiB"
     done = [r.exchange for r in records if isinstance(r, ResponseComplete)]
-    assert len(done) == 1 and "body_truncated" in done[0].problems and d.stats.bodies_truncated == 1
+    assert len(done) == 1
+    assert "body_truncated" in done[0].problems
+    assert d.stats.bodies_truncated == 1
 
 
 def test_body_decoder_never_returns_more_than_asked() -> None:
@@ -118,7 +126,8 @@ def test_body_decoder_never_returns_more_than_asked() -> None:
         dec = BodyDecoder(coding)
         dec.feed(bomb(coding)[:100_000])
         sizes = [len(dec.read(n)) for n in (1, 1000, 65536, 300_000, 7)]
-        assert all(s <= n for s, n in zip(sizes, (1, 1000, 65536, 300_000, 7))) and sum(sizes) > 0, (coding, sizes)
+        assert all(s <= n for s, n in zip(sizes, (1, 1000, 65536, 300_000, 7))), (coding, sizes)
+        assert sum(sizes) > 0, (coding, sizes)
 
 
 @pytest.mark.parametrize("coding", ["br", "gzip", "deflate", "zstd", "gzip, br"])
@@ -167,7 +176,8 @@ def test_sse_long_line_is_linear_and_dropped_with_one_error() -> None:
     stream = b"data: " + b"x" * LONG + b"\n\ndata: after\n\n"
     events, elapsed = timed(lambda: [e for piece in pieces(stream) for e in p.feed(piece)])
     assert elapsed < 3.0, f"{elapsed:.1f} s"  # the rescanning parser took 24.6 s
-    assert [e.data for e in events] == ["after"] and len(errors) == 1
+    assert [e.data for e in events] == ["after"]
+    assert len(errors) == 1
 
 
 def test_sse_scans_only_new_bytes_below_the_cap() -> None:
@@ -178,7 +188,8 @@ def test_sse_scans_only_new_bytes_below_the_cap() -> None:
     line = b"data: " + b"y" * (MAX_LINE_BYTES - 100) + b"\r"
     events, elapsed = timed(lambda: [e for piece in pieces(line + b"\n\r\n", 4096) for e in p.feed(piece)])
     assert elapsed < 3.0, f"{elapsed:.1f} s"
-    assert len(events) == 1 and len(events[0].data) == MAX_LINE_BYTES - 100
+    assert len(events) == 1
+    assert len(events[0].data) == MAX_LINE_BYTES - 100
 
 
 def test_sse_oversized_event_is_dropped_and_the_stream_goes_on() -> None:
@@ -189,7 +200,8 @@ def test_sse_oversized_event_is_dropped_and_the_stream_goes_on() -> None:
     line = b"data: " + b"z" * (1024 * 1024) + b"\n"
     stream = line * (MAX_EVENT_BYTES // (1024 * 1024) + 2) + b"\n" + b"data: next\n\n"
     events = [e for piece in pieces(stream, 65536) for e in p.feed(piece)]
-    assert [e.data for e in events] == ["next"] and len(errors) == 1
+    assert [e.data for e in events] == ["next"]
+    assert len(errors) == 1
 
 
 def test_sse_long_line_through_the_decoder_is_one_counted_error() -> None:
@@ -200,7 +212,9 @@ def test_sse_long_line_through_the_decoder_is_one_counted_error() -> None:
     records, elapsed = timed(lambda: feed_all(d, request(req_body), response(body, ctype="text/event-stream")) + d.close(2.0))
     done = [r.exchange for r in records if isinstance(r, ResponseComplete)]
     assert elapsed < 4.0, f"{elapsed:.1f} s"
-    assert done[0].ai_response.text == "ok" and d.stats.decode_errors == 1 and not d.stats.abandoned
+    assert done[0].ai_response.text == "ok"
+    assert d.stats.decode_errors == 1
+    assert not d.stats.abandoned
 
 
 def test_ndjson_long_line_is_linear_and_dropped_with_one_error() -> None:
@@ -211,7 +225,8 @@ def test_ndjson_long_line_is_linear_and_dropped_with_one_error() -> None:
     stream = b'{"a": "' + b"x" * LONG + b'"}\n{"b": 1}\n{"c": 2}'
     lines, elapsed = timed(lambda: [ln for piece in pieces(stream) for ln in nd.feed(piece)] + nd.close())
     assert elapsed < 3.0, f"{elapsed:.1f} s"
-    assert lines == [b'{"b": 1}', b'{"c": 2}'] and len(errors) == 1
+    assert lines == [b'{"b": 1}', b'{"c": 2}']
+    assert len(errors) == 1
 
 
 def test_json_array_oversized_element_is_dropped_and_the_array_goes_on() -> None:
@@ -222,7 +237,8 @@ def test_json_array_oversized_element_is_dropped_and_the_array_goes_on() -> None
     stream = b'[{"a": "' + b"x" * LONG + b'", "n": [1, {"m": 2}]}, {"b": 1}]'
     elements, elapsed = timed(lambda: [el for piece in pieces(stream) for el in arr.feed(piece)])
     assert elapsed < 3.0, f"{elapsed:.1f} s"
-    assert elements == [b'{"b": 1}'] and len(errors) == 1
+    assert elements == [b'{"b": 1}']
+    assert len(errors) == 1
 
 
 def test_http2_continuation_flood_is_refused_in_bounded_memory() -> None:
@@ -232,7 +248,9 @@ def test_http2_continuation_flood_is_refused_in_bounded_memory() -> None:
 
     from oisp.decode.http2 import PREFACE
 
-    head = HeadersFrame(1, hpack.Encoder().encode([(":method", "POST"), (":path", "/v1/chat/completions"), (":authority", "api.openai.com"), (":scheme", "https")]))
+    head = HeadersFrame(1,
+                        hpack.Encoder().encode([(":method", "POST"), (":path", "/v1/chat/completions"),
+                                                (":authority", "api.openai.com"), (":scheme", "https")]))
     cont = ContinuationFrame(1, b"\x00" * 16384).serialize()
     d = FlowDecoder(FlowContext(("10.0.0.2", 50000), ("10.0.0.9", 443), 0.0, alpn="h2", tls_version="TLSv1.3"))
 
@@ -243,19 +261,26 @@ def test_http2_continuation_flood_is_refused_in_bounded_memory() -> None:
 
     _, peak = peak_while(flood)
     assert peak < 8 * MiB, f"peak {peak / MiB:.0f} MiB"
-    assert d.stats.decode_errors == 1 and d.stats.abandoned and "header block" in (d.stats.last_error or "")
+    assert d.stats.decode_errors == 1
+    assert d.stats.abandoned
+    assert "header block" in (d.stats.last_error or "")
 
 
 def _deltas(api: str, piece: str, n: int) -> list[object]:
     """``n`` streamed objects of ``api``'s format, each carrying ``piece`` as text (and, where the
     format has them, as tool-call arguments and thinking)."""
     if api == "openai.chat":
-        return [{"choices": [{"index": 0, "delta": {"content": piece, "reasoning_content": piece, "tool_calls": [{"index": 0, "function": {"arguments": piece}}]}}]}] * n
+        return [{"choices": [{"index": 0,
+                              "delta": {"content": piece, "reasoning_content": piece,
+                                        "tool_calls": [{"index": 0, "function": {"arguments": piece}}]}}]}] * n
     if api == "openai.responses":
         added = {"type": "response.output_item.added", "item": {"type": "function_call", "id": "fc", "name": "f"}}
-        return [added] + [{"type": t, "delta": piece, "item_id": "fc"} for _ in range(n) for t in ("response.output_text.delta", "response.function_call_arguments.delta", "response.reasoning_text.delta")]
+        return [added] + [{"type": t, "delta": piece, "item_id": "fc"} for _ in range(n)
+                          for t in ("response.output_text.delta", "response.function_call_arguments.delta",
+                                    "response.reasoning_text.delta")]
     if api == "anthropic.messages":
-        starts = [{"type": "content_block_start", "index": 0, "content_block": {"type": "text"}}, {"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t", "name": "f"}}]
+        starts = [{"type": "content_block_start", "index": 0, "content_block": {"type": "text"}},
+                  {"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t", "name": "f"}}]
         return starts + [
             d for _ in range(n)
             for d in ({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}},
@@ -276,7 +301,9 @@ def _deltas(api: str, piece: str, n: int) -> list[object]:
     raise ValueError(api)
 
 
-@pytest.mark.parametrize("api", ["openai.chat", "openai.responses", "anthropic.messages", "gemini.generate", "ollama.chat", "cohere.chat"])
+@pytest.mark.parametrize("api",
+                         ["openai.chat", "openai.responses", "anthropic.messages", "gemini.generate", "ollama.chat",
+                          "cohere.chat"])
 def test_assemblers_are_linear_in_the_number_of_deltas(api: str) -> None:
     from oisp.decode.providers import FORMATS
 

@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
-from provider_cases import Case, context, http1_request, http1_response, load_cases  # noqa: E402
+from provider_cases import Case, context, http1_request, http1_response, load_cases
 
-from oisp.decode import Direction, FlowContext, FlowDecoder  # noqa: E402
-from oisp.events import FlowRecorder  # noqa: E402
-from tests.events_compare import normalise  # noqa: E402
+from oisp.decode import Direction, FlowContext, FlowDecoder
+from oisp.events import FlowRecorder
+from tests.events_compare import normalise
 
 CASES = load_cases()
 
@@ -140,8 +140,10 @@ def chunks(max_size: int = 256) -> st.SearchStrategy[list[bytes]]:
 
 def compressible() -> st.SearchStrategy[bytes]:
     """Text-like bytes (with SSE/JSON punctuation), sometimes repeated into a small bomb."""
-    piece = st.binary(max_size=64) | st.sampled_from([b"data: ", b"\n\n", b"\r\n", b'{"a": [1, "x"]}', b"\n", b"[", b"]", b",", b'"\\'])
-    return st.tuples(st.lists(piece, max_size=16), st.integers(1, 200_000)).map(lambda t: b"".join(t[0]) * (t[1] if len(b"".join(t[0])) < 8 else 1))
+    punctuation = [b"data: ", b"\n\n", b"\r\n", b'{"a": [1, "x"]}', b"\n", b"[", b"]", b",", b'"\\']
+    piece = st.binary(max_size=64) | st.sampled_from(punctuation)
+    return st.tuples(st.lists(piece, max_size=16), st.integers(1, 200_000)).map(
+        lambda t: b"".join(t[0]) * (t[1] if len(b"".join(t[0])) < 8 else 1))
 
 
 ENCODERS = {
@@ -154,7 +156,8 @@ ENCODERS = {
 
 
 @FUZZ
-@given(st.sampled_from(sorted(ENCODERS)), compressible(), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4), st.integers(1, 9000))
+@given(st.sampled_from(sorted(ENCODERS)), compressible(),
+       st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4), st.integers(1, 9000))
 def test_fuzz_content_decoders(coding: str, plain: bytes, flips: list[tuple[int, int]], step: int) -> None:
     """Valid, damaged and bomb-like encoded bodies: bounded reads, errors only as ContentDecodingError."""
     data = bytearray(ENCODERS[coding](plain))
@@ -177,7 +180,8 @@ def test_fuzz_content_decoders(coding: str, plain: bytes, flips: list[tuple[int,
 
     out = bounded(run)
     if not flips:  # undamaged: exactly the original, up to what was asked for
-        assert out == plain[: len(out)] and len(out) >= min(len(plain), cap)
+        assert out == plain[: len(out)]
+        assert len(out) >= min(len(plain), cap)
 
 
 @FUZZ
@@ -201,13 +205,16 @@ def test_fuzz_ndjson_and_json_array(pieces: list[bytes]) -> None:
 
     lines, elements = bounded(run)
     nd, arr = NDJSONSplitter(), JSONArraySplitter()
-    assert lines == nd.feed(whole) + nd.close() and elements == arr.feed(whole)  # cut-invariant
+    # cut-invariant
+    assert lines == nd.feed(whole) + nd.close()
+    assert elements == arr.feed(whole)
 
 
 def _http1_message(start: str, headers: list[str], body: bytes, chunked: bool) -> bytes:
     if chunked:
         headers = [*headers, "Transfer-Encoding: chunked"]
-        body = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 50]), body[i : i + 50]) for i in range(0, len(body), 50)) + b"0\r\n\r\n"
+        body = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 50]), body[i : i + 50])
+                        for i in range(0, len(body), 50)) + b"0\r\n\r\n"
     else:
         headers = [*headers, f"Content-Length: {len(body)}"]
     return ("\r\n".join([start, *headers]) + "\r\n\r\n").encode() + body
@@ -215,7 +222,8 @@ def _http1_message(start: str, headers: list[str], body: bytes, chunked: bool) -
 
 @FUZZ
 @given(
-    st.sampled_from(["/v1/chat/completions", "/v1/messages", "/v1/responses", "/api/chat", "/v1beta/models/gemini-2.0-flash:streamGenerateContent", "/x"]),
+    st.sampled_from(["/v1/chat/completions", "/v1/messages", "/v1/responses", "/api/chat",
+                     "/v1beta/models/gemini-2.0-flash:streamGenerateContent", "/x"]),
     st.sampled_from(["text/event-stream", "application/x-ndjson", "application/json", "text/plain"]),
     st.sampled_from([None, *sorted(ENCODERS)]),
     compressible(),
@@ -227,10 +235,12 @@ def test_fuzz_http1_exchanges(path: str, ctype: str, coding: str | None, body: b
     req_body = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
     request = _http1_message(f"POST {path} HTTP/1.1", ["Host: api.openai.com", "Content-Type: application/json"], req_body, False)
     encoded = ENCODERS[coding](body) if coding else body
-    response = _http1_message("HTTP/1.1 200 OK", [f"Content-Type: {ctype}", *([f"Content-Encoding: {coding}"] if coding else [])], encoded, chunked)
+    response = _http1_message("HTTP/1.1 200 OK", [f"Content-Type: {ctype}", *([f"Content-Encoding: {coding}"] if coding else [])],
+                              encoded, chunked)
 
     def run() -> list:
-        rec = FlowRecorder(FlowContext(("10.0.0.2", 5), ("10.0.0.9", 443), 0.0, sni="api.openai.com", alpn="http/1.1", tls_version="TLSv1.3"), streaming_chunks=True)
+        rec = FlowRecorder(FlowContext(("10.0.0.2", 5), ("10.0.0.9", 443), 0.0, sni="api.openai.com", alpn="http/1.1",
+                                       tls_version="TLSv1.3"), streaming_chunks=True)
         out = rec.feed(Direction.REQUEST, request, 1.0)
         bounds = [0, *sorted(c % max(len(response), 1) for c in cuts), len(response)]
         for a, b in zip(bounds, bounds[1:]):
@@ -240,7 +250,8 @@ def test_fuzz_http1_exchanges(path: str, ctype: str, coding: str | None, body: b
     events, rec = bounded(run)
     # Well-framed HTTP: whatever the body holds, the connection is never given up and the exchange is reported.
     assert not rec.stats.abandoned
-    assert [e["event_type"] for e in events if e["event_type"] in ("ai.request", "ai.response")] in (["ai.request", "ai.response"], [])
+    assert [e["event_type"] for e in events
+            if e["event_type"] in ("ai.request", "ai.response")] in (["ai.request", "ai.response"], [])
 
 
 _FRAME_TYPES = st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0x0A, 0xFF])
@@ -254,7 +265,9 @@ def h2_frames(draw) -> bytes:
     for _ in range(draw(st.integers(0, 12))):
         ftype = draw(_FRAME_TYPES)
         if ftype in (1, 9) and draw(st.booleans()):
-            payload = enc.encode([(":method", "POST"), (":path", draw(st.sampled_from(["/v1/chat/completions", "/v1/messages"]))), (":authority", "api.openai.com"), (":scheme", "https"), ("content-type", draw(st.sampled_from(["text/event-stream", "application/json"])))])
+            payload = enc.encode([(":method", "POST"), (":path", draw(st.sampled_from(["/v1/chat/completions", "/v1/messages"]))),
+                                  (":authority", "api.openai.com"), (":scheme", "https"),
+                                  ("content-type", draw(st.sampled_from(["text/event-stream", "application/json"])))])
             payload = payload[: draw(st.integers(0, len(payload)))]
         else:
             payload = draw(st.binary(max_size=80))
@@ -267,7 +280,8 @@ def h2_frames(draw) -> bytes:
 @given(h2_frames(), h2_frames(), st.integers(1, 200))
 def test_fuzz_http2(requests: bytes, responses: bytes, step: int) -> None:
     def run() -> FlowDecoder:
-        d = FlowDecoder(FlowContext(("10.0.0.2", 5), ("10.0.0.9", 443), 0.0, sni="api.openai.com", alpn="h2", tls_version="TLSv1.3"))
+        d = FlowDecoder(FlowContext(("10.0.0.2", 5), ("10.0.0.9", 443), 0.0, sni="api.openai.com", alpn="h2",
+                                    tls_version="TLSv1.3"))
         for i in range(0, max(len(requests), len(responses)), step):
             d.feed(Direction.REQUEST, requests[i : i + step], 1.0)
             d.feed(Direction.RESPONSE, responses[i + len(PREFACE) : i + len(PREFACE) + step], 1.5)
@@ -284,14 +298,16 @@ _IDB = bytes.fromhex("0100000014000000010000000000040014000000")
 
 
 @FUZZ
-@given(st.sampled_from(["pcapng", "pcap"]), st.lists(st.binary(max_size=120), max_size=10), st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), max_size=5))
+@given(st.sampled_from(["pcapng", "pcap"]), st.lists(st.binary(max_size=120), max_size=10),
+       st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), max_size=5))
 def test_fuzz_capture_reader(tmp_path_factory, kind: str, frames: list[bytes], flips: list[tuple[int, int]]) -> None:
     """Captures with random frames and damaged bytes: packets, counted skips or CaptureFormatError only."""
     if kind == "pcapng":
         blocks = [_PCAPNG_SHB, _IDB]
         for f in frames:
             body = (0).to_bytes(4, "little") * 3 + len(f).to_bytes(4, "little") * 2 + f + b"\0" * (-len(f) % 4)
-            blocks.append((6).to_bytes(4, "little") + (len(body) + 12).to_bytes(4, "little") + body + (len(body) + 12).to_bytes(4, "little"))
+            length = (len(body) + 12).to_bytes(4, "little")
+            blocks.append((6).to_bytes(4, "little") + length + body + length)
     else:
         blocks = [bytes.fromhex("d4c3b2a1020004000000000000000000ffff000001000000")]
         blocks += [(0).to_bytes(8, "little") + len(f).to_bytes(4, "little") * 2 + f for f in frames]
@@ -304,7 +320,8 @@ def test_fuzz_capture_reader(tmp_path_factory, kind: str, frames: list[bytes], f
     def run() -> int:
         n = 0
         try:
-            for item in TcpReassembler().segments(s for p in read_packets(path, ReadStats()) if (s := parse_segment(p)) is not None):
+            for item in TcpReassembler().segments(s for p in read_packets(path, ReadStats())
+                                                  if (s := parse_segment(p)) is not None):
                 n += 1
         except CaptureFormatError:
             pass

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
-from provider_cases import http2_conversation, load_cases, validate  # noqa: E402
+from provider_cases import http2_conversation, load_cases, validate
 
-from oisp.decode import Direction, FlowContext, FlowDecoder, ResponseComplete  # noqa: E402
-from oisp.events import FlowRecorder  # noqa: E402
+from oisp.decode import Direction, FlowContext, FlowDecoder, ResponseComplete
+from oisp.events import FlowRecorder
 
 TLS_CASES = [c for c in load_cases() if c.tls]
 
@@ -30,7 +30,8 @@ def test_concurrent_streams_each_yield_their_pair() -> None:
     rec = FlowRecorder(FlowContext(("10.0.0.2", 50000), ("10.9.9.9", 443), 9.0, sni=None, alpn="h2", tls_version="TLSv1.3"))
     events = feed_all(rec, convo)
     validate(events)
-    assert rec.stats.decode_errors == 0 and rec.stats.protocol == "HTTP/2"
+    assert rec.stats.decode_errors == 0
+    assert rec.stats.protocol == "HTTP/2"
     responses = [e["data"] for e in events if e["event_type"] == "ai.response"]
     assert len(responses) == len(TLS_CASES)
     # Requests were sent in case order, so ai.request events come out in that order too.
@@ -49,5 +50,7 @@ def test_h2_detected_from_preface_without_alpn_and_cut_small() -> None:
     whole = [r for r in feed_all(d, convo) if isinstance(r, ResponseComplete)]
     d2 = FlowDecoder(FlowContext(("10.0.0.2", 50000), ("10.9.9.9", 443), 9.0))
     cut = [r for r in feed_all(d2, convo, step=7) if isinstance(r, ResponseComplete)]
-    assert d.stats.protocol == "HTTP/2" and len(whole) == 3
-    assert [(r.exchange.stream, r.exchange.ai_response.text) for r in whole] == [(r.exchange.stream, r.exchange.ai_response.text) for r in cut]
+    assert d.stats.protocol == "HTTP/2"
+    assert len(whole) == 3
+    assert ([(r.exchange.stream, r.exchange.ai_response.text) for r in whole]
+            == [(r.exchange.stream, r.exchange.ai_response.text) for r in cut])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
-from provider_cases import Case, http1_response, load_cases, pair, run_case, validate  # noqa: E402
+from provider_cases import Case, http1_response, load_cases, pair, run_case, validate
 
 CASES = load_cases()
 
@@ -41,7 +41,8 @@ def test_fixture_yields_expected_pair(case: Case) -> None:
     if "error_type" in exp:
         assert resp["error"]["type"] == exp["error_type"]
     flows = [e for e in events if e["event_type"] == "network.flow"]
-    assert len(flows) == 1 and flows[0]["data"]["http"]["status_code"] == case.status
+    assert len(flows) == 1
+    assert flows[0]["data"]["http"]["status_code"] == case.status
     assert flows[0]["data"]["http"]["path"] == case.path.split("?")[0]
 
 
@@ -62,7 +63,8 @@ def test_auth_is_prefix_and_hash_never_the_key() -> None:
     for case in CASES:
         events, _ = run_case(case)
         blob = json.dumps(events)
-        for secret in list(case.headers.values()) + [case.path.split("key=")[-1]] if "key=" in case.path else list(case.headers.values()):
+        in_query = [case.path.split("key=")[-1]] if "key=" in case.path else []
+        for secret in list(case.headers.values()) + in_query:
             token = secret.split("Credential=")[-1].split("/")[0].split(" ")[-1]
             if len(token) >= 16:
                 assert token not in blob, (case.name, token)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
-from provider_cases import Case, load_cases, pair, run_case  # noqa: E402
+from provider_cases import Case, load_cases, pair, run_case
 
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
@@ -31,7 +31,8 @@ def sdk_result(case: Case) -> dict:
     req = dict(case.request)
     req.pop("stream", None)
     if case.sdk.startswith("openai"):
-        client = openai.OpenAI(api_key="sk-test", base_url=f"https://{case.host}/v1", http_client=openai.DefaultHttpxClient(transport=transport(case)))
+        client = openai.OpenAI(api_key="sk-test", base_url=f"https://{case.host}/v1",
+                               http_client=openai.DefaultHttpxClient(transport=transport(case)))
         if case.sdk == "openai.responses":
             with client.responses.stream(**req) as s:
                 for _ in s:
@@ -40,7 +41,8 @@ def sdk_result(case: Case) -> dict:
             calls = [{"id": o.call_id, "name": o.name, "arguments": o.arguments} for o in r.output if o.type == "function_call"]
             u = r.usage
             usage = {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens, "total_tokens": u.total_tokens,
-                     "cached_tokens": u.input_tokens_details.cached_tokens, "reasoning_tokens": u.output_tokens_details.reasoning_tokens}
+                     "cached_tokens": u.input_tokens_details.cached_tokens,
+                     "reasoning_tokens": u.output_tokens_details.reasoning_tokens}
             return {"text": r.output_text, "tool_calls": calls, "usage": usage}
         req.pop("stream_options", None)
         if case.sdk == "openai.chat.json":
@@ -52,13 +54,15 @@ def sdk_result(case: Case) -> dict:
                 c = s.get_final_completion()
         msg = c.choices[0].message
         calls = [{"id": t.id, "name": t.function.name, "arguments": t.function.arguments} for t in msg.tool_calls or []]
-        usage = {} if c.usage is None else {"prompt_tokens": c.usage.prompt_tokens, "completion_tokens": c.usage.completion_tokens, "total_tokens": c.usage.total_tokens}
+        usage = {} if c.usage is None else {"prompt_tokens": c.usage.prompt_tokens,
+                                            "completion_tokens": c.usage.completion_tokens, "total_tokens": c.usage.total_tokens}
         if c.usage is not None and c.usage.prompt_tokens_details is not None:
             usage["cached_tokens"] = c.usage.prompt_tokens_details.cached_tokens
         if c.usage is not None and c.usage.completion_tokens_details is not None:
             usage["reasoning_tokens"] = c.usage.completion_tokens_details.reasoning_tokens
         return {"text": msg.content or "", "tool_calls": calls, "usage": usage, "finish": c.choices[0].finish_reason}
-    client = anthropic.Anthropic(api_key="sk-ant-test", base_url=f"https://{case.host}", http_client=anthropic.DefaultHttpxClient(transport=transport(case)))
+    client = anthropic.Anthropic(api_key="sk-ant-test", base_url=f"https://{case.host}",
+                                 http_client=anthropic.DefaultHttpxClient(transport=transport(case)))
     if case.sdk == "anthropic.json":
         m = client.messages.create(**req)
     else:

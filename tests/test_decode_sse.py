@@ -37,7 +37,8 @@ def test_no_data_no_dispatch_and_unterminated_event_dropped() -> None:
 
 def test_id_with_nul_ignored_and_bad_retry_ignored() -> None:
     (e,) = parse(b"id: a\x00b\nretry: 12x\ndata: z\n\n")
-    assert e.id == "" and e.retry is None
+    assert e.id == ""
+    assert e.retry is None
 
 
 def test_utf8_split_across_chunks() -> None:

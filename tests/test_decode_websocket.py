@@ -141,9 +141,11 @@ def record(trace: Trace, **kw) -> tuple[list[dict], FlowRecorder]:
 def test_the_client_negotiated_permessage_deflate(server) -> None:
     trace, _ = sdk_conversation(server)
     head = trace[0][1].split(b"\r\n\r\n")[0].lower()
-    assert b"upgrade: websocket" in head and b"permessage-deflate" in head
+    assert b"upgrade: websocket" in head
+    assert b"permessage-deflate" in head
     resp = next(d for dr, d, _ in trace if dr is Direction.RESPONSE).split(b"\r\n\r\n")[0].lower()
-    assert b"101" in resp.split(b"\r\n")[0] and b"sec-websocket-extensions: permessage-deflate" in resp
+    assert b"101" in resp.split(b"\r\n")[0]
+    assert b"sec-websocket-extensions: permessage-deflate" in resp
 
 
 def test_each_response_create_is_one_exchange_equal_to_what_the_client_assembled(conversation) -> None:
@@ -158,21 +160,29 @@ def test_each_response_create_is_one_exchange_equal_to_what_the_client_assembled
     assert [r["request_id"] for r in reqs] == [r["request_id"] for r in resps]
     warm, text, tool, bad = zip(reqs, resps, results)
 
-    assert warm[0]["parameters"] == {"generate": False} and warm[1]["success"] is True
-    assert warm[1]["provider_request_id"] == warm[2]["final"].id and warm[1]["choices"][0]["message"]["content"] == ""
+    assert warm[0]["parameters"] == {"generate": False}
+    assert warm[1]["success"] is True
+    assert warm[1]["provider_request_id"] == warm[2]["final"].id
+    assert warm[1]["choices"][0]["message"]["content"] == ""
 
     req, resp, got = text
-    assert req["model"] == {"id": "gpt-test"} and req["streaming"] is True
+    assert req["model"] == {"id": "gpt-test"}
+    assert req["streaming"] is True
     assert req["provider"]["endpoint"] == "ws://api.openai.com/v1/responses"
     assert [(m["role"], m["content"]) for m in req["messages"]] == [("system", "be brief"), ("user", "hello there")]
     assert req["parameters"] == {"temperature": 0.5, "max_tokens": 64}
-    assert req["auth"]["key_prefix"] == "sk-proj-" and API_KEY not in json.dumps(events)
+    assert req["auth"]["key_prefix"] == "sk-proj-"
+    assert API_KEY not in json.dumps(events)
     assert resp["choices"][0]["message"]["content"] == got["text"] == got["final"].output_text
     assert resp["thinking"] == got["final"].output[0].summary[0].text
     u = got["final"].usage
-    assert resp["usage"] == {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens, "total_tokens": u.total_tokens,
-                             "cached_tokens": u.input_tokens_details.cached_tokens, "reasoning_tokens": u.output_tokens_details.reasoning_tokens}
-    assert resp["finish_reason"] == "stop" and resp["success"] is True and resp["status_code"] == 101
+    assert resp["usage"] == {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens,
+                             "total_tokens": u.total_tokens,
+                             "cached_tokens": u.input_tokens_details.cached_tokens,
+                             "reasoning_tokens": u.output_tokens_details.reasoning_tokens}
+    assert resp["finish_reason"] == "stop"
+    assert resp["success"] is True
+    assert resp["status_code"] == 101
     assert 0 <= resp["time_to_first_token_ms"] <= resp["latency_ms"]
 
     req, resp, got = tool
@@ -181,7 +191,8 @@ def test_each_response_create_is_one_exchange_equal_to_what_the_client_assembled
     assert resp["finish_reason"] == "tool_calls"
 
     req, resp, got = bad
-    assert resp["success"] is False and resp["finish_reason"] == "error"
+    assert resp["success"] is False
+    assert resp["finish_reason"] == "error"
     assert resp["error"] == {"type": got["error"].type, "code": got["error"].code, "message": got["error"].message}
 
 
@@ -192,17 +203,23 @@ def test_the_session_has_one_flow_record(conversation) -> None:
     assert len(flows) == 1
     f = flows[0]
     ws = f["websocket"]
-    assert f["http"]["path"] == "/v1/responses" and f["http"]["status_code"] == 101
+    assert f["http"]["path"] == "/v1/responses"
+    assert f["http"]["status_code"] == 101
     compressed = b"permessage-deflate" in trace[0][1]
-    assert bool(ws["extensions"]) is compressed and all(e.startswith("permessage-deflate") for e in ws["extensions"])
-    assert ws["client"]["messages"] == 4 and ws["server"]["messages"] == sum(
+    assert bool(ws["extensions"]) is compressed
+    assert all(e.startswith("permessage-deflate") for e in ws["extensions"])
+    assert ws["client"]["messages"] == 4
+    assert ws["server"]["messages"] == sum(
         len(fakews.responses_events(r, n)) for n, r in enumerate(REQUESTS, 1))
     def after_head(d: Direction) -> int:  # the frames: what follows the upgrade's head each way
         data = b"".join(b for dr, b, _ in trace if dr is d)
         return len(data) - data.index(b"\r\n\r\n") - 4
     sent, received = after_head(Direction.REQUEST), after_head(Direction.RESPONSE)
-    assert f["bytes_sent"] == sent and f["bytes_received"] == received
-    assert ws["close_code"] == 1000 and ws["closed_by"] == "client" and ws["decode_errors"] == 0
+    assert f["bytes_sent"] == sent
+    assert f["bytes_received"] == received
+    assert ws["close_code"] == 1000
+    assert ws["closed_by"] == "client"
+    assert ws["decode_errors"] == 0
 
 
 def cut_everywhere(trace: Trace, stride: int = 1):
@@ -247,7 +264,8 @@ def frame(payload: bytes, *, opcode: int = 1, fin: bool = True, rsv1: bool = Fal
     head = bytes([(0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode])
     n = len(payload)
     m = 0x80 if mask else 0
-    head += bytes([m | n]) if n < 126 else bytes([m | 126]) + struct.pack("!H", n) if n < 65536 else bytes([m | 127]) + struct.pack("!Q", n)
+    head += (bytes([m | n]) if n < 126 else bytes([m | 126]) + struct.pack("!H", n) if n < 65536
+             else bytes([m | 127]) + struct.pack("!Q", n))
     if not mask:
         return head + payload
     key = b"\x01\x02\x03\x04"
@@ -278,13 +296,16 @@ def test_a_deflate_bomb_is_a_counted_truncated_message_in_bounded_memory() -> No
     tracemalloc.stop()
     assert peak < 8 << 20, f"peak {peak} bytes while inflating a 200 MiB bomb"
     st = dec._ws.session.stats.client
-    assert st.truncated == 1 and st.payload_bytes >= 200 * 1024 * 1024 and st.messages == 2
+    assert st.truncated == 1
+    assert st.payload_bytes >= 200 * 1024 * 1024
+    assert st.messages == 2
     # the context was kept in step: the message after the bomb is read
     assert [r.exchange.ai_request.messages[0].content for r in records] == ["after the bomb"]
 
     capped = decoder(max_message=1 << 20, max_inflate=16 << 20)
     assert capped.feed(Direction.REQUEST, frame(bomb, opcode=2, rsv1=True), 1.0) == []
-    assert capped.stats.decode_errors == 1 and "close code 1009" in capped.stats.last_error
+    assert capped.stats.decode_errors == 1
+    assert "close code 1009" in capped.stats.last_error
     assert capped.feed(Direction.REQUEST, frame(deflated(create), rsv1=True), 1.0) == []  # that side is no longer read
 
 
@@ -300,7 +321,8 @@ def test_protocol_violations_are_one_counted_error(bad: bytes) -> None:
     dec = decoder()
     assert dec.feed(Direction.REQUEST, bad, 1.0) == []
     assert dec.stats.decode_errors == 1
-    assert dec.feed(Direction.REQUEST, bad, 1.0) == [] and dec.stats.decode_errors == 1
+    assert dec.feed(Direction.REQUEST, bad, 1.0) == []
+    assert dec.stats.decode_errors == 1
 
 
 def test_random_frames_never_raise_and_memory_stays_bounded() -> None:
@@ -351,14 +373,18 @@ def test_a_plain_websocket_is_recorded_as_a_session_only(server) -> None:
     assert [e["event_type"] for e in events] == ["network.connect", "network.flow"]
     ws_data = events[1]["data"]["websocket"]
     assert ws_data["client"]["messages"] == ws_data["server"]["messages"] == 2
-    assert ws_data["client"]["text_messages"] == 1 and ws_data["client"]["payload_bytes"] == 5 + 2000
+    assert ws_data["client"]["text_messages"] == 1
+    assert ws_data["client"]["payload_bytes"] == 5 + 2000
     assert rec.stats.decode_errors == 0
 
 
 def test_session_limits_are_parameters() -> None:
     s = WebSocketSession([("sec-websocket-extensions", "permessage-deflate")], lambda m: None, max_message=10)
     msgs = s.feed(Direction.REQUEST, frame("héllo wörld, more".encode()), 1.0)
-    assert len(msgs) == 1 and msgs[0].truncated and len(msgs[0].data) <= 10 and msgs[0].data.decode() == "héllo wö"
+    assert len(msgs) == 1
+    assert msgs[0].truncated
+    assert len(msgs[0].data) <= 10
+    assert msgs[0].data.decode() == "héllo wö"
 
 
 @pytest.mark.parametrize("params", [
@@ -430,12 +456,15 @@ def sdk_realtime(port: int) -> tuple[Trace, list[dict]]:
                 return got
         raise AssertionError("the session ended mid-response")
 
-    with client.realtime.connect(model="gpt-realtime", websocket_connection_options={"sock": sock, "proxy": None, "compression": "deflate"}) as conn:
+    with client.realtime.connect(model="gpt-realtime",
+                                 websocket_connection_options={"sock": sock, "proxy": None, "compression": "deflate"}) as conn:
         conn.session.update(session={"type": "realtime", "instructions": "answer briefly", "output_modalities": ["text"]})
-        conn.conversation.item.create(item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi realtime"}]})
+        conn.conversation.item.create(item={"type": "message", "role": "user",
+                                            "content": [{"type": "input_text", "text": "hi realtime"}]})
         conn.response.create()
         results.append(turn())
-        conn.response.create(response={"tools": [{"type": "function", "name": "lookup", "description": "look it up", "parameters": {"type": "object"}}]})
+        conn.response.create(response={"tools": [{"type": "function", "name": "lookup", "description": "look it up",
+                                                  "parameters": {"type": "object"}}]})
         results.append(turn())
         conn.session.update(session={"type": "realtime", "output_modalities": ["audio"]})
         for _ in range(3):
@@ -459,7 +488,8 @@ def test_a_realtime_session_gives_one_exchange_per_response(server) -> None:
     text, tool, audio = zip(reqs, resps, results)
 
     req, resp, got = text
-    assert req["model"] == {"id": "gpt-realtime"} and req["parameters"] == {"modalities": ["text"]}
+    assert req["model"] == {"id": "gpt-realtime"}
+    assert req["parameters"] == {"modalities": ["text"]}
     assert [(m["role"], m["content"]) for m in req["messages"]] == [("system", "answer briefly"), ("user", "hi realtime")]
     assert resp["choices"][0]["message"]["content"] == got["text"] == got["final"].output[0].content[0].text
     u = got["final"].usage
@@ -468,7 +498,9 @@ def test_a_realtime_session_gives_one_exchange_per_response(server) -> None:
         "cached_tokens": u.input_token_details.cached_tokens, "input_text_tokens": u.input_token_details.text_tokens,
         "input_audio_tokens": u.input_token_details.audio_tokens, "output_text_tokens": u.output_token_details.text_tokens,
         "output_audio_tokens": u.output_token_details.audio_tokens}
-    assert resp["provider_request_id"] == got["final"].id and resp["finish_reason"] == "stop" and resp["success"]
+    assert resp["provider_request_id"] == got["final"].id
+    assert resp["finish_reason"] == "stop"
+    assert resp["success"]
     assert resp["provider"]["endpoint"] == "ws://api.openai.com/v1/realtime"
 
     req, resp, got = tool
@@ -479,11 +511,15 @@ def test_a_realtime_session_gives_one_exchange_per_response(server) -> None:
     assert resp["finish_reason"] == "tool_calls"
 
     req, resp, got = audio
-    assert req["parameters"] == {"modalities": ["audio"]} and req["messages"][-1]["content"] == "spoken words"
+    assert req["parameters"] == {"modalities": ["audio"]}
+    assert req["messages"][-1]["content"] == "spoken words"
     assert resp["choices"][0]["message"]["content"] == got["text"] == got["final"].output[0].content[0].transcript
     flow = [e["data"] for e in events if e["event_type"] == "network.flow"][0]["websocket"]
-    assert flow["client"]["audio_bytes"] == 3 * 3000 and flow["server"]["audio_bytes"] == got["audio"] > 0
-    assert "AAAA" not in json.dumps(events) and "AQIBAg" not in json.dumps(events)  # audio is never written
+    assert flow["client"]["audio_bytes"] == 3 * 3000
+    assert flow["server"]["audio_bytes"] == got["audio"] > 0
+    # audio is never written
+    assert "AAAA" not in json.dumps(events)
+    assert "AQIBAg" not in json.dumps(events)
 
 
 # -- Gemini Live ----------------------------------------------------------------------------
@@ -505,7 +541,8 @@ def wsproto_trace(target: str, host: str, client_msgs: list, server_msgs: list, 
         t[0] += 0.01
         trace.append((direction, data, t[0]))
 
-    send(client, server, Direction.REQUEST, Request(host=host, target=target, extensions=[PerMessageDeflate()] if extensions else [],
+    send(client, server, Direction.REQUEST,
+         Request(host=host, target=target, extensions=[PerMessageDeflate()] if extensions else [],
                                                           extra_headers=list(headers)))
     send(server, client, Direction.RESPONSE, AcceptConnection(extensions=[PerMessageDeflate()] if extensions else []))
     for msg, answers in zip(client_msgs, server_msgs):
@@ -525,7 +562,8 @@ LIVE_CLIENT = [
 ]
 LIVE_SERVER = [
     [{"setupComplete": {}}],
-    [{"serverContent": {"modelTurn": {"parts": [{"inlineData": {"mimeType": "audio/pcm", "data": base64.b64encode(b"\x07" * 960).decode()}}]},
+    [{"serverContent": {"modelTurn": {"parts": [{"inlineData": {"mimeType": "audio/pcm",
+                                                                "data": base64.b64encode(b"\x07" * 960).decode()}}]},
                         "outputTranscription": {"text": "hi "}}},
      {"serverContent": {"outputTranscription": {"text": "there"}}},
      {"serverContent": {"turnComplete": True}, "usageMetadata": fakews.live_usage(1)}],
@@ -545,18 +583,25 @@ def test_gemini_live_turns_audio_counted_and_the_url_key_never_written() -> None
     reqs = [e["data"] for e in events if e["event_type"] == "ai.request"]
     resps = [e["data"] for e in events if e["event_type"] == "ai.response"]
     assert len(reqs) == len(resps) == 2
-    assert reqs[0]["model"] == {"id": "gemini-live-x"} and reqs[0]["parameters"] == {"temperature": 0.2, "modalities": ["audio"]}
+    assert reqs[0]["model"] == {"id": "gemini-live-x"}
+    assert reqs[0]["parameters"] == {"temperature": 0.2, "modalities": ["audio"]}
     assert [(m["role"], m["content"]) for m in reqs[0]["messages"]] == [("system", "be kind"), ("user", "say hi")]
-    assert resps[0]["choices"][0]["message"]["content"] == "hi there" and resps[0]["finish_reason"] == "stop"
-    assert resps[0]["usage"] == {"prompt_tokens": 8, "completion_tokens": 3, "total_tokens": 11, "input_text_tokens": 8, "output_text_tokens": 3}
+    assert resps[0]["choices"][0]["message"]["content"] == "hi there"
+    assert resps[0]["finish_reason"] == "stop"
+    assert resps[0]["usage"] == {"prompt_tokens": 8, "completion_tokens": 3, "total_tokens": 11, "input_text_tokens": 8,
+                                 "output_text_tokens": 3}
     # the second turn was the server's, on realtime audio; it was interrupted
     assert reqs[1]["messages"][-1] == {"role": "assistant", "content": "hi there", "content_length": 8}
-    assert resps[1]["choices"][0]["message"]["content"] == "heard you" and resps[1]["finish_reason"] == "other"
-    assert reqs[0]["auth"]["key_prefix"] == "AIza" and reqs[0]["provider"]["endpoint"].endswith("BidiGenerateContent")
+    assert resps[1]["choices"][0]["message"]["content"] == "heard you"
+    assert resps[1]["finish_reason"] == "other"
+    assert reqs[0]["auth"]["key_prefix"] == "AIza"
+    assert reqs[0]["provider"]["endpoint"].endswith("BidiGenerateContent")
     flow = [e["data"] for e in events if e["event_type"] == "network.flow"][0]
-    assert flow["websocket"]["client"]["audio_bytes"] == 1600 and flow["websocket"]["server"]["audio_bytes"] == 960
+    assert flow["websocket"]["client"]["audio_bytes"] == 1600
+    assert flow["websocket"]["server"]["audio_bytes"] == 960
     text = json.dumps(events)
-    assert LIVE_KEY not in text and "LIVEKEY" not in text
+    assert LIVE_KEY not in text
+    assert "LIVEKEY" not in text
     reference = _normal(trace)
     for cut in cut_everywhere(trace):
         assert _normal(cut) == reference
@@ -567,14 +612,16 @@ def test_ephemeral_secrets_of_a_session_are_hashed_never_written(kind) -> None:
     secret = "ek_68a1SECRETSECRETSECRET0123" if kind.startswith("realtime") else "auth_tokens/SECRETSECRETSECRET0123"
     leaked = "sk-proj-" + "LEAKED" * 5  # a key pasted into instructions: the Redactor's patterns still apply
     if kind.startswith("realtime"):
-        target, host, headers = "/v1/realtime?model=gpt-realtime", "api.openai.com", [(b"authorization", f"Bearer {secret}".encode())]
+        headers = [(b"authorization", f"Bearer {secret}".encode())]
+        target, host = "/v1/realtime?model=gpt-realtime", "api.openai.com"
         msgs = [{"type": "session.update", "session": {"type": "realtime", "instructions": f"key {leaked}"}},
                 {"type": "response.create"}]
         answers = [[{"type": "session.updated", "session": {"model": "gpt-realtime"}}],
                    [{"type": "response.created", "response": {"id": "r1"}},
                     {"type": "response.done", "response": {"id": "r1", "status": "completed", "output": []}}]]
     else:
-        target = f"/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContentConstrained?access_token={secret}"
+        target = ("/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContentConstrained"
+                  f"?access_token={secret}")
         host, headers = "generativelanguage.googleapis.com", []
         msgs = [{"setup": {"model": "models/m", "systemInstruction": {"parts": [{"text": f"key {leaked}"}]}}},
                 {"clientContent": {"turns": [{"role": "user", "parts": [{"text": "x"}]}], "turnComplete": True}}]
@@ -582,10 +629,12 @@ def test_ephemeral_secrets_of_a_session_are_hashed_never_written(kind) -> None:
     events, rec = record(wsproto_trace(target, host, msgs, answers, headers=headers))
     assert rec.stats.decode_errors == 0
     req = [e["data"] for e in events if e["event_type"] == "ai.request"]
-    assert len(req) == 1 and req[0]["auth"]["key_hash"].startswith("sha256:")
+    assert len(req) == 1
+    assert req[0]["auth"]["key_hash"].startswith("sha256:")
     assert "[REDACTED:openai:sk-proj-:" in req[0]["messages"][0]["content"]
     text = json.dumps(events)
-    assert "SECRETSECRET" not in text and "LEAKED" not in text
+    assert "SECRETSECRET" not in text
+    assert "LEAKED" not in text
 
 
 def test_frames_sent_before_the_101_and_with_it_are_decoded() -> None:
@@ -597,7 +646,8 @@ def test_frames_sent_before_the_101_and_with_it_are_decoded() -> None:
     out += dec.feed(Direction.RESPONSE, SWITCHED + frame(deflated(answer), rsv1=True, mask=False), 1.0)
     assert dec.stats.decode_errors == 0, dec.stats.errors
     done = [r.exchange for r in out if r.exchange.protocol == "WebSocket"]
-    assert [e.ai_request.messages[0].content for e in done[:1]] == ["early"] and done[-1].ai_response.response_id == "r"
+    assert [e.ai_request.messages[0].content for e in done[:1]] == ["early"]
+    assert done[-1].ai_response.response_id == "r"
 
 
 def test_a_refused_upgrade_is_plain_http_and_no_session() -> None:
@@ -606,5 +656,7 @@ def test_a_refused_upgrade_is_plain_http_and_no_session() -> None:
     body = b'{"error": {"message": "no"}}'
     out = dec.feed(Direction.RESPONSE, b"HTTP/1.1 401 Unauthorized\r\nContent-Length: %d\r\n\r\n" % len(body) + body, 1.0)
     out += dec.close(2.0)
-    assert [type(r).__name__ for r in out] == ["ResponseComplete"] and out[0].exchange.status == 401
-    assert dec.stats.protocol == "HTTP/1.1" and dec.stats.decode_errors == 0
+    assert [type(r).__name__ for r in out] == ["ResponseComplete"]
+    assert out[0].exchange.status == 401
+    assert dec.stats.protocol == "HTTP/1.1"
+    assert dec.stats.decode_errors == 0

@@ -71,5 +71,6 @@ def test_oisp_check_reports_ready_as_root():
     done = subprocess.run([sys.executable, "-m", "oisp", "check", "--json"], capture_output=True, text=True, timeout=60)
     report = json.loads(done.stdout)
     assert done.returncode == 0, done.stdout
-    assert report["ready"] and report["backend"]["open"] == "ok"
+    assert report["ready"]
+    assert report["backend"]["open"] == "ok"
     assert all(state == "ok" for state in report["backend"]["files"].values())

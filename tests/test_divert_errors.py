@@ -31,7 +31,8 @@ def test_windows_codes_map_to_typed_errors_with_a_remedy(code, cls):
     error = error_codes.from_winerror(code, "cannot open divert handle")
     assert type(error) is cls
     assert error.code == code
-    assert error.hint and error.hint in str(error)
+    assert error.hint
+    assert error.hint in str(error)
     assert isinstance(error, OSError)
 
 
@@ -109,7 +110,8 @@ def test_missing_capabilities_are_named_with_the_fix():
     for cap in ("CAP_BPF", "CAP_PERFMON", "CAP_NET_RAW"):
         assert cap in out
     assert "CAP_NET_ADMIN" not in out.split("missing", 1)[1].split(".")[0]
-    assert "setcap" in out and "sudo" in out
+    assert "setcap" in out
+    assert "sudo" in out
 
 
 @pytest.mark.privileged
@@ -117,7 +119,9 @@ def test_oisp_check_says_what_is_missing():
     done = subprocess.run(["setpriv", "--bounding-set=-all", sys.executable, "-m", "oisp", "check"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
-    assert "MISSING" in done.stdout and "CAP_NET_ADMIN" in done.stdout and "NOT READY" in done.stdout
+    assert "MISSING" in done.stdout
+    assert "CAP_NET_ADMIN" in done.stdout
+    assert "NOT READY" in done.stdout
 
 
 @pytest.mark.privileged
@@ -130,7 +134,8 @@ def test_flow_layer_needs_cgroup2(netns, mount, expected):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == expected, done.stdout
     if expected != "opened":
-        assert "cgroup" in done.stdout and "unshare" in done.stdout
+        assert "cgroup" in done.stdout
+        assert "unshare" in done.stdout
 
 
 @pytest.mark.privileged

@@ -14,6 +14,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 
 from oisp.divert.address import IMPOSTOR, IP_CHECKSUM, IPV6, LOOPBACK, OUTBOUND, SNIFFED, layer_of
+from tests.netns import agent_args
 
 AGENT = str(Path(__file__).parent / "agents" / "divert_roundtrip.py")
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.privileged
 @pytest.mark.parametrize("max_packets", [1, 7, 255])
 def test_batches_roundtrip_every_datagram(netns, family, max_packets):
     count = 60
-    result = json.loads(netns.python(AGENT, str(family), str(count), str(max_packets)).stdout)
+    result = json.loads(netns.python(AGENT, *agent_args(family=family, count=count, max_packets=max_packets)).stdout)
 
     # Every datagram was diverted, re-injected, and delivered exactly once, in order.
     assert result["delivered"] == result["sent"]
@@ -43,7 +44,9 @@ def test_batches_roundtrip_every_datagram(netns, family, max_packets):
 
     for bits in result["bits"]:
         assert layer_of(bits) == 0
-        assert bits & OUTBOUND and bits & LOOPBACK  # loopback traffic is seen as outbound
+        # loopback traffic is seen as outbound
+        assert bits & OUTBOUND
+        assert bits & LOOPBACK
         assert not bits & (SNIFFED | IMPOSTOR)
         assert bool(bits & IPV6) == (family == 6)
         if family == 6:

@@ -18,7 +18,8 @@ from oisp.events.ulid import new_ulid
 
 def test_ulid_shape_and_time_order() -> None:
     a, b = new_ulid(1000.0), new_ulid(2000.0)
-    assert re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{26}", a) and a[:10] < b[:10]
+    assert re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{26}", a)
+    assert a[:10] < b[:10]
     assert len({new_ulid(1.0) for _ in range(1000)}) == 1000
 
 
@@ -45,10 +46,16 @@ def test_attribution_of_a_live_child_then_after_exit() -> None:
             time.sleep(0.01)
         att = ProcessAttributor(revalidate_after_s=0)
         info = att.process(child.pid)
-        assert info["pid"] == child.pid and info["ppid"] == os.getpid()
-        assert "--marker" in info["cmdline_args"] and "--marker" in info["cmdline"]
-        assert info["exe"] and info["name"] and info["user"]
-        assert att.process(child.pid) == info and att.lookups == 1  # cached, same creation time
+        assert info["pid"] == child.pid
+        assert info["ppid"] == os.getpid()
+        assert "--marker" in info["cmdline_args"]
+        assert "--marker" in info["cmdline"]
+        assert info["exe"]
+        assert info["name"]
+        assert info["user"]
+        # cached, same creation time
+        assert att.process(child.pid) == info
+        assert att.lookups == 1
     finally:
         child.kill()
         child.wait()
@@ -65,7 +72,8 @@ def test_attribution_unknown_pid_and_pid_reuse(monkeypatch) -> None:
     real = psutil.Process.create_time
     monkeypatch.setattr(psutil.Process, "create_time", lambda self: real(self) + 1000)
     again = att.process(os.getpid())
-    assert att.lookups == 2 and again["start_time"] != me["start_time"]
+    assert att.lookups == 2
+    assert again["start_time"] != me["start_time"]
 
 
 @pytest.mark.parametrize("authority, domain", [

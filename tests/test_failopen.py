@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakeprovider import make_test_pki
-from tests.netns import stop_all
+from tests.netns import agent_args, stop_all
 from tests.record_lab import await_recording
 
 HERE = Path(__file__).parent
@@ -38,7 +38,7 @@ def lab(veth_pair):
     ifname = veth_pair.b.run("ip", "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0]
     veth_pair.extra4 = veth_pair.b_ip4.rsplit(".", 1)[0] + ".3"
     veth_pair.b.run("ip", "addr", "add", f"{veth_pair.extra4}/24", "dev", ifname)
-    server = veth_pair.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), "tcp", "443",
+    server = veth_pair.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), *agent_args("tcp", ports=443),
                                stdout=subprocess.PIPE, text=True)
     assert server.stdout.readline().strip() == "ready"
     yield veth_pair
@@ -46,8 +46,8 @@ def lab(veth_pair):
     server.wait()
 
 
-def agent(ns, *args, timeout=60) -> dict:
-    done = subprocess.run(ns.cmd(sys.executable, str(AGENTS / "failopen_agent.py"), *args),
+def agent(ns, scenario: str, timeout=60, **options) -> dict:
+    done = subprocess.run(ns.cmd(sys.executable, str(AGENTS / "failopen_agent.py"), *agent_args(scenario, **options)),
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout)
@@ -57,15 +57,20 @@ def agent(ns, *args, timeout=60) -> dict:
 
 @pytest.mark.parametrize("fault", ["method", "popen"])
 def test_an_unexpected_error_in_the_reflector_fails_open_and_is_kept(lab, fault):
-    out = agent(lab.a, "reflector-fault", lab.b_ip4, lab.extra4, fault)
+    out = agent(lab.a, "reflector-fault", server_ip=lab.b_ip4, other_ip=lab.extra4, fault=fault)
     before, after = out["before"], out["after"]
-    assert before["intact"] and before["server_saw"][1] != before["client_port"]  # through the proxy
+    # through the proxy
+    assert before["intact"]
+    assert before["server_saw"][1] != before["client_port"]
     assert out["filters_before"] == 4  # ingress and egress, on lo and the veth
     assert out["failed"], out
-    assert out["failure"].startswith("the reflector died (") and "injected fault" in out["failure"]
+    assert out["failure"].startswith("the reflector died (")
+    assert "injected fault" in out["failure"]
     # Straight to the server now (it saw the client's own port), and no filter is left.
-    assert after["intact"] and after["server_saw"] == [lab.a_ip4, after["client_port"]]
-    assert out["filters_after"] == 0 and out["accepted"] == 1
+    assert after["intact"]
+    assert after["server_saw"] == [lab.a_ip4, after["client_port"]]
+    assert out["filters_after"] == 0
+    assert out["accepted"] == 1
 
 
 def test_an_unexpected_error_in_the_dns_watcher_closes_its_handle(veth_pair):
@@ -73,13 +78,15 @@ def test_an_unexpected_error_in_the_dns_watcher_closes_its_handle(veth_pair):
                             stdout=subprocess.PIPE, text=True)
     try:
         assert dns.stdout.readline().strip() == "ready"
-        out = agent(veth_pair.a, "dns-fault", veth_pair.b_ip4)
+        out = agent(veth_pair.a, "dns-fault", dns_ip=veth_pair.b_ip4)
     finally:
         dns.kill()
         dns.wait()
-    assert out["failed"] and out["failure"].startswith("the DNS watcher died (RuntimeError: injected fault")
+    assert out["failed"]
+    assert out["failure"].startswith("the DNS watcher died (RuntimeError: injected fault")
     # Answers flow at once, not after the watchdog's 5 s with the answer held meanwhile.
-    assert not out["dns_handle_open"] and out["second_answer_after"] < 1.0, out
+    assert not out["dns_handle_open"], out
+    assert out["second_answer_after"] < 1.0, out
 
 
 @pytest.fixture
@@ -119,14 +126,15 @@ def record_lab(veth_pair, tmp_path):
 
 def test_oisp_record_says_what_died_and_exits_non_zero(record_lab):
     trigger = record_lab["tmp"] / "fault"
-    sensor = record_lab["start"](str(AGENTS / "faulty_record.py"), str(trigger))
+    sensor = record_lab["start"](str(AGENTS / "faulty_record.py"), "--trigger", str(trigger))
     intercepted = record_lab["curl"](record_lab["our_ca"])  # our leaf certificate: through the proxy
     assert intercepted.stdout == "plain upstream reply\n", intercepted.stderr
     trigger.touch()  # the reflector thread raises on its next periodic step
     returncode = sensor.wait(15)  # a sensor that carries on half alive times out here
     rest = sensor.stderr.read()
     assert returncode == 1, rest
-    assert "the reflector died (RuntimeError: injected fault)" in rest and "traffic flows directly" in rest, rest
+    assert "the reflector died (RuntimeError: injected fault)" in rest, rest
+    assert "traffic flows directly" in rest, rest
     assert rest.count("Traceback") == 1  # logged once, with where it came from
     direct = record_lab["curl"](record_lab["upstream_ca"])  # the real server's certificate: not intercepted
     assert direct.stdout == "plain upstream reply\n", direct.stderr
@@ -166,7 +174,7 @@ def connects(ns, port: int) -> bool:
 @pytest.fixture
 def listeners(netns):
     """TCP listeners on 127.0.0.1:7001 and :7002 in the namespace."""
-    servers = [netns.popen(sys.executable, GUARDIAN, "listen", str(port), stdout=subprocess.PIPE, text=True)
+    servers = [netns.popen(sys.executable, GUARDIAN, *agent_args("listen", port=port), stdout=subprocess.PIPE, text=True)
                for port in (7001, 7002)]
     for server in servers:
         assert server.stdout.readline().strip() == "ready"
@@ -174,10 +182,12 @@ def listeners(netns):
     stop_all(servers)
 
 
-def start_holder(ns, port: int, *options: str) -> tuple[subprocess.Popen, int]:
-    holder = ns.popen(sys.executable, GUARDIAN, "holder", str(port), *options, stdout=subprocess.PIPE, text=True)
+def start_holder(ns, port: int, die_in_open: bool = False) -> tuple[subprocess.Popen, int]:
+    holder = ns.popen(sys.executable, GUARDIAN, *agent_args("holder", port=port, die_in_open=die_in_open),
+                      stdout=subprocess.PIPE, text=True)
     line = holder.stdout.readline().split()
-    assert line and line[0] in ("ready", "opened"), line
+    assert line, line
+    assert line[0] in ("ready", "opened"), line
     return holder, int(line[1]) if line[0] == "ready" else 0
 
 
@@ -185,12 +195,17 @@ def start_holder(ns, port: int, *options: str) -> tuple[subprocess.Popen, int]:
 def test_the_engine_notices_its_guardian_died_and_fails_open(listeners, sig):
     """SIGTERM: the guardian removes the filters itself before it goes; SIGKILL: it cannot,
     the engine notices and closes the handle. Either way it is counted and said."""
-    done = listeners.python(GUARDIAN, "engine", "7001", sig)
+    done = listeners.python(GUARDIAN, *agent_args("engine", port=7001, sig=sig))
     out = json.loads(done.stdout)
-    assert not out["connects_while_diverted"] and out["filters_before"] == 2  # it really diverted
-    assert out["noticed_after"] is not None and out["noticed_after"] < 1.0, out
-    assert out["error"] == "GuardianLost" and out["guardian_deaths"] == 1
-    assert out["filters_after"] == 0 and out["connects_after"]
+    # it really diverted
+    assert not out["connects_while_diverted"]
+    assert out["filters_before"] == 2
+    assert out["noticed_after"] is not None, out
+    assert out["noticed_after"] < 1.0, out
+    assert out["error"] == "GuardianLost"
+    assert out["guardian_deaths"] == 1
+    assert out["filters_after"] == 0
+    assert out["connects_after"]
 
 
 def test_a_sigterm_storm_while_the_guardian_cleans_up_leaves_no_filter(listeners):
@@ -199,7 +214,8 @@ def test_a_sigterm_storm_while_the_guardian_cleans_up_leaves_no_filter(listeners
     for i in range(6):
         listeners.run("ip", "link", "add", f"vs{i}a", "type", "veth", "peer", "name", f"vs{i}b")
     holder, guardian = start_holder(listeners, 7001)
-    assert len(bpf_filters(listeners)) == 2 * 13 and not connects(listeners, 7001)
+    assert len(bpf_filters(listeners)) == 2 * 13
+    assert not connects(listeners, 7001)
     holder.kill()
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
@@ -217,7 +233,8 @@ def test_a_sigterm_storm_while_the_guardian_cleans_up_leaves_no_filter(listeners
 def test_a_sigterm_to_the_guardian_of_a_live_holder_removes_its_filters(listeners):
     holder, guardian = start_holder(listeners, 7001)
     try:
-        assert bpf_filters(listeners) and not connects(listeners, 7001)
+        assert bpf_filters(listeners)
+        assert not connects(listeners, 7001)
         os.kill(guardian, signal.SIGTERM)
         assert wait_for(lambda: not bpf_filters(listeners), 2.0) is not None
         assert connects(listeners, 7001)
@@ -229,7 +246,7 @@ def test_a_sigterm_to_the_guardian_of_a_live_holder_removes_its_filters(listener
 def test_a_process_killed_while_its_handle_opens_leaves_no_filter(listeners):
     """SIGKILLed the moment the backend attached the filters, before the handle could
     tell anyone which programs they run."""
-    holder, _ = start_holder(listeners, 7001, "die-in-open")
+    holder, _ = start_holder(listeners, 7001, die_in_open=True)
     assert holder.wait(10) == -signal.SIGKILL
     assert wait_for(lambda: not bpf_filters(listeners), 3.0) is not None, bpf_filters(listeners)
     assert connects(listeners, 7001)
@@ -245,12 +262,14 @@ def test_orphaned_filters_are_reported_by_check_and_removed_by_record_and_live_o
         time.sleep(0.1)
         orphan.kill()
         orphan.wait()
-        assert len(bpf_filters(listeners)) == 4 and not connects(listeners, 7001)
+        assert len(bpf_filters(listeners)) == 4
+        assert not connects(listeners, 7001)
         env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
         check = subprocess.run(listeners.cmd(sys.executable, "-m", "oisp", "check", "--json"),
                                capture_output=True, text=True, timeout=60, env=env)
         notes = [n for n in json.loads(check.stdout)["notes"] if n["what"] == "orphaned filters"]
-        assert len(notes) == 1 and notes[0]["message"].startswith("2 eBPFDivert filters (lo egress, lo ingress)")
+        assert len(notes) == 1
+        assert notes[0]["message"].startswith("2 eBPFDivert filters (lo egress, lo ingress)")
         assert "tc filter del dev lo" in notes[0]["fix"]
         assert len(bpf_filters(listeners)) == 4  # check only reports
         record = subprocess.run(listeners.cmd(sys.executable, "-m", "oisp", "record", "--duration", "1",
@@ -258,7 +277,8 @@ def test_orphaned_filters_are_reported_by_check_and_removed_by_record_and_live_o
                                 capture_output=True, text=True, timeout=60, env=env)
         assert record.returncode == 0, record.stderr
         assert "removed 2 eBPFDivert filters a dead process had left" in record.stderr
-        assert len(bpf_filters(listeners)) == 2 and connects(listeners, 7001)
+        assert len(bpf_filters(listeners)) == 2
+        assert connects(listeners, 7001)
         assert not connects(listeners, 7002)  # the live holder still diverts
     finally:
         live.kill()
@@ -271,7 +291,8 @@ def test_without_iproute2_check_and_record_say_fail_open_on_kill_is_unavailable(
     check = subprocess.run(netns.cmd(*without, "-m", "oisp", "check", "--json"),
                            capture_output=True, text=True, timeout=60, env=env)
     notes = [n for n in json.loads(check.stdout)["notes"] if n["what"] == "guardian"]
-    assert len(notes) == 1 and "fail-open on kill -9 is unavailable: tc and ss (iproute2) missing" in notes[0]["message"]
+    assert len(notes) == 1
+    assert "fail-open on kill -9 is unavailable: tc and ss (iproute2) missing" in notes[0]["message"]
     assert "apt-get install iproute2" in notes[0]["fix"]
     record = subprocess.run(netns.cmd(*without, "-m", "oisp", "record", "--duration", "1",
                                       "-o", str(tmp_path / "events.jsonl")),
@@ -290,7 +311,9 @@ def test_oisp_record_fails_open_when_a_guardian_is_killed(record_lab):
         os.kill(pid, signal.SIGKILL)
     returncode = sensor.wait(15)
     rest = sensor.stderr.read()
-    assert returncode == 1 and "GuardianLost" in rest and "traffic flows directly" in rest, rest
+    assert returncode == 1, rest
+    assert "GuardianLost" in rest, rest
+    assert "traffic flows directly" in rest, rest
     direct = record_lab["curl"](record_lab["upstream_ca"])
     assert direct.stdout == "plain upstream reply\n", direct.stderr
     assert not bpf_filters(record_lab["pair"].a)

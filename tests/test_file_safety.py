@@ -85,9 +85,11 @@ def victim(tmp_path) -> Path:
 
 
 def untouched(victim: Path) -> None:
-    assert victim.stat().st_uid == 0 and stat.S_IMODE(victim.stat().st_mode) == 0o755
+    assert victim.stat().st_uid == 0
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755
     assert sorted(p.name for p in victim.iterdir()) == ["passwd"]
-    assert (victim / "passwd").read_text() == "root:x:0:0\n" and (victim / "passwd").stat().st_uid == 0
+    assert (victim / "passwd").read_text() == "root:x:0:0\n"
+    assert (victim / "passwd").stat().st_uid == 0
 
 
 @pytest.mark.parametrize("writer", WRITERS)
@@ -104,7 +106,8 @@ def test_a_data_directory_someone_else_owns_is_refused(writer, home, other_ca):
     foreign.mkdir(mode=0o700)  # root's, as an older oisp under sudo left it
     with pytest.raises(UnsafePathError, match="belongs to uid 0"):
         run_writer(writer, paths.data_dir() / WRITERS[writer][1], other_ca)
-    assert foreign.stat().st_uid == 0 and list(foreign.iterdir()) == []
+    assert foreign.stat().st_uid == 0
+    assert list(foreign.iterdir()) == []
 
 
 @pytest.mark.parametrize("writer", WRITERS)
@@ -129,7 +132,9 @@ def test_a_linked_file_is_never_written_through(writer, dangling, home, victim, 
     except UnsafePathError:
         pass
     else:  # only a rename over the link may succeed: it replaces the link itself
-        assert writer == "bundle" and not link.is_symlink() and link.stat().st_uid == USER
+        assert writer == "bundle"
+        assert not link.is_symlink()
+        assert link.stat().st_uid == USER
     untouched(victim)
 
 
@@ -165,7 +170,8 @@ def test_under_sudo_new_parents_of_the_data_directory_are_the_users_too(home, mo
     monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
     write_jsonl(paths.default_events_path())
     for path in (home / ".local", home / ".local" / "share", home / ".local" / "share" / "oisp"):
-        assert path.stat().st_uid == USER and stat.S_IMODE(path.stat().st_mode) == 0o700, path
+        assert path.stat().st_uid == USER, path
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
 
 
 def test_a_file_written_outside_the_users_directory_stays_roots(tmp_path, home):
@@ -223,8 +229,10 @@ def test_with_umask_zero_files_are_0600_and_directories_0700(writer, tmp_path, m
     assert stat.S_IMODE(paths.data_dir().stat().st_mode) == 0o700
     assert stat.S_IMODE((tmp_path / "xdg").stat().st_mode) == 0o700  # a parent made on the way, too
     made = [p for p in paths.data_dir().iterdir()]
-    assert made and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in made), [
-        (p.name, oct(p.stat().st_mode)) for p in made]
+    assert made, ([
+        (p.name, oct(p.stat().st_mode)) for p in made])
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in made), ([
+        (p.name, oct(p.stat().st_mode)) for p in made])
 
 
 def test_with_umask_zero_a_rotated_jsonl_stays_0600(tmp_path, umask_zero):
@@ -233,7 +241,8 @@ def test_with_umask_zero_a_rotated_jsonl_stays_0600(tmp_path, umask_zero):
         sink.emit({"n": i, "pad": "x" * 40})
     sink.close()
     files = sorted(tmp_path.iterdir())
-    assert len(files) == 3 and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+    assert len(files) == 3
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
 
 
 def test_an_existing_file_others_can_read_is_reported_once(tmp_path, capfd):
@@ -243,7 +252,8 @@ def test_an_existing_file_others_can_read_is_reported_once(tmp_path, capfd):
     write_jsonl(shared)
     write_jsonl(shared)
     err = capfd.readouterr().err
-    assert err.count(f"{shared} is readable by others (mode 0644)") == 1 and "chmod 600" in err
+    assert err.count(f"{shared} is readable by others (mode 0644)") == 1
+    assert "chmod 600" in err
     assert stat.S_IMODE(shared.stat().st_mode) == 0o644  # the user's choice is reported, not overridden
 
 
@@ -281,7 +291,8 @@ def test_the_hash_key_is_made_once_for_the_user(home):
     finally:
         redact._keys.clear()
     key = paths.data_dir() / "hash.key"
-    assert key.stat().st_uid == USER and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert key.stat().st_uid == USER
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
 
 
 def test_oisp_capture_refuses_a_linked_output_file_with_a_message(tmp_path, victim, capfd):
@@ -291,7 +302,8 @@ def test_oisp_capture_refuses_a_linked_output_file_with_a_message(tmp_path, vict
     link.symlink_to(victim / "passwd")
     assert main(["capture", "-w", str(link), "--count", "1"]) == 2
     err = capfd.readouterr().err
-    assert f"cannot write {link}" in err and "symbolic link" in err
+    assert f"cannot write {link}" in err
+    assert "symbolic link" in err
     untouched(victim)
 
 

@@ -85,7 +85,8 @@ def test_any_split_gives_the_same_messages(data):
     for cut in [*cuts, len(stream)]:
         out += decoder.feed(stream[last:cut])
         last = cut
-    assert out == SERVER_SAMPLES and decoder.buffered == 0
+    assert out == SERVER_SAMPLES
+    assert decoder.buffered == 0
 
 
 @pytest.mark.parametrize("body, code", [
@@ -130,7 +131,8 @@ def test_oversized_frame_is_refused_from_its_length_alone():
     decoder = p.Decoder("server")
     with pytest.raises(p.ProtocolError) as caught:
         decoder.feed(struct.pack(">I", p.MAX_FRAME + 1))  # no body sent: refused on the prefix
-    assert caught.value.code == "too_large" and decoder.buffered == 0
+    assert caught.value.code == "too_large"
+    assert decoder.buffered == 0
     assert refused("server", struct.pack(">I", 0)).code == "too_large"
     assert p.Decoder("server").feed(struct.pack(">I", p.MAX_FRAME)) == []  # at the limit: waits for the body
 

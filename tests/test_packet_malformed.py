@@ -41,7 +41,8 @@ from oisp.packet import (
 )
 
 SAMPLES = [
-    raw(IP(src="10.0.0.1", dst="10.0.0.2", options=b"\x01\x01\x01\x00") / TCP(sport=1, dport=443, options=[("MSS", 1460)]) / b"hello"),
+    raw(IP(src="10.0.0.1", dst="10.0.0.2", options=b"\x01\x01\x01\x00") / TCP(sport=1, dport=443,
+                                                                              options=[("MSS", 1460)]) / b"hello"),
     raw(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=53, dport=5353) / b"odd"),
     raw(IP(src="10.0.0.1", dst="10.0.0.2") / ICMP() / b"ping"),
     raw(IPv6(src="fd00::1", dst="fd00::2") / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / TCP(sport=2, dport=80) / b"x"),
@@ -123,7 +124,8 @@ def test_empty_buffer_has_no_rows():
 def test_every_truncation_is_a_truncated_row(sample, guarded):
     for cut in range(1, len(sample)):
         rows = parse_batch(guarded.holding(sample[:cut]))
-        assert len(rows) == 1 and int(rows[0]["status"]) == TRUNCATED, cut
+        assert len(rows) == 1, cut
+        assert int(rows[0]["status"]) == TRUNCATED, cut
         assert int(rows[0]["length"]) == cut
 
 

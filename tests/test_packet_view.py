@@ -39,7 +39,8 @@ def test_reads_equal_scapy(pkt):
         assert (view.src_port, view.dst_port, view.tcp_flags, view.syn) == (udp.sport, udp.dport, None, None)
         assert bytes(view.payload) == bytes(udp.payload)
     else:
-        assert view.src_port is None and view.seq_num is None
+        assert view.src_port is None
+        assert view.seq_num is None
 
 
 @settings(max_examples=150, deadline=None)
@@ -91,7 +92,8 @@ def test_recalculate_checksums_and_checksums_valid():
     assert not view.checksums_valid
     view.recalculate_checksums()
     assert view.checksums_valid
-    assert view.icmp_type == 8 and view.icmp_code == 0
+    assert view.icmp_type == 8
+    assert view.icmp_code == 0
 
 
 def test_repr_names_the_flow():

@@ -54,16 +54,22 @@ def test_extensions(ca):
     cert = x509.load_pem_x509_certificate(ca.cert_pem.encode())
     ext = cert.extensions
     constraints = ext.get_extension_for_class(x509.BasicConstraints)
-    assert constraints.critical and constraints.value.ca
+    assert constraints.critical
+    assert constraints.value.ca
     usage = ext.get_extension_for_class(x509.KeyUsage)
-    assert usage.critical and usage.value.key_cert_sign and usage.value.crl_sign
-    assert not usage.value.digital_signature and not usage.value.key_encipherment
+    assert usage.critical
+    assert usage.value.key_cert_sign
+    assert usage.value.crl_sign
+    assert not usage.value.digital_signature
+    assert not usage.value.key_encipherment
     ski = ext.get_extension_for_class(x509.SubjectKeyIdentifier)
     assert ski.value == x509.SubjectKeyIdentifier.from_public_key(cert.public_key())
-    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey) and cert.public_key().curve.name == "secp256r1"
+    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+    assert cert.public_key().curve.name == "secp256r1"
     assert cert.subject == cert.issuer
     names = " ".join(a.value for a in cert.subject)
-    assert "oisp" in names and socket.gethostname()[:50] in names
+    assert "oisp" in names
+    assert socket.gethostname()[:50] in names
     assert cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "oisp"
     lifetime = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
     assert datetime.timedelta(days=3649) < lifetime <= datetime.timedelta(days=3650)
@@ -99,14 +105,18 @@ def test_concurrent_first_runs_agree(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    assert not errors and len(set(found)) == 1 and len(found) == 8
+    assert not errors
+    assert len(set(found)) == 1
+    assert len(found) == 8
 
 
 @needs_openssl
 def test_openssl_reads_it_as_a_ca(ca):
     text = subprocess.run(["openssl", "x509", "-in", str(ca.cert_path), "-noout", "-text", "-fingerprint", "-sha256"],
                           capture_output=True, text=True, check=True).stdout
-    assert "CA:TRUE" in text and "Certificate Sign, CRL Sign" in text and "Subject Key Identifier" in text
+    assert "CA:TRUE" in text
+    assert "Certificate Sign, CRL Sign" in text
+    assert "Subject Key Identifier" in text
     assert f"Fingerprint={ca.fingerprint_sha256}" in text
     done = subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile", str(ca.cert_path), str(ca.cert_path)],
                           capture_output=True, text=True)
@@ -120,7 +130,9 @@ def test_openssl_reads_it_as_a_ca(ca):
 
 def assert_clear_error(excinfo, path: Path) -> None:
     message = str(excinfo.value)
-    assert str(path) in message and "oisp ca path" in message and "delete" in message
+    assert str(path) in message
+    assert "oisp ca path" in message
+    assert "delete" in message
 
 
 @pytest.mark.parametrize("damaged", [CERT_FILE, KEY_FILE])

@@ -49,10 +49,14 @@ def test_leaf_extensions(issuer, ca):
     eku = ext.get_extension_for_class(x509.ExtendedKeyUsage)
     assert list(eku.value) == [ExtendedKeyUsageOID.SERVER_AUTH]
     usage = ext.get_extension_for_class(x509.KeyUsage)
-    assert usage.critical and usage.value.digital_signature
-    assert not usage.value.key_cert_sign and not usage.value.key_encipherment  # EC key: no key encipherment
+    assert usage.critical
+    assert usage.value.digital_signature
+    # EC key: no key encipherment
+    assert not usage.value.key_cert_sign
+    assert not usage.value.key_encipherment
     constraints = ext.get_extension_for_class(x509.BasicConstraints)
-    assert constraints.critical and not constraints.value.ca
+    assert constraints.critical
+    assert not constraints.value.ca
     now = datetime.datetime.now(datetime.timezone.utc)
     assert abs(leaf.not_valid_before_utc - (now - datetime.timedelta(days=1))) < datetime.timedelta(minutes=5)
     assert abs(leaf.not_valid_after_utc - (now + datetime.timedelta(days=365))) < datetime.timedelta(minutes=5)
@@ -74,7 +78,8 @@ def test_openssl_verifies_the_chain(issuer, ca, tmp_path, name):
     (tmp_path / "leaf.pem").write_bytes(pem(issuer.certificate(name)))
     done = subprocess.run(["openssl", "verify", "-x509_strict", "-purpose", "sslserver", "-verify_hostname", name,
                            "-CAfile", str(ca.cert_path), str(tmp_path / "leaf.pem")], capture_output=True, text=True)
-    assert done.returncode == 0 and ": OK" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ": OK" in done.stdout, done.stdout + done.stderr
     issuer.certificate(name).verify_directly_issued_by(ca.certificate)
 
 
@@ -224,7 +229,8 @@ def test_asyncio_server_and_client(issuer, ca):
             return alpn, body
 
     alpn, body = asyncio.run(main())
-    assert alpn == "http/1.1" and body.endswith(b"\r\n\r\nok")
+    assert alpn == "http/1.1"
+    assert body.endswith(b"\r\n\r\nok")
 
 
 @needs_curl
@@ -234,7 +240,8 @@ def test_curl_with_our_ca(issuer, ca):
         resolve = f"{HOST}:{server.port}:127.0.0.1"
         done = subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert", str(ca.cert_path), "--resolve", resolve,
                                url], capture_output=True, text=True)
-        assert done.returncode == 0 and done.stdout == "ok", done.stderr
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "ok", done.stderr
         refused = subprocess.run(["curl", "-sS", "--max-time", "10", "--resolve", resolve, url],
                                  capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
         assert refused.returncode == 60, refused.stderr  # 60: peer certificate cannot be authenticated
@@ -249,7 +256,8 @@ def test_httpx_with_our_ca(issuer, ca):
             # httpx connects to the URL's host, so connect by address and name the host in SNI and Host.
             response = client.get(f"https://127.0.0.1:{server.port}/", headers={"Host": HOST},
                                   extensions={"sni_hostname": HOST})
-        assert response.status_code == 200 and response.text == "ok"
+        assert response.status_code == 200
+        assert response.text == "ok"
 
 
 def test_keylog_lines_for_the_client_side(ca, tmp_path):

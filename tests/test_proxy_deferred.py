@@ -12,7 +12,7 @@ from oisp.events import FlowRecorder
 from oisp.proxy.deferred import DeferredFeed
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
-from provider_cases import context, http1_request, http1_response, load_cases, pair  # noqa: E402
+from provider_cases import context, http1_request, http1_response, load_cases, pair
 
 CASE = next(c for c in load_cases() if c.status == 200 and not c.expected["streaming"])
 

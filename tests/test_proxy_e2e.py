@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakeprovider import make_test_pki
-from tests.netns import NetNS, stop_all
+from tests.netns import NetNS, agent_args, stop_all
 
 HERE = Path(__file__).parent
 PROXY_PORT, UPSTREAM_PORT = 8443, 9443
@@ -54,9 +54,9 @@ def lab(tmp_path_factory):
         processes.append(ns.popen(sys.executable, str(HERE / "fakeprovider.py"), "--port", str(UPSTREAM_PORT),
                                   "--cert", cert, "--key", key, stdout=subprocess.DEVNULL))
         events = tmp / "events.jsonl"
-        proxy = ns.popen(sys.executable, str(HERE / "agents" / "proxy_agent.py"), str(tmp / "data"),
-                         str(PROXY_PORT), "127.0.0.1", str(UPSTREAM_PORT), upstream_ca, str(events),
-                         stdout=subprocess.PIPE, text=True)
+        argv = agent_args(data_dir=tmp / "data", port=PROXY_PORT, upstream_host="127.0.0.1", upstream_port=UPSTREAM_PORT,
+                          upstream_ca=upstream_ca, events_path=events)
+        proxy = ns.popen(sys.executable, str(HERE / "agents" / "proxy_agent.py"), *argv, stdout=subprocess.PIPE, text=True)
         processes.append(proxy)
         assert proxy.stdout.readline().split()[0] == "ready"
         _wait_port(ns, UPSTREAM_PORT)
@@ -125,7 +125,8 @@ def test_sdk_calls_become_events(lab):
     assert requests[0]["data"]["model"]["id"] == "gpt-4o-mini"
     assert requests[0]["data"]["messages"][0]["content"] == "hello there"
     assert responses[0]["data"]["usage"]["total_tokens"] == 18
-    assert requests[0]["data"]["auth"]["key_prefix"] and KEY not in lab["events"].read_text()
+    assert requests[0]["data"]["auth"]["key_prefix"]
+    assert KEY not in lab["events"].read_text()
 
 
 def test_non_ai_tls_passes_through_with_the_upstreams_certificate(lab):
@@ -147,7 +148,8 @@ def test_pinning_client_fails_twice_then_passes_through(lab):
     assert third.stdout == "plain upstream reply\n"
     rejected = [e for e in events(lab) if e["event_type"] == "network.connect" and not e["data"].get("success", True)
                 and e["data"]["tls"]["sni"] == "api.mistral.ai"]
-    assert len(rejected) == 2 and "pass through undecrypted" in rejected[1]["confidence"]["reasons"][0]
+    assert len(rejected) == 2
+    assert "pass through undecrypted" in rejected[1]["confidence"]["reasons"][0]
 
 
 CLOSE_AFTER_HELLO = """

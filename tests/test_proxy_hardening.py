@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from oisp.cli import main
+from tests.netns import agent_args
 
 
 @pytest.mark.parametrize("port", ["0", "-1", "65536", "99999", "http"])
@@ -69,7 +70,8 @@ def low_fd_proxy():
 
     echo = _EchoServer()
     agent = Path(__file__).parent / "agents" / "plain_proxy.py"
-    proxy = subprocess.Popen([sys.executable, str(agent), "127.0.0.1", str(echo.port), "64", "1.5"],
+    argv = agent_args(upstream_host="127.0.0.1", upstream_port=echo.port, nofile=64, give_up=1.5)
+    proxy = subprocess.Popen([sys.executable, str(agent), *argv],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         ready = proxy.stdout.readline().split()
@@ -145,7 +147,8 @@ def test_the_proxy_accepts_again_once_descriptors_free_up(low_fd_proxy):
         sock.close()
     assert _served(port)
     stats = _stats(proxy)
-    assert stats["serving"] and stats["accept_errors"] > 0
+    assert stats["serving"]
+    assert stats["accept_errors"] > 0
 
 
 def test_a_proxy_that_cannot_accept_for_long_says_so(low_fd_proxy):
@@ -155,7 +158,9 @@ def test_a_proxy_that_cannot_accept_for_long_says_so(low_fd_proxy):
     flood = _flood(port)
     _until(lambda: _stats(proxy)["accept_errors"] > 0)
     told = _until(lambda: _stats(proxy)["told"])
-    assert len(told) == 1 and "no connection served" in told[0] and "Too many open files" in told[0]
+    assert len(told) == 1
+    assert "no connection served" in told[0]
+    assert "Too many open files" in told[0]
     assert _stats(proxy)["serving"] is False
     for sock in flood:
         sock.close()

@@ -13,9 +13,11 @@ SNI = "api.openai.com"
 def test_one_rejection_does_not_pin_two_do():
     policy = PinningPolicy(rejections=2, ttl=600)
     assert not policy.rejected(CURL, SNI, 0.0)
-    assert not policy.pinned(CURL, SNI, 1.0) and not policy.may_be_pinned(SNI)
+    assert not policy.pinned(CURL, SNI, 1.0)
+    assert not policy.may_be_pinned(SNI)
     assert policy.rejected(CURL, SNI, 2.0)
-    assert policy.pinned(CURL, SNI, 3.0) and policy.may_be_pinned(SNI)
+    assert policy.pinned(CURL, SNI, 3.0)
+    assert policy.may_be_pinned(SNI)
     assert policy.active(3.0) == 1
 
 
@@ -30,7 +32,8 @@ def test_a_pin_is_per_program_user_and_name():
     # Rejections of different programs do not add up.
     assert not policy.rejected(PY, "api.anthropic.com", 1.0)
     assert not policy.rejected(CURL, "api.anthropic.com", 1.0)
-    assert not policy.pinned(PY, "api.anthropic.com", 1.0) and not policy.pinned(CURL, "api.anthropic.com", 1.0)
+    assert not policy.pinned(PY, "api.anthropic.com", 1.0)
+    assert not policy.pinned(CURL, "api.anthropic.com", 1.0)
 
 
 def test_pins_and_rejections_expire():
@@ -40,7 +43,8 @@ def test_pins_and_rejections_expire():
     assert policy.rejected(CURL, SNI, 12.0)
     assert policy.pinned(CURL, SNI, 21.9)
     assert not policy.pinned(CURL, SNI, 22.0)
-    assert not policy.may_be_pinned(SNI) and policy.active(22.0) == 0
+    assert not policy.may_be_pinned(SNI)
+    assert policy.active(22.0) == 0
 
 
 def test_pins_and_pending_rejections_are_bounded():
@@ -51,7 +55,8 @@ def test_pins_and_pending_rejections_are_bounded():
         policy.rejected((f"/bin/q{i}", "u"), SNI, float(i))  # one rejection each: pending
     assert policy.active(1000.0) == 100
     assert len(policy._strikes) <= 100
-    assert policy.pinned(("/bin/p999", "u"), SNI, 1000.0) and not policy.pinned(("/bin/p0", "u"), SNI, 1000.0)
+    assert policy.pinned(("/bin/p999", "u"), SNI, 1000.0)
+    assert not policy.pinned(("/bin/p0", "u"), SNI, 1000.0)
     assert policy._per_sni[SNI] == 100
 
 

@@ -80,7 +80,8 @@ def test_an_ai_exchange_is_recorded_with_its_connect_first():
 
     events, stats = asyncio.run(main())
     assert [e["event_type"] for e in events] == ["network.connect", "ai.request", "ai.response", "network.flow"]
-    assert events[1]["data"]["provider"]["id"] == "ollama" and events[1]["data"]["model"]["id"] == "llama3.2"
+    assert events[1]["data"]["provider"]["id"] == "ollama"
+    assert events[1]["data"]["model"]["id"] == "llama3.2"
     assert events[2]["data"]["choices"][0]["message"]["content"] == "hello"
     assert "plaintext_capture" in events[2]["confidence"]["reasons"]
     assert events[0]["ts"] <= events[1]["ts"]  # the connect is stamped when the connection began
@@ -110,8 +111,11 @@ def test_other_http_and_tls_leave_no_event():
         return body, events, echoed, events2, proxy2.stats
 
     body, events, echoed, events2, stats = asyncio.run(main())
-    assert body == REPLY and events == []
-    assert echoed == b"\x16\x03\x01\x00\x05hello" and events2 == [] and stats["plain_tls"] == 1
+    assert body == REPLY
+    assert events == []
+    assert echoed == b"\x16\x03\x01\x00\x05hello"
+    assert events2 == []
+    assert stats["plain_tls"] == 1
 
 
 def test_a_server_that_speaks_first_is_not_kept_waiting():
@@ -131,7 +135,8 @@ def test_a_server_that_speaks_first_is_not_kept_waiting():
         return greeting, events
 
     greeting, events = asyncio.run(main())
-    assert greeting == b"220 hello\r\n" and events == []
+    assert greeting == b"220 hello\r\n"
+    assert events == []
 
 
 def test_a_long_upload_without_a_reply_is_not_held_unbounded(monkeypatch):

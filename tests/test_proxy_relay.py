@@ -50,7 +50,9 @@ def test_bytes_exact_both_ways_and_back_pressure_bounds_memory():
         buffered = relay.sides[0].transport.get_write_buffer_size()
         in_flight = seen["upstream"]
         assert not sender.done()  # the sender is held back ...
-        assert buffered < 4 << 20 and in_flight < 12 << 20  # ... and the relay holds little of it
+        # ... and the relay holds little of it
+        assert buffered < 4 << 20
+        assert in_flight < 12 << 20
         got = await read_all(loop, client, len(payload))
         await sender
         assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()

@@ -115,7 +115,8 @@ def test_later_connections_resume_the_upstream_session(tmp_path, pki):
     assert [a["choices"][0]["message"]["content"] for a in answers] == ["resumed?"] * 4
     # The first connection to each name is a full handshake; the next ones to it resume.
     assert upstream.resumed == [False, True, True, False]
-    assert stats["upstream_resumed"] == 2 and stats["intercepted"] == 4
+    assert stats["upstream_resumed"] == 2
+    assert stats["intercepted"] == 4
 
 
 def test_a_server_that_refuses_resumption_gets_full_handshakes(tmp_path, pki):
@@ -128,7 +129,8 @@ def test_a_server_that_refuses_resumption_gets_full_handshakes(tmp_path, pki):
         upstream.close()
     assert [a["choices"][0]["message"]["content"] for a in answers] == ["resumed?"] * 3
     assert upstream.resumed == [False, False, False]
-    assert stats["upstream_resumed"] == 0 and stats["intercepted"] == 3
+    assert stats["upstream_resumed"] == 0
+    assert stats["intercepted"] == 3
 
 
 def test_an_upstream_that_fails_verification_never_sees_the_request(tmp_path, pki):
@@ -141,6 +143,9 @@ def test_an_upstream_that_fails_verification_never_sees_the_request(tmp_path, pk
                                 lambda port, cafile: curl(port, cafile, check=False))
     finally:
         upstream.close()
-    assert done.returncode != 0 and not done.stdout  # the client gets no answer ...
+    # the client gets no answer ...
+    assert done.returncode != 0
+    assert not done.stdout
     assert upstream.requests == 0  # ... and the upstream no request
-    assert stats["intercepted"] == 0 and stats["upstream_errors"] == 1
+    assert stats["intercepted"] == 0
+    assert stats["upstream_errors"] == 1

@@ -63,7 +63,8 @@ def test_a_node_client_is_recorded_too(record_lab):
     assert requests[0]["data"]["streaming"] is True
     assert responses[0]["data"]["choices"][0]["message"]["content"].startswith("echo: hello from node")
     for event in (requests[0], responses[0]):
-        assert event["process"]["pid"] == client.pid and event["process"]["name"] == "node"
+        assert event["process"]["pid"] == client.pid
+        assert event["process"]["name"] == "node"
     assert "TESTKEYnode" not in record_lab["events"].read_text()
 
 
@@ -116,12 +117,14 @@ def test_killing_the_sensor_mid_stream_fails_open(record_lab):
             recovered = time.monotonic() - killed
             break
         time.sleep(0.02)
-    assert recovered is not None and recovered < 1.0, recovered
+    assert recovered is not None, recovered
+    assert recovered < 1.0, recovered
     # The cut stream ends with an error at once: the guardian aborts the client's redirected
     # socket (its read timeout, 20 s in ai_clients.py, would otherwise be what ends it).
     out, err = stream.communicate(timeout=40)
     ended = time.monotonic() - killed
-    assert stream.returncode != 0 and ended < 5, (ended, err[-300:])
+    assert stream.returncode != 0, (ended, err[-300:])
+    assert ended < 5, (ended, err[-300:])
 
 
 HOLD = """
@@ -163,7 +166,8 @@ def test_a_proxy_out_of_descriptors_stops_the_recording_and_traffic_flows(record
             returncode = None
         said = sensor.stderr.read()
         assert returncode == 1, said[-2000:]
-        assert "the proxy could not serve" in said and "Too many open files" in said, said[-2000:]
+        assert "the proxy could not serve" in said, said[-2000:]
+        assert "Too many open files" in said, said[-2000:]
         done = record_lab["pair"].a.run("curl", "-sS", "-m", "5", "--cacert", record_lab["upstream_ca"],
                                  "https://api.openai.com/plain", check=False)
         assert done.stdout == "plain upstream reply\n", done.stderr
@@ -202,7 +206,9 @@ def test_a_clean_stop_ends_a_request_in_flight_at_once(record_lab, kind):
     out, err = client.communicate(timeout=40)
     ended = time.monotonic() - stopped
     assert ended < 4.5, (ended, err[-300:])
-    assert client.returncode != 0 and "Error" in err  # both take far longer than the drain
+    # both take far longer than the drain
+    assert client.returncode != 0
+    assert "Error" in err
     assert record_lab["sensor"].wait(10) == 0
 
 

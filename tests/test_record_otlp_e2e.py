@@ -98,7 +98,8 @@ def test_sdk_calls_become_spans_logs_and_metrics_equal_to_the_jsonl(otlp_lab) ->
     reply = finish(planted)
     anthropic = client(lab, str(HERE / "agents" / "ai_clients.py"), "anthropic", "https://api.anthropic.com")
     finish(anthropic)
-    assert streamed["text"].startswith("echo: hello there") and reply["text"].startswith("echo:")
+    assert streamed["text"].startswith("echo: hello there")
+    assert reply["text"].startswith("echo:")
     assert stop_sensor(lab) == 0
     events = read_events(lab)
     responses = [e for e in events if e["event_type"] == "ai.response"]
@@ -129,7 +130,8 @@ def test_sdk_calls_become_spans_logs_and_metrics_equal_to_the_jsonl(otlp_lab) ->
         assert a[sc.USAGE_INPUT_TOKENS] == data["usage"]["prompt_tokens"]
         assert a[sc.USAGE_OUTPUT_TOKENS] == data["usage"]["completion_tokens"]
         assert a[sc.RESPONSE_FINISH_REASONS] == [c["finish_reason"] for c in data["choices"]]
-        assert a[sc.SERVER_ADDRESS] == f"api.{data['provider']['name']}.com" and a[sc.SERVER_PORT] == 443
+        assert a[sc.SERVER_ADDRESS] == f"api.{data['provider']['name']}.com"
+        assert a[sc.SERVER_PORT] == 443
         assert a[sc.PROCESS_PID] in pids[data["provider"]["name"]]
         assert a[sc.PROCESS_EXECUTABLE_NAME] == response["process"]["name"]
         assert a[sc.PROCESS_COMMAND_LINE] == response["process"]["cmdline"]
@@ -145,7 +147,9 @@ def test_sdk_calls_become_spans_logs_and_metrics_equal_to_the_jsonl(otlp_lab) ->
     assert PLANTED in json.loads(a[sc.INPUT_MESSAGES])[0]["parts"][0]["content"]  # opted in
     (answer,) = [r["data"]["choices"][0]["message"]["content"] for r in responses if r["process"]["pid"] == planted.pid]
     assert json.loads(a[sc.OUTPUT_MESSAGES])[0]["parts"][0]["content"] == answer
-    assert SECRET in reply["text"] and SECRET not in answer  # the provider echoed the key; redacted before export
+    # the provider echoed the key; redacted before export
+    assert SECRET in reply["text"]
+    assert SECRET not in answer
 
     # Metrics: the token histograms' sums are the events' token counts.
     metrics = [m for m in receiver.metrics() if m["name"] == sc.TOKEN_USAGE[0]]
@@ -154,7 +158,8 @@ def test_sdk_calls_become_spans_logs_and_metrics_equal_to_the_jsonl(otlp_lab) ->
         assert sum(p["sum"] for p in points if p[sc.TOKEN_TYPE] == kind) == sum(r["data"]["usage"][key] for r in responses)
 
     # The planted key: in nothing the receiver got, nor in the JSONL.
-    assert SECRET not in receiver.raw() and SECRET not in lab["events"].read_text()
+    assert SECRET not in receiver.raw()
+    assert SECRET not in lab["events"].read_text()
 
 
 @IPV4
@@ -167,8 +172,13 @@ def test_without_opt_in_no_content_leaves_the_machine(otlp_lab) -> None:
     raw = receiver.raw()
     assert PLANTED in lab["events"].read_text()  # the JSONL has the conversation …
     (answer,) = [e["data"]["choices"][0]["message"]["content"] for e in events if e["event_type"] == "ai.response"]
-    assert PLANTED in answer and SECRET in reply["text"]  # the fake provider echoes the prompt
-    assert PLANTED not in raw and answer not in raw and SECRET not in raw  # … OTLP does not
+    # the fake provider echoes the prompt
+    assert PLANTED in answer
+    assert SECRET in reply["text"]
+    # … OTLP does not
+    assert PLANTED not in raw
+    assert answer not in raw
+    assert SECRET not in raw
     logs = receiver.logs()
     assert sorted(r["event"]["event_id"] for r in logs) == sorted(e["event_id"] for e in events)
     (span,) = receiver.spans()
@@ -206,7 +216,8 @@ def test_the_receiver_stopped_mid_run_costs_only_what_came_meanwhile(otlp_lab) -
               for pid in (first.pid, second.pid, third.pid)}
     assert all(len(v) >= 3 for v in by_pid.values())
     lost = [line for line in said if "sink otlp lost" in line]
-    assert lost and f"lost {len(by_pid[second.pid])} events" in lost[0], said[-10:]
+    assert lost, said[-10:]
+    assert f"lost {len(by_pid[second.pid])} events" in lost[0], said[-10:]
     (span,) = receiver.spans()
     assert span["attributes"][sc.PROCESS_PID] == third.pid
     assert {r["event"]["event_id"] for r in receiver.logs()} == {e["event_id"] for e in by_pid[third.pid]}

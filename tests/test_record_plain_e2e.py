@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import VethPair, _ip, stop_all
+from tests.netns import VethPair, _ip, agent_args, stop_all
 from tests.record_lab import await_recording
 
 HERE = Path(__file__).parent
@@ -66,7 +66,8 @@ def lab(tmp_path, request):
         named = f"[{public_b}]" if family == "6" else public_b
         sensor = start_sensor("--plain", "9000=llamacpp", "--plain", f"{named}:7000=vllm")
         wire.unlink(missing_ok=True)  # the start-up probes' replies
-        yield {"pair": pair, "ip": server_ip, "public": public_b, "wire": wire, "family": family, "where": where, "sensor": sensor,
+        yield {"pair": pair, "ip": server_ip, "public": public_b, "wire": wire, "family": family, "where": where,
+               "sensor": sensor,
                "events": events, "start_sensor": start_sensor}
     finally:
         stop_all(processes)
@@ -88,8 +89,8 @@ def _wait_listening(ns, host: str, port: int, timeout: float = 15.0) -> None:
 
 
 def run_clients(lab, scenario: str, port: int, n: int = 1, host: str | None = None) -> dict:
-    done = lab["pair"].a.python(str(HERE / "agents" / "local_clients.py"), scenario, host or lab["ip"], str(port),
-                                str(n), timeout=90)
+    done = lab["pair"].a.python(str(HERE / "agents" / "local_clients.py"),
+                                *agent_args(scenario, host=host or lab["ip"], port=port, count=n), timeout=90)
     return json.loads(done.stdout)
 
 
@@ -157,7 +158,8 @@ def test_the_ollama_client_is_recorded_streamed_and_not_on_one_kept_alive_connec
     assert len(streamed) == 6
     # On the wire: the six whole replies gzip'd, the six streams chunked (HTTP/1.1, no length).
     wire = [json.loads(line) for line in lab["wire"].read_text().splitlines()]
-    assert sum(w["gzip"] for w in wire) == 6 and sum(w["streamed"] for w in wire) == 6
+    assert sum(w["gzip"] for w in wire) == 6
+    assert sum(w["streamed"] for w in wire) == 6
     assert {w["http_version"] for w in wire} == {"1.1"}
 
 
@@ -173,7 +175,8 @@ def test_h2c_on_a_port_named_with_plain(lab):
     ran = run_clients(lab, "h2c", 9000, n=3)
     events = check_recorded(lab, ran, "llamacpp", 9000)
     flows = [e for e in events if e["event_type"] == "network.flow"]
-    assert flows and all(f["data"]["http"]["version"] == "HTTP/2" for f in flows), flows[:1]
+    assert flows, flows[:1]
+    assert all(f["data"]["http"]["version"] == "HTTP/2" for f in flows), flows[:1]
 
 
 def test_other_http_on_a_watched_port_passes_and_leaves_no_event(lab):
@@ -207,8 +210,9 @@ def test_a_burst_of_concurrent_streams_is_recorded_whole(lab):
 
 
 def test_killing_the_sensor_mid_stream_fails_open(lab):
-    stream = lab["pair"].a.popen(sys.executable, str(HERE / "agents" / "local_clients.py"), "stream", lab["ip"],
-                                 "8000", "1000", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stream = lab["pair"].a.popen(sys.executable, str(HERE / "agents" / "local_clients.py"),
+                                 *agent_args("stream", host=lab["ip"], port=8000, count=1000), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
     while not any(e["event_type"] == "ai.request" for e in read_events(lab)):  # the stream is under way
         assert time.monotonic() < deadline, "the streaming request never reached the sensor"
@@ -225,7 +229,8 @@ def test_killing_the_sensor_mid_stream_fails_open(lab):
             recovered = time.monotonic() - killed
             break
         time.sleep(0.02)
-    assert recovered is not None and recovered < 1.0, recovered
+    assert recovered is not None, recovered
+    assert recovered < 1.0, recovered
     out, err = stream.communicate(timeout=40)
     ended = time.monotonic() - killed
     if stream.returncode == 0:  # it completed: then it got the whole reply

@@ -23,7 +23,7 @@ import pytest
 
 from oisp.events import load_schema
 from tests.fakeprovider import make_test_pki
-from tests.netns import VethPair, stop_all
+from tests.netns import VethPair, agent_args, stop_all
 from tests.record_lab import await_recording, read_events, stop_sensor
 
 HERE = Path(__file__).parent
@@ -57,7 +57,8 @@ def lab(tmp_path):
 
 
 def run_client(lab, name: str, base: str = "wss://api.openai.com") -> tuple[subprocess.Popen, object]:
-    client = subprocess.Popen(lab["pair"].a.cmd(sys.executable, str(HERE / "agents" / "ws_clients.py"), name, base),
+    argv = [sys.executable, str(HERE / "agents" / "ws_clients.py"), *agent_args(name, base=base)]
+    client = subprocess.Popen(lab["pair"].a.cmd(*argv),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "SSL_CERT_FILE": lab["our_ca"]})
     out, err = client.communicate(timeout=60)
@@ -84,18 +85,23 @@ def test_responses_websocket_mode_is_recorded_like_http(lab):
     responses = [e for e in events if e["event_type"] == "ai.response"]
     assert len(requests) == len(responses) == 3  # the upgrade is none of them
     for event in requests + responses:
-        assert event["process"]["pid"] == client.pid and event["process"]["name"].startswith("python")
+        assert event["process"]["pid"] == client.pid
+        assert event["process"]["name"].startswith("python")
     assert requests[0]["data"]["parameters"] == {"generate": False}
     assert requests[1]["data"]["messages"][-1]["content"] == "hello over a socket"
     assert [r["data"]["provider_request_id"] for r in responses] == [g["id"] for g in got]
     assert [r["data"]["choices"][0]["message"]["content"] for r in responses] == [g["text"] for g in got]
-    assert [[[c["id"], c["name"], c["arguments"]] for c in r["data"]["tool_calls"]] for r in responses] == [g["calls"] for g in got]
-    assert [[r["data"]["usage"]["prompt_tokens"], r["data"]["usage"]["completion_tokens"]] for r in responses] == [g["usage"] for g in got]
+    assert [[[c["id"], c["name"], c["arguments"]] for c in r["data"]["tool_calls"]] for r in responses] == [
+        g["calls"] for g in got]
+    assert [[r["data"]["usage"]["prompt_tokens"], r["data"]["usage"]["completion_tokens"]] for r in responses] == [
+        g["usage"] for g in got]
     assert all(r["data"]["success"] for r in responses)
     flow = [e["data"] for e in events if e["event_type"] == "network.flow"]
-    assert len(flow) == 1 and flow[0]["websocket"]["client"]["messages"] == 3
+    assert len(flow) == 1
+    assert flow[0]["websocket"]["client"]["messages"] == 3
     assert flow[0]["websocket"]["extensions"][0].startswith("permessage-deflate")
-    assert flow[0]["tls"]["sni"] == "api.openai.com" and flow[0]["websocket"]["close_code"] == 1000
+    assert flow[0]["tls"]["sni"] == "api.openai.com"
+    assert flow[0]["websocket"]["close_code"] == 1000
     assert "TESTKEYws" not in lab["events"].read_text()
 
 
@@ -110,10 +116,12 @@ def test_a_realtime_session_is_recorded_response_by_response(lab):
         assert event["process"]["pid"] == client.pid
         jsonschema.validate(event, load_schema(event["event_type"]))
     assert [r["data"]["model"]["id"] for r in requests] == ["gpt-realtime"] * 2
-    assert [m["content"] for m in requests[1]["data"]["messages"]] == ["answer briefly", "first question", got[0]["text"], "second question"]
+    assert [m["content"] for m in requests[1]["data"]["messages"]] == [
+        "answer briefly", "first question", got[0]["text"], "second question"]
     assert [r["data"]["provider_request_id"] for r in responses] == [g["id"] for g in got]
     assert [r["data"]["choices"][0]["message"]["content"] for r in responses] == [g["text"] for g in got]
-    assert [[r["data"]["usage"]["prompt_tokens"], r["data"]["usage"]["completion_tokens"]] for r in responses] == [g["usage"] for g in got]
+    assert [[r["data"]["usage"]["prompt_tokens"], r["data"]["usage"]["completion_tokens"]] for r in responses] == [
+        g["usage"] for g in got]
     assert "TESTKEYws" not in lab["events"].read_text()
 
 
@@ -123,14 +131,17 @@ def test_a_plain_websocket_is_relayed_and_recorded_as_a_session(lab):
     events = settled_events(lab, 1)
     assert not [e for e in events if e["event_type"].startswith("ai.")]
     flow = [e for e in events if e["event_type"] == "network.flow"]
-    assert len(flow) == 1 and flow[0]["process"]["pid"] == client.pid
+    assert len(flow) == 1
+    assert flow[0]["process"]["pid"] == client.pid
     ws = flow[0]["data"]["websocket"]
-    assert ws["path"] == "/echo" and ws["client"]["messages"] == ws["server"]["messages"] == 1
+    assert ws["path"] == "/echo"
+    assert ws["client"]["messages"] == ws["server"]["messages"] == 1
 
 
 def test_gemini_live_is_recorded_turn_by_turn(lab):
     client, got = run_client(lab, "gemini_live", "wss://generativelanguage.googleapis.com")
-    assert got[0]["text"] == "echo: hello live and more" and got[1]["calls"] == [["fc_2", "get_weather", {"city": "Paris"}]]
+    assert got[0]["text"] == "echo: hello live and more"
+    assert got[1]["calls"] == [["fc_2", "get_weather", {"city": "Paris"}]]
     events = settled_events(lab, 1)
     for ev in events:
         jsonschema.validate(ev, load_schema(ev["event_type"]))
@@ -140,14 +151,18 @@ def test_gemini_live_is_recorded_turn_by_turn(lab):
     for event in requests + responses:
         assert event["process"]["pid"] == client.pid
     first = requests[0]["data"]
-    assert first["provider"]["name"] == "google" and first["model"] == {"id": "gemini-live-test"}
+    assert first["provider"]["name"] == "google"
+    assert first["model"] == {"id": "gemini-live-test"}
     assert [(m["role"], m["content"]) for m in first["messages"]] == [("system", "be brief"), ("user", "hello live")]
     assert first["tools"] == [{"type": "function", "name": "get_weather", "description": "the weather"}]
     assert requests[2]["data"]["messages"][-1]["role"] == "tool"
     assert [r["data"]["choices"][0]["message"]["content"] for r in responses] == [g["text"] for g in got]
-    assert [[[c["id"], c["name"], json.loads(c["arguments"])] for c in r["data"]["tool_calls"]] for r in responses] == [g["calls"] for g in got]
-    assert [[r["data"]["usage"]["prompt_tokens"], r["data"]["usage"]["completion_tokens"]] for r in responses] == [g["usage"] for g in got]
+    assert [[[c["id"], c["name"], json.loads(c["arguments"])] for c in r["data"]["tool_calls"]]
+            for r in responses] == [g["calls"] for g in got]
+    assert [[r["data"]["usage"]["prompt_tokens"], r["data"]["usage"]["completion_tokens"]] for r in responses] == [
+        g["usage"] for g in got]
     assert [r["data"]["finish_reason"] for r in responses] == ["stop", "tool_calls", "stop"]
     flow = [e["data"] for e in events if e["event_type"] == "network.flow"]
-    assert len(flow) == 1 and flow[0]["websocket"]["server"]["binary_messages"] > 0
+    assert len(flow) == 1
+    assert flow[0]["websocket"]["server"]["binary_messages"] > 0
     assert "TESTKEYlive" not in lab["events"].read_text()

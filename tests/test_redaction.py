@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
-from provider_cases import validate  # noqa: E402
+from provider_cases import validate
 
-from oisp.decode import Direction, FlowContext  # noqa: E402
-from oisp.events import FlowRecorder, Redactor  # noqa: E402
-from oisp.events import redact  # noqa: E402
-from oisp.events.redact import scrub_secrets  # noqa: E402
+from oisp.decode import Direction, FlowContext
+from oisp.events import FlowRecorder, Redactor
+from oisp.events import redact
+from oisp.events.redact import scrub_secrets
 
 SECRETS = {
     "openai": "sk-proj-Pl4ntedOpenAIKey0000000000000000",
@@ -52,7 +52,11 @@ def planted_exchange() -> tuple[bytes, bytes]:
     ).encode() + raw
     chunks = [
         {"id": "x", "model": "gpt-4o", "choices": [{"index": 0, "delta": {"content": f"echo {s['openai']}"}}]},
-        {"id": "x", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "t", "type": "function", "function": {"name": "f", "arguments": json.dumps({"k": s["aws"]})}}]}, "finish_reason": "tool_calls"}]},
+        {"id": "x",
+         "choices": [{"index": 0,
+                      "delta": {"tool_calls": [{"index": 0, "id": "t", "type": "function",
+                                                "function": {"name": "f", "arguments": json.dumps({"k": s["aws"]})}}]},
+                      "finish_reason": "tool_calls"}]},
     ]
     sse = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
     resp = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n" % len(sse) + sse
@@ -60,7 +64,8 @@ def planted_exchange() -> tuple[bytes, bytes]:
 
 
 def record(mode: str) -> list[dict]:
-    ctx = FlowContext(("10.0.0.2", 1), ("10.0.0.3", 443), 1.0, sni="api.openai.com", tls_version="TLSv1.3", flow_id=f"flow-{SECRETS['jwt']}")
+    ctx = FlowContext(("10.0.0.2", 1), ("10.0.0.3", 443), 1.0, sni="api.openai.com", tls_version="TLSv1.3",
+                      flow_id=f"flow-{SECRETS['jwt']}")
     rec = FlowRecorder(ctx, redactor=Redactor(mode), streaming_chunks=True)
     req, resp = planted_exchange()
     events = rec.feed(Direction.REQUEST, req, 2.0) + rec.feed(Direction.RESPONSE, resp, 3.0) + rec.close(4.0)
@@ -122,7 +127,9 @@ def test_minimal_mode_still_never_copies_credentials_headers() -> None:
 def test_scrub_is_idempotent() -> None:
     once, n = scrub_secrets(f"a {SECRETS['openai']} b ?key={SECRETS['google']}&x=1")
     twice, m = scrub_secrets(once)
-    assert n == 2 and m == 0 and once == twice
+    assert n == 2
+    assert m == 0
+    assert once == twice
 
 
 _SECRET_SAMPLES = ["sk-ant-api03-" + "A1" * 15, "sk-proj-" + "b1" * 12, "sk-or-v1-" + "c" * 20, "sk-" + "dD" * 10,
@@ -159,7 +166,9 @@ def test_every_key_prefix_the_spec_lists_is_redacted() -> None:
     for prefix in prefixes:
         key = _key_for(prefix)
         text, n = scrub_secrets(f"here: {key} there")
-        assert key not in text and n == 1 and "[REDACTED:" in text, prefix
+        assert key not in text, prefix
+        assert n == 1, prefix
+        assert "[REDACTED:" in text, prefix
 
 
 def test_a_provider_added_to_the_spec_is_covered_without_code() -> None:
@@ -169,7 +178,8 @@ def test_a_provider_added_to_the_spec_is_covered_without_code() -> None:
     key = _key_for("nc_live_")
     event = {"event_type": "network.connect", "confidence": {}, "data": {"note": f"uses {key}"}}
     Redactor("safe", spec=spec).apply(event)
-    assert key not in json.dumps(event) and "[REDACTED:newcorp:nc_live_:" in event["data"]["note"]
+    assert key not in json.dumps(event)
+    assert "[REDACTED:newcorp:nc_live_:" in event["data"]["note"]
 
 
 def test_a_word_after_a_short_prefix_is_not_a_key() -> None:
@@ -190,7 +200,8 @@ def test_a_word_after_a_short_prefix_is_not_a_key() -> None:
 ])
 def test_unprefixed_secrets_in_auth_positions(text, secret) -> None:
     scrubbed, n = scrub_secrets(text)
-    assert secret not in scrubbed and n >= 1, scrubbed
+    assert secret not in scrubbed, scrubbed
+    assert n >= 1, scrubbed
 
 
 @pytest.mark.parametrize("text", ["set max_tokens=1024 and temperature=0.2", "the key: understanding matters",
@@ -212,7 +223,8 @@ def test_command_lines_are_scrubbed_at_attribution_in_every_mode() -> None:
     finally:
         child.kill()
         child.wait()
-    assert secret not in json.dumps(info) and info["cmdline_args"][3] == "--token"
+    assert secret not in json.dumps(info)
+    assert info["cmdline_args"][3] == "--token"
     assert info["cmdline_args"][4].startswith("[REDACTED:value::sha256:")
 
 
@@ -230,9 +242,13 @@ def _full_mode_event() -> dict:
 def test_full_mode_hashes_command_line_arguments_tool_descriptions_and_errors() -> None:
     event = Redactor("full").apply(_full_mode_event())
     text = json.dumps(event)
-    assert "medical" not in text and "patient" not in text and "their name" not in text
-    assert event["process"]["cmdline_args"][0] == "llm" and event["process"]["cmdline"].startswith("llm '[REDACTED:content:")
-    assert event["data"]["error"]["type"] == "invalid_request_error" and event["data"]["error"]["code"] == "bad"
+    assert "medical" not in text
+    assert "patient" not in text
+    assert "their name" not in text
+    assert event["process"]["cmdline_args"][0] == "llm"
+    assert event["process"]["cmdline"].startswith("llm '[REDACTED:content:")
+    assert event["data"]["error"]["type"] == "invalid_request_error"
+    assert event["data"]["error"]["code"] == "bad"
     assert event["data"]["tools"][0]["function"]["name"] == "lookup"
 
 
@@ -255,7 +271,10 @@ def test_hashes_are_keyed_per_install_and_stable_across_runs(tmp_path) -> None:
                               check=True).stdout.strip()
 
     first, again, other = run("a"), run("a"), run("b")
-    assert first == again != other and first.startswith("sha256:") and len(first) == len("sha256:") + 16
+    assert first == again != other
+    assert first.startswith("sha256:")
+    assert len(first) == len("sha256:") + 16
     assert first != "sha256:" + hashlib.sha256(b"sk-proj-the-same-key").hexdigest()[:16]  # not guessable offline
     key = tmp_path / "a" / "oisp" / "hash.key"
-    assert len(key.read_bytes()) == 32 and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert len(key.read_bytes()) == 32
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600

@@ -57,12 +57,15 @@ def test_an_answer_to_a_query_seen_going_out_teaches_once(matcher):
     assert len(matcher) == 1
     assert matcher.see(A, BACK) == LEARNED
     assert matcher.see(A, BACK) == []  # the same answer again (a replay, a second forger): no query left
-    assert matcher.counts["matched"] == 1 and matcher.counts["unsolicited"] == 1 and len(matcher) == 0
+    assert matcher.counts["matched"] == 1
+    assert matcher.counts["unsolicited"] == 1
+    assert len(matcher) == 0
 
 
 def test_an_unsolicited_answer_teaches_nothing(matcher):
     assert matcher.see(A, BACK) == []
-    assert matcher.counts["unsolicited"] == 1 and matcher.counts["matched"] == 0
+    assert matcher.counts["unsolicited"] == 1
+    assert matcher.counts["matched"] == 0
 
 
 def test_a_wrong_transaction_id_teaches_nothing(matcher):
@@ -92,7 +95,8 @@ def test_an_answer_from_or_to_the_wrong_endpoints_teaches_nothing(matcher, where
 def test_a_wrong_question_teaches_nothing_and_is_counted(matcher, forged):
     matcher.see(build_query("api.openai.com", TYPE_A, query_id=1), OUT)
     assert matcher.see(forged, BACK) == []
-    assert matcher.counts["wrong_question"] == 1 and matcher.counts["unsolicited"] == 0
+    assert matcher.counts["wrong_question"] == 1
+    assert matcher.counts["unsolicited"] == 0
     assert matcher.see(A, BACK) == LEARNED
 
 
@@ -117,7 +121,8 @@ def test_only_the_questions_cname_chain_is_learned(matcher):
 def test_queries_for_other_names_are_not_kept(matcher):
     for i in range(50):
         matcher.see(build_query(f"host{i}.example.com", TYPE_A, query_id=i), OUT)
-    assert len(matcher) == 0 and matcher.counts["queries"] == 0
+    assert len(matcher) == 0
+    assert matcher.counts["queries"] == 0
     # Nor does an answer about such a name count as refused: there is nothing to learn from it.
     assert matcher.see(answer("host1.example.com", [(b"\xc0\x0c", TYPE_A, bytes([1, 1, 1, 1]))]), BACK) == []
     assert matcher.counts["unsolicited"] == 0
@@ -126,8 +131,10 @@ def test_queries_for_other_names_are_not_kept(matcher):
 def test_a_pending_query_expires(matcher, clock):
     matcher.see(build_query("api.openai.com", TYPE_A, query_id=1), OUT)
     clock.now += 10.5
-    assert matcher.see(A, BACK) == [] and len(matcher) == 0
-    assert matcher.counts["expired"] == 1 and matcher.counts["unsolicited"] == 1
+    assert matcher.see(A, BACK) == []
+    assert len(matcher) == 0
+    assert matcher.counts["expired"] == 1
+    assert matcher.counts["unsolicited"] == 1
 
 
 def test_a_retried_query_lives_from_its_last_sending(matcher, clock):
@@ -136,20 +143,24 @@ def test_a_retried_query_lives_from_its_last_sending(matcher, clock):
     clock.now += 6
     matcher.see(query, OUT)
     clock.now += 6
-    assert len(matcher) == 1 and matcher.see(A, BACK) == LEARNED
+    assert len(matcher) == 1
+    assert matcher.see(A, BACK) == LEARNED
 
 
 def test_a_flood_of_pending_queries_stays_bounded_and_a_later_query_still_matches(matcher, clock):
     for i in range(20_000):
         where = Endpoints(UDP, CLIENT, 1024 + i % 60000, RESOLVER, 53)
         matcher.see(build_query("api.openai.com", TYPE_A, query_id=i % 65536), where)
-    assert len(matcher) == 8 and matcher.counts["evicted"] == 20_000 - 8
+    assert len(matcher) == 8
+    assert matcher.counts["evicted"] == 20_000 - 8
     assert len(matcher._ids) == 8  # the id index is bounded with the table
     matcher.see(build_query("api.openai.com", TYPE_A, query_id=1), OUT)
     assert matcher.see(A, BACK) == LEARNED
     clock.now += 11
     matcher.see(b"", OUT)  # any message expires what is due, even a malformed one
-    assert len(matcher) == 0 and len(matcher._ids) == 0 and matcher.counts["malformed"] == 1
+    assert len(matcher) == 0
+    assert len(matcher._ids) == 0
+    assert matcher.counts["malformed"] == 1
 
 
 def test_a_query_from_port_53_is_a_servers_business(matcher):
@@ -161,7 +172,8 @@ def test_a_query_from_port_53_is_a_servers_business(matcher):
 
 def test_a_malformed_answer_leaves_the_query_pending(matcher):
     matcher.see(build_query("api.openai.com", TYPE_A, query_id=1), OUT)
-    assert matcher.see(A[:-2], BACK) == [] and matcher.counts["malformed"] == 1
+    assert matcher.see(A[:-2], BACK) == []
+    assert matcher.counts["malformed"] == 1
     assert matcher.see(A, BACK) == LEARNED
 
 
@@ -192,7 +204,8 @@ def test_damaged_messages_never_raise_and_the_table_stays_bounded(messages):
                 if message:
                     message[at % len(message)] = value
             learned = matcher.see(bytes(message), OUT if outgoing else BACK)
-            assert isinstance(learned, list) and len(matcher) <= 4
+            assert isinstance(learned, list)
+            assert len(matcher) <= 4
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -40,7 +40,8 @@ def test_fin_in_both_directions_ends_the_flow_after_the_linger():
     table.seen(key, TCP_FIN | TCP_ACK, from_client=False, now=101.0)
     assert table.get(key).closed_at == 101.0
     assert table.expire(now=102.5) == 0  # the last ACK is still reflected
-    assert table.expire(now=103.5) == 1 and len(table) == 0
+    assert table.expire(now=103.5) == 1
+    assert len(table) == 0
     assert table.counts["closed"] == 1
 
 
@@ -66,7 +67,9 @@ def test_a_new_syn_replaces_a_finished_flow_with_the_same_key():
     key = table.open(entry(pid=1)).key
     table.seen(key, TCP_RST, from_client=True)
     table.open(entry(pid=2))
-    assert table.get(key).pid == 2 and table.get(key).closed_at is None and len(table) == 1
+    assert table.get(key).pid == 2
+    assert table.get(key).closed_at is None
+    assert len(table) == 1
 
 
 def test_size_bound_evicts_the_least_recently_seen_and_counts_it():
@@ -74,8 +77,10 @@ def test_size_bound_evicts_the_least_recently_seen_and_counts_it():
     keys = [table.open(entry(client_port=p)).key for p in (1, 2, 3)]
     table.seen(keys[0], TCP_ACK, from_client=True)  # 1 is now the most recent
     table.open(entry(client_port=4))
-    assert len(table) == 3 and table.counts["evicted"] == 1
-    assert table.get(keys[1]) is None and table.get(keys[0]) is not None
+    assert len(table) == 3
+    assert table.counts["evicted"] == 1
+    assert table.get(keys[1]) is None
+    assert table.get(keys[0]) is not None
 
 
 def test_seen_ignores_unknown_flows():
@@ -139,8 +144,10 @@ def test_a_flow_the_proxy_holds_open_never_idles_out():
     idle = table.open(entry(client_port=40001))
     idle.last_seen = 0.0
     assert table.expire(now=100.0) == 1
-    assert table.get(held.key) is held and table.get(idle.key) is None
+    assert table.get(held.key) is held
+    assert table.get(idle.key) is None
     table.release(held, now=100.0)
     assert table.expire(now=100.5) == 0
-    assert table.expire(now=101.0) == 1 and table.get(held.key) is None
+    assert table.expire(now=101.0) == 1
+    assert table.get(held.key) is None
     assert table.counts["expired_idle"] == 2

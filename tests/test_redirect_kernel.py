@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.netns import agent_args
+
 pytestmark = pytest.mark.privileged
 
 AGENTS = Path(__file__).parent / "agents"
@@ -25,7 +27,7 @@ def lab(veth_pair):
     extra6 = veth_pair.b_ip6.rsplit(":", 1)[0] + ":3"
     veth_pair.b.run("ip", "addr", "add", f"{extra4}/24", "dev", ifname)
     veth_pair.b.run("ip", "addr", "add", f"{extra6}/64", "dev", ifname, "nodad")
-    server = veth_pair.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), "tcp", "443", "444",
+    server = veth_pair.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), *agent_args("tcp", ports="443,444"),
                                stdout=subprocess.PIPE, text=True)
     assert server.stdout.readline().strip() == "ready"
     veth_pair.extra = {4: extra4, 6: extra6}
@@ -41,8 +43,8 @@ def server_log(server) -> list[tuple[int, str, int]]:
     return [(int(p), host, int(port)) for _, p, host, port in (line.split() for line in lines if line)]
 
 
-def run_client(ns, *args, cgroup2=False):
-    argv = [sys.executable, str(AGENTS / "redirect_client.py"), *args]
+def run_client(ns, scenario: str, cgroup2=False, **options):
+    argv = [sys.executable, str(AGENTS / "redirect_client.py"), *agent_args(scenario, **options)]
     if cgroup2:
         argv = ["unshare", "-m", "sh", "-c", CGROUP2, *argv]
     done = subprocess.run(ns.cmd(*argv), capture_output=True, text=True, timeout=90)
@@ -59,21 +61,26 @@ def check_redirected(out, server_ip, client_ip, log):
     # ... and the table gave back the original destination and the client's pid.
     assert first["entry"] == {"server": server_ip, "server_port": 443, "client": client_ip,
                               "client_port": ai["client_port"], "pid": out["me"]}
-    assert ai["intact"] and ai["echoed"] == 300_000
+    assert ai["intact"]
+    assert ai["echoed"] == 300_000
     # The server saw the proxy's upstream port, once, never the client's own port: no loop.
-    assert ai["server_saw"] == [client_ip, first["upstream_port"]] and first["upstream_port"] != ai["client_port"]
+    assert ai["server_saw"] == [client_ip, first["upstream_port"]]
+    assert first["upstream_port"] != ai["client_port"]
     ai_conns = [c for c in log if c[0] == 443 and c[2] in (first["upstream_port"], ai["client_port"])]
     assert ai_conns == [(443, client_ip, first["upstream_port"])]
     assert out["counters"]["own_upstream"] > 0  # the proxy's upstream packets: diverted, passed untouched
     assert out["own_ports_left"] == 0
     # FIN both ways, then RST: each flow leaves the table after its linger.
-    assert out["flows_after_ai"] == 1 and out["flows_empty_after_fin"]
-    assert out["flows_before_rst"] == 1 and out["flows_empty_after_rst"]
+    assert out["flows_after_ai"] == 1
+    assert out["flows_empty_after_fin"]
+    assert out["flows_before_rst"] == 1
+    assert out["flows_empty_after_rst"]
     assert out["counters"]["flow_table"]["closed"] == 2
     assert out["counters"]["engine"]["dropped"] == 0, json.dumps(out["counters"]["engine"])
     fast = out["counters"]["fast_path"]
     if fast:  # the ring reflected the established flow's packets itself, Python the rest
-        assert fast["to_proxy"] > 0 and fast["to_client"] > 0
+        assert fast["to_proxy"] > 0
+        assert fast["to_client"] > 0
         assert fast["flows"] == 0  # removed with the flow table's entries
         # Without a process filter the ring opened both AI flows on their SYNs, and the
         # table adopted them (the AI connection, then the reset one).
@@ -87,14 +94,17 @@ def check_redirected(out, server_ip, client_ip, log):
 def check_untouched(out, client_ip, log, accepted=2):
     fast = out["counters"]["fast_path"]
     if out["counters"]["filter"]["mode"] == "addresses":  # the filter names the AI address: never diverted
-        assert out["diverted_other"] == 0 and fast.get("not_ai", 0) == 0
+        assert out["diverted_other"] == 0
+        assert fast.get("not_ai", 0) == 0
     else:  # diverted for the port; the ring passes it itself (not AI), or Python does
         assert out["diverted_other"] > 0
         if fast:
-            assert fast["not_ai"] > 0 and fast["targets"] == 1
+            assert fast["not_ai"] > 0
+            assert fast["targets"] == 1
     for name, port in (("other_address", 443), ("other_port", 444)):
         conn = out[name]
-        assert conn["intact"] and conn["server_saw"] == [client_ip, conn["client_port"]]
+        assert conn["intact"]
+        assert conn["server_saw"] == [client_ip, conn["client_port"]]
         assert (port, client_ip, conn["client_port"]) in log
     assert len(out["accepted"]) == accepted  # the AI and RST connections only
 
@@ -104,8 +114,8 @@ def check_untouched(out, client_ip, log, accepted=2):
                                                 (4, "fast", "ports")])
 def test_ai_flows_reach_the_proxy_and_the_rest_is_untouched(lab, family, path, filter):
     server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
-    out = run_client(lab.a, "e2e", server_ip, lab.extra[family], *(["python-path"] if path == "python" else []),
-                     *(["port-filter"] if filter == "ports" else []))
+    out = run_client(lab.a, "e2e", server_ip=server_ip, other_ip=lab.extra[family], python_path=path == "python",
+                     port_filter=filter == "ports")
     assert out["counters"]["filter"]["mode"] == filter
     assert bool(out["counters"]["fast_path"]) == (path == "fast")
     log = server_log(lab.server)
@@ -118,19 +128,25 @@ def test_a_client_bound_to_a_port_above_the_ephemeral_range_is_reflected(lab, fa
     """Port 61000 lies above Linux's default ephemeral range (32768-60999), which the
     filter once left to the proxy's own upstream sockets: such a client went unseen."""
     server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
-    out = run_client(lab.a, "bound", server_ip, "61000", *(["python-path"] if path == "python" else []))
-    assert out["ephemeral"][1] < 61000 and out["reflector_error"] is None
+    out = run_client(lab.a, "bound", server_ip=server_ip, source_port=61000, python_path=path == "python")
+    assert out["ephemeral"][1] < 61000
+    assert out["reflector_error"] is None
     bound = out["bound"]
-    assert bound["client_port"] == 61000 and bound["intact"] and bound["echoed"] == 100_000
+    assert bound["client_port"] == 61000
+    assert bound["intact"]
+    assert bound["echoed"] == 100_000
     # The proxy took it: peer (server, 61000), the table gave the client back ...
     [seen] = out["accepted"]
     assert seen["peer"] == [server_ip, 61000]
-    assert seen["entry"]["client"] == client_ip and seen["entry"]["client_port"] == 61000
+    assert seen["entry"]["client"] == client_ip
+    assert seen["entry"]["client_port"] == 61000
     # ... and the server saw the proxy's registered upstream port, once: no loop.
     assert bound["server_saw"] == [client_ip, seen["upstream_port"]] != [client_ip, 61000]
     assert [c for c in server_log(lab.server) if c[0] == 443] == [(443, client_ip, seen["upstream_port"])]
     counters = out["counters"]
-    assert counters["own_upstream"] > 0 and counters["reflected_to_proxy"] > 0 and out["own_ports_left"] == 0
+    assert counters["own_upstream"] > 0
+    assert counters["reflected_to_proxy"] > 0
+    assert out["own_ports_left"] == 0
     assert bool(counters["fast_path"]) == (path == "fast")
 
 
@@ -138,8 +154,8 @@ def test_a_client_bound_to_a_port_above_the_ephemeral_range_is_reflected(lab, fa
 def test_an_excluded_process_is_never_reflected(lab, family, events):
     """/proc names the child without SOCKET events; with cgroup2 the events feed runs too."""
     server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
-    out = run_client(lab.a, "e2e", server_ip, lab.extra[family], "exclude-child",
-                     *(["events"] if events else []), cgroup2=events)
+    out = run_client(lab.a, "e2e", server_ip=server_ip, other_ip=lab.extra[family], exclude_child=True,
+                     events=events, cgroup2=events)
     assert out["events"] == events
     log = server_log(lab.server)
     check_redirected(out, server_ip, client_ip, log)
@@ -154,8 +170,9 @@ def test_an_excluded_process_is_never_reflected(lab, family, events):
 def test_a_new_ai_address_swaps_in_a_handle_without_breaking_a_flow(lab, family, path):
     server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
     other_ip = lab.extra[family]
-    out = run_client(lab.a, "swap", server_ip, other_ip, *(["python-path"] if path == "python" else []))
-    assert out["reflector_error"] is None and out["covered"]
+    out = run_client(lab.a, "swap", server_ip=server_ip, other_ip=other_ip, python_path=path == "python")
+    assert out["reflector_error"] is None
+    assert out["covered"]
     assert out["sending_at_swap"]  # the swap came mid-stream ...
     assert out["first"]["intact"], out["first"]  # ... and the flow carried on, byte for byte
     counters = out["counters"]
@@ -164,9 +181,11 @@ def test_a_new_ai_address_swaps_in_a_handle_without_breaking_a_flow(lab, family,
     # The new address is taken now: the proxy accepted it and dialled the server itself.
     assert [a["peer"] for a in out["accepted"]] == [[server_ip, a["peer"][1]] for a in out["accepted"][:1]] + \
         [[other_ip, other["client_port"]]]
-    assert other["intact"] and other["server_saw"] == [client_ip, out["accepted"][1]["upstream_port"]]
+    assert other["intact"]
+    assert other["server_saw"] == [client_ip, out["accepted"][1]["upstream_port"]]
     # Nothing the old handle held was passed untouched (a stop's drain) or dropped.
-    assert counters["engine"]["drained"] == 0 and counters["engine"]["dropped"] == 0, counters["engine"]
+    assert counters["engine"]["drained"] == 0, counters["engine"]
+    assert counters["engine"]["dropped"] == 0, counters["engine"]
     log = server_log(lab.server)
     assert (443, client_ip, other["client_port"]) not in log
 
@@ -174,14 +193,17 @@ def test_a_new_ai_address_swaps_in_a_handle_without_breaking_a_flow(lab, family,
 def test_a_stream_of_new_addresses_swaps_handles_within_the_budget(lab):
     """Each new address asks for a handle swap; a burst of four, then one per 2 s, each
     taking every address learned meanwhile (on main: one swap per address)."""
-    out = run_client(lab.a, "swap-flood", lab.b_ip4)
-    assert out["reflector_error"] is None and out["covered"]
+    out = run_client(lab.a, "swap-flood", server_ip=lab.b_ip4)
+    assert out["reflector_error"] is None
+    assert out["covered"]
     filter = out["counters"]["filter"]
-    assert filter["addresses"] == 49 and filter["mode"] == "addresses"
+    assert filter["addresses"] == 49
+    assert filter["mode"] == "addresses"
     # The first handle, a burst of 4, and one more per 2 s from the start.
     assert filter["handles"] <= 1 + 4 + int(out["seconds"] / 2.0) + 1, (filter, out["seconds"])
     assert filter["swaps_deferred"] >= 1
-    assert out["ai"]["intact"] and out["accepted"] == 1
+    assert out["ai"]["intact"]
+    assert out["accepted"] == 1
 
 
 PROBE = """
@@ -196,7 +218,7 @@ def test_a_sensor_killed_at_a_swap_fails_open_and_aborts_what_it_carried(lab, tm
     """Killed while both handles live (either guardian may act), or once the old one is
     closed (only the successor's guardian can abort the flow it inherited)."""
     result = tmp_path / "waiter.json"
-    out = run_and_die(lab, "swap-kill", lab.b_ip4, lab.extra[4], str(result), when)
+    out = run_and_die(lab, "swap-kill", server_ip=lab.b_ip4, other_ip=lab.extra[4], result_path=result, when=when)
     assert out == {"connected": True, "covered": True, "handles": 2, "accepted": 1,
                    **({"live": 1} if when == "after-swap" else {})}
     check_failed_open(lab, result)
@@ -206,13 +228,14 @@ def test_a_sensor_killed_before_it_adopts_a_flow_the_ring_opened_aborts_it(lab, 
     """The ring opened the flow on its SYN and the handshake completed, but the flow
     table never heard of it: the ring itself told the guardian."""
     result = tmp_path / "waiter.json"
-    out = run_and_die(lab, "syn-kill", lab.b_ip4, str(result))
+    out = run_and_die(lab, "syn-kill", server_ip=lab.b_ip4, result_path=result)
     assert out == {"connected": True, "opened": [1, 1], "flows": 0}
     check_failed_open(lab, result)
 
 
-def run_and_die(lab, *args) -> dict:
-    done = subprocess.run(lab.a.cmd(sys.executable, str(AGENTS / "redirect_client.py"), *args),
+def run_and_die(lab, scenario: str, **options) -> dict:
+    argv = [sys.executable, str(AGENTS / "redirect_client.py"), *agent_args(scenario, **options)]
+    done = subprocess.run(lab.a.cmd(*argv),
                           capture_output=True, text=True, timeout=60)
     lab.killed = time.time()
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
@@ -231,38 +254,52 @@ def check_failed_open(lab, result: Path) -> None:
             recovered = time.time() - lab.killed
             break
         time.sleep(0.02)
-    assert recovered is not None and recovered < 1.0, recovered
+    assert recovered is not None, recovered
+    assert recovered < 1.0, recovered
     deadline = time.time() + 10
     while not result.exists() and time.time() < deadline:
         time.sleep(0.05)
     assert result.exists(), "the carried connection was not aborted: it still waits"
     ended = json.loads(result.read_text())
-    assert ended["outcome"] != "data" and ended["ended_at"] - lab.killed < 3, ended
+    assert ended["outcome"] != "data", ended
+    assert ended["ended_at"] - lab.killed < 3, ended
 
 
 def test_more_addresses_than_a_filter_holds_fall_back_to_the_port(lab):
-    out = run_client(lab.a, "overflow", lab.b_ip4, lab.extra[4])
+    out = run_client(lab.a, "overflow", server_ip=lab.b_ip4, other_ip=lab.extra[4])
     start = out["filter_at_start"]
-    assert start["mode"] == "ports" and start["why_ports"].startswith("2 AI addresses") and start["handles"] == 1
-    assert out["covered"] and out["counters"]["filter"]["handles"] == 1  # no swap in port mode
-    assert out["ai"]["intact"] and [a["peer"][0] for a in out["accepted"]] == [lab.b_ip4]
-    assert out["other"]["intact"] and out["diverted_other"] > 0
+    assert start["mode"] == "ports"
+    assert start["why_ports"].startswith("2 AI addresses")
+    assert start["handles"] == 1
+    # no swap in port mode
+    assert out["covered"]
+    assert out["counters"]["filter"]["handles"] == 1
+    assert out["ai"]["intact"]
+    assert [a["peer"][0] for a in out["accepted"]] == [lab.b_ip4]
+    assert out["other"]["intact"]
+    assert out["diverted_other"] > 0
     assert out["counters"]["fast_path"]["not_ai"] > 0
 
 
 def test_addresses_nobody_names_any_more_are_let_go_but_not_under_an_open_flow(lab):
     client_ip = lab.a_ip4
-    out = run_client(lab.a, "expire", lab.b_ip4, lab.extra[4])
+    out = run_client(lab.a, "expire", server_ip=lab.b_ip4, other_ip=lab.extra[4])
     assert out["reflector_error"] is None
     assert out["mode_at_start"] == "ports"  # two addresses, room for one
     assert out["kept_while_open"]
     # The other one went, and with one address left the filter names it again.
     first = out["filter_after_first"]
-    assert first["mode"] == "addresses" and first["addresses"] == 1 and first["handles"] == 2
+    assert first["mode"] == "addresses"
+    assert first["addresses"] == 1
+    assert first["handles"] == 2
     assert out["echo"] == "still carried after the swap"
     other = out["other"]
-    assert other["intact"] and other["server_saw"] == [client_ip, other["client_port"]] and out["diverted_other"] == 0
-    assert out["all_gone"] and out["filter_at_end"]["addresses"] == 0 and out["counts"]["expired"] == 2
+    assert other["intact"]
+    assert other["server_saw"] == [client_ip, other["client_port"]]
+    assert out["diverted_other"] == 0
+    assert out["all_gone"]
+    assert out["filter_at_end"]["addresses"] == 0
+    assert out["counts"]["expired"] == 2
     assert [a["peer"][0] for a in out["accepted"]] == [lab.b_ip4]
 
 
@@ -272,7 +309,7 @@ def test_dns_answers_on_the_wire_teach_the_address_set(veth_pair, family):
                                stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "ready"
-        out = run_client(veth_pair.a, "dns", veth_pair.b_ip4 if family == 4 else veth_pair.b_ip6)
+        out = run_client(veth_pair.a, "dns", server_ip=veth_pair.b_ip4 if family == 4 else veth_pair.b_ip6)
     finally:
         server.kill()
         server.wait()
@@ -281,7 +318,9 @@ def test_dns_answers_on_the_wire_teach_the_address_set(veth_pair, family):
     # and neither it nor bad.test (an answer cut short) is an AI name, so no query is kept.
     assert out["learned"] == ["10.77.0.1", "fd77::1"], out
     counts = out["counts"]
-    assert counts["responses"] == 4 and counts["queries"] == 2 and counts["matched"] == 2, counts
+    assert counts["responses"] == 4, counts
+    assert counts["queries"] == 2, counts
+    assert counts["matched"] == 2, counts
     assert counts["unsolicited"] == counts["wrong_question"] == counts["pending"] == 0
 
 
@@ -301,27 +340,32 @@ def test_a_forged_dns_answer_without_a_query_teaches_nothing(veth_pair, family):
         ifname = lab.b.run("ip", "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0]
         lab.b.run("ip", "addr", "add", f"{silent_ip}/{24 if family == 4 else 64}", "dev", ifname,
                   *(["nodad"] if family == 6 else []))
-        out = run_client(lab.a, "dns-spoof", server_ip, silent_ip, client_ip, lab.b.name)
+        out = run_client(lab.a, "dns-spoof", server_ip=server_ip, silent_ip=silent_ip, client_ip=client_ip,
+                         spoof_ns=lab.b.name)
     finally:
         dns.kill()
         dns.wait()
     spoofed = ["fd66::1", "fd66::2", "fd66::3"] if family == 6 else ["10.66.0.1", "10.66.0.2", "10.66.0.3"]
     real = "fd77::1" if family == 6 else "10.77.0.1"
-    assert out["after_unsolicited"] == [] and out["after_wrong_id"] == [], out
+    assert out["after_unsolicited"] == [], out
+    assert out["after_wrong_id"] == [], out
     assert out["after_matching"] == [spoofed[2]]
     assert out["learned"] == sorted([spoofed[2], real])
     counts = out["counts"]
-    assert counts["unsolicited"] == 2 and counts["matched"] == 2 and counts["responses"] == 4, counts
+    assert counts["unsolicited"] == 2, counts
+    assert counts["matched"] == 2, counts
+    assert counts["responses"] == 4, counts
 
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_a_whole_redirector_takes_a_server_once_dns_names_it_an_ai_endpoint(lab, family):
     server_ip, client_ip = (lab.b_ip4, lab.a_ip4) if family == 4 else (lab.b_ip6, lab.a_ip6)
-    dns = lab.b.popen(sys.executable, str(AGENTS / "redirect_server.py"), "dns", lab.b_ip4, lab.b_ip6,
+    dns = lab.b.popen(sys.executable, str(AGENTS / "redirect_server.py"),
+                      *agent_args("dns", answer_a=lab.b_ip4, answer_aaaa=lab.b_ip6),
                       stdout=subprocess.PIPE, text=True)
     try:
         assert dns.stdout.readline().strip() == "ready"
-        out = run_client(lab.a, "learned", server_ip)
+        out = run_client(lab.a, "learned", server_ip=server_ip)
     finally:
         dns.kill()
         dns.wait()
@@ -331,5 +375,6 @@ def test_a_whole_redirector_takes_a_server_once_dns_names_it_an_ai_endpoint(lab,
     assert out["learned"], json.dumps(out["counters"]["dns"])  # the counters say what the watcher saw
     assert out["counters"]["dns"]["held"] >= 1
     assert [a["peer"] for a in out["accepted"]] == [[server_ip, after["client_port"]]]
-    assert after["intact"] and after["server_saw"] == [client_ip, out["accepted"][0]["upstream_port"]]
+    assert after["intact"]
+    assert after["server_saw"] == [client_ip, out["accepted"][0]["upstream_port"]]
     assert out["counters"]["dns"]["learned"] >= 1

@@ -45,9 +45,13 @@ def test_connect_upstream_registers_the_port_the_server_sees(family, host):
     sock = connect_upstream(host, server.getsockname()[1], own)
     thread.join(5)
     port = sock.getsockname()[1]
-    assert seen == [port] and own.holds(port, family) and len(own) == 1
+    assert seen == [port]
+    assert own.holds(port, family)
+    assert len(own) == 1
     own.close(sock)
-    assert not own.holds(port, family) and len(own) == 0 and sock.fileno() == -1
+    assert not own.holds(port, family)
+    assert len(own) == 0
+    assert sock.fileno() == -1
     server.close()
 
 
@@ -61,7 +65,8 @@ def test_open_upstream_does_not_block_the_loop_and_registers():
 
     sock, registered = asyncio.run(main())
     thread.join(5)
-    assert registered and seen == [sock.getsockname()[1]]
+    assert registered
+    assert seen == [sock.getsockname()[1]]
     own.close(sock)
     assert len(own) == 0
     server.close()
@@ -75,7 +80,8 @@ def test_a_failed_connect_leaves_no_port_registered():
     probe.close()
     with pytest.raises(OSError):
         connect_upstream("127.0.0.1", closed_port, own, timeout=2)
-    assert len(own) == 0 and not own.mask.any()
+    assert len(own) == 0
+    assert not own.mask.any()
 
 
 def test_a_port_shared_by_two_sockets_stays_registered_until_both_go():
@@ -84,23 +90,33 @@ def test_a_port_shared_by_two_sockets_stays_registered_until_both_go():
     own.register(5000, socket.AF_INET)
     own.register(5000, socket.AF_INET6)
     own.unregister(5000, socket.AF_INET)
-    assert own.holds(5000, socket.AF_INET) and own.mask[5000] == 3
+    assert own.holds(5000, socket.AF_INET)
+    assert own.mask[5000] == 3
     own.unregister(5000, socket.AF_INET)
-    assert not own.holds(5000, socket.AF_INET) and own.holds(5000, socket.AF_INET6) and own.mask[5000] == 2
+    assert not own.holds(5000, socket.AF_INET)
+    assert own.holds(5000, socket.AF_INET6)
+    assert own.mask[5000] == 2
     own.unregister(5000, socket.AF_INET6)
-    assert own.mask[5000] == 0 and len(own) == 0
+    assert own.mask[5000] == 0
+    assert len(own) == 0
 
 
 def test_process_filter_rules():
     everyone = ProcessFilter()
-    assert not everyone.active and everyone.allows(None, None)
+    assert not everyone.active
+    assert everyone.allows(None, None)
     only = ProcessFilter(include="python,node")
-    assert only.allows(1, "Python") and only.allows(2, "node") and not only.allows(3, "chrome")
+    assert only.allows(1, "Python")
+    assert only.allows(2, "node")
+    assert not only.allows(3, "chrome")
     assert not only.allows(None, None)  # unknown owner: not in the include list
     but_not = ProcessFilter(include="python", exclude=["42"])
-    assert but_not.allows(41, "python") and not but_not.allows(42, "python")
+    assert but_not.allows(41, "python")
+    assert not but_not.allows(42, "python")
     no_chrome = ProcessFilter(exclude="chrome, 7")
-    assert no_chrome.allows(None, None) and not no_chrome.allows(5, "chrome") and not no_chrome.allows(7, "x")
+    assert no_chrome.allows(None, None)
+    assert not no_chrome.allows(5, "chrome")
+    assert not no_chrome.allows(7, "x")
 
 
 def test_reflector_filter_names_every_server_and_proxy_port():
@@ -132,7 +148,8 @@ def test_no_other_socket_can_send_from_a_registered_port():
         v6 = socket.socket(socket.AF_INET6)
         v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         v6.bind(("::", port))
-        assert own.holds(port, socket.AF_INET) and not own.holds(port, socket.AF_INET6)
+        assert own.holds(port, socket.AF_INET)
+        assert not own.holds(port, socket.AF_INET6)
         v6.close()
     own.close(sock)
     server.close()
@@ -147,9 +164,11 @@ def test_the_swap_budget_allows_a_burst_then_one_per_period():
     assert [budget.take() for _ in range(4)] == [True, True, True, False]
     assert budget.ready_in() == pytest.approx(2.0)
     now[0] += 1.0
-    assert not budget.take() and budget.ready_in() == pytest.approx(1.0)
+    assert not budget.take()
+    assert budget.ready_in() == pytest.approx(1.0)
     now[0] += 1.0
-    assert budget.take() and not budget.take()
+    assert budget.take()
+    assert not budget.take()
     now[0] += 60.0  # a long quiet spell refills the burst, no more
     assert [budget.take() for _ in range(4)] == [True, True, True, False]
 
@@ -169,7 +188,10 @@ def test_the_dns_hold_does_not_wait_for_a_swap_the_budget_cannot_give_in_time():
     waited = []
     reflector = Reflector(TargetSet(), FlowTable(), OwnPorts())
     reflector.succession.covered_changed = Recording()
-    assert not reflector.wait_covered(1, timeout=1.0) and waited == [1.0]  # a swap may come: it waits
+    # a swap may come: it waits
+    assert not reflector.wait_covered(1, timeout=1.0)
+    assert waited == [1.0]
     while reflector.succession.budget.take():
         pass
-    assert not reflector.wait_covered(1, timeout=1.0) and waited == [1.0, 0.0]
+    assert not reflector.wait_covered(1, timeout=1.0)
+    assert waited == [1.0, 0.0]

@@ -22,7 +22,8 @@ def test_recent_owner_is_found_through_the_socket_inode():
     assert resolver.counts["by_proc_scan"] == 1
     second = socket.create_connection(server.getsockname())
     assert resolver.owner("127.0.0.1", second.getsockname()[1])[0] == os.getpid()
-    assert resolver.counts["by_recent_owner"] == 1 and resolver.counts["by_proc_scan"] == 1
+    assert resolver.counts["by_recent_owner"] == 1
+    assert resolver.counts["by_proc_scan"] == 1
     # Another process's socket is not pinned on a recent owner: the scan finds the real one.
     child = subprocess.Popen([sys.executable, "-c", "import socket,sys,time; s=socket.create_connection("
                               f"('127.0.0.1',{server.getsockname()[1]})); print(s.getsockname()[1], flush=True); "

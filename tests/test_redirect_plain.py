@@ -54,11 +54,15 @@ def test_ports_from_the_spec_and_plain_values():
                                              parse_plain("198.51.100.1:11434")], resolve)
     assert resolved == ["box"]  # an address literal is not resolved
     assert sorted(ports.ports) == [7000, 8000, 9000, 11434]
-    assert ports.ports[9000].local and ports.ports[9000].provider == "vllm"
-    assert not ports.ports[7000].local and ports.ports[7000].addresses == {"192.0.2.7", "2001:db8::7", "10.1.2.3"}
-    assert ports.ports[11434].local and ports.ports[11434].addresses == {"198.51.100.1"}
+    assert ports.ports[9000].local
+    assert ports.ports[9000].provider == "vllm"
+    assert not ports.ports[7000].local
+    assert ports.ports[7000].addresses == {"192.0.2.7", "2001:db8::7", "10.1.2.3"}
+    assert ports.ports[11434].local
+    assert ports.ports[11434].addresses == {"198.51.100.1"}
     assert ports.describe()[0] == "7000 (no provider named: =ID names one): 10.1.2.3, 192.0.2.7, 2001:db8::7"
-    assert PlainPorts.build([], [], resolve).clause() is None and not PlainPorts()
+    assert PlainPorts.build([], [], resolve).clause() is None
+    assert not PlainPorts()
     with pytest.raises(PlainSpecError, match="link-local"):
         PlainPorts.build([], [parse_plain("[fe80::1]:8000")], resolve)
     mixed = PlainPorts.build([], [parse_plain("box:8000")], lambda host: ["fe80::2%eth0", "10.0.0.9"])
@@ -96,21 +100,29 @@ def test_the_filter_takes_local_ranges_and_named_hosts_only(backend):
 
     for network in LOCAL_NETWORKS:
         first, last = network.network_address, network.broadcast_address
-        assert taken(str(first), 11434) and taken(str(last), 11434), network
+        assert taken(str(first), 11434), network
+        assert taken(str(last), 11434), network
         for outside in (int(first) - 1, int(last) + 1):
             neighbour = ipaddress.ip_address(outside)
             if not is_local(str(neighbour)):
                 assert not taken(str(neighbour), 11434), neighbour
-    assert not taken("8.8.8.8", 11434) and not taken("2001:db8::1", 11434)
+    assert not taken("8.8.8.8", 11434)
+    assert not taken("2001:db8::1", 11434)
     assert not taken("fe80::1", 11434)  # link-local: the upstream would need a scope id
-    assert taken("198.51.100.1", 7000) and not taken("198.51.100.1", 11434) and not taken("10.0.0.1", 7000)
-    assert taken("192.0.2.1", 443) and not taken("10.0.0.1", 443)  # the AI port still names its addresses
+    assert taken("198.51.100.1", 7000)
+    assert not taken("198.51.100.1", 11434)
+    assert not taken("10.0.0.1", 7000)
+    # the AI port still names its addresses
+    assert taken("192.0.2.1", 443)
+    assert not taken("10.0.0.1", 443)
 
 
 def test_the_spec_lists_local_servers_and_names_a_port():
     spec = default_spec()
     assert {11434, 1234, 8000, 8080, 30000} <= set(spec.local_ports())
-    assert 3000 not in spec.local_ports() and 5000 not in spec.local_ports()  # every web dev server's
+    # every web dev server's
+    assert 3000 not in spec.local_ports()
+    assert 5000 not in spec.local_ports()
     assert spec.match("127.0.0.1:8080", "/v1/chat/completions").provider_id == "llamacpp"
     assert spec.match("127.0.0.1:9000", "/v1/chat/completions") is None  # no provider, no body
     named = spec.with_port_providers({9000: "vllm"})
@@ -136,9 +148,11 @@ def test_the_reflector_takes_any_destination_of_a_plaintext_port(small, monkeypa
     batch = Batch(packets, [True, True, True])
     batch.addresses["bits"][1] |= IPV6
     reflector.process(batch)
-    assert batch.verdicts.tolist()[:2] != [0, 0] and batch.verdicts[2] == 0
+    assert batch.verdicts.tolist()[:2] != [0, 0]
+    assert batch.verdicts[2] == 0
     rows = batch.rows
-    assert rows["dst_port"].tolist()[:2] == [30001, 30001] and rows["dst_port"][2] == 443
+    assert rows["dst_port"].tolist()[:2] == [30001, 30001]
+    assert rows["dst_port"][2] == 443
     assert sorted(e.key[1] for e in reflector.flows.entries()) == [40000, 40001]
 
 
@@ -176,9 +190,12 @@ def test_oisp_check_says_which_local_servers_and_ports_are_watched(tmp_path):
     assert {"port": 11434, "provider": "ollama"} in watched["plain"]
     assert {"port": 8080, "provider": "llamacpp"} in watched["plain"]
     assert {"localai", "tgi"} <= set(watched["plain_by_option"])
-    assert "127.0.0.0/8" in watched["plain_networks"] and "fc00::/7" in watched["plain_networks"]
+    assert "127.0.0.0/8" in watched["plain_networks"]
+    assert "fc00::/7" in watched["plain_networks"]
     text = subprocess.run([sys.executable, "-m", "oisp", "check"], capture_output=True, text=True, timeout=60).stdout
-    assert ":11434 ollama" in text and ":1234 lmstudio" in text and "--plain PORT=ID" in text
+    assert ":11434 ollama" in text
+    assert ":1234 lmstudio" in text
+    assert "--plain PORT=ID" in text
     # A spec of one's own: its ports are the ones shown.
     spec = json.loads((Path(__file__).parents[1] / "oisp" / "spec" / "ai_endpoints.json").read_text())
     spec["providers"] = [p for p in spec["providers"] if p["id"] in ("openai", "ollama")]

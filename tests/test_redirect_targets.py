@@ -125,17 +125,22 @@ def test_membership_over_a_batch_column_both_families():
 def test_the_set_is_bounded_and_counts_what_did_not_fit():
     targets = TargetSet(max_addresses=2)
     targets.add(["10.0.0.1", "10.0.0.2", "10.0.0.3"])
-    assert len(targets) == 2 and targets.counts["full"] == 1
+    assert len(targets) == 2
+    assert targets.counts["full"] == 1
 
 
 def test_addresses_dns_alone_names_are_capped_below_the_filters_size():
     targets = TargetSet(["10.0.0.1"], max_learned=2)
     assert targets.add(["10.1.0.1", "10.1.0.2", "10.1.0.3"], learned=True) == 2
-    assert targets.counts["learned_full"] == 1 and len(targets) == 3
-    assert targets.add(["10.1.0.1"], learned=True) == 0 and targets.counts["learned_full"] == 1  # known: renamed
+    assert targets.counts["learned_full"] == 1
+    assert len(targets) == 3
+    # known: renamed
+    assert targets.add(["10.1.0.1"], learned=True) == 0
+    assert targets.counts["learned_full"] == 1
     # A resolution naming a learned address takes it off the learned count; others are not capped.
     assert targets.add(["10.1.0.1", "10.2.0.1", "10.2.0.2"]) == 2
-    assert targets.add(["10.1.0.4"], learned=True) == 1 and targets.add(["10.1.0.5"], learned=True) == 0
+    assert targets.add(["10.1.0.4"], learned=True) == 1
+    assert targets.add(["10.1.0.5"], learned=True) == 0
     # Expiry frees room.
     targets.expire(float("inf"))
     assert targets.add(["10.1.0.5"], learned=True) == 1
@@ -145,7 +150,8 @@ def test_addresses_dns_alone_names_are_capped_below_the_filters_size():
 def test_startup_resolution_counts_failures_and_is_bounded():
     targets = TargetSet()
     counts = resolve_hosts(["localhost", "no-such-host.invalid"], targets, timeout=5.0)
-    assert counts["resolved"] == 1 and counts["failed"] + counts["timed_out"] == 1
+    assert counts["resolved"] == 1
+    assert counts["failed"] + counts["timed_out"] == 1
     assert "127.0.0.1" in targets
 
 
@@ -157,8 +163,10 @@ def test_learned_addresses_expire_unless_named_again_kept_or_given():
     keep = [row_key("10.0.0.4")]  # e.g. an open flow's server
     assert targets.expire(150.0, keep) == [row_key("10.0.0.2")]
     assert set(map(str, targets.addresses())) == {"10.0.0.1", "10.0.0.3", "10.0.0.4"}
-    assert targets.generation == generation + 1 and targets.counts["expired"] == 1
-    assert targets.expire(150.0, keep) == [] and targets.generation == generation + 1
+    assert targets.generation == generation + 1
+    assert targets.counts["expired"] == 1
+    assert targets.expire(150.0, keep) == []
+    assert targets.generation == generation + 1
     column = np.array([np.frombuffer(row_key(a), dtype=np.uint8) for a in ("10.0.0.2", "10.0.0.3")])
     assert targets.contains(column).tolist() == [False, True]
     assert sorted(targets.expire(1e12)) == sorted([row_key("10.0.0.3"), row_key("10.0.0.4")])

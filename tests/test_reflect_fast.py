@@ -59,7 +59,8 @@ def test_reflects_both_ways_with_valid_checksums(family):
     assert action == TO_PROXY
     got = L(out)
     assert (got.src, got.dst, got[TCP].sport, got[TCP].dport) == (server, client, 40000, 8443)
-    assert bytes(got[TCP].payload) == b"hello" * 51 and got[TCP].seq == 7
+    assert bytes(got[TCP].payload) == b"hello" * 51
+    assert got[TCP].seq == 7
     recomputed = L(out)
     del recomputed[TCP].chksum
     if family == 4:
@@ -87,13 +88,16 @@ def test_fins_and_rsts_are_reflected_and_reported(family):
     L, v6 = layer(family), family == 6
     key = (row_key(server), 40000, 8443)
     fin_c, fin_p, rst = FastPath.FIN_CLIENT, FastPath.FIN_PROXY, FastPath.RST
-    assert len({fin_c, fin_p, rst}) == 3 and not (fin_c & fin_p or fin_c & rst or fin_p & rst)  # bits of their own
+    # bits of their own
+    assert len({fin_c, fin_p, rst}) == 3
+    assert not (fin_c & fin_p or fin_c & rst or fin_p & rst)
     for flags, action, sport, dport, ends in (("FA", TO_PROXY, 40000, 443, fin_c), ("F", TO_PROXY, 40000, 443, fin_c),
                                               ("FA", TO_CLIENT, 8443, 40000, fin_p), ("R", TO_PROXY, 40000, 443, rst),
                                               ("RA", TO_CLIENT, 8443, 40000, rst)):
         packet = bytes(L(src=client, dst=server) / TCP(sport=sport, dport=dport, flags=flags))
         assert fast.decide(packet, address(v6=v6))[0] == action, flags
-        assert fast.take_ends(*key) == ends and fast.take_ends(*key) == 0
+        assert fast.take_ends(*key) == ends
+        assert fast.take_ends(*key) == 0
     fin_client = bytes(L(src=client, dst=server) / TCP(sport=40000, dport=443, flags="FA"))
     fin_proxy = bytes(L(src=client, dst=server) / TCP(sport=8443, dport=40000, flags="FA"))
     fast.decide(fin_client, address(v6=v6))
@@ -138,7 +142,8 @@ def test_with_the_targets_loaded_other_addresses_pass_in_c(family):
     to_other = bytes(L(src=client, dst=other) / TCP(sport=40000, dport=443, flags="PA") / b"not ai")
     assert fast.decide(to_other, address(v6=v6))[0] == SLOW  # no targets yet: Python decides
     fast.add_targets([row_key(server)], enable=True)
-    assert fast.targets == 1 and fast.flows() == 1
+    assert fast.targets == 1
+    assert fast.flows() == 1
     for flags in ("S", "PA", "FA", "R"):
         packet = bytes(L(src=client, dst=other) / TCP(sport=40000, dport=443, flags=flags))
         addr = address(v6=v6)
@@ -174,18 +179,23 @@ def test_opens_flows_on_clients_syns_and_reports_each_once(family):
     batch = Batch([syn], [True])
     batch.addresses["bits"] |= IPV6 if v6 else 0
     python.process(batch)
-    assert action == TO_PROXY and out == batch.data.tobytes() and addr == batch.addresses.tobytes()
+    assert action == TO_PROXY
+    assert out == batch.data.tobytes()
+    assert addr == batch.addresses.tobytes()
     [(server_key, client_key, client_port, proxy_port, server_port, version, created)] = fast.take_opened()
     assert (server_key, client_key, client_port, proxy_port, server_port, version) == \
         (row_key(server), row_key(client), 40000, 8443, 443, family)
     assert before - 0.01 <= created <= time.time() + 0.01
-    assert fast.opened == (1, 0) and fast.flows() == 1
+    assert fast.opened == (1, 0)
+    assert fast.flows() == 1
 
     def syn_again(port=40000):
         return fast.decide(bytes(L(src=client, dst=server) / TCP(sport=port, dport=443, flags="S")),
                                 address(v6=v6))[0]
 
-    assert syn_again() == TO_PROXY and fast.take_opened() == []  # retransmitted
+    # retransmitted
+    assert syn_again() == TO_PROXY
+    assert fast.take_opened() == []
     key = (row_key(server), 40000, 8443)
     for ending in (("FA", "FA"), ("R",), ("closed by python",)):
         for i, flags in enumerate(ending):
@@ -200,14 +210,18 @@ def test_opens_flows_on_clients_syns_and_reports_each_once(family):
         assert fast.take_ends(*key) == 0  # the old connection's ends went with it
     half = bytes(L(src=client, dst=server) / TCP(sport=40000, dport=443, flags="FA"))
     fast.decide(half, address(v6=v6))
-    assert syn_again() == TO_PROXY and fast.take_opened() == []  # half-closed is not closed
+    # half-closed is not closed
+    assert syn_again() == TO_PROXY
+    assert fast.take_opened() == []
     # Python opened a new connection on the port itself (e.g. with the queue full): forget the old.
     fast.mark_closed(*key)
     assert fast.add(*key, reopen=True)
-    assert syn_again() == TO_PROXY and fast.take_opened() == []
+    assert syn_again() == TO_PROXY
+    assert fast.take_opened() == []
     fast.mark_closed(*key)
     assert fast.add(*key)  # without reopen the ring keeps what it saw
-    assert syn_again() == TO_PROXY and len(fast.take_opened()) == 1
+    assert syn_again() == TO_PROXY
+    assert len(fast.take_opened()) == 1
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -222,7 +236,8 @@ def test_syns_the_ring_must_not_open_go_to_python(family):
     fast.open_syns(False)  # a process filter: Python decides
     syn = bytes(L(src=client, dst=server) / TCP(sport=40000, dport=443, flags="S"))
     assert fast.decide(syn, address(v6=v6))[0] == SLOW
-    assert fast.opened == (0, 0) and fast.flows() == 0
+    assert fast.opened == (0, 0)
+    assert fast.flows() == 0
 
 
 def test_a_full_queue_or_table_leaves_the_syn_to_python():
@@ -235,11 +250,14 @@ def test_a_full_queue_or_table_leaves_the_syn_to_python():
         return fast.decide(packet, address())[0]
 
     assert [syn(20000 + i) for i in range(queue)] == [TO_PROXY] * queue
-    assert syn(30000) == SLOW and fast.opened == (queue, queue)  # the queue is full
+    # the queue is full
+    assert syn(30000) == SLOW
+    assert fast.opened == (queue, queue)
     assert syn(20000) == TO_PROXY  # a retransmission needs no room
     opened = fast.take_opened()
     assert [o[2] for o in opened] == list(range(20000, 20000 + queue))  # oldest first
-    assert syn(30000) == TO_PROXY and fast.opened == (queue + 1, 1)
+    assert syn(30000) == TO_PROXY
+    assert fast.opened == (queue + 1, 1)
     small = syn_ring(max_flows=4)  # 16 slots (the least), at most 8 entries: 2 targets + 6 flows
     packets = [bytes(IP(src=CLIENT[4], dst=server) / TCP(sport=p, dport=443, flags="S")) for p in range(1, 8)]
     assert [small.decide(p, address())[0] for p in packets] == [TO_PROXY] * 6 + [SLOW]
@@ -253,7 +271,8 @@ def test_a_full_table_turns_the_target_shortcut_off_for_good():
     other = bytes(IP(src="10.9.9.9", dst="10.2.0.1") / TCP(sport=40000, dport=443, flags="A"))
     assert fast.decide(other, address())[0] == PASS_OTHER
     fast.add_targets([row_key("10.1.0.8")])  # does not fit: an AI address the table cannot hold
-    assert fast.targets_failed and fast.decide(other, address())[0] == SLOW
+    assert fast.targets_failed
+    assert fast.decide(other, address())[0] == SLOW
     fast.add_targets([], enable=True)
     assert fast.decide(other, address())[0] == SLOW
 
@@ -273,7 +292,8 @@ def test_passes_the_proxys_own_upstream_unchanged():
     assert fast.decide(v6, address(v6=True))[0] == PASS
     own.register(OWN_PORT, socket.AF_INET)
     own.unregister(OWN_PORT, socket.AF_INET6)
-    assert fast.decide(v6, address(v6=True))[0] == SLOW and fast.decide(packet, addr)[0] == PASS
+    assert fast.decide(v6, address(v6=True))[0] == SLOW
+    assert fast.decide(packet, addr)[0] == PASS
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -292,7 +312,8 @@ def test_same_bytes_as_the_python_reflector(seed):
         for port in (40000, 40001):
             syn = layer(family)(src=CLIENT[family], dst=SERVERS[family][0]) / TCP(sport=port, dport=443, flags="S")
             python.process(Batch([bytes(syn)], [True]))
-    assert len(python.flows) == 4 and fast.flows() == 4
+    assert len(python.flows) == 4
+    assert fast.flows() == 4
     taken = 0
     for _ in range(400):
         family = rng.choice((4, 6))
@@ -377,7 +398,9 @@ def test_api_errors_are_clear():
         fast.add(b"\1\2\3\4", 1, 8443)
     with pytest.raises(ValueError, match="already"):
         ring.enable_fast({443: 8443}, np.zeros(65536, dtype=bool), 8)
-    assert ring.fast.add(row_key("10.0.0.1"), 1, 8443) and fast.flows() == 1  # one table, however reached
+    # one table, however reached
+    assert ring.fast.add(row_key("10.0.0.1"), 1, 8443)
+    assert fast.flows() == 1
 
 
 def test_the_fast_path_reads_the_address_bits_python_writes():
@@ -386,11 +409,14 @@ def test_the_fast_path_reads_the_address_bits_python_writes():
     assert FastPath.OUTBOUND == OUTBOUND
     own = OwnPorts()
     own.register(OWN_PORT, socket.AF_INET6)
-    assert own.mask[OWN_PORT] == FastPath.OWN_IPV6 and FastPath.OWN_IPV4 != FastPath.OWN_IPV6
+    assert own.mask[OWN_PORT] == FastPath.OWN_IPV6
+    assert FastPath.OWN_IPV4 != FastPath.OWN_IPV6
 
 
 def test_the_fast_path_keeps_its_ring_alive():
     """A FastPath is a view of its ring's table and lock: holding it must keep both."""
     fast = ReceiveRing(0, 0, 0, 0, nslots=2).enable_fast({443: 8443}, np.zeros(65536, dtype=bool), 8)
     gc.collect()
-    assert fast.add(row_key("10.0.0.1"), 1, 8443) and fast.flows() == 1 and fast.ring.fast.flows() == 1
+    assert fast.add(row_key("10.0.0.1"), 1, 8443)
+    assert fast.flows() == 1
+    assert fast.ring.fast.flows() == 1

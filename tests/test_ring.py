@@ -28,7 +28,8 @@ def test_a_stopped_ring_returns_at_once():
     taker = threading.Thread(target=lambda: results.append(ring.take(-1)), daemon=True)
     taker.start()
     taker.join(10)
-    assert not taker.is_alive() and results == [-1]
+    assert not taker.is_alive()
+    assert results == [-1]
 
 
 def test_a_slot_the_consumer_does_not_hold_cannot_be_handed_back():

@@ -207,7 +207,8 @@ def _run(mode, tmp, s, listener, provider, failing, json_out, pretty_out, otlp):
     relay.start()
     client_out, client_err = client.communicate(timeout=30)
     relay.join(30)
-    assert client.returncode == 0 and client_out.split()[0] == "401", client_err
+    assert client.returncode == 0, client_err
+    assert client_out.split()[0] == "401", client_err
     time.sleep(0.3)  # the failing webhooks' one attempt each
     fan.close()
     report = json.dumps(fan.report())
@@ -218,7 +219,8 @@ def test_the_traffic_really_went_through_every_sink(outputs):
     kinds = [e["event_type"] for e in outputs["events"]]
     assert {"ai.request", "ai.response", "network.flow"} <= set(kinds)
     request = next(e for e in outputs["events"] if e["event_type"] == "ai.request")
-    assert request["process"]["cmdline_args"][0] == sys.executable and request["data"]["auth"]["key_hash"]
+    assert request["process"]["cmdline_args"][0] == sys.executable
+    assert request["data"]["auth"]["key_hash"]
     texts = outputs["texts"]
     assert texts["jsonl"].count("\n") == len(kinds) == texts["stdout_json"].count("\n")
     assert sum(len(json.loads(b)) for b in Receiver.bodies) == len(kinds)  # the env's webhook got them all
@@ -226,7 +228,8 @@ def test_the_traffic_really_went_through_every_sink(outputs):
     assert report["webhook"]["lost"] >= len(kinds)  # the failing ones did fail, and said so
     assert "events lost" in texts["logs"]
     if outputs["otlp_logs"] is not None:
-        assert outputs["otlp_logs"] == len(kinds) and report["otlp"]["emitted"] == len(kinds)
+        assert outputs["otlp_logs"] == len(kinds)
+        assert report["otlp"]["emitted"] == len(kinds)
 
 
 @pytest.mark.parametrize("place", sorted(SECRETS))
@@ -307,7 +310,8 @@ def test_oisp_record_recorded_the_call(recorded):
     request = next(e for e in events if e["event_type"] == "ai.request")
     assert request["process"]["cmdline_args"][:2] == [sys.executable, "-c"]
     assert request["data"]["auth"]["key_hash"].startswith("sha256:")
-    assert "sink webhook lost" in recorded["texts"]["stderr"] and "http://127.0.0.1:9" in recorded["texts"]["stderr"]
+    assert "sink webhook lost" in recorded["texts"]["stderr"]
+    assert "http://127.0.0.1:9" in recorded["texts"]["stderr"]
     assert recorded["texts"]["stdout"].count("\n") == len(events)
     assert RECORD_SECRETS["prompt_fireworks"] in recorded["client"]  # echoed: it travelled both ways
 
@@ -317,4 +321,5 @@ def test_oisp_record_recorded_the_call(recorded):
 def test_no_secret_in_what_oisp_record_wrote(recorded, place):
     secret = RECORD_SECRETS[place]
     for name, text in recorded["texts"].items():
-        assert secret not in text and secret[6:22] not in text, (place, name)
+        assert secret not in text, (place, name)
+        assert secret[6:22] not in text, (place, name)

@@ -95,12 +95,16 @@ def test_stop_while_a_batch_is_out_and_a_consumer_waits(netns):
     done = netns.run(sys.executable, "-X", "faulthandler", "-c", STOP_WHILE_A_BATCH_IS_OUT, timeout=60, check=False)
     assert done.returncode == 0, f"exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     out = json.loads(done.stdout)
-    assert out["held"] >= 1 and out["received"] == 50
-    assert out["waiter_done"] and out["waited"] == [True]  # the waiting consumer was told: stopped
+    assert out["held"] >= 1
+    assert out["received"] == 50
+    # the waiting consumer was told: stopped
+    assert out["waiter_done"]
+    assert out["waited"] == [True]
     assert out["commit"] == "refused"  # a batch still out when the handle closed is not injected...
     assert out["engine"] == out["ring"] == "refused"  # ...and cannot be handed back twice
     assert out["delivered"] == 50 - out["held"]
-    assert out["adds_up"] and out["held_after"] == out["occupancy"] == 0
+    assert out["adds_up"]
+    assert out["held_after"] == out["occupancy"] == 0
 
 
 # Two engines; a batch taken from one and handed to the other.

@@ -86,13 +86,15 @@ def test_each_exchange_is_one_client_span_equal_to_its_events(receiver, protocol
     requests = {e["data"]["request_id"]: e for e in events if e["event_type"] == "ai.request"}
     spans = by_request(receiver.spans())
     assert len(spans) == len(responses) == len(CASES)
-    assert sink.stats.spans_exported == len(responses) and sink.stats.spans_lost == 0
+    assert sink.stats.spans_exported == len(responses)
+    assert sink.stats.spans_lost == 0
     for response in responses:
         data, request = response["data"], requests[response["data"]["request_id"]]
         span = spans[data["request_id"]]
         a = span["attributes"]
         model = request["data"]["model"]["id"]
-        assert span["name"] == f"{a[sc.OPERATION_NAME]} {model}" and a[sc.REQUEST_MODEL] == model
+        assert span["name"] == f"{a[sc.OPERATION_NAME]} {model}"
+        assert a[sc.REQUEST_MODEL] == model
         assert span["kind"] == "SPAN_KIND_CLIENT"
         # Starts when the request was sent, ends at the response's last byte: the events' times.
         assert int(span["start_time_unix_nano"]) == timestamp_ns(request["ts"])
@@ -109,12 +111,15 @@ def test_each_exchange_is_one_client_span_equal_to_its_events(receiver, protocol
             data["time_to_first_token_ms"] / 1000 if "time_to_first_token_ms" in data else None)
         assert a[sc.REQUEST_STREAM] is request["data"]["streaming"]
         assert span["schema_url"] == sc.SCHEMA_URL
-        assert span["resource"]["service.name"] == "oisp" and span["resource"]["host.name"]
+        assert span["resource"]["service.name"] == "oisp"
+        assert span["resource"]["host.name"]
         if data["success"]:
-            assert sc.ERROR_TYPE not in a and span["status"].get("code") in (None, "STATUS_CODE_UNSET")
+            assert sc.ERROR_TYPE not in a
+            assert span["status"].get("code") in (None, "STATUS_CODE_UNSET")
         else:
             assert span["status"]["code"] == "STATUS_CODE_ERROR"
-    assert sink.stats.lost == 0 and sink.stats.emitted == len(events)
+    assert sink.stats.lost == 0
+    assert sink.stats.emitted == len(events)
 
 
 def test_the_mapping_decisions_by_hand(receiver) -> None:
@@ -128,10 +133,12 @@ def test_the_mapping_decisions_by_hand(receiver) -> None:
             anthropic[sc.USAGE_CACHE_CREATION_INPUT_TOKENS], anthropic[sc.USAGE_OUTPUT_TOKENS]) == (6156, 4096, 2048, 87)
     assert anthropic[sc.RESPONSE_FINISH_REASONS] == ["stop"]  # end_turn
     assert (anthropic[sc.SERVER_ADDRESS], anthropic[sc.SERVER_PORT]) == ("api.anthropic.com", 443)
-    assert anthropic[sc.REQUEST_MAX_TOKENS] == 1024 and anthropic["oisp.auth.key_prefix"] == "sk-ant-"
+    assert anthropic[sc.REQUEST_MAX_TOKENS] == 1024
+    assert anthropic["oisp.auth.key_prefix"] == "sk-ant-"
     # A 429: error.type is the provider's error code, the span's status ERROR.
     (error,) = [a for key, a in spans.items() if key.startswith("openai:") and sc.ERROR_TYPE in a]
-    assert error[sc.ERROR_TYPE] == "rate_limit_exceeded" and error["http.response.status_code"] == 429
+    assert error[sc.ERROR_TYPE] == "rate_limit_exceeded"
+    assert error["http.response.status_code"] == 429
     (gemini,) = [a for key, a in spans.items() if key.startswith("gcp.gemini:")]
     assert gemini[sc.OPERATION_NAME] == "generate_content"
     (deepseek,) = [a for key, a in spans.items() if key.startswith("deepseek:")]
@@ -173,8 +180,12 @@ def test_without_opt_in_content_is_only_its_length_and_the_rest_equal(receiver) 
     raw = receiver.raw()
     (response,) = [e for e in events if e["event_type"] == "ai.response"]
     completion = response["data"]["choices"][0]["message"]["content"]
-    assert completion == "Four." and '"Four."' not in raw  # the model's answer
-    assert PLANTED not in raw and SECRET not in raw and "PLANTED" not in raw
+    # the model's answer
+    assert completion == "Four."
+    assert '"Four."' not in raw
+    assert PLANTED not in raw
+    assert SECRET not in raw
+    assert "PLANTED" not in raw
     bodies = [r["event"] for r in receiver.logs()]
     (request,) = [b for b in bodies if b["event_type"] == "ai.request"]
     (original,) = [e for e in events if e["event_type"] == "ai.request"]
@@ -191,7 +202,8 @@ def test_opted_in_content_follows_the_message_schemas_and_keeps_no_secret(receiv
     events = planted_case_events()
     export(receiver, events, content=True)
     raw = receiver.raw()
-    assert PLANTED in raw and SECRET not in raw
+    assert PLANTED in raw
+    assert SECRET not in raw
     (span,) = receiver.spans()
     messages = json.loads(span["attributes"][sc.INPUT_MESSAGES])
     (request,) = [e for e in events if e["event_type"] == "ai.request"]
@@ -253,7 +265,9 @@ def test_sensor_health_becomes_oisp_metrics(receiver) -> None:
     assert [int(p["as_int"]) for p in _points(_last(metrics, "oisp.capture.dropped"))] == [2]
     sinks = {(p["attributes"]["oisp.sink.name"], p["attributes"]["oisp.sink.outcome"]): int(p["as_int"])
              for p in _points(_last(metrics, "oisp.sink.events"))}
-    assert sinks[("jsonl", "emitted")] == 40 and sinks[("jsonl", "lost")] == 1 and ("otlp", "lost") in sinks
+    assert sinks[("jsonl", "emitted")] == 40
+    assert sinks[("jsonl", "lost")] == 1
+    assert ("otlp", "lost") in sinks
 
 
 # --- losses ---------------------------------------------------------------------------------
@@ -280,7 +294,8 @@ def test_the_receiver_going_away_costs_what_was_sent_meanwhile_and_export_resume
     wait_for(lambda: sink.stats.emitted == len(first) + len(third), what="export to resume")
     assert any("resumed" in n for n in notes)
     sink.close(timeout=10)
-    assert sink.stats.lost == len(second) and sink.stats.spans_exported == 2
+    assert sink.stats.lost == len(second)
+    assert sink.stats.spans_exported == 2
     from oisp.sinks.otlp.mapping import without_content
 
     assert [r["event"] for r in receiver.logs()] == [without_content(e) for e in third]
@@ -297,11 +312,14 @@ def test_an_unreachable_endpoint_at_start_is_a_warning_and_close_is_bounded(monk
     for event in events:
         sink.emit(event)
     wait_for(lambda: notes, what="the warning")
-    assert "not reachable" in notes[0] and f"127.0.0.1:{port}" in notes[0]
+    assert "not reachable" in notes[0]
+    assert f"127.0.0.1:{port}" in notes[0]
     started = time.monotonic()
     sink.close(timeout=2)
     assert time.monotonic() - started < 5  # the bound, not a speed: 30 s of retries were cut
-    assert sink.stats.lost == len(events) and sink.stats.emitted == 0 and sink.stats.spans_lost == 1
+    assert sink.stats.lost == len(events)
+    assert sink.stats.emitted == 0
+    assert sink.stats.spans_lost == 1
 
 
 def test_past_the_sdk_queue_events_are_dropped_here_and_counted(receiver, monkeypatch) -> None:
@@ -346,7 +364,8 @@ def test_the_standard_variables_choose_endpoint_protocol_and_headers(receiver, m
     monkeypatch.setenv("OTEL_SERVICE_NAME", "fleet-sensor")
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=ci")
     target = resolve(None, None)
-    assert target.protocol == config.GRPC and target.base is None
+    assert target.protocol == config.GRPC
+    assert target.base is None
     sink = OtlpExporter(target, metric_interval_ms=200, notify=lambda _: None)
     for event in recorded(["openai_chat_json"]):
         sink.emit(event)
@@ -397,7 +416,8 @@ def test_an_exporter_process_that_dies_costs_the_events_after_it_counted(receive
             sink.emit(event)
         time.sleep(0.2)  # the writer meets the closed pipe
     sink.close(timeout=5)
-    assert sink.stats.emitted == len(events) and sink.stats.lost == 3 * len(events)
+    assert sink.stats.emitted == len(events)
+    assert sink.stats.lost == 3 * len(events)
     assert "exporter process ended" in sink.stats.last_error
 
 
@@ -461,6 +481,7 @@ def test_odd_events_cost_themselves_only(receiver) -> None:
         sink.emit(event)
     sink.close(timeout=10)
     assert sink.stats.emitted == len(good) + 3  # the data-less response still is an event, logged
-    assert sink.stats.lost == 6 and sink.stats.errors == 6
+    assert sink.stats.lost == 6
+    assert sink.stats.errors == 6
     assert sorted(r["event"].get("event_id", "") for r in receiver.logs())[-len(good):] == sorted(
         e["event_id"] for e in good)

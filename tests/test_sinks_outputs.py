@@ -14,7 +14,8 @@ from oisp.sinks import FanOut, JsonlSink, StdoutSink, WebhookSink, default_event
 
 
 def ev(i: int) -> dict:
-    return {"event_type": "network.connect", "ts": "2025-01-01T00:00:00.000000Z", "event_id": f"E{i}", "data": {"dest": {"ip": "1.1.1.1", "port": 443}, "i": i}}
+    return {"event_type": "network.connect", "ts": "2025-01-01T00:00:00.000000Z", "event_id": f"E{i}",
+            "data": {"dest": {"ip": "1.1.1.1", "port": 443}, "i": i}}
 
 
 def test_default_path_follows_xdg(monkeypatch, tmp_path) -> None:
@@ -35,9 +36,11 @@ def test_jsonl_rotates_by_size(tmp_path) -> None:
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["e.jsonl", "e.jsonl.1", "e.jsonl.2"]
     assert all(p.stat().st_size <= 500 for p in tmp_path.iterdir())
-    lines = [json.loads(ln) for name in ("e.jsonl.2", "e.jsonl.1", "e.jsonl") for ln in (tmp_path / name).read_text().splitlines()]
+    lines = [json.loads(ln) for name in ("e.jsonl.2", "e.jsonl.1", "e.jsonl")
+             for ln in (tmp_path / name).read_text().splitlines()]
     ids = [e["data"]["i"] for e in lines]
-    assert ids == sorted(ids) and ids[-1] == 39
+    assert ids == sorted(ids)
+    assert ids[-1] == 39
 
 
 def test_fan_out_writes_one_encoding_to_the_file_and_the_dashboard(tmp_path) -> None:
@@ -67,7 +70,8 @@ def test_stdout_json_and_pretty() -> None:
     assert json.loads(buf.getvalue())["event_id"] == "E1"
     buf = io.StringIO()
     StdoutSink(buf, pretty=True).emit(ev(2))
-    assert "network.connect" in buf.getvalue() and "1.1.1.1:443" in buf.getvalue()
+    assert "network.connect" in buf.getvalue()
+    assert "1.1.1.1:443" in buf.getvalue()
 
 
 class _Collector(BaseHTTPRequestHandler):
@@ -75,7 +79,7 @@ class _Collector(BaseHTTPRequestHandler):
     fail_first = 0
     calls = 0
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         cls = type(self)
         body = self.rfile.read(int(self.headers["Content-Length"]))
         cls.calls += 1
@@ -112,7 +116,9 @@ def test_webhook_batches_and_retries(server) -> None:
     got = [e["data"]["i"] for batch in handler.received for e in batch]
     assert got == list(range(25))
     assert all(len(b) <= 10 for b in handler.received)
-    assert sink.stats.emitted == 25 and sink.stats.lost == 0 and sink.stats.errors == 2
+    assert sink.stats.emitted == 25
+    assert sink.stats.lost == 0
+    assert sink.stats.errors == 2
 
 
 def test_webhook_down_counts_losses_without_blocking_capture() -> None:
@@ -122,7 +128,9 @@ def test_webhook_down_counts_losses_without_blocking_capture() -> None:
         sink.emit(ev(i))
     assert time.monotonic() - t0 < 0.5  # emit does not wait for the network
     sink.close(timeout=20)
-    assert sink.stats.lost == 12 and sink.stats.emitted == 0 and sink.stats.errors >= 3
+    assert sink.stats.lost == 12
+    assert sink.stats.emitted == 0
+    assert sink.stats.errors >= 3
 
 
 def test_fanout_isolates_a_failing_sink(tmp_path) -> None:
@@ -149,7 +157,8 @@ def test_fanout_isolates_a_failing_sink(tmp_path) -> None:
         fan.emit(ev(i))
     fan.close()
     report = fan.report()
-    assert report["broken"]["lost"] == 3 and report["jsonl"]["emitted"] == 3
+    assert report["broken"]["lost"] == 3
+    assert report["jsonl"]["emitted"] == 3
     assert len((tmp_path / "ok.jsonl").read_text().splitlines()) == 3
 
 
@@ -166,7 +175,8 @@ def test_webhook_url_from_the_environment_or_a_file_keeps_it_out_of_ps(tmp_path,
     assert capsys.readouterr().err == ""
     assert webhook_url(url) == url  # still accepted on the command line, with a warning that does not repeat it
     err = capsys.readouterr().err
-    assert "visible to every user" in err and "T0K3N" not in err
+    assert "visible to every user" in err
+    assert "T0K3N" not in err
     monkeypatch.delenv("OISP_WEBHOOK_URL")
     assert webhook_url(None) is None
 
@@ -181,8 +191,10 @@ def test_webhook_shows_only_scheme_and_host(caplog) -> None:
     with caplog.at_level("DEBUG"):
         sink.close(timeout=5)
     shown = caplog.text + repr(sink) + str(sink.stats.last_error)
-    assert sink.stats.lost == 1 and "127.0.0.1:9" in caplog.text
-    assert "PATHSECRET" not in shown and "QUERYSECRET" not in shown
+    assert sink.stats.lost == 1
+    assert "127.0.0.1:9" in caplog.text
+    assert "PATHSECRET" not in shown
+    assert "QUERYSECRET" not in shown
 
 
 # -- item 14: terminal escapes in --pretty, a webhook that never answers -------------------------
@@ -295,7 +307,8 @@ def test_webhook_close_is_bounded_and_counts_what_is_left_as_lost(silent_server)
     sink.close(timeout=1.0)
     took = time.monotonic() - t0
     assert 0.9 <= took < 3.0
-    assert sink.stats.lost == 8 and sink.stats.emitted == 0
+    assert sink.stats.lost == 8
+    assert sink.stats.emitted == 0
 
 
 def test_webhook_close_without_a_timeout_argument_is_bounded_too(silent_server) -> None:
@@ -306,5 +319,6 @@ def test_webhook_close_without_a_timeout_argument_is_bounded_too(silent_server) 
     t0 = time.monotonic()
     closer.start()
     closer.join(15)
-    assert not closer.is_alive() and time.monotonic() - t0 < 10
+    assert not closer.is_alive()
+    assert time.monotonic() - t0 < 10
     assert sink.stats.lost == 1

@@ -188,8 +188,10 @@ def test_resolver_names_this_process_through_sock_diag(server4, monkeypatch):
         assert resolver.counts["by_proc_scan"] == 1  # no recent owner yet: all processes, newest first
         pid, name = resolver.owner(ipaddress.ip_address("127.0.0.1"), second.getsockname()[1],
                                    ipaddress.ip_address("127.0.0.1"), sport)
-        assert pid == os.getpid() and name
-        assert resolver.counts["by_recent_owner"] == 1 and resolver.counts["by_proc_scan"] == 1
+        assert pid == os.getpid()
+        assert name
+        assert resolver.counts["by_recent_owner"] == 1
+        assert resolver.counts["by_proc_scan"] == 1
         assert scans == []
 
 

@@ -26,12 +26,19 @@ def test_covers_required_providers() -> None:
         ("api.openai.com", "/v1/chat/completions", "openai", "openai.chat", "chat"),
         ("api.openai.com", "/v1/responses", "openai", "openai.responses", "chat"),
         ("api.openai.com", "/v1/embeddings", "openai", "openai.embeddings", "embedding"),
-        ("contoso.openai.azure.com", "/openai/deployments/gpt4/chat/completions?api-version=2024-10-21", "azure_openai", "openai.chat", "chat"),
+        ("contoso.openai.azure.com", "/openai/deployments/gpt4/chat/completions?api-version=2024-10-21", "azure_openai",
+         "openai.chat", "chat"),
         ("api.anthropic.com", "/v1/messages", "anthropic", "anthropic.messages", "chat"),
-        ("generativelanguage.googleapis.com", "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", "google_gemini", "gemini.generate", "chat"),
-        ("us-central1-aiplatform.googleapis.com", "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-1.5-pro:generateContent", "google_vertex", "gemini.generate", "chat"),
-        ("us-east5-aiplatform.googleapis.com", "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-3-5-sonnet:streamRawPredict", "google_vertex", "anthropic.messages", "chat"),
-        ("bedrock-runtime.eu-west-1.amazonaws.com", "/model/anthropic.claude-3-haiku-20240307-v1:0/converse", "aws_bedrock", "bedrock.converse", "chat"),
+        ("generativelanguage.googleapis.com", "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", "google_gemini",
+         "gemini.generate", "chat"),
+        ("us-central1-aiplatform.googleapis.com",
+         "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-1.5-pro:generateContent", "google_vertex",
+         "gemini.generate", "chat"),
+        ("us-east5-aiplatform.googleapis.com",
+         "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-3-5-sonnet:streamRawPredict", "google_vertex",
+         "anthropic.messages", "chat"),
+        ("bedrock-runtime.eu-west-1.amazonaws.com", "/model/anthropic.claude-3-haiku-20240307-v1:0/converse", "aws_bedrock",
+         "bedrock.converse", "chat"),
         ("api.mistral.ai", "/v1/chat/completions", "mistral", "openai.chat", "chat"),
         ("api.cohere.com", "/v2/chat", "cohere", "cohere.chat", "chat"),
         ("api.groq.com", "/openai/v1/chat/completions", "groq", "openai.chat", "chat"),
@@ -50,12 +57,14 @@ def test_covers_required_providers() -> None:
 )
 def test_known_endpoints(host: str, path: str, provider: str, api: str, request_type: str) -> None:
     m = SPEC.match(host, path)
-    assert m is not None and (m.provider_id, m.api, m.request_type, m.detection) == (provider, api, request_type, "known_endpoint")
+    assert m is not None
+    assert (m.provider_id, m.api, m.request_type, m.detection) == (provider, api, request_type, "known_endpoint")
 
 
 def test_path_params_give_model() -> None:
     m = SPEC.match("generativelanguage.googleapis.com", "/v1beta/models/gemini-2.0-flash:generateContent")
-    assert m.params["model"] == "gemini-2.0-flash" and not m.streaming_path
+    assert m.params["model"] == "gemini-2.0-flash"
+    assert not m.streaming_path
 
 
 def test_port_from_flow_when_host_has_none() -> None:
@@ -70,17 +79,23 @@ def test_non_ai_paths_and_hosts() -> None:
 
 def test_body_heuristics_on_unknown_host() -> None:
     m = SPEC.match("llm.internal", "/proxy/v1/chat/completions", body={"model": "x", "messages": []})
-    assert m.provider is None and m.api == "openai.chat" and m.detection == "payload_inspection"
+    assert m.provider is None
+    assert m.api == "openai.chat"
+    assert m.detection == "payload_inspection"
     m = SPEC.match("llm.internal", "/run", body={"model": "x", "prompt": "hi"})
     assert m.api == "generic"
 
 
 def test_redirector_api() -> None:
     hosts = SPEC.hosts()
-    assert "api.openai.com" in hosts and "api.anthropic.com" in hosts and hosts == sorted(hosts)
-    assert SPEC.matches_host("API.OpenAI.com.") and SPEC.matches_host("res.openai.azure.com")
+    assert "api.openai.com" in hosts
+    assert "api.anthropic.com" in hosts
+    assert hosts == sorted(hosts)
+    assert SPEC.matches_host("API.OpenAI.com.")
+    assert SPEC.matches_host("res.openai.azure.com")
     assert SPEC.matches_host("bedrock-runtime.us-west-2.amazonaws.com")
-    assert not SPEC.matches_host("openai.com.evil.example") and not SPEC.matches_host("localhost")
+    assert not SPEC.matches_host("openai.com.evil.example")
+    assert not SPEC.matches_host("localhost")
     assert "*.openai.azure.com" in SPEC.host_patterns()
 
 
@@ -93,8 +108,10 @@ def test_key_prefixes_are_short_and_public() -> None:
 
 def test_override_by_env_and_by_path(tmp_path, monkeypatch) -> None:
     spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps({"providers": [{"id": "corp", "hosts": ["llm.corp"], "endpoints": [{"path": "/chat", "request_type": "chat", "api": "openai.chat"}]}]}))
+    endpoint = {"path": "/chat", "request_type": "chat", "api": "openai.chat"}
+    spec_file.write_text(json.dumps({"providers": [{"id": "corp", "hosts": ["llm.corp"], "endpoints": [endpoint]}]}))
     assert load_spec(spec_file).match("llm.corp", "/chat").provider_id == "corp"
     monkeypatch.setenv("OISP_SPEC", str(spec_file))
     spec = load_spec()
-    assert spec.hosts() == ["llm.corp"] and spec.match("api.openai.com", "/v1/chat/completions") is None
+    assert spec.hosts() == ["llm.corp"]
+    assert spec.match("api.openai.com", "/v1/chat/completions") is None

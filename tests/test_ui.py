@@ -26,10 +26,12 @@ def test_store_keeps_the_newest_within_its_count_and_counts_the_rest() -> None:
     store = EventStore(max_events=100)
     for i in range(1000):
         store.add_events([ev(i)])
-    assert len(store) <= 100 and store.evicted == 1000 - len(store)
+    assert len(store) <= 100
+    assert store.evicted == 1000 - len(store)
     lines, last, skipped = store.since(0, max_bytes=1 << 30)
     assert seqs(lines) == [f"r{i}" for i in range(1000 - len(store), 1000)]
-    assert last == 1000 and skipped == store.evicted
+    assert last == 1000
+    assert skipped == store.evicted
     assert store.since(last) == ([], last, 0)
     assert store.add_events([{"event_type": "ai.streaming_chunk", "data": {}}]) == 0  # not kept: the page has no use
 
@@ -39,7 +41,8 @@ def test_store_bounds_bytes_and_batches_reads() -> None:
     store.add_events(ev(i, 1000) for i in range(500))
     assert sum(len(line) for line in store.since(0, max_bytes=1 << 30)[0]) <= 100_000
     lines, last, _ = store.since(store.last_seq - 50, max_bytes=5000)
-    assert 1 <= len(lines) <= 5 and last == store.last_seq - 50 + len(lines)
+    assert 1 <= len(lines) <= 5
+    assert last == store.last_seq - 50 + len(lines)
 
 
 def test_follower_reads_whole_lines_and_survives_truncation_rotation_and_garbage(tmp_path) -> None:
@@ -50,17 +53,20 @@ def test_follower_reads_whole_lines_and_survives_truncation_rotation_and_garbage
     with open(path, "wb") as fh:
         fh.write(json.dumps(ev(1)).encode() + b"\nnot json\n" + json.dumps(ev(2)).encode()[:10])
     f.poll_once()
-    assert seqs(store.since(0)[0]) == ["r1"] and f.counts["bad_lines"] == 1
+    assert seqs(store.since(0)[0]) == ["r1"]
+    assert f.counts["bad_lines"] == 1
     with open(path, "ab") as fh:
         fh.write(json.dumps(ev(2)).encode()[10:] + b"\n" + b"y" * 6000 + b"\n" + json.dumps(ev(3)).encode() + b"\n")
     f.poll_once()
-    assert seqs(store.since(0)[0]) == ["r1", "r2", "r3"] and f.counts["too_long"] == 1
+    assert seqs(store.since(0)[0]) == ["r1", "r2", "r3"]
+    assert f.counts["too_long"] == 1
 
     os.truncate(path, 0)  # truncated and rewritten shorter
     with open(path, "ab") as fh:
         fh.write(json.dumps(ev(4)).encode() + b"\n")
     f.poll_once()
-    assert f.counts["truncations"] == 1 and seqs(store.since(3)[0]) == ["r4"]
+    assert f.counts["truncations"] == 1
+    assert seqs(store.since(3)[0]) == ["r4"]
 
     with open(path, "ab") as fh:  # written just before the rotation: still read
         fh.write(json.dumps(ev(5)).encode() + b"\n")
@@ -68,7 +74,8 @@ def test_follower_reads_whole_lines_and_survives_truncation_rotation_and_garbage
     with open(path, "wb") as fh:
         fh.write(json.dumps(ev(6)).encode() + b"\n")
     f.poll_once()
-    assert f.counts["rotations"] == 1 and seqs(store.since(4)[0]) == ["r5", "r6"]
+    assert f.counts["rotations"] == 1
+    assert seqs(store.since(4)[0]) == ["r5", "r6"]
     f.stop()
 
 
@@ -92,10 +99,12 @@ def test_emit_never_waits_for_a_page_that_does_not_read() -> None:
     sink.close()  # the pump's last move: everything queued is in the store
     stuck.close()
     report = fan.report()["ui"]
-    assert report["emitted"] + report["lost"] == n and sink.store.last_seq == report["emitted"]
+    assert report["emitted"] + report["lost"] == n
+    assert sink.store.last_seq == report["emitted"]
     assert report["lost"] > 0  # 50,000 emits outran a 1,000-deep queue emptied every 50 ms
     # generous bounds: a blocked emit would take the whole socket timeout (30 s)
-    assert slowest < 1.0 and elapsed < 20, (slowest, elapsed)
+    assert slowest < 1.0, (slowest, elapsed)
+    assert elapsed < 20, (slowest, elapsed)
 
 
 def test_allowed_hosts() -> None:

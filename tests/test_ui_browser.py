@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import uievents  # noqa: E402
+import uievents
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run", "--disable-quic"]
@@ -75,7 +75,10 @@ def open_page(page, served: uievents.Served, expect_calls: int) -> None:
 
 def test_rows_detail_and_totals_match_the_file(page, served) -> None:
     want = uievents.totals(served.path)
-    assert want["calls"] > 10 and want["input"] > 0 and want["errors"] >= 1  # the fixtures hold a 429
+    # the fixtures hold a 429
+    assert want["calls"] > 10
+    assert want["input"] > 0
+    assert want["errors"] >= 1
     open_page(page, served, want["calls"])
     assert "token" not in page.url  # the token went into the cookie, out of the address bar
     assert visible_rows(page).count() == want["calls"]
@@ -96,8 +99,10 @@ def test_rows_detail_and_totals_match_the_file(page, served) -> None:
     detail = page.locator("#detail")
     page.wait_for_function("() => document.querySelector('#detail-body').textContent.includes('Capital of France?')")
     text = detail.inner_text()
-    assert "Messages" in text and "Capital of France?" in text
-    assert "Response" in text and anthropic_json.expected["text"] in text
+    assert "Messages" in text
+    assert "Capital of France?" in text
+    assert "Response" in text
+    assert anthropic_json.expected["text"] in text
     assert "TLSv1.3" in text  # the flow's TLS details, joined by flow id
     shot(page, "detail")
 
@@ -108,7 +113,8 @@ def test_filters_narrow_the_list(page, served) -> None:
     anthropic = {e["data"]["request_id"] for e in responses if e["data"]["provider"]["name"] == "anthropic"}
     agent_b = {e["data"]["request_id"] for e in responses if (e.get("process") or {}).get("name") == "agent-b"}
     errors = [e for e in responses if not e["data"]["success"]]
-    assert 0 < len(anthropic) < len(responses) and 0 < len(agent_b) < len(responses)
+    assert 0 < len(anthropic) < len(responses)
+    assert 0 < len(agent_b) < len(responses)
     open_page(page, served, len(responses))
 
     page.select_option("#f-provider", "anthropic")
@@ -142,7 +148,8 @@ def test_filters_narrow_the_list(page, served) -> None:
 
     page.click("#tabs button[data-tab=summary]")
     page.wait_for_function("() => document.querySelector('#s-model').rows.length > 1")
-    assert "claude" in page.locator("#s-model").inner_text() and "agent-a" in page.locator("#s-proc").inner_text()
+    assert "claude" in page.locator("#s-model").inner_text()
+    assert "agent-a" in page.locator("#s-proc").inner_text()
     shot(page, "summary")
     page.click("#tabs button[data-tab=health]")
     assert "bad lines" in page.locator("#health").inner_text()
@@ -159,7 +166,8 @@ def test_appended_events_appear_and_streaming_call_shows_in_progress(page, serve
     page.wait_for_function(f'() => document.querySelector(\'[data-total="calls"]\').textContent === "{before + 1}"', timeout=5000)
     assert time.monotonic() - started < 3
     head = visible_rows(page).first
-    assert "late-agent" in head.inner_text() and "pending" in (head.get_attribute("class") or "")
+    assert "late-agent" in head.inner_text()
+    assert "pending" in (head.get_attribute("class") or "")
     assert total(page, "pending") == "1"
 
     events = rec.feed(uievents.Direction.RESPONSE, uievents.http1_response(case), time.time()) + rec.close(time.time())
@@ -181,9 +189,11 @@ def test_the_token_and_the_host_are_required(page, served) -> None:
         assert status(served.origin + path)[0] == 403, path
     code, headers = status(served.url)
     assert code == 200
-    assert "default-src 'self'" in headers["Content-Security-Policy"] and "unsafe-inline" not in headers["Content-Security-Policy"]
+    assert "default-src 'self'" in headers["Content-Security-Policy"]
+    assert "unsafe-inline" not in headers["Content-Security-Policy"]
     assert not any(h.lower().startswith("access-control-") for h in headers)
-    assert re.search(r"HttpOnly", headers["Set-Cookie"]) and "SameSite=Strict" in headers["Set-Cookie"]
+    assert re.search(r"HttpOnly", headers["Set-Cookie"])
+    assert "SameSite=Strict" in headers["Set-Cookie"]
     # DNS rebinding: a page of evil.example resolved to 127.0.0.1 sends its own name as Host
     assert status(served.url, {"Host": f"evil.example:{served.port}"})[0] == 403
     assert status(served.url, {"Host": f"localhost:{served.port}"})[0] == 200
@@ -207,7 +217,8 @@ def test_html_in_prompts_and_process_names_renders_as_text(page, served) -> None
     page.wait_for_function("() => document.querySelector('#detail-body').textContent.includes('window.pwned')")
     body = page.locator("#detail-body")
     assert uievents.HOSTILE in body.inner_text()
-    assert body.locator("script").count() == 0 and body.locator("img").count() == 0
+    assert body.locator("script").count() == 0
+    assert body.locator("img").count() == 0
     assert page.locator("#rows img, #rows script").count() == 0
     page.click("#tabs button[data-tab=summary]")
     page.wait_for_function("() => document.querySelector('#s-proc').rows.length > 1")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import uievents  # noqa: E402
+import uievents
 
 FIREFOX = "/usr/bin/firefox-esr"
 marionette = pytest.importorskip("marionette_driver.marionette")

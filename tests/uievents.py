@@ -15,10 +15,10 @@ from typing import Iterator
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
-from provider_cases import Case, http1_request, http1_response, load_cases  # noqa: E402
+from provider_cases import Case, http1_request, http1_response, load_cases
 
-from oisp.decode import Direction, FlowContext  # noqa: E402
-from oisp.events import FlowRecorder  # noqa: E402
+from oisp.decode import Direction, FlowContext
+from oisp.events import FlowRecorder
 
 HOSTILE = '<script>window.pwned=1</script><img src=x onerror="window.pwned=1">'
 HOSTILE_PROCESS = "<img src=x onerror=window.pwned=1>"

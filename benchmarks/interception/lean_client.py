@@ -29,7 +29,7 @@ import time
 from urllib.parse import urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lean_provider import CHAT_BODY, stream_events  # noqa: E402  (the replies to expect)
+from lean_provider import CHAT_BODY, stream_events  # the replies to expect
 
 KEY = "sk-proj-BENCHKEY0123456789abcdefghijklmnopqrstuv"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16}

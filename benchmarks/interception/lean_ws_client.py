@@ -31,7 +31,7 @@ from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lean_ws import MODEL, PATH, STREAM_PIECES, answer  # noqa: E402  (the replies to expect)
+from lean_ws import MODEL, PATH, STREAM_PIECES, answer  # the replies to expect
 
 KEY = "sk-proj-BENCHKEY0123456789abcdefghijklmnopqrstuv"
 

@@ -24,6 +24,7 @@ from oisp.divert.owners import SETTLE, ProcessNames, SocketOwners
 from oisp.capture.progress import Progress
 from oisp.divert.address import LOOPBACK, OUTBOUND
 from oisp.divert.constants import Flag, Layer
+from oisp.divert.process_filter import ProcessFilter
 from oisp.pcapng.writer import INBOUND, OUTBOUND as PCAPNG_OUTBOUND, PcapngWriter
 
 _TUPLE_DTYPE = np.dtype([("protocol", "u1"), ("src", "u1", 16), ("dst", "u1", 16), ("sport", "<u2"),
@@ -71,17 +72,18 @@ def packet_owners(owners: SocketOwners, rows: np.ndarray, bits: np.ndarray) -> t
 
 
 class ProcessMatcher:
-    """`--process NAME|PID`: a pid, or every process with that name (or executable name)."""
+    """`--process NAME|PID` over the pids of packets: ProcessFilter's rule, each pid
+    decided once (and its name looked up only when a name can decide)."""
 
     def __init__(self, spec: str, names: ProcessNames):
-        self.pid = int(spec) if spec.isdigit() else None
-        self.name = None if self.pid else spec
+        self.filter = ProcessFilter(include=spec)
         self.names = names
         self._cache: dict[int, bool] = {0: False}
 
     def __call__(self, pid: int) -> bool:
         if pid not in self._cache:
-            self._cache[pid] = pid == self.pid if self.pid else self.names(pid) == self.name
+            name = self.names(pid) if self.filter.needs_names else None
+            self._cache[pid] = self.filter.allows(pid, name)
         return self._cache[pid]
 
     def mask(self, pids: np.ndarray) -> np.ndarray:
@@ -182,7 +184,7 @@ class Capture:
         comments, comment_ids = [], None
         select = None
         if rows is not None:
-            src_pids, dst_pids = packet_owners(self.owners, rows, bits)
+            src_pids, dst_pids = packet_owners(self.owners, rows, bits)  # type: ignore[arg-type]  # rows come only with owners
             pids = np.where(src_pids != 0, src_pids, dst_pids)  # the sender, if it is local
             if self.matcher:
                 src_match = self.matcher.mask(src_pids)

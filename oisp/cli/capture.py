@@ -12,7 +12,7 @@ def register(sub) -> None:
                                    "direction and, where known, the process as a packet comment.")
     p.add_argument("-w", "--write", required=True, metavar="FILE", help='pcapng file to write, "-" for stdout')
     p.add_argument("--filter", default="true", help='WinDivert filter language (default: "true", everything)')
-    p.add_argument("--process", metavar="NAME|PID", help="keep only packets of this process (name or pid)")
+    p.add_argument("--process", metavar="NAME|PID", help="keep only packets of these processes (names or pids, comma-separated)")
     p.add_argument("--count", type=int, metavar="N", help="stop after N packets")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     p.add_argument("--progress", action="store_true", default=None,

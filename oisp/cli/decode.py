@@ -32,7 +32,8 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def decode_capture(path: str, emit, *, ports: list[int] | None = None, spec=None, redactor=None, all_http: bool = False, streaming_chunks: bool = False) -> dict[str, int]:
+def decode_capture(path: str, emit, *, ports: list[int] | None = None, spec=None, redactor=None, all_http: bool = False,
+                   streaming_chunks: bool = False) -> dict[str, Any]:
     """Decode every TCP connection of a capture; ``emit(event)`` receives each event. Returns counters.
 
     A capture damaged part way is decoded up to the damage, its connections
@@ -44,7 +45,8 @@ def decode_capture(path: str, emit, *, ports: list[int] | None = None, spec=None
     attributor = ProcessAttributor()
     recorders: dict[int, FlowRecorder] = {}
     held_connect: dict[int, dict] = {}
-    counts: dict[str, Any] = {"packets": 0, "connections": 0, "events": 0, "decode_errors": 0, "skipped_blocks": 0, "tcp_gaps": 0, "damaged": None}
+    counts: dict[str, Any] = {"packets": 0, "connections": 0, "events": 0, "decode_errors": 0, "skipped_blocks": 0, "tcp_gaps": 0,
+                              "damaged": None}
     read_stats = ReadStats()
 
     def segments():
@@ -67,8 +69,10 @@ def decode_capture(path: str, emit, *, ports: list[int] | None = None, spec=None
             continue
         rec = recorders.get(id(flow))
         if rec is None:
-            ctx = FlowContext(client=flow.client, server=flow.server, start_ts=flow.start_ts, flow_id=f"{flow.client[0]}:{flow.client[1]}-{flow.server[0]}:{flow.server[1]}")
-            rec = recorders[id(flow)] = FlowRecorder(ctx, spec=spec, redactor=redactor, attributor=attributor, streaming_chunks=streaming_chunks, capture_method="other", all_http=all_http)
+            ctx = FlowContext(client=flow.client, server=flow.server, start_ts=flow.start_ts,
+                              flow_id=f"{flow.client[0]}:{flow.client[1]}-{flow.server[0]}:{flow.server[1]}")
+            rec = recorders[id(flow)] = FlowRecorder(ctx, spec=spec, redactor=redactor, attributor=attributor,
+                                                     streaming_chunks=streaming_chunks, capture_method="other", all_http=all_http)
             counts["connections"] += 1
         if isinstance(item, FlowData):
             events = rec.feed(Direction.REQUEST if item.from_client else Direction.RESPONSE, item.data, item.ts)
@@ -112,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         fan.close()
     print(
-        f"{counts['packets']} TCP packets, {counts['connections']} connections, {counts['events']} events, {counts['decode_errors']} decode errors, "
+        f"{counts['packets']} TCP packets, {counts['connections']} connections, {counts['events']} events, "
+        f"{counts['decode_errors']} decode errors, "
         f"{counts['skipped_blocks']} unreadable blocks skipped, {counts['tcp_gaps']} gaps in TCP streams",
         file=sys.stderr,
     )

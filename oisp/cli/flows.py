@@ -13,7 +13,7 @@ def register(sub) -> None:
     p = sub.add_parser("flows", help="live table: which process talks to which address, how much",
                        description="Watch FLOW/SOCKET events and sniffed packets; each row is one flow of one "
                                    "process: protocol, local and remote address, bytes, packets, first/last seen.")
-    p.add_argument("--process", metavar="NAME|PID", help="only this process (name or pid)")
+    p.add_argument("--process", metavar="NAME|PID", help="only these processes (names or pids, comma-separated)")
     p.add_argument("--json", action="store_true", help="one JSON object per line: each flow when it changes")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     p.add_argument("--filter", default="tcp or udp", help='packets to count (default: "tcp or udp")')

@@ -25,8 +25,10 @@ MAX_WAIT = 3600.0  # a longer pause before an event (a clock jump, a damaged ts)
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("replay", help="re-emit events from a JSONL file to the sinks", description=__doc__)
     p.add_argument("file", help="a JSONL file of OISP events ('-' for stdin)")
-    p.add_argument("--speed", type=float, default=0.0, help="replay at this multiple of the recorded pace (1 = real time; 0 = as fast as possible, the default)")
-    p.add_argument("--redaction", choices=[m.value for m in RedactionMode], default="safe", help="redaction applied again before output (default safe)")
+    p.add_argument("--speed", type=float, default=0.0,
+                   help="replay at this multiple of the recorded pace (1 = real time; 0 = as fast as possible, the default)")
+    p.add_argument("--redaction", choices=[m.value for m in RedactionMode], default="safe",
+                   help="redaction applied again before output (default safe)")
     add_sink_arguments(p, default_stdout=True)
     p.set_defaults(func=run)
 

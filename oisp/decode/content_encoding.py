@@ -10,17 +10,17 @@ the caller decides how much it wants in all.
 from __future__ import annotations
 
 import zlib
-from typing import Protocol
+from typing import Callable, Protocol
 
 try:
-    import brotli  # type: ignore[import-not-found]
+    import brotli
 except ImportError:  # brotlicffi offers the same API (>= 1.2: output_buffer_limit) where brotli has no wheel
-    import brotlicffi as brotli  # type: ignore[import-not-found,no-redef]
+    import brotlicffi as brotli
 
 try:  # Python 3.14 ships zstd in the standard library; backports.zstd is the same module for older ones
-    from compression import zstd  # type: ignore[import-not-found]
+    from compression import zstd
 except ImportError:
-    from backports import zstd  # type: ignore[import-not-found,no-redef]
+    from backports import zstd
 
 
 class ContentDecodingError(ValueError):
@@ -130,7 +130,7 @@ class _Zstd:
             raise ContentDecodingError(str(e)) from e
 
 
-_FACTORIES = {
+_FACTORIES: dict[str, Callable[[], _Stage]] = {
     "identity": _Identity,
     "gzip": lambda: _Zlib(16 + zlib.MAX_WBITS),
     "x-gzip": lambda: _Zlib(16 + zlib.MAX_WBITS),

@@ -42,7 +42,8 @@ class _BodyIn:
     and stop the body's decoding too; the connection itself is unaffected.
     """
 
-    def __init__(self, headers: list[tuple[str, str]], exchange: Exchange, on_error: Callable[[str], None], on_truncated: Callable[[], None]) -> None:
+    def __init__(self, headers: list[tuple[str, str]], exchange: Exchange, on_error: Callable[[str], None],
+                 on_truncated: Callable[[], None]) -> None:
         self._ex = exchange
         self._on_error = on_error
         self._on_truncated = on_truncated
@@ -100,7 +101,8 @@ class _Live:
 
 
 class ExchangeTracker:
-    def __init__(self, ctx: FlowContext, spec: Spec, protocol: str, on_error: Callable[[str], None], on_truncated: Callable[[], None]) -> None:
+    def __init__(self, ctx: FlowContext, spec: Spec, protocol: str, on_error: Callable[[str], None],
+                 on_truncated: Callable[[], None]) -> None:
         self._ctx = ctx
         self._spec = spec
         self._protocol = protocol
@@ -178,8 +180,10 @@ class ExchangeTracker:
         if ex.status is not None:
             self._start_response(live, out, ts)
 
-    def take_upgrade(self, stream: int, headers: list[tuple[str, str]], ts: float) -> tuple[Exchange, EndpointMatch | None] | None:
-        """A 101 answering ``stream``'s WebSocket upgrade: that exchange leaves this tracker, with the endpoint its socket speaks."""
+    def take_upgrade(self, stream: int, headers: list[tuple[str, str]],
+                     ts: float) -> tuple[Exchange, EndpointMatch | None] | None:
+        """A 101 answering ``stream``'s WebSocket upgrade: that exchange leaves this tracker, with
+        the endpoint its socket speaks."""
         live = self._live.get(stream)
         if live is None or (header(live.exchange.request_headers, "upgrade") or "").lower() != "websocket":
             return None
@@ -219,7 +223,8 @@ class ExchangeTracker:
             return []
         return asm.on_json(obj, ts)
 
-    def _deltas(self, live: _Live, fn: Callable[..., list[dict[str, Any]]], data: Any, ts: float, out: list[DecodeRecord]) -> None:
+    def _deltas(self, live: _Live, fn: Callable[..., list[dict[str, Any]]], data: Any, ts: float,
+                out: list[DecodeRecord]) -> None:
         deltas = self._guard(lambda: fn(data, ts)) if data or fn is live.closer else None
         for d in deltas or ():
             out.append(StreamDelta(live.exchange, live.chunks, d, ts))

@@ -59,7 +59,7 @@ class FlowDecoder:
         if self.stats.abandoned or self._closed or not data:
             return []
         if self._ws is not None:
-            return self._run(lambda: self._ws.feed(direction, data, ts))  # type: ignore[union-attr]
+            return self._run(lambda: self._ws.feed(direction, data, ts))
         if self._http is None:
             self._held.append((direction, bytes(data), ts))
             if not self._sniff():
@@ -77,11 +77,11 @@ class FlowDecoder:
         self._closed = True
         out: list[DecodeRecord] = []
         if self._ws is not None:
-            out += self._run(lambda: self._ws.close(ts))  # type: ignore[union-attr]
+            out += self._run(lambda: self._ws.close(ts))
         elif self._http is not None and not self.stats.abandoned:
-            out += self._run(lambda: self._track(self._http.close(ts)))  # type: ignore[union-attr]
+            out += self._run(lambda: self._track(self._http.close(ts)))
         if self._tracker is not None:
-            out += self._run(lambda: self._tracker.close(ts))  # type: ignore[union-attr]
+            out += self._run(lambda: self._tracker.close(ts))
         return out
 
     # -------------------------------------------------------------------------------------
@@ -116,7 +116,8 @@ class FlowDecoder:
         if taken is None:
             return []  # another protocol (h2c …): not decoded, as before
         self.stats.protocol = "WebSocket"
-        self._ws = WebSocketTracker(*taken, self._count_error, **self._ws_limits)
+        upgrade, match = taken
+        self._ws = WebSocketTracker(upgrade, match, self._count_error, **self._ws_limits)
         out: list[DecodeRecord] = []
         for d in Direction:
             out += self._ws.feed(d, self._http.take_tunnel(d), m.ts)  # type: ignore[union-attr]

@@ -200,7 +200,8 @@ class Http1Decoder:
                 if not req.upgrade:
                     raise ProtocolError("HTTP/1.1: 101 Switching Protocols without an Upgrade request")
                 self._upgraded = True
-                out.append(Upgraded(stream, head.headers, ts))
+                # HTTP/1.1's own message: FlowDecoder looks for it
+                out.append(Upgraded(stream, head.headers, ts))  # type: ignore[arg-type]
                 self._switch_protocols()
             return  # 100 Continue, 103 Early Hints: the final response follows
         out.append(ResponseHead(stream, status, head.headers, ts))

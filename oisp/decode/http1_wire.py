@@ -46,7 +46,8 @@ def _error(what: str) -> ProtocolError:
 class Head:
     """A parsed request or response head, plus the header facts framing depends on."""
 
-    __slots__ = ("method", "target", "version", "status", "headers", "host", "hosts", "content_length", "chunked", "close", "upgrade", "keep_alive_named")
+    __slots__ = ("method", "target", "version", "status", "headers", "host", "hosts", "content_length", "chunked", "close",
+                 "upgrade", "keep_alive_named")
 
     def __init__(self) -> None:
         self.method = ""
@@ -225,7 +226,7 @@ class WireReader:
                 return END
             piece = self._take()
         elif framing is _CHUNKED:
-            piece = self._read_chunked()
+            piece = self._read_chunked()  # type: ignore[assignment]  # bytes, or None: more data is needed
         elif self.pos < len(self.buf):
             piece = bytes(self.buf[self.pos :])
             self.pos = len(self.buf)

@@ -44,7 +44,8 @@ class Http2Decoder:
         self._hpack = {Direction.REQUEST: hpack.Decoder(), Direction.RESPONSE: hpack.Decoder()}
         self._preface_seen = False
         # A header block split over CONTINUATION frames: (stream, flags of the first frame, bytes, is push).
-        self._partial: dict[Direction, tuple[int, set[str], bytearray, bool] | None] = {Direction.REQUEST: None, Direction.RESPONSE: None}
+        self._partial: dict[Direction, tuple[int, set[str], bytearray, bool] | None] = {
+            Direction.REQUEST: None, Direction.RESPONSE: None}
         self._heads_seen: dict[Direction, set[int]] = {Direction.REQUEST: set(), Direction.RESPONSE: set()}
 
     def feed(self, direction: Direction, data: bytes, ts: float) -> list[HttpMessage]:
@@ -120,7 +121,8 @@ class Http2Decoder:
         if stream not in seen:
             if direction is Direction.REQUEST:
                 seen.add(stream)
-                out.append(RequestHead(stream, pseudo.get(":method", "GET"), pseudo.get(":path", "/"), pseudo.get(":authority"), regular, "2", ts))
+                out.append(RequestHead(stream, pseudo.get(":method", "GET"), pseudo.get(":path", "/"), pseudo.get(":authority"),
+                                       regular, "2", ts))
             else:
                 status = int(pseudo.get(":status", "0"))
                 if status >= 200 or status < 100:  # 1xx are interim: the final head follows

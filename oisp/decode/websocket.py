@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from typing import cast
 
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, ParseFailed
@@ -59,6 +60,9 @@ class BoundedDeflate(PerMessageDeflate):
     ``keep`` bytes of a message is dropped (``truncated`` says so) and a
     message inflating past ``cap`` is refused as too big.
     """
+
+    inflated: int  # set by message_done
+    _kept: int
 
     def __init__(self, keep: int, cap: int) -> None:
         super().__init__()
@@ -195,13 +199,14 @@ class _Side:
             elif op is Opcode.PONG:
                 stats.pongs += 1
             elif op is Opcode.CLOSE:
-                code, reason = frame.payload  # type: ignore[misc]
+                # wsproto types a frame's payload as every opcode's at once; a CLOSE's is (code, reason)
+                code, reason = cast("tuple[int, str]", frame.payload)
                 if session.close_code is None:
                     session.close_code, session.close_reason = int(code), reason
                     session.closed_by = "client" if self.direction is Direction.REQUEST else "server"
                 self.done = True
             else:
-                self._piece(frame.payload, op is Opcode.TEXT)
+                self._piece(cast("bytes | str", frame.payload), op is Opcode.TEXT)
                 if frame.message_finished:
                     out.append(self._finish(ts, stats))
         return out

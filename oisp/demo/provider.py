@@ -128,7 +128,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the SDKs' pools expect
     timeout = 30  # an idle or stalled connection is closed, not kept forever
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:  # http.server's naming
         length = int(self.headers.get("content-length") or 0)
         if length > MAX_BODY:
             self.send_error(413)

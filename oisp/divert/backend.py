@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from oisp._native import ring
+from oisp._native import ring  # compiled (Cython), no stubs: mypy takes it as Any
 from oisp._native._divert_cffi import ffi
 from oisp.divert import error_codes, errors
 from oisp.divert.constants import MAX_BATCH, Layer, Shutdown
@@ -46,7 +46,7 @@ def address_of(cdata) -> int:
 def as_bytes(buf) -> memoryview:
     """A flat byte view of a packet buffer or an ADDRESS_DTYPE array."""
     if isinstance(buf, np.ndarray):
-        return memoryview(buf.reshape(-1).view(np.uint8))
+        return memoryview(buf.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # an ndarray is a buffer
     return memoryview(buf).cast("B")
 
 

@@ -28,7 +28,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import numpy as np
 
-from oisp._native import ring as _ring
+from oisp._native import ring as _ring  # compiled (Cython), no stubs: mypy takes it as Any
 from oisp.divert import errors
 from oisp.divert.address import ADDRESS_DTYPE, OUTBOUND, event_of, flow_address
 from oisp.divert.backend import address_of
@@ -104,7 +104,7 @@ class Batch:
         self.lengths = ring.lengths[slot, : self.count]
         self.verdicts = ring.verdicts[slot, : self.count]
         self.received_at = time.time()
-        self._rows = None
+        self._rows: np.ndarray | None = None
         self._done = False
 
     def __len__(self) -> int:
@@ -193,7 +193,7 @@ class Engine:
         self._closed = False
         self._stopping = False  # from the start of stop(): the handle's errors are ours, not failures
         self._handing_over = False
-        self._stalled: EngineStalled | None = None
+        self._stalled: errors.DivertError | None = None  # EngineStalled or GuardianLost
         self._last_send_error: str | None = None
         self._final_kernel_stats: dict[str, int] = {}
         self._passed_untaken = 0  # packets in batches nobody took, passed on at stop

@@ -50,7 +50,7 @@ def missing_tools() -> list[str]:
 
 def owned_prog_ids(pid: str | int = "self") -> set[int]:
     """BPF program ids whose file descriptors this process holds."""
-    ids = set()
+    ids: set[int] = set()
     try:
         fds = list(Path(f"/proc/{pid}/fd").iterdir())
     except OSError:

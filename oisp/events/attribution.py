@@ -21,7 +21,8 @@ from oisp.events.redact import scrub_cmdline
 
 class ProcessAttributor:
     def __init__(self, max_entries: int = 4096, revalidate_after_s: float = 2.0) -> None:
-        self._cache: OrderedDict[int, tuple[float, float, dict[str, Any]]] = OrderedDict()  # pid → (create_time, checked_at, info)
+        # pid → (create_time, checked_at, info)
+        self._cache: OrderedDict[int, tuple[float, float, dict[str, Any]]] = OrderedDict()
         self._max = max_entries
         self._revalidate = revalidate_after_s
         self.lookups = 0
@@ -54,7 +55,8 @@ class ProcessAttributor:
         self.lookups += 1
         info: dict[str, Any] = {"pid": proc.pid, "start_time": rfc3339(created)}
         with proc.oneshot():
-            for key, getter in (("ppid", proc.ppid), ("name", proc.name), ("exe", proc.exe), ("cmdline_args", proc.cmdline), ("user", proc.username)):
+            for key, getter in (("ppid", proc.ppid), ("name", proc.name), ("exe", proc.exe), ("cmdline_args", proc.cmdline),
+                                ("user", proc.username)):
                 try:
                     value = getter()
                 except (psutil.Error, OSError):

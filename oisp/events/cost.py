@@ -143,7 +143,8 @@ class PriceTable:
                 continue
             if not isinstance(entry.get("models"), Mapping):
                 raise PriceTableError(f"{at}: \"models\" must be an object of model id → rates")
-            models[pid] = {mid: _price(rates, as_of, source, f"{at}.models.{mid}") for mid, rates in entry["models"].items()}
+            models[pid] = {mid: _price(rates, as_of, source, f"{at}.models.{mid}")  # type: ignore[arg-type]  # as_of: a date
+                           for mid, rates in entry["models"].items()}
         return cls(models, aliases)
 
     @classmethod

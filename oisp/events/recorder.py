@@ -82,7 +82,8 @@ class FlowRecorder:
             is_ai = ex.match is not None
             if isinstance(rec, RequestComplete) and is_ai:
                 rid = self._request_ids.setdefault(ex.stream, new_ulid(ex.request_ts))
-                events.append(self._ai_event("ai.request", builder.request_data(ex, self.ctx, self.spec, rid), ex.request_end_ts or ex.request_ts, ex))
+                events.append(self._ai_event("ai.request", builder.request_data(ex, self.ctx, self.spec, rid),
+                                             ex.request_end_ts or ex.request_ts, ex))
             elif isinstance(rec, StreamDelta) and is_ai and self._streaming_chunks:
                 rid = self._request_ids[ex.stream]
                 events.append(self._ai_event("ai.streaming_chunk", builder.chunk_data(rid, rec.index, rec.delta), rec.ts, ex))
@@ -111,7 +112,8 @@ class FlowRecorder:
             extra["limitations"] = sorted(set(ex.problems))
         return self._event(event_type, data, ts, completeness="full" if complete else "partial", reasons=reasons, extra=extra)
 
-    def _event(self, event_type: str, data: dict[str, Any], ts: float, *, completeness: str = "full", reasons=None, extra=None) -> EventDict:
+    def _event(self, event_type: str, data: dict[str, Any], ts: float, *, completeness: str = "full", reasons=None,
+               extra=None) -> EventDict:
         if self.ctx.pid is None:
             # Said outright: the sensor could not show which process held the connection
             # (it had closed, or no process held its socket), and names none rather than a guess.

@@ -176,7 +176,8 @@ _IN_AUTH_POSITION: list[Pattern] = [
 _HIGH_ENTROPY: Pattern = ("random", re.compile(r"(?<![A-Za-z0-9_\-])[A-Za-z0-9_\-]{20,}(?![A-Za-z0-9_\-])"), 0,
                           _high_entropy, ())
 _SHORTEST_QUERY_SECRET = len("?sig=x")
-_QUERY_SECRET = re.compile(r"([?&](?:key|api[_-]?key|access_token|token|sig|signature|x-amz-signature|x-amz-credential)=)([^&#\s\"']+)", re.IGNORECASE)
+_QUERY_SECRET = re.compile(r"([?&](?:key|api[_-]?key|access_token|token|sig|signature|x-amz-signature|x-amz-credential)=)"
+                           r"([^&#\s\"']+)", re.IGNORECASE)
 
 
 def _provider_keys(prefixes: Iterable[tuple[str, str]]) -> list[Pattern]:
@@ -348,7 +349,8 @@ def _hash_at(node: Any, path: tuple[str, ...], mode: str) -> None:
         return
     key, rest = path[0], path[1:]
     children = (
-        [(node, i) for i in range(len(node))] if key == "*" and isinstance(node, list) else [(node, key)] if isinstance(node, dict) and key in node else []
+        [(node, i) for i in range(len(node))] if key == "*" and isinstance(node, list) else [(node, key)]
+        if isinstance(node, dict) and key in node else []
     )
     for parent, k in children:
         if rest:

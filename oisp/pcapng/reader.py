@@ -131,11 +131,13 @@ def _pcapng(fh: BinaryIO, stats: ReadStats) -> Iterator[Frame]:
             elif bom == BYTE_ORDER_MAGIC.to_bytes(4, "big"):
                 endian = ">"
             else:
-                raise CaptureFormatError(f"pcapng section header at byte {offset} has no byte-order magic: the file is damaged from there")
+                raise CaptureFormatError(f"pcapng section header at byte {offset} has no byte-order magic: "
+                                         "the file is damaged from there")
             interfaces = []
         total = struct.unpack(endian + "I", head[4:8])[0]
         if not 12 <= total <= MAX_BLOCK_BYTES or (btype == SHB and total < 28):
-            raise CaptureFormatError(f"pcapng block at byte {offset} of impossible length {total}: the file is damaged from there")
+            raise CaptureFormatError(f"pcapng block at byte {offset} of impossible length {total}: "
+                                     "the file is damaged from there")
         rest = fh.read(total - (12 if btype == SHB else 8))
         if len(rest) < total - (12 if btype == SHB else 8):
             stats.skip(f"pcapng block at byte {offset} cut short by the end of the file")

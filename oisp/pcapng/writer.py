@@ -18,7 +18,7 @@ from __future__ import annotations
 import platform
 import struct
 import sys
-from typing import BinaryIO
+from typing import BinaryIO, Sequence
 
 import numpy as np
 
@@ -115,7 +115,7 @@ class PcapngWriter:
                          comments=[comment], comment_ids=np.array([0]))
 
     def write_batch(self, data, offsets, lengths, *, interfaces, timestamps, directions=None,
-                    comments: list[str | None] = (), comment_ids=None) -> None:
+                    comments: Sequence[str | None] = (), comment_ids=None) -> None:
         """Write len(offsets) packets found at data[offsets[i]:offsets[i]+lengths[i]].
 
         `interfaces`, `timestamps` (in the interface's resolution), `directions`

@@ -107,7 +107,7 @@ class CertificateAuthority:
         public = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         if key.public_key().public_bytes(*public) != certificate.public_key().public_bytes(*public):
             raise CAError(_unusable(key_path, f"is not the private key of {cert_path}"))
-        return cls(certificate, key, cert_path, key_path)
+        return cls(certificate, key, cert_path, key_path)  # type: ignore[arg-type]  # the certificate's key, checked above
 
 
 def _self_signed_ca(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:

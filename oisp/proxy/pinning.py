@@ -39,7 +39,7 @@ Client = tuple  # (program: exe path or name, user): who the client is, as far a
 def rejects_certificate(exc: BaseException) -> bool:
     """Whether a failed client-side handshake means the client refused our certificate."""
     reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
-    return bool(reason) and reason.endswith(CERTIFICATE_ALERTS)
+    return bool(reason) and reason.endswith(CERTIFICATE_ALERTS)  # type: ignore[union-attr]  # bool(reason): not None
 
 
 class PinningPolicy:

@@ -52,7 +52,7 @@ class UpstreamSessions:
             return
         if not resumable:
             return
-        self._sessions[key] = session
+        self._sessions[key] = session  # type: ignore[assignment]  # resumable implies a session
         self._sessions.move_to_end(key)
         while len(self._sessions) > self.limit:
             self._sessions.popitem(last=False)

@@ -6,9 +6,10 @@ The proxy needs three things from here (see redirector.py for the wiring):
 connections, and a started `Redirector` (or `Reflector`).
 """
 
+from oisp.divert.process_filter import ProcessFilter
 from oisp.redirect.flows import FlowEntry, FlowTable
 from oisp.redirect.own_ports import OwnPorts, connect_upstream, open_upstream, upstream_socket
-from oisp.redirect.processes import ProcessFilter, ProcessResolver
+from oisp.redirect.processes import ProcessResolver
 from oisp.redirect.redirector import Redirector
 from oisp.redirect.reflector import DEFAULT_PORTS, Reflector
 from oisp.redirect.targets import DnsSniffer, TargetSet, resolve_hosts

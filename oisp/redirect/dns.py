@@ -109,7 +109,7 @@ def chain_addresses(message: bytes, q: Question) -> list[ipaddress.IPv4Address |
             break  # a loop: the chain ends where it would repeat
         chain.append(target)
     names = set(chain)
-    addresses = []
+    addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
     for name, rtype, rclass, start, rdlength in records:
         if rclass != CLASS_IN or name not in names:
             continue

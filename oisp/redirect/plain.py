@@ -47,7 +47,7 @@ class PlainRequest:
 def parse_plain(text: str) -> PlainRequest:
     """'11434', 'gpu-box:8000', '[fd00::2]:8000', '9000=vllm', 'box:9000=llamacpp'."""
     spec, _, provider = text.strip().partition("=")
-    provider = provider.strip() or None
+    provider = provider.strip() or None  # type: ignore[assignment]  # None: the default provider
     host: str | None = None
     if spec.startswith("["):
         end = spec.find("]")
@@ -163,7 +163,7 @@ def resolve_host(host: str, timeout: float = 5.0) -> list[str]:
         raise PlainSpecError(f"{host}: cannot resolve ({e or 'timed out'})") from None
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return list(dict.fromkeys(info[4][0] for info in infos))  # type: ignore[misc]  # an IP socket address: its host is a str
 
 
 def _any_port(ports: list[int]) -> str:

@@ -1,4 +1,4 @@
-"""Which process opened a flow, and whether its flows are taken (`--process`, `--exclude`).
+"""Which process opened a flow (whether its flows are taken: oisp/divert/process_filter.py).
 
 The reflector must decide on a flow's first SYN, and a packet carries no pid.
 Linux answers exactly: the client socket's inode, from an exact sock_diag lookup
@@ -28,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from oisp.divert import holders
 from oisp.divert.address import unmapped
@@ -50,31 +51,18 @@ _OWNING = {Event.SOCKET_CONNECT, Event.FLOW_ESTABLISHED}
 _ENDING = {Event.SOCKET_CLOSE, Event.FLOW_DELETED}
 
 
-class ProcessFilter:
-    """Include/exclude by pid or name. With an include list only those are taken;
-    an exclusion always wins."""
+@dataclass(frozen=True)
+class _Search:
+    """How far an owner search goes past the candidates the events name."""
 
-    def __init__(self, include: str | list = (), exclude: str | list = ()):
-        self.include_pids, self.include_names = self._parse(include)
-        self.exclude_pids, self.exclude_names = self._parse(exclude)
+    connectors: bool  # Linux: the processes that connected to the same server lately, as candidates
+    every_process: bool  # Linux: the recent owners, then every process, newest first
+    psutil_table: bool  # elsewhere: psutil's table of every socket (~8-30 ms)
 
-    @staticmethod
-    def _parse(spec) -> tuple[set[int], set[str]]:
-        items = spec.split(",") if isinstance(spec, str) else list(spec)
-        items = [str(i).strip() for i in items if str(i).strip()]
-        return {int(i) for i in items if i.isdigit()}, {i.lower() for i in items if not i.isdigit()}
 
-    @property
-    def active(self) -> bool:
-        return bool(self.include_pids or self.include_names or self.exclude_pids or self.exclude_names)
-
-    def allows(self, pid: int | None, name: str | None) -> bool:
-        name = (name or "").lower()
-        if pid in self.exclude_pids or name in self.exclude_names:
-            return False
-        if self.include_pids or self.include_names:
-            return pid in self.include_pids or name in self.include_names
-        return True
+_FULL = _Search(connectors=False, every_process=True, psutil_table=True)
+_NEW_FLOW = _Search(connectors=True, every_process=True, psutil_table=False)
+_HINTS = _Search(connectors=True, every_process=False, psutil_table=False)
 
 
 def _kernel_answers() -> bool:
@@ -126,8 +114,8 @@ class ProcessResolver:
                     continue
                 if e.event == Event.SOCKET_CONNECT and e.pid:
                     self.names.remember(e.pid)
-                    key = (row_key(e.remote), e.remote_port)
-                    self._connects.setdefault(key, collections.deque(maxlen=64)).append((now, e.pid))
+                    server = (row_key(e.remote), e.remote_port)
+                    self._connects.setdefault(server, collections.deque(maxlen=64)).append((now, e.pid))
                 if not e.local_port:
                     continue  # a CONNECT from a socket not bound yet: the FLOW event names it
                 key = (_local_key(e.local), e.local_port, row_key(e.remote), e.remote_port)
@@ -146,8 +134,8 @@ class ProcessResolver:
                     self._tuples[key][0] = now
                     self._tuples[key][2] = True
                     self._ended.append((now, key))
-            for key in [k for k, q in self._connects.items() if q[-1][0] < now - CONNECT_WINDOW]:
-                del self._connects[key]
+            for server in [k for k, q in self._connects.items() if q[-1][0] < now - CONNECT_WINDOW]:
+                del self._connects[server]
             # An ended socket's entry stays a while (never an answer; it keeps its late CONNECT
             # from passing for a live socket), then goes, unless another owner took the key since.
             while self._ended and self._ended[0][0] < now - CONNECT_WINDOW:
@@ -157,22 +145,37 @@ class ProcessResolver:
                     del self._tuples[key]
 
     def owner(self, client_addr, client_port: int, server_addr=None, server_port: int | None = None,
-              *, since: float | None = None, guess: bool = False, use_psutil: bool = True,
-              full_scan: bool = True) -> tuple[int | None, str | None]:
+              *, since: float | None = None) -> tuple[int | None, str | None]:
         """The owner of a client socket whose flow began at `since` (wall clock; None: no
-        bound on the owner's start). Where the kernel answers (Linux), the answer is the
-        process holding the socket: `use_psutil` False limits the search to the
-        candidates the events name, `guess` adds the processes that just connected to
-        the same server (only as candidates: each is checked like the rest). Elsewhere
-        an owning event of the four-tuple answers; `use_psutil` and `full_scan` allow
+        bound on the owner's start), searched as far as it takes. Where the kernel answers
+        (Linux), the process holding the socket: the candidates the events name, then the
+        recent owners and every process. Elsewhere an owning event of the four-tuple, then
         psutil's table of every socket (~8-30 ms), matched on the four-tuple."""
+        return self._owner(client_addr, client_port, server_addr, server_port, since, _FULL)
+
+    def new_flow_owner(self, client_addr, client_port: int, server_addr, server_port: int, *,
+                       since: float) -> tuple[int | None, str | None]:
+        """The owner of a flow just opened, asked on the redirector's thread: as `owner`,
+        with the processes that just connected to the same server tried early (Linux: as
+        candidates, each checked like the rest), and never psutil's table (elsewhere: too
+        slow for that thread; the proxy's lookup asks `owner` for what stays unknown)."""
+        return self._owner(client_addr, client_port, server_addr, server_port, since, _NEW_FLOW)
+
+    def hinted_owner(self, client_addr, client_port: int, server_addr=None, server_port: int | None = None,
+                     *, since: float | None = None) -> tuple[int | None, str | None]:
+        """What the hints alone show: the candidates the events name and the processes that
+        just connected to the same server (Linux: each checked like the rest), no search of
+        every process or socket."""
+        return self._owner(client_addr, client_port, server_addr, server_port, since, _HINTS)
+
+    def _owner(self, client_addr, client_port, server_addr, server_port, since,
+               search: _Search) -> tuple[int | None, str | None]:
         start = None  # the owner's start time, when the search read it
         if self.verifies:
-            pid, how, start = self._held_owner(client_addr, client_port, server_addr, server_port, since, guess,
-                                               use_psutil)
+            pid, how, start = self._held_owner(client_addr, client_port, server_addr, server_port, since, search)
         else:
             pid, how = self._event_owner(client_addr, client_port, server_addr, server_port, since,
-                                         use_psutil and full_scan)
+                                         search.psutil_table)
         self.counts[how] += 1
         if not pid:
             return None, None
@@ -197,8 +200,8 @@ class ProcessResolver:
             return self._inodes.get(inode) == pid
 
     # -- Linux: the process holding the socket ---------------------------------------------
-    def _held_owner(self, client_addr, client_port, server_addr, server_port, since, guess,
-                    search_all) -> tuple[int | None, str, float | None]:
+    def _held_owner(self, client_addr, client_port, server_addr, server_port, since,
+                    search: _Search) -> tuple[int | None, str, float | None]:
         if server_addr is not None and server_port is not None and sock_diag.available():
             inode = sock_diag.tcp_inode(client_addr, client_port, server_addr, server_port)
         else:
@@ -211,10 +214,12 @@ class ProcessResolver:
             return known, "by_inode", None  # the same socket: its owner was shown to hold it
         refused: list[int] = []
         tried: set[int] = set()
-        steps = [("by_event", self._event_hints(client_addr, client_port, server_addr, server_port))]
-        if guess and server_addr is not None:
+        # (how, candidate pids): None is every process, newest first
+        steps: list[tuple[str, list[int] | None]] = [
+            ("by_event", self._event_hints(client_addr, client_port, server_addr, server_port))]
+        if search.connectors and server_addr is not None:
             steps.append(("by_connect", self._connectors(server_addr, server_port)))
-        if search_all:
+        if search.every_process:
             with self._lock:
                 steps.append(("by_recent_owner", list(reversed(self._recent_pids))))
             steps.append(("by_proc_scan", None))  # every other process, newest first
@@ -260,7 +265,7 @@ class ProcessResolver:
 
     # -- elsewhere: events bound to the connection, then psutil --------------------------
     def _event_owner(self, client_addr, client_port, server_addr, server_port, since,
-                     use_psutil) -> tuple[int | None, str]:
+                     psutil_table) -> tuple[int | None, str]:
         # The flow's SYN on the monotonic clock the events are noted on.
         syn = None if since is None else time.monotonic() - (time.time() - since)
         candidates = []
@@ -276,7 +281,7 @@ class ProcessResolver:
             self.counts["refused"] += 1
         # The system's own table of live connections (Windows: GetExtendedTcpTable), exact
         # on the four-tuple.
-        if use_psutil and (pid := _psutil_owner(client_addr, client_port, server_addr, server_port)):
+        if psutil_table and (pid := _psutil_owner(client_addr, client_port, server_addr, server_port)):
             if _alive_since(pid, since):
                 return pid, "by_psutil"
             self.counts["refused"] += 1

@@ -30,11 +30,14 @@ import os
 import struct
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from oisp.redirect.targets import TargetSet
+
+if TYPE_CHECKING:
+    from oisp.divert.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +163,7 @@ class QuicRefuser:
         self.max_filter_addresses = max_filter_addresses
         self.counts = {"refused": 0, "flows": 0, "answers": 0, "answer_errors": 0, "handles": 0, "not_covered": 0}
         self.failure: BaseException | None = None
-        self.engine = None
+        self.engine: Engine | None = None
         self._covered = -1
         self._covered_changed = threading.Condition()
         self._reported: dict[tuple, None] = {}

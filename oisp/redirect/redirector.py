@@ -3,7 +3,9 @@
     redirector = Redirector(proxy_ports={443: 8443}, exclude="chrome").start()
     ...                                     # the proxy, on an accepted socket:
     entry = redirector.flows.lookup(*sock.getpeername()[:2], sock.getsockname()[1])
-    upstream = await open_upstream(str(entry.server_addr), entry.server_port, redirector.own_ports)
+    family = socket.AF_INET6 if entry.server_addr.version == 6 else socket.AF_INET
+    upstream = upstream_socket(family, redirector.own_ports)  # its port registered before the connect
+    await loop.sock_connect(upstream, (str(entry.server_addr), entry.server_port))
     ...
     redirector.stop()
 
@@ -16,19 +18,23 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from oisp.divert.errors import DivertError
 from oisp.redirect.flows import FlowTable
 from oisp.redirect.own_ports import OwnPorts
-from oisp.redirect.processes import ProcessFilter, ProcessResolver
+from oisp.divert.process_filter import ProcessFilter
+from oisp.redirect.processes import ProcessResolver
 from oisp.redirect.reflector import DEFAULT_PORTS, Reflector
 from oisp.redirect.targets import DnsSniffer, TargetSet, resolve_hosts
 
+if TYPE_CHECKING:
+    from oisp.redirect.quic import QuicRefuser
+
 
 class Redirector:
-    def __init__(self, spec=None, *, proxy_ports: dict[int, int] | None = None, include: str | list = (),
-                 exclude: str | list = (), addresses: Iterable = (), resolve: bool = True,
+    def __init__(self, spec=None, *, proxy_ports: dict[int, int] | None = None, include: str | Iterable[str | int] = (),
+                 exclude: str | Iterable[str | int] = (), addresses: Iterable = (), resolve: bool = True,
                  resolve_timeout: float = 5.0, sniff_dns: bool = True, process_events: bool = True,
                  max_flows: int = 65536, idle_timeout: float = 300.0, watchdog: float | None = 5.0,
                  address_ttl: float | None = 3600.0, refresh: float | None = 600.0, plain=None,
@@ -50,7 +56,7 @@ class Redirector:
         self.proxy_ports = dict(proxy_ports or DEFAULT_PORTS)
         self.plain = plain
         self.refuse_quic, self.on_quic_refused = refuse_quic, on_quic_refused
-        self.quic = None
+        self.quic: QuicRefuser | None = None
         self.resolve, self.resolve_timeout = resolve, resolve_timeout
         self.sniff_dns, self.process_events, self.watchdog = sniff_dns, process_events, watchdog
         # Learned addresses nobody has named for address_ttl seconds are let go, so the

@@ -49,8 +49,9 @@ from oisp.redirect.batch_decision import BatchDecider, PortMap, apply
 from oisp.redirect.fast_mirror import FastMirror
 from oisp.redirect.flows import FlowEntry, FlowTable, key_address
 from oisp.redirect.own_ports import OwnPorts
+from oisp.divert.process_filter import ProcessFilter
 from oisp.redirect.plain import PlainPorts
-from oisp.redirect.processes import ProcessFilter, ProcessResolver
+from oisp.redirect.processes import ProcessResolver
 from oisp.redirect.succession import MAX_FILTER_ADDRESSES, Succession
 from oisp.redirect.targets import TargetSet
 
@@ -328,6 +329,5 @@ class Reflector:
             unnamed, self._unnamed = self._unnamed, []
         for entry in unnamed:
             if entry.pid is None:
-                entry.pid, entry.process_name = self.processes.owner(
-                    entry.client_addr, entry.client_port, entry.server_addr, entry.server_port, since=entry.created,
-                    guess=True, full_scan=False)
+                entry.pid, entry.process_name = self.processes.new_flow_owner(
+                    entry.client_addr, entry.client_port, entry.server_addr, entry.server_port, since=entry.created)

@@ -144,7 +144,8 @@ def resolve_hosts(hosts: Iterable[str], targets: TargetSet, *, timeout: float = 
             counts["failed"] += 1
             continue
         counts["resolved"] += 1
-        counts["addresses"] += targets.add(info[4][0].split("%")[0] for info in infos)
+        # an IP socket address: its host is a str
+        counts["addresses"] += targets.add(info[4][0].split("%")[0] for info in infos)  # type: ignore[union-attr]
     counts["timed_out"] = len(pending)
     pool.shutdown(wait=False, cancel_futures=True)  # a stuck getaddrinfo may not hold us up
     return counts

@@ -14,7 +14,8 @@ from oisp.sinks.base import SinkStats, encode_event
 class JsonlSink:
     name = "jsonl"
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, max_bytes: int = 64 * 1024 * 1024, backups: int = 5) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, max_bytes: int = 64 * 1024 * 1024,
+                 backups: int = 5) -> None:
         self.path = Path(path) if path else default_events_path()
         self.max_bytes = max_bytes
         self.backups = backups

@@ -13,7 +13,8 @@ from oisp.sinks.webhook import WebhookSink, webhook_url
 def add_sink_arguments(parser: argparse.ArgumentParser, *, default_stdout: bool, ui: bool = False) -> None:
     """``ui``: offer the live dashboard (commands that keep running, like record)."""
     g = parser.add_argument_group("output")
-    g.add_argument("--jsonl", metavar="PATH", nargs="?", const="", help="append events to a JSONL file (no PATH: the default file in the data directory)")
+    g.add_argument("--jsonl", metavar="PATH", nargs="?", const="",
+                   help="append events to a JSONL file (no PATH: the default file in the data directory)")
     g.add_argument("--jsonl-max-mb", type=float, default=64.0, help="rotate the JSONL file at this size (default 64)")
     g.add_argument("--webhook", metavar="URL|@FILE", help="POST batches of events to this URL, or to the one in FILE "
                    "(default: $OISP_WEBHOOK_URL); a URL on the command line is visible to every user in ps")
@@ -25,7 +26,8 @@ def add_sink_arguments(parser: argparse.ArgumentParser, *, default_stdout: bool,
     g.add_argument("--otlp-content", action="store_true",
                    help="also export conversation content (messages, completions, tools) over OTLP, redacted "
                         "(default: only its length; also $OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true)")
-    g.add_argument("--stdout", action="store_true", default=default_stdout, help="print events as JSON lines" + (" (default)" if default_stdout else ""))
+    g.add_argument("--stdout", action="store_true", default=default_stdout,
+                   help="print events as JSON lines" + (" (default)" if default_stdout else ""))
     g.add_argument("--pretty", action="store_true", help="print one readable line per event instead of JSON")
     g.add_argument("--quiet", action="store_true", help="print nothing to stdout")
     if ui:
@@ -51,7 +53,8 @@ def sinks_from_args(args: argparse.Namespace) -> FanOut:
             target = config.resolve(args.otlp, getattr(args, "otlp_protocol", None))
         except config.OtlpConfigError as e:
             raise SystemExit(f"oisp: {e}") from None
-        sinks.append(OtlpSink(target, content=config.content_opt_in(getattr(args, "otlp_content", False))))
+        # its stats are an OtlpStats, a SinkStats (mypy holds a protocol's attribute to its exact type)
+        sinks.append(OtlpSink(target, content=config.content_opt_in(getattr(args, "otlp_content", False))))  # type: ignore[arg-type]
     if (args.stdout or args.pretty) and not args.quiet:
         sinks.append(StdoutSink(pretty=args.pretty))
     if getattr(args, "ui", None) is not None:

@@ -29,7 +29,8 @@ def summary(event: dict[str, Any]) -> str:
     et = event.get("event_type")
     if et == "ai.request":
         n = data.get("messages_count", 0)
-        return f"{head} → {data.get('provider', {}).get('id')} {data.get('model', {}).get('id', '?')} {n} msg{'s' if n != 1 else ''}{' stream' if data.get('streaming') else ''}"
+        return (f"{head} → {data.get('provider', {}).get('id')} {data.get('model', {}).get('id', '?')} "
+                f"{n} msg{'s' if n != 1 else ''}{' stream' if data.get('streaming') else ''}")
     if et == "ai.response":
         u = data.get("usage", {})
         text = (data.get("choices") or [{}])[0].get("message", {}).get("content", "")
@@ -41,7 +42,8 @@ def summary(event: dict[str, Any]) -> str:
         )
     if et == "network.flow":
         h = data.get("http", {})
-        return f"{head} {h.get('method')} {h.get('host', '')}{h.get('path', '')} {h.get('status_code', '-')} ↑{data.get('bytes_sent')} ↓{data.get('bytes_received')}"
+        return (f"{head} {h.get('method')} {h.get('host', '')}{h.get('path', '')} {h.get('status_code', '-')} "
+                f"↑{data.get('bytes_sent')} ↓{data.get('bytes_received')}")
     if et == "network.connect":
         d = data.get("dest", {})
         return f"{head} {d.get('domain') or d.get('ip')}:{d.get('port')}"

@@ -1,9 +1,10 @@
 """Run inside a test namespace: divert N UDP datagrams on loopback, receive them
 in batches, re-inject every batch unchanged, and report as JSON what was seen.
 
-usage: divert_roundtrip.py FAMILY(4|6) COUNT MAX_PACKETS
+usage: divert_roundtrip.py --family 4|6 --count N --max-packets N
 """
 
+import argparse
 import json
 import socket
 import struct
@@ -12,7 +13,12 @@ import threading
 
 from oisp.divert import Handle, new_addresses
 
-family, count, max_packets = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+parser = argparse.ArgumentParser(description="Divert UDP datagrams on loopback and re-inject them in batches.")
+parser.add_argument("--family", type=int, choices=[4, 6], required=True, help="IP version")
+parser.add_argument("--count", type=int, required=True, help="datagrams to send")
+parser.add_argument("--max-packets", type=int, required=True, help="the most packets one receive may take")
+options = parser.parse_args()
+family, count, max_packets = options.family, options.count, options.max_packets
 host = "127.0.0.1" if family == 4 else "::1"
 af = socket.AF_INET if family == 4 else socket.AF_INET6
 port = 40000

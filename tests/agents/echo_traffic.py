@@ -1,13 +1,14 @@
 """Real TCP and UDP traffic for capture tests, run inside a test namespace.
 
-    echo_traffic.py server HOST TCP_PORT UDP_PORT
+    echo_traffic.py server --host HOST --tcp-port P --udp-port P
         echo TCP (one thread per connection) and UDP until killed; prints "ready"
-    echo_traffic.py client HOST TCP_PORT UDP_PORT MESSAGES DATAGRAMS [--wait]
+    echo_traffic.py client --host HOST --tcp-port P --udp-port P --messages N --datagrams N [--wait]
         with --wait, print {"pid": …} and wait for a line on stdin first; then send
-        MESSAGES TCP messages and DATAGRAMS UDP datagrams, read every echo, and print
-        what was sent and received as JSON
+        N TCP messages and N UDP datagrams, read every echo, and print what was sent
+        and received as JSON
 """
 
+import argparse
 import json
 import os
 import socket
@@ -69,9 +70,21 @@ def client(host, tcp_port, udp_port, messages, datagrams, wait):
                       "udp_received": udp_received}), flush=True)
 
 
+def parse(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="TCP and UDP echo traffic for the capture tests.")
+    roles = parser.add_subparsers(dest="role", required=True)
+    for name, text in (("server", "echo TCP and UDP until killed"), ("client", "send, read every echo, report")):
+        role = roles.add_parser(name, help=text)
+        role.add_argument("--host", required=True)
+        role.add_argument("--tcp-port", type=int, required=True)
+        role.add_argument("--udp-port", type=int, required=True)
+        if name == "client":
+            role.add_argument("--messages", type=int, required=True, help="TCP messages to send")
+            role.add_argument("--datagrams", type=int, required=True, help="UDP datagrams to send")
+            role.add_argument("--wait", action="store_true", help='print {"pid": …}, then wait for a line on stdin')
+    return vars(parser.parse_args(argv))
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "server":
-        server(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
-    else:
-        client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]),
-               "--wait" in sys.argv)
+    options = parse()
+    (server if options.pop("role") == "server" else client)(**options)

@@ -1,16 +1,9 @@
 """Engine scenarios, run inside a test namespace; each prints one JSON object.
 
-usage: engine_agent.py SCENARIO [ARGS...]
-  udp COUNT POLICY SLOTS STALL_AT STALL_S   datagrams through the engine, optionally stalling the consumer
-  tcp MEGABYTES                             a TCP transfer through the engine (both directions diverted)
-  verdicts                                  DROP and MODIFIED (port rewrite) verdicts
-  async COUNT                               consume with `async for`
-  watchdog                                  the consumer stops; the watchdog must fail open
-  kill9                                     a consumer process is killed with SIGKILL mid-traffic
-  consume                                   (child of kill9) divert and pass until killed
-  events LAYER                              FLOW or SOCKET events for a child's connection (needs cgroup2)
+`engine_agent.py --help` lists the scenarios, `engine_agent.py SCENARIO --help` their options.
 """
 
+import argparse
 import asyncio
 import hashlib
 import json
@@ -61,7 +54,7 @@ def paced_sender(count, port, rate=25000, payload=lambda i: b"%08d" % i):
     return thread
 
 
-def scenario_udp(count, policy, slots, stall_at, stall_s):
+def scenario_udp(count, policy, slots, stall_at, stall_seconds):
     got, receiver = udp_receiver(PORT, count)
     engine = Engine(f"udp.DstPort == {PORT}", policy=policy, slots=slots, queue_length=16384,
                     queue_size=32 * 1024 * 1024, watchdog=None)
@@ -74,7 +67,7 @@ def scenario_udp(count, policy, slots, stall_at, stall_s):
         seen += batch.count
         if not stalled and stall_at and seen >= stall_at:
             stalled = True
-            time.sleep(stall_s)  # the consumer lags while holding this batch
+            time.sleep(stall_seconds)  # the consumer lags while holding this batch
         engine.commit(batch)
     sender.join()
     receiver.join()
@@ -283,21 +276,33 @@ def scenario_events(layer_name):
     json.dump({"child": child.pid, "me": os.getpid(), "port": port, "events": events}, sys.stdout)
 
 
+SCENARIOS = {"udp": scenario_udp, "tcp": scenario_tcp, "verdicts": scenario_verdicts, "async": scenario_async,
+             "watchdog": scenario_watchdog, "kill9": scenario_kill9, "consume": scenario_consume,
+             "events": scenario_events}
+
+
+def parse(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="Engine scenarios in a test namespace; each prints one JSON object.")
+    scenarios = parser.add_subparsers(dest="scenario", required=True)
+    udp = scenarios.add_parser("udp", help="datagrams through the engine, optionally stalling the consumer")
+    udp.add_argument("--count", type=int, required=True, help="datagrams to send")
+    udp.add_argument("--policy", choices=["block", "drop"], default="block", help="the engine's overflow policy")
+    udp.add_argument("--slots", type=int, default=16, help="ring slots")
+    udp.add_argument("--stall-at", type=int, default=0, metavar="N", help="stall once N packets were seen (0: never)")
+    udp.add_argument("--stall-seconds", type=float, default=0.0, help="how long the consumer stalls")
+    tcp = scenarios.add_parser("tcp", help="a TCP transfer through the engine (both directions diverted)")
+    tcp.add_argument("--megabytes", type=int, required=True)
+    scenarios.add_parser("verdicts", help="DROP and MODIFIED (port rewrite) verdicts")
+    asynchronous = scenarios.add_parser("async", help="consume with `async for`")
+    asynchronous.add_argument("--count", type=int, required=True, help="datagrams to send")
+    scenarios.add_parser("watchdog", help="the consumer stops; the watchdog must fail open")
+    scenarios.add_parser("kill9", help="a consumer process is killed with SIGKILL mid-traffic")
+    scenarios.add_parser("consume", help="(child of kill9) divert and pass until killed")
+    events = scenarios.add_parser("events", help="FLOW or SOCKET events for a child's connection (needs cgroup2)")
+    events.add_argument("--layer", dest="layer_name", choices=["FLOW", "SOCKET"], required=True)
+    return vars(parser.parse_args(argv))
+
+
 if __name__ == "__main__":
-    name, args = sys.argv[1], sys.argv[2:]
-    if name == "udp":
-        scenario_udp(int(args[0]), args[1], int(args[2]), int(args[3]), float(args[4]))
-    elif name == "tcp":
-        scenario_tcp(int(args[0]))
-    elif name == "verdicts":
-        scenario_verdicts()
-    elif name == "async":
-        scenario_async(int(args[0]))
-    elif name == "watchdog":
-        scenario_watchdog()
-    elif name == "kill9":
-        scenario_kill9()
-    elif name == "consume":
-        scenario_consume()
-    elif name == "events":
-        scenario_events(args[0])
+    options = parse()
+    SCENARIOS[options.pop("scenario")](**options)

@@ -1,16 +1,17 @@
 """Faults injected into a real Redirector, run in the client namespace; prints one JSON object.
 
-usage: failopen_agent.py reflector-fault SERVER_IP OTHER_IP method|popen
+usage: failopen_agent.py reflector-fault --server-ip IP --other-ip IP --fault method|popen
     a Redirector (targets = {SERVER_IP}) and the small proxy of redirect_client.py; an AI
     connection goes through the proxy; then a fault inside the reflector thread: `method`
     makes one of its periodic steps raise, `popen` makes the guardian's Popen fail at the
     handle swap that OTHER_IP becoming an AI address asks for. Then a connection to
     SERVER_IP:443 again, and the eBPFDivert filters left in this namespace.
-usage: failopen_agent.py dns-fault DNS_SERVER_IP
+usage: failopen_agent.py dns-fault --dns-ip IP
     a Redirector watching DNS (answers held until diverted); learning raises on the
     first answer; how long the next answer takes, and whether the DNS handle is closed.
 """
 
+import argparse
 import json
 import socket
 import subprocess
@@ -79,8 +80,18 @@ def scenario_dns_fault(dns_ip):
     json.dump(out, sys.stdout)
 
 
+def parse(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="Faults injected into a real Redirector; prints one JSON object.")
+    scenarios = parser.add_subparsers(dest="scenario", required=True)
+    reflector = scenarios.add_parser("reflector-fault", help="a fault inside the reflector thread")
+    reflector.add_argument("--server-ip", required=True, help="the AI server's address")
+    reflector.add_argument("--other-ip", required=True, help="an address that becomes an AI endpoint")
+    reflector.add_argument("--fault", choices=["method", "popen"], required=True)
+    dns = scenarios.add_parser("dns-fault", help="learning from a DNS answer raises")
+    dns.add_argument("--dns-ip", required=True, help="the DNS server's address")
+    return vars(parser.parse_args(argv))
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "reflector-fault":
-        scenario_reflector_fault(*sys.argv[2:5])
-    else:
-        scenario_dns_fault(sys.argv[2])
+    options = parse()
+    (scenario_reflector_fault if options.pop("scenario") == "reflector-fault" else scenario_dns_fault)(**options)

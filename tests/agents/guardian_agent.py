@@ -1,23 +1,23 @@
 """Guardians under fire, run inside a test's namespace.
 
-usage: guardian_agent.py holder PORT [die-in-open]
+usage: guardian_agent.py holder --port PORT [--die-in-open]
     open a divert handle on TCP to PORT (nobody reads it: what it takes is black-holed),
     print "ready GUARDIAN_PID", then wait. die-in-open: SIGKILL this process the moment
     the backend has opened the handle, before the handle returns (no guardian heard of it).
-usage: guardian_agent.py engine PORT SIGNAL
+usage: guardian_agent.py engine --port PORT --sig TERM|KILL
     an Engine on TCP to PORT that nobody consumes; its guardian gets SIGNAL (TERM, KILL);
     prints one JSON object: connects before and after, whether the engine noticed, the
     filters tc lists.
-usage: guardian_agent.py listen PORT
+usage: guardian_agent.py listen --port PORT
     a TCP listener on 127.0.0.1:PORT (a connect succeeds once its SYN gets through).
 """
 
+import argparse
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 
@@ -88,10 +88,18 @@ def listen(port):
         server.accept()[0].close()
 
 
+def parse(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="Guardians under fire, in a test's namespace.")
+    roles = parser.add_subparsers(dest="role", required=True)
+    for name, text in (("holder", "a divert handle nobody reads"), ("engine", "an Engine whose guardian is signalled"),
+                       ("listen", "a TCP listener on 127.0.0.1")):
+        roles.add_parser(name, help=text).add_argument("--port", type=int, required=True)
+    roles.choices["holder"].add_argument("--die-in-open", action="store_true",
+                                         help="SIGKILL this process while the backend opens the handle")
+    roles.choices["engine"].add_argument("--sig", choices=["TERM", "KILL"], required=True, help="for the guardian")
+    return vars(parser.parse_args(argv))
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "holder":
-        holder(int(sys.argv[2]), sys.argv[3:] == ["die-in-open"])
-    elif sys.argv[1] == "engine":
-        engine(int(sys.argv[2]), sys.argv[3])
-    else:
-        listen(int(sys.argv[2]))
+    options = parse()
+    {"holder": holder, "engine": engine, "listen": listen}[options.pop("role")](**options)

@@ -2,15 +2,15 @@
 object: this process's pid and what each call assembled (the reference the events
 are compared with).
 
-    python local_clients.py ollama|openai|h2c|stream|burst HOST PORT [N]
+    python local_clients.py ollama|openai|h2c|stream|burst --host HOST --port PORT [--count N]
 """
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import json
 import os
-import sys
 
 KEY = "sk-local-0123456789abcdefghijklmnop"
 
@@ -112,9 +112,13 @@ SCENARIOS = {"ollama": ollama_calls, "openai": openai_calls, "h2c": h2c_calls, "
 
 
 def main() -> None:
-    scenario, host, port = sys.argv[1:4]
-    n = int(sys.argv[4]) if len(sys.argv) > 4 else 1
-    results = SCENARIOS[scenario](base(host, port), n)
+    parser = argparse.ArgumentParser(description="Real clients of a local model server; prints one JSON object.")
+    parser.add_argument("scenario", choices=SCENARIOS)
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--count", type=int, default=1, help="calls (or, for stream, chunks) to make")
+    options = parser.parse_args()
+    results = SCENARIOS[options.scenario](base(options.host, options.port), options.count)
     print(json.dumps({"pid": os.getpid(), "results": results}))
 
 

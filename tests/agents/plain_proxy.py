@@ -2,12 +2,13 @@
 limit: every accepted connection is treated as going to UPSTREAM and, not being TLS, is
 relayed untouched.
 
-usage: plain_proxy.py UPSTREAM_HOST UPSTREAM_PORT NOFILE GIVE_UP_SECONDS
+usage: plain_proxy.py --upstream-host HOST --upstream-port PORT --nofile N --give-up SECONDS
 Prints "ready PORT" once listening (port chosen by the kernel), then, for each line read
 on stdin, one JSON line: its stats, `serving`, and what on_failure was told; exits at EOF
 on stdin.
 """
 
+import argparse
 import asyncio
 import json
 import resource
@@ -30,5 +31,10 @@ async def main(upstream_host, upstream_port, nofile, give_up):
 
 
 if __name__ == "__main__":
-    a = sys.argv[1:]
-    asyncio.run(main(a[0], int(a[1]), int(a[2]), float(a[3])))
+    parser = argparse.ArgumentParser(description="The transparent proxy before one plain TCP upstream.")
+    parser.add_argument("--upstream-host", required=True)
+    parser.add_argument("--upstream-port", type=int, required=True)
+    parser.add_argument("--nofile", type=int, required=True, help="the open-file limit")
+    parser.add_argument("--give-up", type=float, required=True, help="the proxy's accept_give_up, in seconds")
+    options = parser.parse_args()
+    asyncio.run(main(options.upstream_host, options.upstream_port, options.nofile, options.give_up))

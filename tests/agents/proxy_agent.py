@@ -1,15 +1,16 @@
 """Run the transparent proxy in a test namespace, without the redirector: every
 accepted connection is treated as going to UPSTREAM (the fake provider).
 
-usage: proxy_agent.py DATA_DIR PORT UPSTREAM_HOST UPSTREAM_PORT UPSTREAM_CA EVENTS_JSONL
+usage: proxy_agent.py --data-dir DIR --port PORT --upstream-host HOST --upstream-port PORT
+                      --upstream-ca PEM --events-path JSONL
 Prints "ready PORT" once listening; SIGTERM stops it and prints its stats as JSON.
 """
 
+import argparse
 import asyncio
 import json
 import os
 import signal
-import sys
 
 from oisp.proxy.ca import CertificateAuthority
 from oisp.proxy.certs import LeafIssuer
@@ -40,5 +41,11 @@ async def main(data_dir, port, upstream_host, upstream_port, upstream_ca, events
 
 
 if __name__ == "__main__":
-    a = sys.argv[1:]
-    asyncio.run(main(a[0], int(a[1]), a[2], int(a[3]), a[4], a[5]))
+    parser = argparse.ArgumentParser(description="The transparent proxy before the fake provider, no redirector.")
+    parser.add_argument("--data-dir", required=True, help="XDG_DATA_HOME: where the CA is made")
+    parser.add_argument("--port", type=int, required=True, help="the proxy's port")
+    parser.add_argument("--upstream-host", required=True)
+    parser.add_argument("--upstream-port", type=int, required=True)
+    parser.add_argument("--upstream-ca", required=True, help="the CA that signed the upstream's certificate")
+    parser.add_argument("--events-path", required=True, help="the JSONL file events are appended to")
+    asyncio.run(main(**vars(parser.parse_args())))

@@ -1,19 +1,19 @@
 """A QUIC (aioquic) echo server or client for the QUIC refusal tests.
 
-    python quic_echo.py serve HOST PORT CERT KEY
-    python quic_echo.py connect HOST PORT CA [TIMEOUT]
+    python quic_echo.py serve --host HOST --port PORT --cert CERT --key KEY
+    python quic_echo.py connect --host HOST --port PORT --ca CA [--timeout SECONDS]
 
 The client opens a connection (ALPN h3), sends "ping" on a stream and waits for the
 echo; it prints one JSON object: {"ok": bool, "seconds": time to the echo or to the
 failure, "error": ...}. A refused attempt fails at once on a Version Negotiation
-packet; otherwise only at TIMEOUT (the handshake's idle timeout).
+packet; otherwise only at the timeout (the handshake's idle timeout).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
-import sys
 import time
 
 from aioquic.asyncio import QuicConnectionProtocol, connect, serve
@@ -52,12 +52,21 @@ async def run_client(host: str, port: int, ca: str, timeout: float) -> dict:
 
 
 def main() -> None:
-    mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    if mode == "serve":
-        asyncio.run(run_server(host, port, sys.argv[4], sys.argv[5]))
+    parser = argparse.ArgumentParser(description="A QUIC echo server or client (aioquic).")
+    modes = parser.add_subparsers(dest="mode", required=True)
+    server, client = modes.add_parser("serve"), modes.add_parser("connect")
+    for mode in (server, client):
+        mode.add_argument("--host", required=True)
+        mode.add_argument("--port", type=int, required=True)
+    server.add_argument("--cert", required=True)
+    server.add_argument("--key", required=True)
+    client.add_argument("--ca", required=True, help="the CA that signed the server's certificate")
+    client.add_argument("--timeout", type=float, default=5.0, help="the handshake's idle timeout, in seconds")
+    options = parser.parse_args()
+    if options.mode == "serve":
+        asyncio.run(run_server(options.host, options.port, options.cert, options.key))
     else:
-        timeout = float(sys.argv[5]) if len(sys.argv) > 5 else 5.0
-        print(json.dumps(asyncio.run(run_client(host, port, sys.argv[4], timeout))))
+        print(json.dumps(asyncio.run(run_client(options.host, options.port, options.ca, options.timeout))))
 
 
 if __name__ == "__main__":

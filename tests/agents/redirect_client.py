@@ -1,6 +1,6 @@
 """The client side of the redirect tests, run in the client namespace; prints one JSON object.
 
-usage: redirect_client.py e2e SERVER_IP OTHER_IP [exclude-child] [events] [python-path] [port-filter]
+usage: redirect_client.py e2e --server-ip IP --other-ip IP [--exclude-child] [--events] [--python-path] [--port-filter]
     the reflector (targets = {SERVER_IP}) and a small transparent proxy on :8443 that
     looks each accepted socket up in the flow table and dials the original destination
     through connect_upstream; then: an AI connection (data round trip, clean close),
@@ -8,41 +8,42 @@ usage: redirect_client.py e2e SERVER_IP OTHER_IP [exclude-child] [events] [pytho
     optionally a connection from an excluded child process; python-path turns the ring's
     fast path off, so every packet is decided in Python; port-filter makes the handle's
     filter name the server port alone, not the AI addresses.
-usage: redirect_client.py bound SERVER_IP SOURCE_PORT [python-path]
+usage: redirect_client.py bound --server-ip IP --source-port PORT [--python-path]
     the reflector and proxy as for e2e; one AI connection from a client bound to
     SOURCE_PORT
-usage: redirect_client.py swap SERVER_IP OTHER_IP [python-path]
+usage: redirect_client.py swap --server-ip IP --other-ip IP [--python-path]
     the reflector knows SERVER_IP; an AI connection is half way through its data when
     OTHER_IP becomes an AI address too (a new handle takes over); then a connection to
     OTHER_IP:443.
-usage: redirect_client.py swap-flood SERVER_IP
+usage: redirect_client.py swap-flood --server-ip IP
     48 new AI addresses, one every 80 ms: how many handle swaps that cost
-usage: redirect_client.py dns SERVER_IP
+usage: redirect_client.py dns --server-ip IP
     a DnsSniffer; hand-built queries to SERVER_IP:53; which addresses were learned
-usage: redirect_client.py dns-spoof SERVER_IP SILENT_IP CLIENT_IP SPOOF_NS
+usage: redirect_client.py dns-spoof --server-ip IP --silent-ip IP --client-ip IP --spoof-ns NS
     a DnsSniffer; forged answers sent from SPOOF_NS by scapy (unsolicited, wrong id,
     matching a query to SILENT_IP, where nothing answers); then a real query to SERVER_IP:53
-usage: redirect_client.py overflow SERVER_IP OTHER_IP
+usage: redirect_client.py overflow --server-ip IP --other-ip IP
     a reflector allowed one address in its filter, given two: it filters by port;
     a third address opens no new handle; SERVER_IP:443 is still taken
-usage: redirect_client.py expire SERVER_IP OTHER_IP
+usage: redirect_client.py expire --server-ip IP --other-ip IP
     both learned (not given), address_ttl 1 s, one address fits the filter: ports first;
     an open flow to SERVER_IP keeps it while OTHER_IP is let go (back to an address
     filter); OTHER_IP:443 is then untouched; once the flow ends SERVER_IP goes too
-usage: redirect_client.py swap-kill SERVER_IP OTHER_IP RESULT_FILE mid-swap|after-swap
+usage: redirect_client.py swap-kill --server-ip IP --other-ip IP --result-path FILE --when mid-swap|after-swap
     a child process opens an AI connection and waits on it; OTHER_IP becomes an AI
     address (a successor handle takes over); then, at once or once the old handle is
     closed, this process SIGKILLs itself. The
     child writes to RESULT_FILE when and how its connection ended.
-usage: redirect_client.py syn-kill SERVER_IP RESULT_FILE
+usage: redirect_client.py syn-kill --server-ip IP --result-path FILE
     the ring opens a child's AI connection on its SYN, but the flow table never adopts
     it (adoption is held up); then this process SIGKILLs itself. The child writes to
     RESULT_FILE when and how its connection ended.
-usage: redirect_client.py learned SERVER_IP
+usage: redirect_client.py learned --server-ip IP
     a whole Redirector knowing no address: a connection to SERVER_IP:443 before and after
     SERVER_IP:53 answers api.openai.com with SERVER_IP
 """
 
+import argparse
 import json
 import os
 import signal
@@ -133,15 +134,15 @@ def exchange(host, port, payload=b"", source_port=0):
             "intact": echoed == payload, "echoed": len(echoed)}
 
 
-def scenario_e2e(server_ip, other_ip, options):
+def scenario_e2e(server_ip, other_ip, exclude_child=False, events=False, python_path=False, port_filter=False):
     targets = TargetSet([server_ip])
     resolver = ProcessResolver()
-    events = "events" in options and resolver.start_events()
+    events = events and resolver.start_events()
     flows = FlowTable(linger=0.3, owner=resolver.owner)
     own_ports = OwnPorts()
     child = None
     exclude = []
-    if "exclude-child" in options:
+    if exclude_child:
         child = subprocess.Popen([sys.executable, "-c", CHILD, server_ip], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True)
         exclude = [child.pid]
@@ -149,8 +150,8 @@ def scenario_e2e(server_ip, other_ip, options):
     out = {"me": os.getpid(), "events": events, "events_error": resolver.events_error,
            "process_filter": bool(exclude)}
     with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT}, processes=resolver,
-                   process_filter=ProcessFilter(exclude=exclude), fast_path="python-path" not in options,
-                   address_filter="port-filter" not in options) as reflector:
+                   process_filter=ProcessFilter(exclude=exclude), fast_path=not python_path,
+                   address_filter=not port_filter) as reflector:
         payload = os.urandom(300_000)
         out["ai"] = exchange(server_ip, 443, payload)
         out["flows_after_ai"] = len(flows)
@@ -182,7 +183,7 @@ def scenario_e2e(server_ip, other_ip, options):
     json.dump(out, sys.stdout)
 
 
-def scenario_bound(server_ip, source_port, options):
+def scenario_bound(server_ip, source_port, python_path=False):
     """A client that binds its own source port (one above the ephemeral range, which the
     filter once left to the proxy's upstream sockets) is reflected like any other."""
     targets = TargetSet([server_ip])
@@ -192,7 +193,7 @@ def scenario_bound(server_ip, source_port, options):
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
         out = {"ephemeral": [int(v) for v in f.read().split()]}
     with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT},
-                   fast_path="python-path" not in options) as reflector:
+                   fast_path=not python_path) as reflector:
         out["bound"] = exchange(server_ip, 443, os.urandom(100_000), source_port=source_port)
         wait_until(lambda: len(flows) == 0, 3.0)
         out["accepted"] = proxy.accepted
@@ -226,14 +227,14 @@ def scenario_swap_flood(server_ip):
     json.dump(out, sys.stdout)
 
 
-def scenario_swap(server_ip, other_ip, options):
+def scenario_swap(server_ip, other_ip, python_path=False):
     targets = TargetSet([server_ip])
     flows = FlowTable(linger=0.3)
     own_ports = OwnPorts()
     proxy = Proxy(flows, own_ports)
     out = {}
     with Reflector(targets, flows, own_ports, ports={443: PROXY_PORT},
-                   fast_path="python-path" not in options) as reflector:
+                   fast_path=not python_path) as reflector:
         payload = os.urandom(4_000_000)
         c = socket.create_connection((server_ip, 443), timeout=5)
         reader = c.makefile("rb")
@@ -428,7 +429,8 @@ def scenario_dns_spoof(server_ip, silent_ip, client_ip, spoof_ns):
 
     def spoof(src, query_id, address, seen):
         subprocess.run(["ip", "netns", "exec", spoof_ns, sys.executable, os.path.join(agents, "dns_spoof.py"),
-                        src, client_ip, str(port), str(query_id), address], check=True, timeout=60)
+                        "--src", src, "--dst", client_ip, "--port", str(port), "--query-id", str(query_id),
+                        "--address", address], check=True, timeout=60)
         sock.recvfrom(2048)  # it reached the client, as a forged answer would
         wait_until(lambda: sniffer.counts["responses"] >= seen, 3.0)  # and the watcher saw it
         return sorted(map(str, targets.addresses()))
@@ -446,26 +448,38 @@ def scenario_dns_spoof(server_ip, silent_ip, client_ip, spoof_ns):
     json.dump(out, sys.stdout)
 
 
+SCENARIOS = {"e2e": scenario_e2e, "bound": scenario_bound, "swap": scenario_swap, "swap-flood": scenario_swap_flood,
+             "dns": scenario_dns, "dns-spoof": scenario_dns_spoof, "overflow": scenario_overflow,
+             "expire": scenario_expire, "swap-kill": scenario_swap_kill, "syn-kill": scenario_syn_kill,
+             "learned": scenario_learned}
+
+
+def parse(argv=None) -> dict:
+    """The scenario and its options (this module's docstring says what each does)."""
+    parser = argparse.ArgumentParser(description="The client side of the redirect tests; prints one JSON object.")
+    scenarios = parser.add_subparsers(dest="scenario", required=True)
+    for name in SCENARIOS:
+        scenario = scenarios.add_parser(name)
+        scenario.add_argument("--server-ip", required=True, help="the AI server's address")
+        if name in ("e2e", "swap", "overflow", "expire", "swap-kill"):
+            scenario.add_argument("--other-ip", required=True, help="an address that is not (yet) an AI endpoint")
+        if name in ("e2e", "bound", "swap"):
+            scenario.add_argument("--python-path", action="store_true", help="the ring's fast path off")
+    e2e = scenarios.choices["e2e"]
+    e2e.add_argument("--exclude-child", action="store_true", help="a child process the reflector must not take")
+    e2e.add_argument("--events", action="store_true", help="the SOCKET/FLOW events feed too (needs cgroup2)")
+    e2e.add_argument("--port-filter", action="store_true", help="the handle's filter names the port alone")
+    scenarios.choices["bound"].add_argument("--source-port", type=int, required=True)
+    for name in ("swap-kill", "syn-kill"):
+        scenarios.choices[name].add_argument("--result-path", required=True, help="where the child writes its end")
+    scenarios.choices["swap-kill"].add_argument("--when", choices=["mid-swap", "after-swap"], required=True)
+    spoof = scenarios.choices["dns-spoof"]
+    spoof.add_argument("--silent-ip", required=True, help="where nothing answers")
+    spoof.add_argument("--client-ip", required=True)
+    spoof.add_argument("--spoof-ns", required=True, help="the namespace the forged answers come from")
+    return vars(parser.parse_args(argv))
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "e2e":
-        scenario_e2e(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
-    elif sys.argv[1] == "bound":
-        scenario_bound(sys.argv[2], int(sys.argv[3]), set(sys.argv[4:]))
-    elif sys.argv[1] == "swap-flood":
-        scenario_swap_flood(sys.argv[2])
-    elif sys.argv[1] == "swap":
-        scenario_swap(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
-    elif sys.argv[1] == "overflow":
-        scenario_overflow(sys.argv[2], sys.argv[3])
-    elif sys.argv[1] == "expire":
-        scenario_expire(sys.argv[2], sys.argv[3])
-    elif sys.argv[1] == "swap-kill":
-        scenario_swap_kill(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
-    elif sys.argv[1] == "syn-kill":
-        scenario_syn_kill(sys.argv[2], sys.argv[3])
-    elif sys.argv[1] == "dns-spoof":
-        scenario_dns_spoof(*sys.argv[2:6])
-    elif sys.argv[1] == "learned":
-        scenario_learned(sys.argv[2])
-    else:
-        scenario_dns(sys.argv[2])
+    options = parse()
+    SCENARIOS[options.pop("scenario")](**options)

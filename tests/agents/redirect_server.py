@@ -1,17 +1,17 @@
 """The far side of the redirect tests, run in the server namespace.
 
-usage: redirect_server.py tcp PORT [PORT...]   echo servers; each connection first gets
-                                               "PEER ip port\\n" (what this server saw), then
-                                               its bytes back; every accept is printed
-       redirect_server.py dns [A AAAA]         answers A/AAAA for api.openai.com (via a CNAME;
-                                               10.77.0.1 / fd77::1 unless given) and example.com,
-                                               a broken reply for bad.test
+usage: redirect_server.py tcp --ports PORT[,PORT...]
+           echo servers; each connection first gets "PEER ip port\\n" (what this server
+           saw), then its bytes back; every accept is printed
+       redirect_server.py dns [--answer-a A] [--answer-aaaa AAAA]
+           answers A/AAAA for api.openai.com (via a CNAME; 10.77.0.1 / fd77::1 unless
+           given) and example.com, a broken reply for bad.test
 """
 
+import argparse
 import ipaddress
 import socket
 import struct
-import sys
 import threading
 
 import psutil
@@ -79,13 +79,26 @@ def answer_on(sock):
         sock.sendto(dns_answer(query), peer)
 
 
+def parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="The far side of the redirect tests.")
+    roles = parser.add_subparsers(dest="role", required=True)
+    tcp = roles.add_parser("tcp", help="echo servers that first say whom they saw")
+    tcp.add_argument("--ports", type=lambda text: [int(p) for p in text.split(",")], required=True,
+                     help="comma-separated")
+    dns = roles.add_parser("dns", help="a DNS server for api.openai.com, example.com and bad.test")
+    dns.add_argument("--answer-a", default=ANSWERS[("api.openai.com", TYPE_A)], help="api.openai.com's A")
+    dns.add_argument("--answer-aaaa", default=ANSWERS[("api.openai.com", TYPE_AAAA)], help="its AAAA")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "dns":
-        if len(sys.argv) > 3:
-            ANSWERS[("api.openai.com", TYPE_A)], ANSWERS[("api.openai.com", TYPE_AAAA)] = sys.argv[2:4]
+    options = parse()
+    if options.role == "dns":
+        ANSWERS[("api.openai.com", TYPE_A)] = options.answer_a
+        ANSWERS[("api.openai.com", TYPE_AAAA)] = options.answer_aaaa
         serve_dns()
     else:
-        for p in sys.argv[2:]:
-            threading.Thread(target=serve_tcp, args=(int(p),), daemon=True).start()
+        for p in options.ports:
+            threading.Thread(target=serve_tcp, args=(p,), daemon=True).start()
         print("ready", flush=True)
         threading.Event().wait()

@@ -1,13 +1,13 @@
 """Opens a live `oisp record --ui` dashboard in Debian's Chromium (Playwright) from inside the
 client's namespace, where the dashboard listens, and prints what the page shows as JSON.
 
-    python ui_page_check.py URL EXPECTED_CALLS SCREENSHOT_DIR
+    python ui_page_check.py --url URL --expected-calls N --screenshot-dir DIR
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
@@ -26,7 +26,12 @@ def status_of(url: str, headers: dict | None = None) -> int:
 
 
 def main() -> None:
-    url, expected, shots = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    parser = argparse.ArgumentParser(description="What a live dashboard shows in Chromium, as JSON.")
+    parser.add_argument("--url", required=True, help="the dashboard's URL, with its token")
+    parser.add_argument("--expected-calls", type=int, required=True, help="calls the page must come to show")
+    parser.add_argument("--screenshot-dir", required=True)
+    options = parser.parse_args()
+    url, expected, shots = options.url, options.expected_calls, options.screenshot_dir
     parts = urlsplit(url)
     origin = f"{parts.scheme}://{parts.netloc}"
     out: dict = {"no_token": status_of(origin + "/"),

@@ -1,11 +1,11 @@
 """Real WebSocket clients for interception tests; each prints one JSON result: what it assembled.
 
-usage: ws_clients.py CLIENT WSS_BASE   (CLIENT: openai_responses | openai_realtime | gemini_live | plain)
+usage: ws_clients.py CLIENT --base WSS_BASE   (CLIENT: openai_responses | openai_realtime | gemini_live | plain)
 They trust whatever SSL_CERT_FILE names, as in real use.
 """
 
+import argparse
 import json
-import sys
 
 KEY = "sk-proj-TESTKEYws0123456789abcdefghijklmnopqrstuv"
 REQUESTS = [
@@ -44,17 +44,20 @@ def openai_realtime(base):
 
     client = openai.OpenAI(api_key=KEY, base_url=base.replace("wss://", "https://") + "/v1", max_retries=0)
     out = []
-    with client.realtime.connect(model="gpt-realtime", websocket_connection_options={"compression": "deflate", "proxy": None}) as conn:
+    with client.realtime.connect(model="gpt-realtime",
+                                 websocket_connection_options={"compression": "deflate", "proxy": None}) as conn:
         conn.session.update(session={"type": "realtime", "instructions": "answer briefly", "output_modalities": ["text"]})
         for text in ("first question", "second question"):
-            conn.conversation.item.create(item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]})
+            conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                "content": [{"type": "input_text", "text": text}]})
             conn.response.create()
             got = {"text": ""}
             for event in conn:
                 if event.type == "response.output_text.delta":
                     got["text"] += event.delta
                 elif event.type == "response.done":
-                    got["id"], got["usage"] = event.response.id, [event.response.usage.input_tokens, event.response.usage.output_tokens]
+                    usage = event.response.usage
+                    got["id"], got["usage"] = event.response.id, [usage.input_tokens, usage.output_tokens]
                     break
             out.append(got)
     return out
@@ -66,9 +69,12 @@ def gemini_live(base):
     from google import genai
     from google.genai import types
 
-    client = genai.Client(api_key="AIzaTESTKEYlive0123456789abcdefghijklmn", http_options=types.HttpOptions(base_url=base.replace("wss://", "https://")))
-    weather = types.FunctionDeclaration(name="get_weather", description="the weather", parameters={"type": "OBJECT", "properties": {"city": {"type": "STRING"}}})
-    config = {"response_modalities": ["TEXT"], "system_instruction": "be brief", "tools": [types.Tool(function_declarations=[weather])]}
+    client = genai.Client(api_key="AIzaTESTKEYlive0123456789abcdefghijklmn",
+                          http_options=types.HttpOptions(base_url=base.replace("wss://", "https://")))
+    weather = types.FunctionDeclaration(name="get_weather", description="the weather",
+                                        parameters={"type": "OBJECT", "properties": {"city": {"type": "STRING"}}})
+    config = {"response_modalities": ["TEXT"], "system_instruction": "be brief",
+              "tools": [types.Tool(function_declarations=[weather])]}
 
     async def turn(session):
         got = {"text": "", "calls": [], "usage": None}
@@ -88,9 +94,11 @@ def gemini_live(base):
         async with client.aio.live.connect(model="gemini-live-test", config=config) as session:
             await session.send_client_content(turns={"role": "user", "parts": [{"text": "hello live"}]}, turn_complete=True)
             out.append(await turn(session))
-            await session.send_client_content(turns={"role": "user", "parts": [{"text": "weather in Paris?"}]}, turn_complete=True)
+            await session.send_client_content(turns={"role": "user", "parts": [{"text": "weather in Paris?"}]},
+                                              turn_complete=True)
             out.append(await turn(session))
-            await session.send_tool_response(function_responses=[types.FunctionResponse(id="fc_2", name="get_weather", response={"sky": "clear"})])
+            answer = types.FunctionResponse(id="fc_2", name="get_weather", response={"sky": "clear"})
+            await session.send_tool_response(function_responses=[answer])
             out.append(await turn(session))
         return out
 
@@ -106,6 +114,10 @@ def plain(base):
 
 
 if __name__ == "__main__":
-    name, base = sys.argv[1], sys.argv[2]
-    print(json.dumps({"openai_responses": openai_responses, "openai_realtime": openai_realtime, "gemini_live": gemini_live,
-                      "plain": plain}[name](base)))
+    CLIENTS = {"openai_responses": openai_responses, "openai_realtime": openai_realtime, "gemini_live": gemini_live,
+               "plain": plain}
+    parser = argparse.ArgumentParser(description="A real WebSocket client; prints what it assembled as JSON.")
+    parser.add_argument("client", choices=CLIENTS)
+    parser.add_argument("--base", required=True, help="the wss:// base URL")
+    options = parser.parse_args()
+    print(json.dumps(CLIENTS[options.client](options.base)))

@@ -100,7 +100,8 @@ class MessagesAssembler(ResponseAssembler):
             elif dt == "input_json_delta" and isinstance(target, ToolCall) and isinstance(d.get("partial_json"), str):
                 target.add_arguments(d["partial_json"])
                 self._token(ts)
-                return [{"delta": {"tool_calls": [{"id": target.id, "arguments": d["partial_json"]}]}, "finish_reason": None, "index": 0}]
+                piece = {"id": target.id, "arguments": d["partial_json"]}
+                return [{"delta": {"tool_calls": [piece]}, "finish_reason": None, "index": 0}]
             return []
         if kind == "message_delta":
             d = obj.get("delta") if isinstance(obj.get("delta"), Mapping) else {}

@@ -147,7 +147,8 @@ class ResponseAssembler:
     def _error(self, err: Any) -> None:
         if isinstance(err, Mapping):
             self.info.error = {
-                k: str(err[src]) for k, src in (("type", "type"), ("message", "message"), ("code", "code")) if err.get(src) is not None
+                k: str(err[src]) for k, src in (("type", "type"), ("message", "message"), ("code", "code"))
+                if err.get(src) is not None
             }
         elif err is not None:
             self.info.error = {"message": str(err)}
@@ -201,7 +202,8 @@ def tool_definitions(tools: Any) -> list[dict[str, Any]]:
             continue
         fn = t.get("function") if isinstance(t.get("function"), Mapping) else t
         kind = t.get("type", "function")
-        entry: dict[str, Any] = {"type": kind if kind in ("function", "code_interpreter", "file_search", "computer_use") else "other"}
+        entry: dict[str, Any] = {"type": kind if kind in ("function", "code_interpreter", "file_search", "computer_use")
+                                 else "other"}
         if isinstance(fn.get("name"), str):
             entry["name"] = fn["name"]
         if isinstance(fn.get("description"), str):

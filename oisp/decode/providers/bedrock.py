@@ -33,7 +33,8 @@ def parse_request(body: Mapping[str, Any]) -> AIRequestInfo:
         for t in tool_config.get("tools") or []:
             spec = t.get("toolSpec") if isinstance(t, Mapping) else None
             if isinstance(spec, Mapping):
-                info.tools.append({k: v for k, v in (("type", "function"), ("name", spec.get("name")), ("description", spec.get("description"))) if isinstance(v, str)})
+                fields = (("type", "function"), ("name", spec.get("name")), ("description", spec.get("description")))
+                info.tools.append({k: v for k, v in fields if isinstance(v, str)})
     if isinstance(body.get("inferenceConfig"), Mapping):
         info.parameters = pick_parameters(body["inferenceConfig"], _PARAMS)
     return info
@@ -59,6 +60,7 @@ class ConverseAssembler(ResponseAssembler):
         info.finish_reason = info.choice(0).finish_reason = obj.get("stopReason")
         u = obj.get("usage")
         if isinstance(u, Mapping):
-            set_usage(info.usage, prompt_tokens=u.get("inputTokens"), completion_tokens=u.get("outputTokens"), total_tokens=u.get("totalTokens"), cached_tokens=u.get("cacheReadInputTokens"))
+            set_usage(info.usage, prompt_tokens=u.get("inputTokens"), completion_tokens=u.get("outputTokens"),
+                      total_tokens=u.get("totalTokens"), cached_tokens=u.get("cacheReadInputTokens"))
         if "message" in obj and not msg:
             self._error({"message": str(obj["message"])})

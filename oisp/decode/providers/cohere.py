@@ -22,8 +22,10 @@ class ChatAssembler(ResponseAssembler):
         if isinstance(u, Mapping):
             tokens = u.get("tokens") if isinstance(u.get("tokens"), Mapping) else u.get("billed_units")
             if isinstance(tokens, Mapping):
-                set_usage(self.info.usage, prompt_tokens=tokens.get("input_tokens"), completion_tokens=tokens.get("output_tokens"))
-                self.info.usage["total_tokens"] = self.info.usage.get("prompt_tokens", 0) + self.info.usage.get("completion_tokens", 0)
+                set_usage(self.info.usage, prompt_tokens=tokens.get("input_tokens"),
+                          completion_tokens=tokens.get("output_tokens"))
+                usage = self.info.usage
+                usage["total_tokens"] = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
 
     def on_json(self, obj: Any, ts: float, event: str | None = None) -> list[dict[str, Any]]:
         if not isinstance(obj, Mapping):
@@ -67,6 +69,7 @@ class ChatAssembler(ResponseAssembler):
         info.choice(0).text = flatten_content(msg.get("content"))[0]
         for tc in msg.get("tool_calls") or []:
             if isinstance(tc, Mapping) and isinstance(tc.get("function"), Mapping):
-                info.tool_calls.append(ToolCall(tc.get("id"), tc["function"].get("name"), str(tc["function"].get("arguments") or "")))
+                info.tool_calls.append(ToolCall(tc.get("id"), tc["function"].get("name"),
+                                                str(tc["function"].get("arguments") or "")))
         info.finish_reason = info.choice(0).finish_reason = obj.get("finish_reason")
         self._usage(obj.get("usage"))

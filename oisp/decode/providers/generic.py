@@ -8,7 +8,8 @@ from oisp.decode.providers.base import AIRequestInfo, ResponseAssembler, set_usa
 
 
 def parse_request(body: Mapping[str, Any]) -> AIRequestInfo:
-    return AIRequestInfo(model=body.get("model") if isinstance(body.get("model"), str) else None, streaming=body.get("stream") is True)
+    return AIRequestInfo(model=body.get("model") if isinstance(body.get("model"), str) else None,
+                         streaming=body.get("stream") is True)
 
 
 class GenericAssembler(ResponseAssembler):
@@ -22,6 +23,8 @@ class GenericAssembler(ResponseAssembler):
         if isinstance(obj, Mapping):
             u = obj.get("usage")
             if isinstance(u, Mapping):
-                set_usage(self.info.usage, prompt_tokens=u.get("prompt_tokens", u.get("input_tokens")), completion_tokens=u.get("completion_tokens", u.get("output_tokens")), total_tokens=u.get("total_tokens"))
+                set_usage(self.info.usage, prompt_tokens=u.get("prompt_tokens", u.get("input_tokens")),
+                          completion_tokens=u.get("completion_tokens", u.get("output_tokens")),
+                          total_tokens=u.get("total_tokens"))
             if obj.get("error") is not None:
                 self._error(obj["error"])

@@ -70,7 +70,8 @@ def parse_embeddings_request(body: Mapping[str, Any]) -> AIRequestInfo:
 def _openai_usage(usage: dict[str, int], u: Any) -> None:
     if not isinstance(u, Mapping):
         return
-    set_usage(usage, prompt_tokens=u.get("prompt_tokens"), completion_tokens=u.get("completion_tokens"), total_tokens=u.get("total_tokens"))
+    set_usage(usage, prompt_tokens=u.get("prompt_tokens"), completion_tokens=u.get("completion_tokens"),
+              total_tokens=u.get("total_tokens"))
     ptd, ctd = u.get("prompt_tokens_details"), u.get("completion_tokens_details")
     if isinstance(ptd, Mapping):
         set_usage(usage, cached_tokens=ptd.get("cached_tokens"))
@@ -141,7 +142,8 @@ class ChatAssembler(ResponseAssembler):
         if isinstance(fn.get("arguments"), str):
             call.add_arguments(fn["arguments"])
         self._token(ts)
-        return {k: v for k, v in (("id", tc.get("id")), ("name", fn.get("name")), ("arguments", fn.get("arguments"))) if v is not None}
+        return {k: v for k, v in (("id", tc.get("id")), ("name", fn.get("name")), ("arguments", fn.get("arguments")))
+                if v is not None}
 
     def on_body(self, obj: Any, ts: float) -> None:
         if not isinstance(obj, Mapping):
@@ -165,7 +167,8 @@ class ChatAssembler(ResponseAssembler):
             for tc in msg.get("tool_calls") or []:
                 if isinstance(tc, Mapping):
                     fn = tc.get("function") if isinstance(tc.get("function"), Mapping) else {}
-                    info.tool_calls.append(ToolCall(tc.get("id"), fn.get("name"), str(fn.get("arguments") or ""), tc.get("type") or "function"))
+                    info.tool_calls.append(ToolCall(tc.get("id"), fn.get("name"), str(fn.get("arguments") or ""),
+                                                    tc.get("type") or "function"))
             choice.finish_reason = ch.get("finish_reason")
             if idx == 0 or info.finish_reason is None:
                 info.finish_reason = ch.get("finish_reason")
@@ -226,7 +229,8 @@ class ResponsesAssembler(ResponseAssembler):
             self._streamed_text.append(obj["delta"])
             self.info.choice(0).add_text(obj["delta"])
             return [{"delta": {"content": obj["delta"]}, "finish_reason": None, "index": 0}]
-        elif kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta") and isinstance(obj.get("delta"), str):
+        elif (kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta")
+              and isinstance(obj.get("delta"), str)):
             self._token(ts)
             self.info.add_thinking(obj["delta"])
         elif kind == "response.output_item.added":
@@ -237,10 +241,11 @@ class ResponsesAssembler(ResponseAssembler):
                 self.info.tool_calls.append(call)
         elif kind == "response.function_call_arguments.delta" and isinstance(obj.get("delta"), str):
             self._token(ts)
-            call = self._calls.get(str(obj.get("item_id")))
-            if call is not None:
-                call.add_arguments(obj["delta"])
-                return [{"delta": {"tool_calls": [{"id": call.id, "arguments": obj["delta"]}]}, "finish_reason": None, "index": 0}]
+            known = self._calls.get(str(obj.get("item_id")))
+            if known is not None:
+                known.add_arguments(obj["delta"])
+                piece = {"id": known.id, "arguments": obj["delta"]}
+                return [{"delta": {"tool_calls": [piece]}, "finish_reason": None, "index": 0}]
         elif kind in ("response.completed", "response.incomplete", "response.failed"):
             if isinstance(obj.get("response"), Mapping):
                 self.on_body(obj["response"], ts)
@@ -284,7 +289,8 @@ class ResponsesAssembler(ResponseAssembler):
             info.thinking = "".join(thinking)
         u = resp.get("usage")
         if isinstance(u, Mapping):
-            set_usage(info.usage, prompt_tokens=u.get("input_tokens"), completion_tokens=u.get("output_tokens"), total_tokens=u.get("total_tokens"))
+            set_usage(info.usage, prompt_tokens=u.get("input_tokens"), completion_tokens=u.get("output_tokens"),
+                      total_tokens=u.get("total_tokens"))
             if isinstance(u.get("input_tokens_details"), Mapping):
                 set_usage(info.usage, cached_tokens=u["input_tokens_details"].get("cached_tokens"))
             if isinstance(u.get("output_tokens_details"), Mapping):

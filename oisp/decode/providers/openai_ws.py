@@ -130,10 +130,10 @@ class RealtimeAssembler(ResponseAssembler):
                 info.tool_calls.append(call)
         elif kind == "response.function_call_arguments.delta" and isinstance(delta, str):
             self._token(ts)
-            call = self._calls.get(str(obj.get("call_id")))
-            if call is not None:
-                call.arguments += delta
-                return [{"delta": {"tool_calls": [{"id": call.id, "arguments": delta}]}, "finish_reason": None, "index": 0}]
+            known = self._calls.get(str(obj.get("call_id")))
+            if known is not None:
+                known.arguments += delta
+                return [{"delta": {"tool_calls": [{"id": known.id, "arguments": delta}]}, "finish_reason": None, "index": 0}]
         elif kind == "response.done" and isinstance(obj.get("response"), Mapping):
             self._done(obj["response"])
         elif kind == "error":
@@ -160,7 +160,8 @@ class RealtimeAssembler(ResponseAssembler):
             info.tool_calls = calls
         u = resp.get("usage")
         if isinstance(u, Mapping):
-            set_usage(info.usage, prompt_tokens=u.get("input_tokens"), completion_tokens=u.get("output_tokens"), total_tokens=u.get("total_tokens"))
+            set_usage(info.usage, prompt_tokens=u.get("input_tokens"), completion_tokens=u.get("output_tokens"),
+                      total_tokens=u.get("total_tokens"))
             inp, out = u.get("input_token_details"), u.get("output_token_details")
             if isinstance(inp, Mapping):
                 set_usage(info.usage, cached_tokens=inp.get("cached_tokens"), input_text_tokens=inp.get("text_tokens"),
@@ -172,7 +173,9 @@ class RealtimeAssembler(ResponseAssembler):
         if status == "completed":
             info.finish_reason = "tool_calls" if info.tool_calls else "stop"
         elif status == "incomplete":
-            info.finish_reason = "length" if details.get("reason") == "max_output_tokens" else "content_filter" if details.get("reason") == "content_filter" else "other"
+            reason = details.get("reason")
+            info.finish_reason = ("length" if reason == "max_output_tokens" else "content_filter" if reason == "content_filter"
+                                  else "other")
         elif status in ("failed", "cancelled"):
             info.finish_reason = "error" if status == "failed" else "other"
             if isinstance(details.get("error"), Mapping):

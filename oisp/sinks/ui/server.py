@@ -128,10 +128,10 @@ def _handler(ui: UIServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             """Silent: the request line carries the token."""
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self._serve(body=True)
 
-        def do_HEAD(self) -> None:  # noqa: N802
+        def do_HEAD(self) -> None:
             self._serve(body=False)
 
         def _serve(self, *, body: bool) -> None:
@@ -140,7 +140,7 @@ def _handler(ui: UIServer) -> type[BaseHTTPRequestHandler]:
                 return self._plain(403, "wrong Host header\n")
             url = urlsplit(self.path)
             query = parse_qs(url.query)
-            from_query = (query.get("token") or [None])[0]
+            from_query = (query.get("token") or [None])[0]  # type: ignore[list-item]  # None: no token given
             if not (token_ok(from_query, ui.token) or token_ok(self._cookie(), ui.token)):
                 ui.count("refused_token")
                 return self._plain(403, "open the URL oisp printed (it carries the access token)\n")
@@ -225,7 +225,7 @@ def _handler(ui: UIServer) -> type[BaseHTTPRequestHandler]:
 
 def _resume_point(last_event_id: str | None, query: dict[str, list[str]]) -> int:
     """A reconnecting EventSource says where it was; a fresh page starts from the oldest event kept."""
-    for value in (last_event_id, (query.get("since") or [None])[0]):
+    for value in (last_event_id, (query.get("since") or [None])[0]):  # type: ignore[list-item]  # None: none given
         if value and value.isdigit():
             return int(value)
     return 0
