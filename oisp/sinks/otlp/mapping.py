@@ -179,7 +179,14 @@ def _name(operation: str, model: str | None) -> str:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """Content as a JSON string attribute. A lone surrogate (a client's escape of half a pair)
+    is escaped: OTLP strings are UTF-8, and the SDK's encoder drops an attribute it cannot encode."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = json.dumps(value, separators=(",", ":"))
+    return text
 
 
 def _stop_sequences(value: Any) -> list[str] | None:
