@@ -12,7 +12,9 @@ workloads. CPU per request comes from /proc around each workload: the sensor pro
 (all threads), and beside it the OTLP sink's exporter process's (its worker, the SDK's
 batch processors and exporters). The figures are the medians of the per-round ratios
 otlp/plain, for the sensor process alone and with the exporter process added; the
-receiver's own CPU is in neither.
+receiver's own CPU is in neither. After each workload the exporter process is given
+time to catch up (settle()): its CPU until then counts for that workload (it used to be
+counted in the next one's), and how long that took is printed ("catch-up").
 At the end the receiver's span count is checked against the requests sent with --otlp.
 With ``--tree`` (another checkout of oisp, e.g. main's, for an A/B of the sink itself)
 each round also runs `oisp record --otlp` from that tree ("otlp@other"), so both
@@ -26,6 +28,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -53,6 +56,21 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def settle(kids: list[int], timeout: float = 20.0) -> float:
+    """Seconds until the exporter process has caught up after a workload (its CPU grows by
+    under 10 ms in 0.25 s), so that what it exports late is counted in that workload's
+    figure and not in the next one's."""
+    start = time.monotonic()
+    before = sum(bench.cpu_seconds(k) for k in kids)
+    while time.monotonic() - start < timeout:
+        time.sleep(0.25)
+        now = sum(bench.cpu_seconds(k) for k in kids)
+        if now - before < 0.010:
+            break
+        before = now
+    return time.monotonic() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
@@ -74,6 +92,7 @@ def main() -> None:
     cpu = {(mode, w): [] for mode in modes for w in workloads}
     child = {(mode, w): [] for mode in modes for w in workloads}
     rate = {(mode, w): [] for mode in modes for w in workloads}
+    lag = {(mode, w): [] for mode in modes for w in workloads}
     losses = {mode: [] for mode in modes}
     otlp_requests = 0
     try:
@@ -91,6 +110,7 @@ def main() -> None:
                         out = lab.client("oisp", w, args.seconds, 17)
                         total = out["requests"] + out.get("warmup", 0)
                         cpu[(mode, w)].append(out["proxy_cpu_ms_per_req"])
+                        lag[(mode, w)].append(settle(kids) if kids else 0.0)
                         child[(mode, w)].append((sum(bench.cpu_seconds(k) for k in kids) - kids0) * 1000 / total)
                         rate[(mode, w)].append(out["requests"] / out["elapsed"])
                         if mode != "plain":
@@ -129,6 +149,7 @@ def main() -> None:
             print(f"{'':22} per-round sensor ratios " + " ".join(f"{r:.3f}" for r in ratios))
             print(f"{'':22} per-round sensor+exporter ratios " + " ".join(f"{r:.3f}" for r in both))
             print(f"{'':22} exporter ms/req per round " + " ".join(f"{c:.3f}" for c in child[(mode, w)]))
+            print(f"{'':22} exporter catch-up s per round " + " ".join(f"{c:.2f}" for c in lag[(mode, w)]))
             print(f"{'':22} req/s plain {statistics.median(rate[('plain', w)]):.0f}, {mode} "
                   f"{statistics.median(rate[(mode, w)]):.0f}")
     for mode in modes[1:]:
