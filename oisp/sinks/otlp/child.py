@@ -15,6 +15,7 @@ spent before the exporter's own work (benchmarks/otlp_child_cost.py).
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import sys
@@ -24,6 +25,10 @@ from typing import BinaryIO, Iterator
 import msgspec
 
 STATS_INTERVAL = 0.25
+# The SDK allocates some hundred objects per event, nearly all freed by reference counting;
+# with the default threshold (700) the cyclic collector ran every few events. Start-up
+# objects (modules, the SDK's providers) are frozen out of its reach; 11 % less CPU.
+GC_THRESHOLD = (20_000, 50, 50)
 READ = 1 << 20  # bytes taken from the pipe at once, at most
 LINE_MAX = 256 << 20  # longer than any event the sensor writes (its bodies stop at 32 MiB): not read whole
 
@@ -68,6 +73,8 @@ def main() -> int:
     settings = json.loads(first)
     exporter = OtlpExporter(Endpoint(settings["protocol"], settings.get("base")), content=bool(settings.get("content")),
                             metric_interval_ms=settings.get("metric_interval_ms"))
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
     lock = threading.Lock()
 
     def report() -> None:
