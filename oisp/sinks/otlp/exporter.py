@@ -4,14 +4,15 @@ It runs in the OTLP sink's own process (oisp/sinks/otlp/child.py), so its CPU an
 hold on the GIL stay off the sensor's; tests also drive it in-process.
 ``emit`` and ``emit_many`` only queue the events, at most QUEUE of them (past it an
 event is counted lost); a batch is one hand-off, which is how the exporter process
-passes what one read of its pipe brought. One worker thread turns events into SDK calls — a span opened at each ai.request
-and ended at its ai.response, one log record per event, the GenAI metrics — and
-the SDK's batch processors and periodic metric reader export from their own
-threads, with the exporters' retries and back-off. The worker hands a span or a
-log record to its processor only while fewer than the processor's queue length
-are still undelivered, so the SDK's own queue never overflows unseen: what cannot
-go is dropped here and counted. Every export's outcome is counted by a thin
-wrapper around the SDK's exporter. Every loss says why in ``stats.last_error``.
+passes what one read of its pipe brought. One worker thread turns events into SDK
+calls — a span opened at each ai.request and ended at its ai.response, one log
+record per event, the GenAI metrics — and the SDK's batch processors and periodic
+metric reader export from their own threads, with the exporters' retries and
+back-off. The worker hands a span or a log record to its processor only while fewer
+than the processor's queue length are still undelivered, so the SDK's own queue
+never overflows unseen: what cannot go is dropped here and counted. Every export's
+outcome is counted by a thin wrapper around the SDK's exporter. Every loss says why
+in ``stats.last_error``.
 
 ``stats`` (a :class:`SinkStats`) counts OISP events, each of which is one log
 record: emitted = delivered, lost = dropped or given up on; spans and metric
