@@ -42,7 +42,7 @@ from tests.otlp_receiver import Receiver  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WRITE_INTERVAL = 0.02  # the sensor's writer: oisp/sinks/otlp/sink.py
-PYSPY = Path("/tmp/otlp-spy-venv/bin/py-spy")
+PYSPY = Path("/tmp/mitm-venv/bin/py-spy")  # benchmarks/interception.py's venv (ensure_mitm_venv installs it)
 PROCESS = {"pid": 4242, "ppid": 4200, "name": "python3", "exe": "/usr/bin/python3.11", "user": "root",
            "cmdline": "python3 benchmarks/client.py seq 3 17", "cmdline_args": ["benchmarks/client.py", "seq", "3", "17"]}
 
@@ -153,6 +153,9 @@ def main() -> None:
                       f"(receiver {r['receiver_us']:.0f}), fed {r['fed_rate']:.0f}/s, done in {r['wall']:.1f} s, emitted {r['emitted']} lost {r['lost']} "
                       f"({r['last_error']})", file=sys.stderr, flush=True)
         if args.profile:
+            if not PYSPY.exists():
+                sys.exit(f"--profile needs py-spy at {PYSPY}: python -m venv /tmp/mitm-venv && "
+                         "/tmp/mitm-venv/bin/pip install py-spy (or run benchmarks/interception.py once)")
             args.profile.mkdir(parents=True, exist_ok=True)
             for tree in trees:
                 raw = args.profile / f"{tree.name}.txt"
