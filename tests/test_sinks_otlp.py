@@ -349,7 +349,7 @@ def test_past_the_sdk_queue_events_are_dropped_here_and_counted(receiver, monkey
         sink.emit(event)
     # Counted while running, not only made up at close (which counts whatever never came back).
     wait_for(lambda: sink.stats.emitted + sink.stats.lost == len(events), what="every event to be accounted for")
-    assert sink.stats.lost > 0
+    assert sink.stats.lost > 0 and sink.stats.last_error == sink_module.SDK_FULL.format("log record")
     sink.close(timeout=10)
     assert sink.stats.emitted + sink.stats.lost == len(events)
     assert len(receiver.logs()) == sink.stats.emitted
@@ -485,3 +485,64 @@ def test_odd_events_cost_themselves_only(receiver) -> None:
     assert sink.stats.errors == 6
     assert sorted(r["event"].get("event_id", "") for r in receiver.logs())[-len(good):] == sorted(
         e["event_id"] for e in good)
+
+
+# --- the exporter process's input -----------------------------------------------------------
+
+
+class Reads:
+    """A pipe's reads, one piece each (what read1 would return as bytes arrive)."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = list(pieces)
+
+    def read1(self, _n: int) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+def test_the_pipe_is_read_in_lines_across_reads_and_each_line_is_bounded(monkeypatch) -> None:
+    from oisp.sinks.otlp import child
+
+    got = list(child.chunks(Reads(b"Ea\nEb", b"c\nEd\n", b"Ee", b"f", b"g\n")))
+    assert got == [[b"Ea"], [b"Ebc", b"Ed"], [b"Eefg"]]
+    monkeypatch.setattr(child, "LINE_MAX", 4)  # a line longer is not kept, only said
+    got = list(child.chunks(Reads(b"E12", b"345", b"6\nEok\nE123", b"45\nEx\nEto")))
+    assert got == [[None, b"Eok"], [None, b"Ex"], [b"Eto"]]
+
+
+def test_the_exporter_process_counts_unreadable_lines_and_says_so(receiver) -> None:
+    """The real exporter process fed by hand: a torn line is one event lost, with its reason;
+    an event whose line msgspec refuses (a lone surrogate's escape) still goes, its body the line."""
+    import subprocess
+
+    from oisp.sinks.base import encode_event
+
+    good = recorded(["openai_chat_json"])
+    odd = copy.deepcopy(good[1])
+    odd["event_id"] = "odd-surrogate"
+    odd["data"]["messages"][0]["content"] = "half a pair \ud83d"
+    lines = [encode_event(e) for e in good + [odd]]
+    assert b"\\ud83d" in lines[-1]  # escaped: the line is ASCII
+    settings = {"protocol": config.HTTP, "base": receiver.http_url, "content": True, "close_timeout": 10}
+    proc = subprocess.run([sys.executable, "-m", "oisp.sinks.otlp.child"], capture_output=True, timeout=60,
+                          input=json.dumps(settings).encode() + b"\n" + b"".join(b"E" + line + b"\n" for line in lines)
+                          + b'E{"event_type": "ai.req')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stats = json.loads(proc.stdout.splitlines()[-1])["stats"]
+    assert (stats["emitted"], stats["lost"], stats["errors"]) == (len(lines), 1, 1)
+    assert "unreadable" in stats["last_error"]
+    bodies = {r["event"]["event_id"]: r["body"] for r in receiver.logs()}
+    assert bodies["odd-surrogate"] == lines[-1].decode()
+
+
+def test_every_loss_says_why(receiver, monkeypatch) -> None:
+    """A count of lost events comes with its reason (the sensor prints 'lost N events (reason)')."""
+    import oisp.sinks.otlp.exporter as sink_module
+
+    monkeypatch.setattr(sink_module, "QUEUE", 3)
+    sink = OtlpExporter(resolve(receiver.http_url, None), notify=lambda _: None)
+    events = recorded(["openai_chat_json"])
+    sink.emit_many([(e, None) for e in events])  # one more than the queue holds
+    assert sink.stats.lost == len(events) - 3 and sink.stats.last_error == sink_module.FULL
+    sink.close(timeout=10)
+    assert sink.stats.emitted == 3

@@ -2,15 +2,17 @@
 
 It runs in the OTLP sink's own process (oisp/sinks/otlp/child.py), so its CPU and its
 hold on the GIL stay off the sensor's; tests also drive it in-process.
-``emit`` only puts the event on a bounded queue (full: the event is counted lost).
-One worker thread turns events into SDK calls — a span opened at each ai.request
-and ended at its ai.response, one log record per event, the GenAI metrics — and
-the SDK's batch processors and periodic metric reader export from their own
-threads, with the exporters' retries and back-off. The worker hands a span or a
-log record to its processor only while fewer than the processor's queue length
-are still undelivered, so the SDK's own queue never overflows unseen: what cannot
-go is dropped here and counted. Every export's outcome is counted by a thin
-wrapper around the SDK's exporter.
+``emit`` and ``emit_many`` only queue the events, at most QUEUE of them (past it an
+event is counted lost); a batch is one hand-off, which is how the exporter process
+passes what one read of its pipe brought. One worker thread turns events into SDK
+calls — a span opened at each ai.request and ended at its ai.response, one log
+record per event, the GenAI metrics — and the SDK's batch processors and periodic
+metric reader export from their own threads, with the exporters' retries and
+back-off. The worker hands a span or a log record to its processor only while fewer
+than the processor's queue length are still undelivered, so the SDK's own queue
+never overflows unseen: what cannot go is dropped here and counted. Every export's
+outcome is counted by a thin wrapper around the SDK's exporter. Every loss says why
+in ``stats.last_error``.
 
 ``stats`` (a :class:`SinkStats`) counts OISP events, each of which is one log
 record: emitted = delivered, lost = dropped or given up on; spans and metric
@@ -20,19 +22,18 @@ exports are counted beside them.
 from __future__ import annotations
 
 import logging
-import queue
 import socket
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from opentelemetry import trace
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import SpanLimits, TracerProvider
@@ -48,8 +49,12 @@ from oisp.sinks.otlp import semconv as sc
 
 SCOPE = "oisp"
 QUEUE = 10_000  # events waiting for the worker
-SPAN_QUEUE = LOG_QUEUE = 2048  # the SDK processors' queues: undelivered items the worker lets out at once
-BATCH = 512
+# The SDK processors' queues: undelivered items the worker lets out at once. About two
+# seconds of a lean lab's 1,100 exchanges/s (four log records each) ride out an endpoint's
+# hiccup; 2,048 log records (half a second) were lost whenever the machine was busy.
+SPAN_QUEUE = 2048
+LOG_QUEUE = 8192
+BATCH = 512  # items per export request: 512 log records are ~650 kB, under a 1 MiB request limit (ddapm-test-agent's)
 SCHEDULE_MS = 1000  # a batch leaves at least this often (the SDK's default is 5 s)
 METRIC_EXPORT_TIMEOUT_MS = 10_000
 PENDING = 4096  # open spans (requests awaiting their response); past it the oldest is ended unanswered
@@ -58,6 +63,10 @@ CONTENT_LIMIT = 65536  # characters of one content attribute (a long conversatio
 CLOSE_TIMEOUT = 5.0
 NO_RESPONSE = "no_response"  # error.type of a span whose response never came
 _STOP = object()
+# Why events were lost, as stats.last_error says it (the sensor prints it beside the count).
+FULL = "the exporter's queue was full (events came faster than they could be exported)"
+SDK_FULL = "the SDK's {} queue was full (the endpoint took the batches slower than they came)"
+NOT_DELIVERED = "not delivered when the sink closed (the endpoint did not take them within the close timeout)"
 
 
 @dataclass
@@ -143,6 +152,20 @@ class _LastError(logging.Handler):
             message = str(record.msg)
         with self._sink._lock:
             self._sink.stats.last_error = message[:300]
+            self._sink._said = True
+
+
+class _Resource(Resource):
+    """A Resource that hashes once. The SDK's encoders group every span and log record by
+    its resource, and Resource.__hash__ serialises the attributes to JSON each time (a few
+    per cent of the exporter process's CPU); the attributes never change after start."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource.attributes, resource.schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 def _resource() -> Resource:
@@ -150,7 +173,7 @@ def _resource() -> Resource:
     base = Resource.create({"service.name": "oisp", "service.version": __version__,
                             "host.name": host_info()["hostname"], "os.type": host_info()["os"]},
                            schema_url=sc.SCHEMA_URL)
-    return base.merge(OTELResourceDetector().detect())
+    return _Resource(base.merge(OTELResourceDetector().detect()))
 
 
 class OtlpExporter:
@@ -170,7 +193,10 @@ class OtlpExporter:
         self._tallies = {"spans": _Tally(), "logs": _Tally()}
         self._failing: set[str] = set()  # signals whose last export failed
         self._health: dict[str, Any] = {}
-        self._queue: queue.Queue[Any] = queue.Queue(QUEUE)
+        self._said = False  # the SDK logged a warning since the last export's outcome
+        self._waiting: deque[Any] = deque()  # batches of (event, its JSON line or None) for the worker, and _STOP
+        self._queued = 0  # events in them not yet handled (at most QUEUE)
+        self._wake = threading.Event()
         self._pending: OrderedDict[str, tuple[Any, float, dict]] = OrderedDict()
         self._closed = False
         spans, logs, metrics = exporters or config.exporters(target)
@@ -186,7 +212,9 @@ class OtlpExporter:
             schedule_delay_millis=SCHEDULE_MS))
         reader = PeriodicExportingMetricReader(_CountingMetrics(metrics, self), export_interval_millis=metric_interval_ms,
                                                export_timeout_millis=METRIC_EXPORT_TIMEOUT_MS)
-        self._meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+        # No exemplars: nothing is measured inside a span's context, and the filter would look for one each time.
+        self._meter_provider = MeterProvider(resource=resource, metric_readers=[reader],
+                                             exemplar_filter=AlwaysOffExemplarFilter())
         self._tracer = self._tracer_provider.get_tracer(SCOPE, __version__, schema_url=sc.SCHEMA_URL)
         self._logger = self._logger_provider.get_logger(SCOPE, __version__, schema_url=sc.SCHEMA_URL)
         self._instruments(self._meter_provider.get_meter(SCOPE, __version__, schema_url=sc.SCHEMA_URL))
@@ -204,13 +232,29 @@ class OtlpExporter:
 
     # -- the capture side -------------------------------------------------------------------------
 
-    def emit(self, event: dict[str, Any]) -> None:
-        try:
-            self._queue.put_nowait(event)
-        except queue.Full:
-            with self._lock:
-                self.stats.lost += 1
-                self.stats.last_error = "the exporter's queue was full (events came faster than they could be exported)"
+    def emit(self, event: dict[str, Any], line: bytes | None = None) -> None:
+        self.emit_many([(event, line)])
+
+    def emit_many(self, batch: list[tuple[dict[str, Any], bytes | None]]) -> None:
+        """Queue events, each with the JSON line it was read from (its encode_event line: with
+        content opted in, the log record's body as it is) or None."""
+        with self._lock:
+            room = QUEUE - self._queued
+            if room < len(batch):
+                self.stats.lost += len(batch) - max(0, room)
+                self.stats.last_error = FULL
+                batch = batch[:max(0, room)]
+            self._queued += len(batch)
+        if batch:
+            self._waiting.append(batch)
+            self._wake.set()
+
+    def count_unreadable(self, count: int) -> None:
+        """Lines the exporter process could not read as events (torn, or too long): lost."""
+        with self._lock:
+            self.stats.lost += count
+            self.stats.errors += count
+            self.stats.last_error = f"{count} unreadable line(s) from the sensor"
 
     def flush(self) -> None:
         """Nothing to do here: the processors send a batch at least every SCHEDULE_MS, and
@@ -224,21 +268,26 @@ class OtlpExporter:
 
     def _run(self) -> None:
         self._check_reachable()
-        while True:
-            try:
-                item = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                item = None
-            if item is _STOP:
-                break
-            if item is not None:
-                try:
-                    self._handle(item)
-                except Exception as e:  # noqa: BLE001 - one odd event costs itself, never the sink
-                    with self._lock:
-                        self.stats.lost += 1
-                        self.stats.errors += 1
-                        self.stats.last_error = f"{type(e).__name__}: {e}"
+        waiting, lock = self._waiting, self._lock
+        stop = False
+        while not stop:
+            self._wake.wait(1.0)
+            self._wake.clear()  # before taking: a batch queued from now on sets it again
+            while waiting and not stop:
+                batch = waiting.popleft()
+                if batch is _STOP:
+                    stop = True
+                    break
+                for event, line in batch:
+                    try:
+                        self._handle(event, line)
+                    except Exception as e:  # noqa: BLE001 - one odd event costs itself, never the sink
+                        with lock:
+                            self.stats.lost += 1
+                            self.stats.errors += 1
+                            self.stats.last_error = f"{type(e).__name__}: {e}"
+                    with lock:  # per event, so that close counts exactly what the worker did not get to
+                        self._queued -= 1
             self._expire(time.monotonic())
         for rid in list(self._pending):
             self._end_unanswered(rid)
@@ -253,7 +302,7 @@ class OtlpExporter:
             self._notify(f"warning: the OTLP endpoint {self.display_url} is not reachable now ({e.strerror or e}); "
                          f"recording goes on, and export starts when it answers")
 
-    def _handle(self, event: dict[str, Any]) -> None:
+    def _handle(self, event: dict[str, Any], line: bytes | None = None) -> None:
         kind = event.get("event_type")
         shown = event if self.content else mapping.without_content(event)
         span = None
@@ -264,7 +313,7 @@ class OtlpExporter:
         elif kind == "ai.streaming_chunk":
             open_ = self._pending.get(str((event.get("data") or {}).get("request_id")))
             span = open_[0] if open_ else None
-        self._log(shown, span)
+        self._log(shown, span, line if self.content else None)
 
     def _start(self, start: mapping.SpanStart):
         if start.request_id in self._pending:  # the same id twice: the first is ended unanswered
@@ -302,6 +351,7 @@ class OtlpExporter:
                 tally.handed += 1
             else:
                 self.stats.spans_lost += 1
+                self.stats.last_error = SDK_FULL.format("span")
         if room:
             span.end(end_time=end_ns)
 
@@ -318,9 +368,10 @@ class OtlpExporter:
                 break
             self._end_unanswered(rid)
 
-    def _log(self, shown: dict[str, Any], span) -> None:
+    def _log(self, shown: dict[str, Any], span, line: bytes | None) -> None:
+        """``line``: the event's JSON line when it is the body as it is (content opted in)."""
         # Everything that can fail on an odd event first: a record counted as handed must reach the processor.
-        timestamp, text = mapping.timestamp_ns(shown["ts"]), mapping.body(shown)
+        timestamp, text = mapping.timestamp_ns(shown["ts"]), mapping.body(shown, line)
         failed = shown.get("event_type") == "ai.response" and not (shown.get("data") or {}).get("success", True)
         tally = self._tallies["logs"]
         with self._lock:
@@ -329,6 +380,7 @@ class OtlpExporter:
                 tally.handed += 1
             else:
                 self.stats.lost += 1
+                self.stats.last_error = SDK_FULL.format("log record")
         if not room:
             return
         self._logger.emit(timestamp=timestamp, observed_timestamp=time.time_ns(),
@@ -415,6 +467,9 @@ class OtlpExporter:
                     self.stats.lost += count
             if not ok:
                 self.stats.errors += 1
+                if not self._said:  # the SDK said nothing of why
+                    self.stats.last_error = f"the endpoint refused or did not answer an export of {signal}"
+            self._said = False
             was_failing = signal in self._failing
             (self._failing.discard if ok else self._failing.add)(signal)
         if not ok and not was_failing:
@@ -432,13 +487,8 @@ class OtlpExporter:
             return
         self._closed = True
         deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
-        while True:
-            try:
-                self._queue.put(_STOP, timeout=0.05)
-                break
-            except queue.Full:
-                if time.monotonic() >= deadline:
-                    break
+        self._waiting.append(_STOP)
+        self._wake.set()
         self._thread.join(max(0.0, deadline - time.monotonic()))
         remaining_ms = max(0.0, deadline - time.monotonic()) * 1000
         shutdown = threading.Thread(target=self._shutdown_providers, args=(remaining_ms,), name="oisp-otlp-close",
@@ -453,7 +503,7 @@ class OtlpExporter:
                     pass
             shutdown.join(1.0)
         with self._lock:
-            left = self._queue.qsize()  # never reached the worker
+            left = self._queued  # never reached the worker
             self.stats.lost += left
             for signal, tally in self._tallies.items():
                 given_up = tally.undelivered
@@ -462,6 +512,9 @@ class OtlpExporter:
                     self.stats.spans_lost += given_up
                 else:
                     self.stats.lost += given_up
+                    left += given_up
+            if left:
+                self.stats.last_error = NOT_DELIVERED
             self.stats.spans_lost += len(self._pending)  # the worker did not get to end them
         for logger, propagate in zip(self._sdk_loggers, self._propagate):
             logger.removeHandler(self._log_handler)

@@ -30,6 +30,8 @@ from oisp.sinks.otlp.exporter import CLOSE_TIMEOUT, OtlpStats
 
 QUEUE = 10_000  # lines waiting for the writer
 WRITE_INTERVAL = 0.02  # seconds between the writer's rounds
+PIPE_FULL = "the queue to the OTLP exporter process was full (it took the events slower than they came)"
+UNREPORTED = "the OTLP exporter process ended before it reported them"
 
 
 class OtlpSink:
@@ -76,6 +78,7 @@ class OtlpSink:
         if len(self._lines) >= QUEUE:
             with self._lock:
                 self._own_lost += 1
+                self.stats.last_error = PIPE_FULL
                 self._update()
             return
         self._lines.append(b"E" + line + b"\n")
@@ -125,17 +128,18 @@ class OtlpSink:
             except (ValueError, KeyError, TypeError):
                 continue
             with self._lock:
+                if stats.get("last_error") and stats["last_error"] != self._child.get("last_error"):
+                    self.stats.last_error = stats["last_error"]  # the newest reason, the child's or this side's
                 self._child = stats
                 self._update()
 
     def _update(self) -> None:
-        """stats = the child's counts plus this side's losses (call with the lock held)."""
+        """stats = the child's counts plus this side's losses (call with the lock held); the
+        last_error is set where a loss happens, here or in the child (_read)."""
         child = self._child
         for key in ("emitted", "spans_exported", "spans_lost", "metric_exports_failed", "errors"):
             setattr(self.stats, key, int(child.get(key, 0)))
         self.stats.lost = int(child.get("lost", 0)) + self._own_lost
-        if child.get("last_error"):
-            self.stats.last_error = child["last_error"]
 
     def close(self, timeout: float | None = None) -> None:
         """Hand over what is queued and let the child export it, waiting at most ``timeout``
@@ -155,7 +159,12 @@ class OtlpSink:
             self._proc.wait()
         self._reader.join(2.0)
         with self._lock:
-            self._own_lost += sum(1 for line in self._lines if line[:1] == b"E")  # never written
+            never_written = sum(1 for line in self._lines if line[:1] == b"E")
             accounted = int(self._child.get("emitted", 0)) + int(self._child.get("lost", 0))
-            self._own_lost += max(0, self._sent - accounted)  # written, never reported back
+            unreported = max(0, self._sent - accounted)  # written, never reported back
+            self._own_lost += never_written + unreported
+            if never_written:
+                self.stats.last_error = f"the OTLP exporter process ended ({self._proc.poll()})"
+            elif unreported:
+                self.stats.last_error = UNREPORTED
             self._update()
