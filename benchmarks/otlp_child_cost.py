@@ -56,7 +56,8 @@ def exchange_template() -> list[str]:
     for event in events:
         event = {**event, "process": PROCESS}
         text = encode_event(event).decode().replace("{", "{{").replace("}", "}}")
-        text = text.replace(request_id, request_id[:-8] + "{n:08d}").replace(event["event_id"], event["event_id"][:-8] + "{n:08d}")
+        text = text.replace(request_id, request_id[:-8] + "{n:08d}")
+        text = text.replace(event["event_id"], event["event_id"][:-8] + "{n:08d}")
         lines.append("E" + text + "\n")
     return lines
 
@@ -150,7 +151,8 @@ def main() -> None:
                 r = one_round(tree, receiver, template, args.exchanges, args.rate)
                 results[tree].append(r)
                 print(f"[{time.strftime('%H:%M:%S')}] round {i + 1} {tree.name}: {r['us_per_exchange']:.0f} us/exchange "
-                      f"(receiver {r['receiver_us']:.0f}), fed {r['fed_rate']:.0f}/s, done in {r['wall']:.1f} s, emitted {r['emitted']} lost {r['lost']} "
+                      f"(receiver {r['receiver_us']:.0f}), fed {r['fed_rate']:.0f}/s, done in {r['wall']:.1f} s, "
+                      f"emitted {r['emitted']} lost {r['lost']} "
                       f"({r['last_error']})", file=sys.stderr, flush=True)
         if args.profile:
             if not PYSPY.exists():
