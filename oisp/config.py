@@ -30,7 +30,7 @@ DEFAULT_PATH = Path(r"C:\ProgramData\oisp\oisp.toml") if sys.platform == "win32"
 MAX_BYTES = 1 << 20  # a config file is a few hundred bytes; anything near this is not one
 REDACTION = ("safe", "full", "minimal")
 OTLP_PROTOCOLS = ("http/protobuf", "grpc")
-UI_DEFAULT_PORT = 7777  # oisp.sinks.ui.server.DEFAULT_PORT, not imported: loading a config needs no web server
+UI_DEFAULT_PORT = 7878  # oisp.sinks.ui.server.DEFAULT_PORT (a test keeps them equal), not imported: 40 ms of web server
 
 
 class ConfigError(ValueError):
