@@ -221,3 +221,15 @@ def test_record_runs_with_the_files_options(tmp_path, netns):
     assert done.returncode == 0, done.stderr
     assert "oisp record: recording (proxy :9447)" in done.stderr
     assert events.exists()
+
+
+def test_the_documented_example_is_a_good_file_and_every_key_is_documented(tmp_path):
+    doc = (ROOT / "docs" / "config.md").read_text()
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    loaded = config.read(_file(tmp_path, example))
+    assert loaded.get("service.user") == "alice" and loaded.get("output.ui") == config.UI_DEFAULT_PORT
+    for table, keys in config.SCHEMA.items():
+        for key in keys:
+            assert f"| `{table}.{key}` |" in doc, f"{table}.{key} is not in docs/config.md"
+    for table in config.SWITCHES:
+        assert f"| `[{table}]` |" in doc

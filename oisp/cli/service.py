@@ -148,9 +148,11 @@ def run_install(args) -> int:
     except (systemd.ServiceError, OSError, subprocess.SubprocessError) as e:
         print(f"oisp service install: {e}\n  see: journalctl -u oisp-redirector -u oisp-sensor", file=sys.stderr)
         return 1
+    from oisp.proxy.ca import CERT_FILE
+
     print("oisp service install: " + ("enabled and started" if not args.no_start else "loaded, not started")
-          + f"; the sensor's CA is {units.STATE_BASE}/{units.STATE_DIR}/ca: trust it with  "
-          f"sudo -u {plan.user} env XDG_DATA_HOME={units.STATE_BASE} oisp ca bundle  (docs/service.md)")
+          + f"; the sensor's CA is {units.STATE_BASE}/{units.STATE_DIR}/{CERT_FILE} once it has run: {plan.user} "
+          f"trusts it with  sudo env XDG_DATA_HOME={units.STATE_BASE} oisp ca install  (docs/service.md)")
     return 0
 
 
