@@ -4,8 +4,8 @@ again, and the redirector's capability set measured: under exactly the unit's bo
 set a divert handle opens, the IPC socket is given to the user and other users' sockets
 are named, and without any one of those capabilities one of them fails.
 
-systemd is not PID 1 on these machines (a firecracker VM whose init is process_api), so
-no unit is started here: `systemctl` is never run by these tests."""
+systemd is not PID 1 on these machines (a VM whose init is process_api): the units meet a
+running systemd in tests/test_service_systemd.py, which boots one in a throwaway machine."""
 
 from __future__ import annotations
 
