@@ -248,7 +248,7 @@ def test_a_unit_of_the_same_name_that_is_not_ours_is_left_alone(tmp_path, config
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="makes a user for the sensor")
-def test_install_checks_the_config_before_writing_anything(tmp_path, config_file):
+def test_install_checks_the_config_before_writing_anything(tmp_path, config_file, service_user):
     unit_dir = tmp_path / "units"
     unit_dir.mkdir()
     for text, says in [("[service]\nuser = \"no-such-user-here\"\n", "no user 'no-such-user-here'"),
@@ -261,6 +261,14 @@ def test_install_checks_the_config_before_writing_anything(tmp_path, config_file
     config_file.chmod(0o666)
     done = _oisp("service", "install", "--config", str(config_file), "--unit-dir", str(unit_dir), "--no-start")
     assert done.returncode == 2 and f"chmod go-w {config_file}" in done.stderr
+    config_file.write_text(f"[service]\nuser = \"{USER}\"\n")
+    config_file.chmod(0o600)  # root's alone: the sensor could not read it
+    done = _oisp("service", "install", "--config", str(config_file), "--unit-dir", str(unit_dir), "--no-start")
+    assert done.returncode == 2 and f"the sensor runs as {USER} and could not read it" in done.stderr
+    os.chown(config_file, 0, service_user.pw_gid)
+    config_file.chmod(0o640)  # the sensor's group may read it
+    done = _oisp("service", "install", "--config", str(config_file), "--unit-dir", str(unit_dir), "--no-start")
+    assert done.returncode == 0, done.stderr
 
 
 def test_install_and_uninstall_refuse_without_root(monkeypatch, capsys, tmp_path):

@@ -175,6 +175,9 @@ def _check_runnable(loaded: config.Config, user: str | None) -> str | None:
                 grp.getgrnam(group)
             except KeyError:
                 return f"{loaded.path}: service.group: no group {group!r} on this system"
+        if user and not _readable_by(loaded.path, pwd.getpwnam(user), group):
+            return (f"{loaded.path}: the sensor runs as {user} and could not read it: chmod 0644 {loaded.path} "
+                    f"(or, when it names a webhook URL: chgrp {group or user} {loaded.path}; chmod 0640 {loaded.path})")
     spec = loaded.get("capture.spec")
     if spec:
         from oisp.spec import load_spec
@@ -192,6 +195,19 @@ def _check_runnable(loaded: config.Config, user: str | None) -> str | None:
         except PriceTableError as e:
             return f"{loaded.path}: events.prices: {e}"
     return None
+
+
+def _readable_by(path: Path, user, group: str | None) -> bool:
+    """Whether the sensor (this user, with its groups or the configured one) may read `path`."""
+    import grp
+
+    info = os.stat(path)
+    if info.st_mode & 0o004 or (info.st_uid == user.pw_uid and info.st_mode & 0o400):
+        return True
+    gids = {user.pw_gid} | {g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem}
+    if group:
+        gids.add(grp.getgrnam(group).gr_gid)
+    return bool(info.st_gid in gids and info.st_mode & 0o040)
 
 
 def run_uninstall(args) -> int:
