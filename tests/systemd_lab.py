@@ -1,10 +1,13 @@
 """A throwaway machine with systemd as PID 1, for the service tests: these VMs' init is
 not systemd, so `oisp service install` could not otherwise run `systemctl`.
 
-systemd boots in new mount, pid, network, UTS, IPC and cgroup namespaces, on an overlay
-of this machine's root whose writes land in a tmpfs: what it and the tests change
-(users, /etc, unit files, /var/lib) is gone when it stops, and the host's /tmp, /run and
-/etc are never touched. It gets a cgroup2 subtree of its own (its cgroup namespace's
+systemd boots (to basic.target: no getty, no other services) in new mount, pid, network,
+UTS, IPC and cgroup namespaces, on an overlay of this machine's root whose writes land in
+a tmpfs: what it and the tests change (users, /etc, unit files, /var/lib) is gone when it
+stops, and the host's /tmp, /run and /etc are never touched. As systemd-nspawn does, it
+gets a /dev of its own (a few device nodes, a new devpts), /sys and /proc/sys read-only
+(so no udev, sysctl or binfmt unit runs, nothing kernel-wide is set) and no capability to
+load modules or set the clock; and a cgroup2 subtree of its own (its cgroup namespace's
 root), which `stop()` kills (cgroup.kill) and removes.
 """
 
@@ -27,16 +30,29 @@ mkdir -p "$D/upper" "$D/work" "$D/root"
 mount -t overlay overlay -o "lowerdir=/,upperdir=$D/upper,workdir=$D/work" "$D/root"
 R="$D/root"
 mount -t proc proc "$R/proc"
+mount --bind "$R/proc/sys" "$R/proc/sys"
+mount -o remount,bind,ro "$R/proc/sys"
 mount -t sysfs sysfs "$R/sys"
-mount --rbind /dev "$R/dev"
+mount -o remount,bind,ro "$R/sys"
+mount -t cgroup2 cgroup2 "$R/sys/fs/cgroup"
+mount -t tmpfs -o mode=0755,nosuid tmpfs "$R/dev"
+for node in null zero full random urandom tty; do
+    touch "$R/dev/$node"
+    mount --bind "/dev/$node" "$R/dev/$node"
+done
+mkdir "$R/dev/pts" "$R/dev/shm"
+mount -t devpts -o newinstance,ptmxmode=0666 devpts "$R/dev/pts"
+ln -s pts/ptmx "$R/dev/ptmx"
+ln -s /proc/self/fd "$R/dev/fd"
+mount -t tmpfs -o mode=1777 tmpfs "$R/dev/shm"
 mount -t tmpfs tmpfs "$R/run"
 mount -t tmpfs tmpfs "$R/tmp"
-mount -t cgroup2 cgroup2 "$R/sys/fs/cgroup"
 cd "$R"
 mkdir -p .oisp-old-root
 pivot_root . .oisp-old-root
 umount -l /.oisp-old-root
-exec env container=oisp-service-test "$2" --unit=multi-user.target
+exec setpriv --bounding-set=-sys_module,-sys_time,-sys_rawio,-wake_alarm,-syslog,-sys_pacct,-mac_admin,-mac_override \
+    env container=oisp-service-test "$2" --unit=basic.target
 """
 
 
