@@ -181,8 +181,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "content": Key(("otlp_content",), _flag),
     },
 }
-# A switch table turns its option on when present, with this value unless a key sets it.
-SWITCHES = {"output.ui": ("ui", UI_DEFAULT_PORT), "output.otlp": ("otlp", "")}
+# A switch table turns its option on when present: (option, the table's key that sets the
+# option's value, the value when that key is absent).
+SWITCHES = {"output.ui": ("ui", "port", UI_DEFAULT_PORT), "output.otlp": ("otlp", "url", "")}
 
 
 @dataclass(frozen=True)
@@ -200,9 +201,8 @@ class Config:
         lists: dict[str, list] = {}
         for name, value in self.values.items():
             if name in SWITCHES:
-                dest, _ = SWITCHES[name]
-                if dest in dests:
-                    scalars.setdefault(dest, value)
+                if SWITCHES[name][0] in dests:
+                    scalars[SWITCHES[name][0]] = value
                 continue
             table, _, key = name.rpartition(".")
             spec = SCHEMA[table][key]
@@ -220,9 +220,9 @@ def parse(text: str, source: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
     values: dict[str, Any] = {}
     _walk(document, "", source, values)
-    for name, (_, value) in SWITCHES.items():
-        if name in values:  # the table was there: its option is on (a key of its own may set the value)
-            values[name] = value
+    for name, (_, key, default) in SWITCHES.items():
+        if name in values:  # the table was there: its option is on
+            values[name] = values.get(f"{name}.{key}", default)
     return Config(Path(source), values)
 
 
