@@ -295,8 +295,8 @@ def unsafe_for_root(path: Path, info: os.stat_result) -> str | None:
     if info.st_uid != 0:
         return f"{path}: owned by uid {info.st_uid}, and root reads it: run  chown root: {path}"
     if info.st_mode & 0o022:
-        return (f"{path}: writable by {'group and others' if info.st_mode & 0o022 == 0o022 else 'group' if info.st_mode & 0o020 else 'others'}"
-                f", and root reads it (it decides what root runs): run  chmod go-w {path}")
+        who = {0o022: "group and others", 0o020: "group", 0o002: "others"}[info.st_mode & 0o022]
+        return f"{path}: writable by {who}, and root reads it (it decides what root runs): run  chmod go-w {path}"
     for directory in _directories(path):
         try:
             d = os.stat(directory)

@@ -101,7 +101,7 @@ def service_state() -> dict:
         from oisp.service import systemd
 
         return systemd.state()
-    except Exception as e:  # a broken systemctl or SCM must not hide the rest of the report
+    except Exception as e:  # noqa: BLE001 - a broken systemctl or SCM must not hide the rest of the report
         return {"error": f"{type(e).__name__}: {e}", "installed": False, "units": {}}
 
 

@@ -77,6 +77,7 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
 
 def install(command: tuple[str, ...], loaded: Config, user: str | None, *, start: bool) -> list[str]:
     """Install (or replace) the redirector service and the sensor's logon task; what was done, line by line."""
+    import pywintypes
     import win32service
     import win32serviceutil
 
@@ -89,7 +90,7 @@ def install(command: tuple[str, ...], loaded: Config, user: str | None, *, start
     done.append(f"{ntpath.dirname(config_path)}: changeable by SYSTEM and Administrators only")
     try:
         win32serviceutil.RemoveService(SERVICE)  # replacing keeps install idempotent
-    except Exception:  # pywin32 raises pywintypes.error when there is none: nothing to replace
+    except pywintypes.error:  # there is none: nothing to replace
         pass
     win32serviceutil.InstallService(
         HOST_CLASS, SERVICE, "oisp redirector", startType=win32service.SERVICE_AUTO_START,
@@ -108,6 +109,7 @@ def install(command: tuple[str, ...], loaded: Config, user: str | None, *, start
 
 
 def uninstall() -> list[str]:
+    import pywintypes
     import win32serviceutil
 
     done = []
@@ -122,12 +124,12 @@ def uninstall() -> list[str]:
         done.append(f"task {TASK}: {e}")
     try:
         win32serviceutil.StopService(SERVICE)
-    except Exception:  # pywintypes.error: not running
+    except pywintypes.error:  # not running
         pass
     try:
         win32serviceutil.RemoveService(SERVICE)
         done.append(f"service {SERVICE} removed")
-    except Exception as e:  # pywintypes.error: not installed
+    except pywintypes.error as e:  # not installed
         done.append(f"service {SERVICE}: {e}")
     return done
 
@@ -139,14 +141,19 @@ STATES = {1: "stopped", 2: "start pending", 3: "stop pending", 4: "running", 5: 
 def state() -> dict:
     """The service and the task as `oisp check` and `oisp service status` report them."""
     report: dict = {"systemd": False, "not_running": "", "units": {}}
+    service = {"file": None, "ours": False, "user": None}
     try:
+        import pywintypes
         import win32serviceutil
-
-        status = win32serviceutil.QueryServiceStatus(SERVICE)
-        service = {"file": SERVICE, "ours": True, "user": "LocalSystem",
-                   "systemd": {"ActiveState": STATES.get(status[1], str(status[1])), "SubState": "service"}}
-    except Exception:  # ImportError (no pywin32) or pywintypes.error (not installed)
-        service = {"file": None, "ours": False, "user": None}
+    except ImportError:  # no pywin32: nothing can have been installed with it
+        pywintypes = None
+    if pywintypes is not None:
+        try:
+            status = win32serviceutil.QueryServiceStatus(SERVICE)
+            service = {"file": SERVICE, "ours": True, "user": "LocalSystem",
+                       "systemd": {"ActiveState": STATES.get(status[1], str(status[1])), "SubState": "service"}}
+        except pywintypes.error:  # not installed
+            pass
     report["units"][SERVICE] = service
     try:
         done = _run(["schtasks", "/Query", "/TN", TASK, "/FO", "CSV", "/V"])

@@ -30,11 +30,11 @@ class RedirectorService(win32serviceutil.ServiceFramework):
         self.stop_event = win32event.CreateEvent(None, 0, 0, None)
         self.child: subprocess.Popen | None = None
 
-    def SvcStop(self):
+    def SvcStop(self):  # noqa: N802 - pywin32 calls it by this name
         self.ReportServiceStatus(win32service.SERVICE_STOP_PENDING)
         win32event.SetEvent(self.stop_event)
 
-    def SvcDoRun(self):
+    def SvcDoRun(self):  # noqa: N802 - pywin32 calls it by this name
         command = win32serviceutil.GetServiceCustomOption(SERVICE, "command")
         self.child = subprocess.Popen(command, creationflags=subprocess.CREATE_NEW_PROCESS_GROUP)
         servicemanager.LogInfoMsg(f"{SERVICE}: started pid {self.child.pid}")
