@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # Subcommand modules under oisp.cli, in the order `oisp --help` lists them.
-COMMANDS = ["demo", "check", "decode", "replay", "capture", "flows", "ca", "record", "ui"]
+COMMANDS = ["demo", "check", "decode", "replay", "capture", "flows", "ca", "record", "ui", "service"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from oisp.safefile import UnsafePathError
 
+    if getattr(args, "config", None):  # a command that takes --config FILE (oisp.cli.configured)
+        from oisp.cli.configured import config, with_config
+
+        try:
+            args = with_config(parser, args, argv)
+        except config.ConfigError as exc:
+            print(f"oisp {args.command}: {exc}", file=sys.stderr)
+            return 2
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

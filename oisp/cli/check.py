@@ -84,8 +84,25 @@ def gather(spec=None) -> dict:
         report["notes"].append(vars(problem))
     if not report["missing"]:
         _try_open(report)
+    report["service"] = service_state()
     report["ready"] = not report["missing"]
     return report
+
+
+def service_state() -> dict:
+    """Whether `oisp service install` put the units in place, as whom, and what systemd
+    (or on Windows the Service Control Manager) says of them. Reading it never fails the
+    check: the service is one way of running oisp, not a requirement."""
+    try:
+        if sys.platform == "win32":
+            from oisp.service import windows
+
+            return windows.state()
+        from oisp.service import systemd
+
+        return systemd.state()
+    except Exception as e:  # noqa: BLE001 - a broken systemctl or SCM must not hide the rest of the report
+        return {"error": f"{type(e).__name__}: {e}", "installed": False, "units": {}}
 
 
 def _check_backend(report: dict) -> None:
@@ -158,11 +175,24 @@ def _print_text(report: dict) -> None:
     print(f"  on         {' '.join(w['plain_networks'])} (other hosts: oisp record --plain HOST:PORT)")
     if w["plain_by_option"]:
         print(f"  by option  {', '.join(w['plain_by_option'])}: oisp record --plain PORT=ID")
+    _print_service(report["service"])
     for problem in report["missing"]:
         print(f"MISSING      {problem['message']}\n  fix:       {problem['fix']}")
     for note in report["notes"]:
         print(f"note         {note['message']}\n  fix:       {note['fix']}")
     print("ready" if report["ready"] else "NOT READY: fix what is MISSING above")
+
+
+def _print_service(service: dict) -> None:
+    from oisp.cli.service import describe
+
+    if "error" in service:
+        print(f"service      unknown: {service['error']}")
+    elif not any(u["file"] for u in service["units"].values()):
+        print("service      not installed (sudo oisp service install)")
+    else:
+        lines = describe(service)
+        print("service      " + "\n             ".join(lines))
 
 
 def run(args) -> int:

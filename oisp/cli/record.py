@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 
+from oisp.cli.configured import add_config_option
 from oisp.sinks.options import add_sink_arguments, sinks_from_args
 
 DEFAULT_PROXY_PORT = 8443
@@ -54,6 +55,7 @@ def register(sub) -> None:
     parser.add_argument("--streaming-chunks", action="store_true", help="also emit ai.streaming_chunk events")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     add_sink_arguments(parser, default_stdout=False, ui=True)
+    add_config_option(parser)
     parser.set_defaults(func=run)
 
 
