@@ -141,7 +141,7 @@ STATES = {1: "stopped", 2: "start pending", 3: "stop pending", 4: "running", 5: 
 def state() -> dict:
     """The service and the task as `oisp check` and `oisp service status` report them."""
     report: dict = {"systemd": False, "not_running": "", "units": {}}
-    service = {"file": None, "ours": False, "user": None}
+    service: dict = {"file": None, "ours": False, "user": None}
     try:
         import pywintypes
         import win32serviceutil
