@@ -20,7 +20,8 @@ with SSL_is_server, and any mismatch leaves AVAILABLE false with the reason
 (the relay then stays on the Python path).
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.object cimport PyObject, PyTypeObject
 from libc.limits cimport INT_MAX
 from libc.stdlib cimport free, malloc, realloc
@@ -142,9 +143,7 @@ cdef object drain(void *bio):
     return out
 
 
-cdef int feed(void *bio, bytes data):
-    cdef const char *p = PyBytes_AS_STRING(data)
-    cdef Py_ssize_t left = PyBytes_GET_SIZE(data)
+cdef int feed(void *bio, const char *p, Py_ssize_t left):
     cdef int n
     while left > 0:
         n = api.BIO_write(bio, p, <int>(left if left < INT_MAX else INT_MAX))
@@ -168,24 +167,29 @@ cdef int room(size_t needed) except -1:
     return 0
 
 
-def pump(Tls src, bytes data, Tls dst=None):
-    """Feed `data` (ciphertext `src`'s socket delivered) to src, read all plaintext,
+def pump(Tls src, data, Tls dst=None):
+    """Feed `data` (ciphertext `src`'s socket delivered: bytes, or the bytearray
+    Windows' proactor loop hands over) to src, read all plaintext,
     and if `dst` is given write it to dst's SSL. Returns
     (plaintext or None, bytes for src's socket or None, bytes for dst's socket or None,
     status, error text or None). On SRC_FAILED nothing is written to dst; the
     plaintext read before the failure is dropped, as the Python path does."""
     global busy, scratch, scratch_size
-    if busy:
-        raise RuntimeError("tls_relay.pump re-entered")  # only an SSL callback could
-    busy = True
     cdef size_t total = 0
     cdef int n, err, status = OK
     cdef str error = None
+    cdef Py_buffer view
     plain = back = out = None
+    if busy:
+        raise RuntimeError("tls_relay.pump re-entered")  # only an SSL callback could
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    api.ERR_clear_error()
+    n = feed(src.rbio, <const char *>view.buf, view.len)
+    PyBuffer_Release(&view)
+    if n < 0:
+        return None, None, None, SRC_FAILED, "BIO_write failed"
+    busy = True
     try:
-        api.ERR_clear_error()
-        if feed(src.rbio, data) < 0:
-            return None, None, None, SRC_FAILED, "BIO_write failed"
         while True:
             room(total + READ_ROOM)
             n = api.SSL_read(src.ssl, scratch + total,
@@ -218,16 +222,22 @@ def pump(Tls src, bytes data, Tls dst=None):
         busy = False
 
 
-def seal(Tls dst, bytes data):
-    """Write plaintext to dst's SSL; (bytes for dst's socket or None, error text or None)."""
-    cdef int n
-    api.ERR_clear_error()
-    if PyBytes_GET_SIZE(data) > INT_MAX:
-        return None, "too large for one SSL_write"
-    n = api.SSL_write(dst.ssl, PyBytes_AS_STRING(data), <int>PyBytes_GET_SIZE(data))
-    if n != PyBytes_GET_SIZE(data):
-        return drain(dst.wbio), last_error("SSL_write failed")
-    return drain(dst.wbio), None
+def seal(Tls dst, data):
+    """Write plaintext (any bytes-like object) to dst's SSL; (bytes for dst's socket or
+    None, error text or None)."""
+    cdef int n = -1
+    cdef Py_buffer view
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        api.ERR_clear_error()
+        if view.len <= INT_MAX:
+            n = api.SSL_write(dst.ssl, view.buf, <int>view.len)
+        if n != view.len:
+            return drain(dst.wbio), last_error("SSL_write failed" if view.len <= INT_MAX
+                                               else "too large for one SSL_write")
+        return drain(dst.wbio), None
+    finally:
+        PyBuffer_Release(&view)
 
 
 cdef str self_check():

@@ -12,9 +12,11 @@ import asyncio
 import ctypes
 import ctypes.util
 import hashlib
+import os
 import random
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 
@@ -273,3 +275,10 @@ def test_key_updates_from_both_ends_are_relayed(pki, path):
         assert b"".join(seen["upstream"]) == b"".join(client_got)
 
     asyncio.run(main())
+
+
+def test_the_switch_keeps_tls_in_python():
+    probe = "from oisp.proxy import relay; print(relay.NATIVE_TLS, relay.NATIVE_UNAVAILABLE)"
+    env = {**os.environ, "OISP_NATIVE_TLS": "0"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "OISP_NATIVE_TLS=0"]
