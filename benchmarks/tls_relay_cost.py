@@ -15,6 +15,11 @@ reads everything afterwards and it must match what upstream wrote.
 
 Paths, interleaved per round: `python` (Relay(native_tls=False): SSLObject.read/
 write on MemoryBIOs) and `native` (oisp._native.tls_relay.pump).
+
+--pingpong N measures latency instead: a real Relay between two loopback TCP
+connections, its ends (a TLS client and a TLS echo server, stdlib ssl) in a child
+process so they never hold this process's GIL; the client sends --size bytes and
+waits for the echo, N times; the median round trip per path.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
+import socket
 import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -103,25 +110,94 @@ async def one_run(pki, native: bool, records: int, size: int) -> float:
     return spent / records * 1e6
 
 
+ENDS = """
+import socket, ssl, statistics, sys, threading, time
+ca, cert, key, host, port, n, size = sys.argv[1:8]
+n, size = int(n), int(size)
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+serving = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+serving.load_cert_chain(cert, key)
+def echo():
+    conn, _ = listener.accept()
+    with serving.wrap_socket(conn, server_side=True) as tls:
+        while data := tls.recv(1 << 16):
+            tls.sendall(data)
+threading.Thread(target=echo, daemon=True).start()
+sys.stdin.readline()  # the relay is listening and dialled us
+trusting = ssl.create_default_context(cafile=ca)
+with trusting.wrap_socket(socket.create_connection(("127.0.0.1", int(port))), server_hostname=host) as tls:
+    message, times = b"x" * size, []
+    for _ in range(n):
+        start = time.perf_counter()
+        tls.sendall(message)
+        got = 0
+        while got < size:
+            got += len(tls.recv(1 << 16))
+        times.append(time.perf_counter() - start)
+print(statistics.median(times) * 1e6, flush=True)
+"""
+
+
+async def pingpong(pki, native: bool, n: int, size: int) -> float:
+    ca, cert, key = pki
+    serving = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    serving.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=ca)
+    listener = socket.create_server(("127.0.0.1", 0))
+    ends = subprocess.Popen([sys.executable, "-c", ENDS, ca, cert, key, HOSTS[0], str(listener.getsockname()[1]),
+                             str(n), str(size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    loop = asyncio.get_running_loop()
+    try:
+        upstream = socket.create_connection(("127.0.0.1", int(ends.stdout.readline())))
+        ends.stdin.write("go\n")
+        ends.stdin.flush()
+        listener.setblocking(False)
+        client, _ = await loop.sock_accept(listener)
+        relay = Relay(native_tls=native)
+        for s in (client, upstream):
+            s.setblocking(False)
+        up = await relay.attach("upstream", upstream, trusting, server_hostname=HOSTS[0])
+        down = await relay.attach("client", client, serving, server_side=True)
+        await up.handshake(10)
+        await down.handshake(10)
+        assert (down.native is not None) == native
+        relay.start()
+        median_us = float(await loop.run_in_executor(None, ends.stdout.readline))
+        relay.close()
+        await relay.done
+        return median_us
+    finally:
+        listener.close()
+        ends.kill()
+        ends.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=20000)
     parser.add_argument("--size", type=int, default=150)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--pingpong", type=int, metavar="N", help="round trips per path and round (latency)")
     args = parser.parse_args()
     pki = make_test_pki(tempfile.mkdtemp(prefix="tls-relay-cost-"))
     per = {"python": [], "native": []}
+    unit = "us round trip (median)" if args.pingpong else "us CPU per record"
     for rnd in range(args.rounds):
         for path in ("python", "native") if rnd % 2 == 0 else ("native", "python"):
-            per[path].append(asyncio.run(one_run(pki, path == "native", args.records, args.size)))
-        print(f"round {rnd + 1}: python {per['python'][-1]:.2f} us/record, native {per['native'][-1]:.2f}",
+            run = (pingpong(pki, path == "native", args.pingpong, args.size) if args.pingpong
+                   else one_run(pki, path == "native", args.records, args.size))
+            per[path].append(asyncio.run(run))
+        print(f"round {rnd + 1}: python {per['python'][-1]:.2f}, native {per['native'][-1]:.2f} {unit}",
               file=sys.stderr, flush=True)
     ratios = [n / p for n, p in zip(per["native"], per["python"])]
     print(f"# {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, {platform.processor() or platform.machine()}, "
           f"Python {platform.python_version()}, {ssl.OPENSSL_VERSION}")
-    print(f"# {args.records} records of {args.size} bytes, upstream -> relay -> client, {args.rounds} rounds interleaved")
+    what = (f"{args.pingpong} round trips of {args.size} bytes, client -> relay -> echo server" if args.pingpong
+            else f"{args.records} records of {args.size} bytes, upstream -> relay -> client")
+    print(f"# {what}, {args.rounds} rounds interleaved")
     for path in per:
-        print(f"{path:7} {statistics.median(per[path]):6.2f} us CPU per record  "
+        print(f"{path:7} {statistics.median(per[path]):6.2f} {unit}  "
               f"(per round {' / '.join(f'{x:.2f}' for x in per[path])})")
     print(f"native / python: {statistics.median(ratios):.3f} (per round {' / '.join(f'{x:.2f}' for x in ratios)})")
 
