@@ -12,6 +12,7 @@ import pytest
 
 from oisp._native import tls_relay
 from tests.fakeprovider import HOSTS, make_test_pki
+from tests.test_proxy_relay_tls import require_native
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,7 @@ def feed_and_read(tls: ssl.SSLObject, incoming: ssl.MemoryBIO, wire: bytes | Non
 def joined(contexts):
     """(end, relay side facing it, relay side facing upstream, upstream end): client end ->
     relay's server side ... relay's client side -> server end."""
-    if not tls_relay.AVAILABLE:
-        pytest.fail(f"tls_relay unavailable: {tls_relay.UNAVAILABLE}")
+    require_native()
     down, up = Conn(*contexts), Conn(*contexts)
     return down, up, tls_relay.handle(down.server), tls_relay.handle(up.client)
 
@@ -125,6 +125,7 @@ def test_seal_encrypts_for_the_peer(joined):
 
 
 def test_only_real_sslobjects_are_vouched_for(contexts):
+    require_native()
     class Fake:
         _sslobj = object()
 
