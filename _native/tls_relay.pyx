@@ -62,11 +62,12 @@ cdef extern from *:
     ctypedef struct oisp_pyssl_head:
         void *ssl
 
-# pump()'s status: what happened on the receiving side (and, for DST_FAILED, the other).
+# pump()'s and seal()'s status, flags: what happened on the receiving side and the other.
 OK = 0
 ENDED = 1  # close_notify read: no more data from this side
 SRC_FAILED = 2
-DST_FAILED = 3
+DST_FAILED = 4
+DST_WAITS = 8  # dst is mid-handshake (a TLS 1.2 renegotiation): it did not take the plaintext
 
 # A received buffer's plaintext lands here before it is copied out once; grown on demand
 # (plaintext never exceeds the ciphertext read plus one partial record), and shrunk back
@@ -172,8 +173,10 @@ def pump(Tls src, data, Tls dst=None):
     Windows' proactor loop hands over) to src, read all plaintext,
     and if `dst` is given write it to dst's SSL. Returns
     (plaintext or None, bytes for src's socket or None, bytes for dst's socket or None,
-    status, error text or None). On SRC_FAILED nothing is written to dst; the
-    plaintext read before the failure is dropped, as the Python path does."""
+    status flags, error text or None). On SRC_FAILED nothing is written to dst; the
+    plaintext read before the failure is dropped, as the Python path does. On
+    DST_WAITS dst did not take the plaintext: the caller keeps it and offers it
+    again (seal) once dst has read what its handshake waits for."""
     global busy, scratch, scratch_size
     cdef size_t total = 0
     cdef int n, err, status = OK
@@ -210,8 +213,11 @@ def pump(Tls src, data, Tls dst=None):
             plain = PyBytes_FromStringAndSize(<char *>scratch, total)
             if dst is not None:
                 n = api.SSL_write(dst.ssl, scratch, <int>total) if total <= INT_MAX else -1
-                if n != <int>total:
-                    status = DST_FAILED
+                if n <= 0 and total <= INT_MAX and api.SSL_get_error(dst.ssl, n) == OISP_SSL_ERROR_WANT_READ:
+                    status |= DST_WAITS
+                    api.ERR_clear_error()
+                elif n != <int>total:
+                    status |= DST_FAILED
                     error = last_error("SSL_write failed" if n <= 0 else "SSL_write was partial")
                 out = drain(dst.wbio)
         return plain, back, out, status, error
@@ -224,7 +230,7 @@ def pump(Tls src, data, Tls dst=None):
 
 def seal(Tls dst, data):
     """Write plaintext (any bytes-like object) to dst's SSL; (bytes for dst's socket or
-    None, error text or None)."""
+    None, OK / DST_WAITS / DST_FAILED, error text or None)."""
     cdef int n = -1
     cdef Py_buffer view
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
@@ -232,10 +238,13 @@ def seal(Tls dst, data):
         api.ERR_clear_error()
         if view.len <= INT_MAX:
             n = api.SSL_write(dst.ssl, view.buf, <int>view.len)
+        if n <= 0 and view.len <= INT_MAX and api.SSL_get_error(dst.ssl, n) == OISP_SSL_ERROR_WANT_READ:
+            api.ERR_clear_error()
+            return drain(dst.wbio), DST_WAITS, None
         if n != view.len:
-            return drain(dst.wbio), last_error("SSL_write failed" if view.len <= INT_MAX
-                                               else "too large for one SSL_write")
-        return drain(dst.wbio), None
+            return drain(dst.wbio), DST_FAILED, last_error("SSL_write failed" if view.len <= INT_MAX
+                                                           else "too large for one SSL_write")
+        return drain(dst.wbio), OK, None
     finally:
         PyBuffer_Release(&view)
 

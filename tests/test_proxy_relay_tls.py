@@ -103,7 +103,8 @@ def write_fragmented(tls, payload: bytes, seed: int) -> None:
         at += n
 
 
-async def relayed_tls(pki, path: str, client_script, server_script, seen: dict):
+async def relayed_tls(pki, path: str, client_script, server_script, seen: dict,
+                      upstream_max: ssl.TLSVersion | None = None):
     """Client end -> relay (client side, serving the leaf) -> relay (upstream side) -> server end.
     Returns (client end, server end, relay) once both handshakes are done and it started."""
     if path == "native":
@@ -115,8 +116,12 @@ async def relayed_tls(pki, path: str, client_script, server_script, seen: dict):
         s.setblocking(False)
     serving = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     serving.load_cert_chain(cert, key)
+    upstream_serving = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    upstream_serving.load_cert_chain(cert, key)
+    if upstream_max is not None:
+        upstream_serving.maximum_version = upstream_max
     trusting = ssl.create_default_context(cafile=ca)
-    server = End(upstream_outer, serving, server_script, server_side=True, suppress_ragged_eofs=False)
+    server = End(upstream_outer, upstream_serving, server_script, server_side=True, suppress_ragged_eofs=False)
     client = End(client_outer, trusting, client_script, server_hostname=HOSTS[0], suppress_ragged_eofs=False)
     relay = Relay(native_tls=path == "native", stats={},
                   on_data=lambda side, data: seen.setdefault(side, []).append(data))
@@ -293,3 +298,59 @@ def test_the_switch_keeps_tls_in_python():
     env = {**os.environ, "OISP_NATIVE_TLS": "0"}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "OISP_NATIVE_TLS=0"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reaches libssl through /proc/self/maps")
+@pytest.mark.parametrize("path", PATHS)
+def test_a_renegotiation_by_upstream_while_the_client_keeps_sending(pki, path):
+    """TLS 1.2 upstream asks for a renegotiation (HelloRequest) while the client's pings
+    keep coming: the relay's upstream side cannot encrypt until the new handshake's
+    messages are read, so what arrives meanwhile waits and goes out in order after."""
+    lib = libssl_of_python()
+    if lib is None:
+        require_native()
+        pytest.skip("Python's libssl is linked into _ssl: SSL_renegotiate is not reachable")
+    for name in ("SSL_renegotiate", "SSL_do_handshake", "SSL_renegotiate_pending"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
+    rounds = 40
+
+    def message(kind: str, i: int) -> bytes:
+        return f"{kind} {i:03d} ".encode() + b"." * 500
+
+    def client_script(tls):
+        got = []
+        for i in range(rounds):
+            tls.sendall(message("ping", i))
+            got.append(read_exactly(tls, len(message("pong", i))))
+        tls.unwrap()
+        return got
+
+    def server_script(tls):
+        assert tls.version() == "TLSv1.2"
+        pointer = ssl_pointer(lib, tls)
+        got = [read_exactly(tls, len(message("ping", 0)))]
+        assert lib.SSL_renegotiate(pointer) == 1
+        assert lib.SSL_do_handshake(pointer) == 1  # the HelloRequest is out
+        tls.sendall(message("pong", 0))
+        for i in range(1, rounds):
+            got.append(read_exactly(tls, len(message("ping", i))))  # reads the new handshake too
+            tls.sendall(message("pong", i))
+        assert lib.SSL_renegotiate_pending(pointer) == 0  # the renegotiation finished
+        assert tls.recv(100) == b""
+        tls.unwrap()
+        return got
+
+    async def main():
+        seen: dict[str, list[bytes]] = {}
+        client, server, relay = await relayed_tls(pki, path, client_script, server_script, seen,
+                                                  upstream_max=ssl.TLSVersion.TLSv1_2)
+        expect_path(relay, path)
+        client_got = await asyncio.to_thread(client.outcome)
+        server_got = await asyncio.to_thread(server.outcome)
+        await asyncio.wait_for(relay.done, 10)
+        assert server_got == [message("ping", i) for i in range(rounds)]
+        assert client_got == [message("pong", i) for i in range(rounds)]
+        assert b"".join(seen["client"]) == b"".join(server_got)
+        assert b"".join(seen["upstream"]) == b"".join(client_got)
+
+    asyncio.run(main())

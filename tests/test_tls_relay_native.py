@@ -119,8 +119,8 @@ def test_close_notify_ends_and_a_tampered_record_fails(joined):
 
 def test_seal_encrypts_for_the_peer(joined):
     down, _, relay_down, _ = joined
-    out, error = tls_relay.seal(relay_down, bytearray(b"from a plain side"))
-    assert error is None
+    out, status, error = tls_relay.seal(relay_down, bytearray(b"from a plain side"))
+    assert (status, error) == (tls_relay.OK, None)
     assert feed_and_read(down.client, down.bios["client"][0], out) == b"from a plain side"
 
 

@@ -15,6 +15,10 @@ decrypts it, re-encrypts it for the other side and returns both, holding the GIL
 decision stay here, on the same SSLObjects. OISP_NATIVE_TLS=0 keeps all TLS in
 Python.
 
+A TLS 1.2 renegotiation leaves a side unable to encrypt until its handshake
+messages have been read: what arrives for it meanwhile waits in `unsent` (bounded)
+and goes out, in order, after the side's next read.
+
 Back-pressure: when a side's transport buffers more than its high-water mark,
 the other side stops reading until it drains. End of stream (close_notify or
 FIN) is passed on as close_notify + FIN; once one direction has ended, the
@@ -47,6 +51,7 @@ if not NATIVE_TLS:
     log.info("relay: TLS records handled in Python: %s", NATIVE_UNAVAILABLE)
 
 READ_SIZE = 1 << 16
+UNSENT_MAX = 1 << 20  # plaintext held for a side mid-renegotiation before the relay gives up
 HALF_CLOSE_GRACE = 5.0
 
 
@@ -88,6 +93,7 @@ class Side(asyncio.Protocol):
         self.native = None  # a tls_relay.Tls once handshaken, if the relay uses it
         self.ended = False  # no more data will come from this side
         self.finished = False  # our FIN is out: nothing more may be written
+        self.unsent: list[bytes] = []  # plaintext for this side's TLS while it renegotiates
         self.lost = False
 
     # -- asyncio callbacks -------------------------------------------------------------
@@ -122,6 +128,8 @@ class Side(asyncio.Protocol):
             self.relay.fail(self, exc)
             return
         self._flush()  # a read may have produced records to send back (key update, alerts)
+        if self.unsent:
+            self._retry_unsent()  # the read may have ended a renegotiation
         if chunks:
             # What arrived together leaves together: one TLS record and one send, not one
             # per record read (httpx and hypercorn write headers and body apart; each send
@@ -135,11 +143,11 @@ class Side(asyncio.Protocol):
         native TLS, re-encrypt it for the peer in the same call."""
         relay = self.relay
         peer = relay.peer(self) if relay.forwarding else None
-        dst = peer.native if peer is not None and peer.writable() else None
+        dst = peer.native if peer is not None and peer.writable() and not peer.unsent else None
         plain, back, out, status, error = tls_relay.pump(self.native, data, dst)
         if back is not None and self.writable():
-            self.transport.write(back)  # e.g. a KeyUpdate's answer
-        if status == tls_relay.SRC_FAILED:
+            self.transport.write(back)  # e.g. a KeyUpdate's answer, a renegotiation's messages
+        if status & tls_relay.SRC_FAILED:
             relay.fail(self, ssl.SSLError(error))
             return
         if plain is not None:
@@ -148,10 +156,15 @@ class Side(asyncio.Protocol):
             else:
                 if out is not None:
                     peer.transport.write(out)
+                if status & tls_relay.DST_WAITS:
+                    peer.hold(plain)
                 relay.observe(self, plain)
-        if status == tls_relay.DST_FAILED:
+        if status & tls_relay.DST_FAILED:
             relay.fail(peer, ssl.SSLError(error))
-        elif status == tls_relay.ENDED:
+            return
+        if self.unsent:
+            self._retry_unsent()  # the read may have ended a renegotiation
+        if status & tls_relay.ENDED:
             relay.end(self)
 
     def eof_received(self) -> bool:
@@ -204,19 +217,40 @@ class Side(asyncio.Protocol):
         if self.tls is None:
             self.transport.write(data)
             return
+        if self.unsent:
+            self.hold(data)  # behind what already waits
+            return
         if self.native is not None:
-            out, error = tls_relay.seal(self.native, data)
+            out, status, error = tls_relay.seal(self.native, data)
             if out is not None:
                 self.transport.write(out)
-            if error is not None:
+            if status & tls_relay.DST_WAITS:
+                self.hold(data)
+            elif status & tls_relay.DST_FAILED:
                 self.relay.fail(self, ssl.SSLError(error))
             return
         try:
             self.tls.write(data)
+        except ssl.SSLWantReadError:
+            self.hold(data)  # mid-renegotiation
         except ssl.SSLError as exc:
             self.relay.fail(self, exc)
             return
         self._flush()
+
+    def hold(self, data: bytes) -> None:
+        """Keep plaintext this side's TLS cannot take yet (it renegotiates), in order."""
+        self.unsent.append(data)
+        if sum(map(len, self.unsent)) > UNSENT_MAX:
+            self.relay.fail(self, ssl.SSLError(f"{self.name}: renegotiation held back over {UNSENT_MAX} bytes"))
+
+    def _retry_unsent(self) -> None:
+        pending, self.unsent = self.unsent, []
+        for i, data in enumerate(pending):
+            self.send(data)
+            if self.unsent:  # still waiting: the rest stays behind it
+                self.unsent.extend(pending[i + 1:])
+                return
 
     def finish(self) -> None:
         """No more data for this side: close_notify (TLS), then FIN."""
