@@ -180,16 +180,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--pingpong", type=int, metavar="N", help="round trips per path and round (latency)")
     args = parser.parse_args()
-    pki = make_test_pki(tempfile.mkdtemp(prefix="tls-relay-cost-"))
     per = {"python": [], "native": []}
     unit = "us round trip (median)" if args.pingpong else "us CPU per record"
-    for rnd in range(args.rounds):
-        for path in ("python", "native") if rnd % 2 == 0 else ("native", "python"):
-            run = (pingpong(pki, path == "native", args.pingpong, args.size) if args.pingpong
-                   else one_run(pki, path == "native", args.records, args.size))
-            per[path].append(asyncio.run(run))
-        print(f"round {rnd + 1}: python {per['python'][-1]:.2f}, native {per['native'][-1]:.2f} {unit}",
-              file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="tls-relay-cost-") as directory:
+        pki = make_test_pki(directory)
+        for rnd in range(args.rounds):
+            for path in ("python", "native") if rnd % 2 == 0 else ("native", "python"):
+                run = (pingpong(pki, path == "native", args.pingpong, args.size) if args.pingpong
+                       else one_run(pki, path == "native", args.records, args.size))
+                per[path].append(asyncio.run(run))
+            print(f"round {rnd + 1}: python {per['python'][-1]:.2f}, native {per['native'][-1]:.2f} {unit}",
+                  file=sys.stderr, flush=True)
     ratios = [n / p for n, p in zip(per["native"], per["python"])]
     print(f"# {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, {platform.processor() or platform.machine()}, "
           f"Python {platform.python_version()}, {ssl.OPENSSL_VERSION}")
