@@ -17,6 +17,9 @@ if sys.platform == "win32":
 else:
     COMPILE_ARGS = ["-O3", "-fno-strict-aliasing"]
 
+# tls_relay resolves OpenSSL with dlopen/dlsym, in libdl before glibc 2.34 (manylinux_2_28).
+LIBRARIES = {"tls_relay": ["dl"]} if sys.platform.startswith("linux") else {}
+
 
 def emit_divert_binding() -> None:
     """Write the out-of-line ABI-mode cffi module into the package tree, so regular
@@ -43,6 +46,7 @@ extensions = [
         depends=[str(h.relative_to(HERE).as_posix()) for h in sorted((HERE / "_native").glob("*.h"))],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=COMPILE_ARGS,
+        libraries=LIBRARIES.get(pyx.stem, []),
     )
     for pyx in sorted((HERE / "_native").glob("*.pyx"))
 ]

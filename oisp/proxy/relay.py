@@ -8,6 +8,17 @@ transport with a Protocol (`Side`), and TLS runs on an `ssl.SSLObject` over two
 encrypted and written within one callback; decoding comes after the write, so
 it never delays the client.
 
+Once a side's handshake is done, its records go through `oisp._native.tls_relay`
+(when it vouches for the SSLObject's SSL*): one C call per received buffer
+decrypts it, re-encrypts it for the other side and returns both, holding the GIL
+(so no hand-off to another thread per SSL call). Handshakes, shutdown and every
+decision stay here, on the same SSLObjects. OISP_NATIVE_TLS=0 keeps all TLS in
+Python.
+
+A TLS 1.2 renegotiation leaves a side unable to encrypt until its handshake
+messages have been read: what arrives for it meanwhile waits in `unsent` (bounded)
+and goes out, in order, after the side's next read.
+
 Back-pressure: when a side's transport buffers more than its high-water mark,
 the other side stops reading until it drains. End of stream (close_notify or
 FIN) is passed on as close_notify + FIN; once one direction has ended, the
@@ -18,14 +29,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
 import struct
 from typing import Callable
 
+try:
+    from oisp._native import tls_relay
+except ImportError as exc:  # a source tree without its compiled modules
+    tls_relay, NATIVE_UNAVAILABLE = None, f"oisp._native.tls_relay not built ({exc})"
+else:
+    NATIVE_UNAVAILABLE = tls_relay.UNAVAILABLE
+
 log = logging.getLogger(__name__)
 
+if os.environ.get("OISP_NATIVE_TLS", "1") == "0":
+    NATIVE_UNAVAILABLE = "OISP_NATIVE_TLS=0"
+NATIVE_TLS = NATIVE_UNAVAILABLE is None  # the default for new Relays
+if not NATIVE_TLS:
+    log.info("relay: TLS records handled in Python: %s", NATIVE_UNAVAILABLE)
+
 READ_SIZE = 1 << 16
+UNSENT_MAX = 1 << 20  # plaintext held for a side mid-renegotiation before the relay gives up
 HALF_CLOSE_GRACE = 5.0
 
 
@@ -64,7 +90,10 @@ class Side(asyncio.Protocol):
                                         server_hostname=server_hostname, session=session)
         else:
             self.handshaken.set_result(None)
+        self.native = None  # a tls_relay.Tls once handshaken, if the relay uses it
         self.ended = False  # no more data will come from this side
+        self.finished = False  # our FIN is out: nothing more may be written
+        self.unsent: list[bytes] = []  # plaintext for this side's TLS while it renegotiates
         self.lost = False
 
     # -- asyncio callbacks -------------------------------------------------------------
@@ -75,10 +104,16 @@ class Side(asyncio.Protocol):
         if self.tls is None:
             self.relay.forward(self, data)
             return
+        if self.native is not None:
+            self._pump(data)
+            return
         self._in.write(data)
         if not self.handshaken.done() and not self._handshake_step():
             return
         if self.handshaken.exception() is not None:
+            return
+        if self.native is not None:  # the handshake just ended; records may follow it
+            self._pump(b"")
             return
         chunks, ended = [], False
         try:
@@ -93,6 +128,8 @@ class Side(asyncio.Protocol):
             self.relay.fail(self, exc)
             return
         self._flush()  # a read may have produced records to send back (key update, alerts)
+        if self.unsent:
+            self._retry_unsent()  # the read may have ended a renegotiation
         if chunks:
             # What arrived together leaves together: one TLS record and one send, not one
             # per record read (httpx and hypercorn write headers and body apart; each send
@@ -100,6 +137,35 @@ class Side(asyncio.Protocol):
             self.relay.forward(self, chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if ended:
             self.relay.end(self)
+
+    def _pump(self, data: bytes) -> None:
+        """The native path: decrypt what arrived and, when the peer takes it now over
+        native TLS, re-encrypt it for the peer in the same call."""
+        relay = self.relay
+        peer = relay.peer(self) if relay.forwarding else None
+        dst = peer.native if peer is not None and peer.writable() and not peer.unsent else None
+        plain, back, out, status, error = tls_relay.pump(self.native, data, dst)
+        if back is not None and self.writable():
+            self.transport.write(back)  # e.g. a KeyUpdate's answer, a renegotiation's messages
+        if status & tls_relay.SRC_FAILED:
+            relay.fail(self, ssl.SSLError(error))
+            return
+        if plain is not None:
+            if dst is None:
+                relay.forward(self, plain)  # queued, to a plain or Python-TLS peer, or dropped
+            else:
+                if out is not None:
+                    peer.transport.write(out)
+                if status & tls_relay.DST_WAITS:
+                    peer.hold(plain)
+                relay.observe(self, plain)
+        if status & tls_relay.DST_FAILED:
+            relay.fail(peer, ssl.SSLError(error))
+            return
+        if self.unsent:
+            self._retry_unsent()  # the read may have ended a renegotiation
+        if status & tls_relay.ENDED:
+            relay.end(self)
 
     def eof_received(self) -> bool:
         if not self.handshaken.done():
@@ -136,25 +202,59 @@ class Side(asyncio.Protocol):
             self.handshaken.set_exception(exc)
             return False
         self._flush()
+        if self.relay.native_tls:
+            self.native = tls_relay.handle(self.tls)
+        self.relay.count("tls_native" if self.native is not None else "tls_python")
         self.handshaken.set_result(None)
         return True
 
+    def writable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing() and not self.finished
+
     def send(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if not self.writable():
             return
         if self.tls is None:
             self.transport.write(data)
             return
+        if self.unsent:
+            self.hold(data)  # behind what already waits
+            return
+        if self.native is not None:
+            out, status, error = tls_relay.seal(self.native, data)
+            if out is not None:
+                self.transport.write(out)
+            if status & tls_relay.DST_WAITS:
+                self.hold(data)
+            elif status & tls_relay.DST_FAILED:
+                self.relay.fail(self, ssl.SSLError(error))
+            return
         try:
             self.tls.write(data)
+        except ssl.SSLWantReadError:
+            self.hold(data)  # mid-renegotiation
         except ssl.SSLError as exc:
             self.relay.fail(self, exc)
             return
         self._flush()
 
+    def hold(self, data: bytes) -> None:
+        """Keep plaintext this side's TLS cannot take yet (it renegotiates), in order."""
+        self.unsent.append(data)
+        if sum(map(len, self.unsent)) > UNSENT_MAX:
+            self.relay.fail(self, ssl.SSLError(f"{self.name}: renegotiation held back over {UNSENT_MAX} bytes"))
+
+    def _retry_unsent(self) -> None:
+        pending, self.unsent = self.unsent, []
+        for i, data in enumerate(pending):
+            self.send(data)
+            if self.unsent:  # still waiting: the rest stays behind it
+                self.unsent.extend(pending[i + 1:])
+                return
+
     def finish(self) -> None:
         """No more data for this side: close_notify (TLS), then FIN."""
-        if self.transport is None or self.transport.is_closing():
+        if not self.writable():
             return
         if self.tls is not None and self.handshaken.done() and self.handshaken.exception() is None:
             try:
@@ -163,6 +263,7 @@ class Side(asyncio.Protocol):
                 pass  # close_notify is written; the peer's answer is not awaited
             self._flush()
         if self.transport.can_write_eof():
+            self.finished = True  # e.g. a late KeyUpdate answer must not follow the FIN
             try:
                 self.transport.write_eof()
             except OSError:
@@ -191,19 +292,24 @@ class Side(asyncio.Protocol):
             self.transport.abort()
 
     def _flush(self) -> None:
-        if self._out.pending and self.transport is not None and not self.transport.is_closing():
+        if self._out.pending and self.writable():
             self.transport.write(self._out.read())
 
 
 class Relay:
     """Two Sides joined: what one reads, the other writes. `done` resolves when both
-    sockets are closed. `on_data(side_name, chunk)` sees every chunk after it is written."""
+    sockets are closed. `on_data(side_name, chunk)` sees every chunk after it is written.
+    `native_tls`: handshaken TLS sides relay records in C (default: when available);
+    `stats`, if given, counts TLS sides per path ("tls_native", "tls_python")."""
 
     def __init__(self, *, on_data: Callable[[str, bytes], None] | None = None,
-                 half_close_grace: float = HALF_CLOSE_GRACE):
+                 half_close_grace: float = HALF_CLOSE_GRACE, native_tls: bool | None = None,
+                 stats: dict | None = None):
         self.loop = asyncio.get_running_loop()
         self.on_data = on_data
         self.half_close_grace = half_close_grace
+        self.native_tls = NATIVE_TLS if native_tls is None else native_tls and tls_relay is not None
+        self.stats = stats
         self.sides: list[Side] = []
         self.done = self.loop.create_future()
         self._started = False
@@ -220,6 +326,15 @@ class Relay:
     def peer(self, side: Side) -> Side:
         return self.sides[1] if side is self.sides[0] else self.sides[0]
 
+    @property
+    def forwarding(self) -> bool:
+        """Started with both sides: what is read is written to the peer at once."""
+        return self._started and len(self.sides) == 2
+
+    def count(self, key: str) -> None:
+        if self.stats is not None:
+            self.stats[key] = self.stats.get(key, 0) + 1
+
     def start(self) -> None:
         """Both sides are attached (and handshaken): forward what waited, and all that follows."""
         self._started = True
@@ -235,6 +350,10 @@ class Relay:
             self._pending.append((side, chunk))
             return
         self.peer(side).send(chunk)  # first: the client never waits for decoding
+        self.observe(side, chunk)
+
+    def observe(self, side: Side, chunk: bytes) -> None:
+        """Hand a chunk, already written to the peer, to the observer."""
         if self.on_data is not None:
             try:
                 self.on_data(side.name, chunk)

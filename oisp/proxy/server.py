@@ -499,7 +499,7 @@ class TransparentProxy:
 
     async def _intercept(self, conn, upstream, target: Destination, hello: ClientHello, peer: tuple[str, int]) -> None:
         alpn, context = self._with_alpn(hello.alpn)
-        relay = Relay()
+        relay = Relay(stats=self.stats)
         # When the client offers HTTP/1.1 alone (or no ALPN), upstream's choice cannot change
         # what the client speaks: both handshakes run at once. Otherwise the client is served
         # exactly what upstream chose, so its handshake waits for upstream's.
