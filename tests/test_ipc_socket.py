@@ -27,7 +27,7 @@ from oisp.ipc.client import IPCClient, IPCUnavailable
 from oisp.ipc.server import IPCServer, flow_table_handlers
 from oisp.ipc.transport import AccessPolicy, TransportError, listen_unix
 from oisp.redirect.flows import FlowEntry, FlowTable
-from oisp.redirect.own_ports import OwnPorts
+from oisp.own_ports import OwnPorts
 
 ME = frozenset({os.getuid()})
 
