@@ -3,16 +3,21 @@ every test module by conftest.py) and its helpers.
 
 Two namespaces joined by a veth: `b` runs the fake AI provider (tests/fakeprovider.py) on
 :443; in `a` the hosts file names it api.openai.com / api.anthropic.com / example.test and
-`oisp record` runs as the sensor. The fixture yields a dict: the pair, the temporary
-directory, the running sensor, the CAs, the events file, and `start_sensor(*options)` to
-start another sensor (stop the running one first)."""
+`oisp record` runs split, as `sudo oisp record` does: its redirector as root, its sensor as
+the session's test user (`sensor_user`: `--user NAME`). The fixture yields a dict: the
+pair, the temporary directory, the running `oisp record` ("sensor", for the tests written
+before the split: the process to signal), the CAs, the events file, the user, and
+`start_sensor(*options)` to start another (stop the running one first; `single=True`: with
+--single-process instead of --user)."""
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -26,8 +31,57 @@ from tests.netns import VethPair, stop_all
 HERE = Path(__file__).parent  # the tests directory: agents/, fakeprovider.py
 
 
+@pytest.fixture(scope="session")
+def sensor_user(tmp_path_factory):
+    """A local user for the tests' sensors, made for this session and removed after it.
+    It is granted traversal (an ACL entry, x only) of the directories on the way to this
+    interpreter and to the tests' temporary directories that others may not enter (here
+    /root, where pyenv keeps Python, is 0700) — nothing else: each test gives it its own
+    directory (`lend`)."""
+    if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("setfacl"):
+        pytest.skip("the split needs root, useradd and setfacl (apt-get install passwd acl)")
+    name = f"oispsens{os.getpid() % 100000}"
+    subprocess.run(["useradd", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", name],
+                   check=True, capture_output=True)
+    granted: list[Path] = []
+    try:
+        base = tmp_path_factory.getbasetemp()
+        for leaf in (Path(os.path.realpath(sys.executable)), base / "x", Path(os.environ["XDG_DATA_HOME"]) / "x"):
+            for directory in reversed(leaf.parents):
+                if not directory.stat().st_mode & stat.S_IXOTH and directory not in granted:
+                    subprocess.run(["setfacl", "-m", f"u:{name}:x", str(directory)], check=True)
+                    granted.append(directory)
+        yield pwd.getpwnam(name)
+    finally:
+        for directory in granted:
+            subprocess.run(["setfacl", "-x", f"u:{name}", str(directory)], capture_output=True)
+        subprocess.run(["userdel", name], capture_output=True)
+        subprocess.run(["groupdel", name], capture_output=True)
+
+
+def lend(path: Path, user) -> None:
+    """`path` (a test's directory) is the user's from now on, as a user's own files are."""
+    os.chown(path, user.pw_uid, user.pw_gid)
+
+
+def sensor_of(record: subprocess.Popen) -> int:
+    """The pid of the `oisp sensor` a split `oisp record` started (its one child that is)."""
+    import psutil
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for child in psutil.Process(record.pid).children():
+            try:
+                if "sensor" in child.cmdline():
+                    return child.pid
+            except psutil.Error:
+                continue
+        time.sleep(0.05)
+    raise AssertionError("oisp record has no sensor child")
+
+
 @pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
-def record_lab(tmp_path, request):
+def record_lab(tmp_path, request, sensor_user):
     pair = VethPair.create()
     server_ip = pair.b_ip4 if request.param == 4 else pair.b_ip6
     hosts_dir = Path("/etc/netns") / pair.a.name
@@ -37,12 +91,14 @@ def record_lab(tmp_path, request):
     provider = pair.b.popen(sys.executable, str(HERE / "fakeprovider.py"), "--host", server_ip, "--port", "443",
                             "--cert", cert, "--key", key, stdout=subprocess.DEVNULL)
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
+    lend(tmp_path, sensor_user)
     processes = [provider]
 
-    def start_sensor(*options: str, **popen) -> subprocess.Popen:
+    def start_sensor(*options: str, single: bool = False, **popen) -> subprocess.Popen:
+        split = ("--single-process",) if single else ("--user", sensor_user.pw_name)
         sensor = pair.a.popen(sys.executable, "-m", "oisp", "record", "-o", str(tmp_path / "events.jsonl"),
-                              "--upstream-ca", upstream_ca, *options, stderr=subprocess.PIPE, text=True, env=env,
-                              **popen)
+                              "--upstream-ca", upstream_ca, *split, *options, stderr=subprocess.PIPE, text=True,
+                              env=env, **popen)
         processes.append(sensor)
         await_recording(sensor)
         return sensor
@@ -55,7 +111,7 @@ def record_lab(tmp_path, request):
         both.write_text(our_ca.read_text() + Path(upstream_ca).read_text())
         yield {"family": request.param, "pair": pair, "tmp": tmp_path, "sensor": sensor, "our_ca": str(our_ca), "both": str(both),
                "upstream_ca": upstream_ca, "events": tmp_path / "events.jsonl", "env": env,
-               "start_sensor": start_sensor}
+               "start_sensor": start_sensor, "user": sensor_user}
     finally:
         stop_all(processes)
         pair.delete()
