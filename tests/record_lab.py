@@ -20,6 +20,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,12 +33,14 @@ HERE = Path(__file__).parent  # the tests directory: agents/, fakeprovider.py
 
 
 @pytest.fixture(scope="session")
-def sensor_user(tmp_path_factory):
+def sensor_user():
     """A local user for the tests' sensors, made for this session and removed after it.
     It is granted traversal (an ACL entry, x only) of the directories on the way to this
-    interpreter and to the tests' temporary directories that others may not enter (here
-    /root, where pyenv keeps Python, is 0700) — nothing else: each test gives it its own
-    directory (`lend`)."""
+    interpreter that others may not enter (here /root, where pyenv keeps Python, is
+    0700) — nothing else: each test gives it a directory of its own (`sensor_tmp`).
+    Not pytest's tmp_path: every pytest session that starts (other checkouts' too) strips
+    the group bits of /tmp/pytest-of-root, which is the ACL mask, so an entry there does
+    not last."""
     if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("setfacl"):
         pytest.skip("the split needs root, useradd and setfacl (apt-get install passwd acl)")
     name = f"oispsens{os.getpid() % 100000}"
@@ -45,8 +48,7 @@ def sensor_user(tmp_path_factory):
                    check=True, capture_output=True)
     granted: list[Path] = []
     try:
-        base = tmp_path_factory.getbasetemp()
-        for leaf in (Path(os.path.realpath(sys.executable)), base / "x", Path(os.environ["XDG_DATA_HOME"]) / "x"):
+        for leaf in (Path(os.path.realpath(sys.executable)), Path(__file__).resolve()):
             for directory in reversed(leaf.parents):
                 if not directory.stat().st_mode & stat.S_IXOTH and directory not in granted:
                     subprocess.run(["setfacl", "-m", f"u:{name}:x", str(directory)], check=True)
@@ -59,9 +61,15 @@ def sensor_user(tmp_path_factory):
         subprocess.run(["groupdel", name], capture_output=True)
 
 
-def lend(path: Path, user) -> None:
-    """`path` (a test's directory) is the user's from now on, as a user's own files are."""
-    os.chown(path, user.pw_uid, user.pw_gid)
+@pytest.fixture
+def sensor_tmp(sensor_user):
+    """A test's directory, the sensor user's (as a user's own files are), removed after."""
+    path = Path(tempfile.mkdtemp(prefix=f"{sensor_user.pw_name}-", dir="/tmp"))
+    os.chown(path, sensor_user.pw_uid, sensor_user.pw_gid)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def sensor_of(record: subprocess.Popen) -> int:
@@ -81,7 +89,8 @@ def sensor_of(record: subprocess.Popen) -> int:
 
 
 @pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
-def record_lab(tmp_path, request, sensor_user):
+def record_lab(sensor_tmp, request, sensor_user):
+    tmp_path = sensor_tmp
     pair = VethPair.create()
     server_ip = pair.b_ip4 if request.param == 4 else pair.b_ip6
     hosts_dir = Path("/etc/netns") / pair.a.name
@@ -91,7 +100,6 @@ def record_lab(tmp_path, request, sensor_user):
     provider = pair.b.popen(sys.executable, str(HERE / "fakeprovider.py"), "--host", server_ip, "--port", "443",
                             "--cert", cert, "--key", key, stdout=subprocess.DEVNULL)
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
-    lend(tmp_path, sensor_user)
     processes = [provider]
 
     def start_sensor(*options: str, single: bool = False, **popen) -> subprocess.Popen:
