@@ -89,7 +89,9 @@ def sensor_of(record: subprocess.Popen) -> int:
 
 
 @pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
-def record_lab(sensor_tmp, request, sensor_user):
+def provider_lab(sensor_tmp, request, sensor_user):
+    """record_lab without a running `oisp record`: `spawn(argv, as_user=False)` starts
+    a process in `a` (as the sensor user with `as_user`), stopped with the lab."""
     tmp_path = sensor_tmp
     pair = VethPair.create()
     server_ip = pair.b_ip4 if request.param == 4 else pair.b_ip6
@@ -111,19 +113,32 @@ def record_lab(sensor_tmp, request, sensor_user):
         await_recording(sensor)
         return sensor
 
+    def spawn(*argv: str, as_user: bool = False) -> subprocess.Popen:
+        user = ("setpriv", f"--reuid={sensor_user.pw_uid}", f"--regid={sensor_user.pw_gid}", "--clear-groups",
+                "--inh-caps=-all") if as_user else ()
+        started = pair.a.popen(*user, *argv, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+        processes.append(started)
+        return started
+
+    our_ca = tmp_path / "data" / "oisp" / "oisp-ca.pem"
     try:
         time.sleep(1.0)  # hypercorn binding
-        sensor = start_sensor()
-        our_ca = tmp_path / "data" / "oisp" / "oisp-ca.pem"
-        both = tmp_path / "both.pem"  # for clients that must also work once the sensor is gone
-        both.write_text(our_ca.read_text() + Path(upstream_ca).read_text())
-        yield {"family": request.param, "pair": pair, "tmp": tmp_path, "sensor": sensor, "our_ca": str(our_ca), "both": str(both),
-               "upstream_ca": upstream_ca, "events": tmp_path / "events.jsonl", "env": env,
-               "start_sensor": start_sensor, "user": sensor_user}
+        yield {"family": request.param, "pair": pair, "tmp": tmp_path, "our_ca": str(our_ca),
+               "both": str(tmp_path / "both.pem"), "upstream_ca": upstream_ca, "events": tmp_path / "events.jsonl",
+               "env": env, "start_sensor": start_sensor, "spawn": spawn, "user": sensor_user}
     finally:
         stop_all(processes)
         pair.delete()
         shutil.rmtree(hosts_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def record_lab(provider_lab):
+    provider_lab["sensor"] = provider_lab["start_sensor"]()
+    # For clients that must also work once the sensor is gone.
+    Path(provider_lab["both"]).write_text(Path(provider_lab["our_ca"]).read_text()
+                                          + Path(provider_lab["upstream_ca"]).read_text())
+    return provider_lab
 
 
 def run_client(lab, name, base="https://api.openai.com", n=0, ca=None, timeout=60) -> subprocess.CompletedProcess:
