@@ -7,8 +7,8 @@ Two namespaces joined by a veth: `b` runs the fake AI provider (tests/fakeprovid
 the session's test user (`sensor_user`: `--user NAME`). The fixture yields a dict: the
 pair, the temporary directory, the running `oisp record` ("sensor", for the tests written
 before the split: the process to signal), the CAs, the events file, the user, and
-`start_sensor(*options)` to start another (stop the running one first; `single=True`: with
---single-process instead of --user)."""
+`start_sensor(*options)` to start another (stop the running one first; `user=False`:
+without --user, so as one root process: no SUDO_UID here)."""
 
 from __future__ import annotations
 
@@ -104,8 +104,8 @@ def provider_lab(sensor_tmp, request, sensor_user):
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
     processes = [provider]
 
-    def start_sensor(*options: str, single: bool = False, **popen) -> subprocess.Popen:
-        split = ("--single-process",) if single else ("--user", sensor_user.pw_name)
+    def start_sensor(*options: str, user: bool = True, **popen) -> subprocess.Popen:
+        split = ("--user", sensor_user.pw_name) if user else ()
         sensor = pair.a.popen(sys.executable, "-m", "oisp", "record", "-o", str(tmp_path / "events.jsonl"),
                               "--upstream-ca", upstream_ca, *split, *options, stderr=subprocess.PIPE, text=True,
                               env=env, **popen)

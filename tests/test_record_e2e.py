@@ -256,3 +256,23 @@ def test_the_sensor_runs_as_the_user_without_privileges_and_writes_the_users_fil
     assert [e["data"]["model"]["id"] for e in read_events(record_lab) if e["event_type"] == "ai.request"] == ["gpt-4o-mini"]
     for path in (record_lab["events"], Path(record_lab["our_ca"]), Path(record_lab["our_ca"]).parent / "oisp-ca-key.pem"):
         assert path.stat().st_uid == user.pw_uid, path
+
+
+@pytest.mark.parametrize("how", ["--single-process", "as root without SUDO_UID"])
+def test_one_process_records_as_before(record_lab, how):
+    """--single-process, and root with no user to run the sensor as (a root shell, CI):
+    one process, no sensor child; the same banner and events; the latter says why."""
+    assert stop_sensor(record_lab) == 0
+    record = record_lab["sensor"] = record_lab["start_sensor"](*([how] if how.startswith("--") else []), user=False)
+    import psutil
+
+    assert not [c for c in psutil.Process(record.pid).children() if "sensor" in c.cmdline()]  # guardians only
+    said = "".join(record.banner)
+    assert ("note: running as one root process: there is no user to run the sensor as" in said) == (
+        not how.startswith("--")), said
+    done = run_client(record_lab, "anthropic", "https://api.anthropic.com")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert stop_sensor(record_lab) == 0
+    requests = [e for e in read_events(record_lab) if e["event_type"] == "ai.request"]
+    assert [r["data"]["provider"]["name"] for r in requests] == ["anthropic"]
+    assert requests[0]["process"]["pid"] > 0

@@ -33,12 +33,20 @@ def register(sub) -> None:
     parser.set_defaults(func=run)
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (the kernel's choice), for a plaintext listener."""
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        probe.bind(("::", 0))
-        return probe.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports nobody holds now (the kernel's choice), for the plaintext
+    listeners. The probes stay bound until all are chosen: a port freed is handed out again."""
+    probes = []
+    try:
+        for _ in range(count):
+            probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            probes.append(probe)
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            probe.bind(("::", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 class RedirectorRole:
@@ -54,7 +62,7 @@ class RedirectorRole:
 
         # Where each server port is reflected: fixed now, as the reflector's filter names these
         # ports; the sensor is told in the welcome and must listen there.
-        self.listen = {443: args.proxy_port, **{port: free_port() for port in sorted(plain.ports)}}
+        self.listen = {443: args.proxy_port, **dict(zip(sorted(plain.ports), free_ports(len(plain.ports))))}
         self.redirector = Redirector(spec, proxy_ports=self.listen, include=args.process, exclude=args.exclude,
                                      idle_timeout=args.flow_idle_timeout, plain=plain,
                                      refuse_quic=not args.allow_quic, on_quic_refused=self._quic, opening=False)
