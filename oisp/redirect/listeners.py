@@ -15,14 +15,16 @@ Why every listening socket and not one: two sockets listen on one port only with
 SO_REUSEPORT, which Linux allows between sockets of the same effective uid — so a
 listener of another uid on the port is a squatter that got there first. Read from
 /proc/net/tcp and tcp6 of the redirector's own network namespace (the sensor's: the
-reflected packets are delivered there). Linux only; the Windows check is the named
-pipe's client SID alone (oisp.ipc.transport_windows), written, never run here.
+reflected packets are delivered there). Linux only: on Windows the same check would
+read GetExtendedTcpTable's owning pids, which is not written, so a Windows redirector
+refuses every sensor's listeners (and `oisp record` runs as one process there).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -97,6 +99,8 @@ def refusal(ports: list[int], uid: int, pid: int, listening: list[Listening], he
 
 
 def check_listeners(ports: list[int], uid: int, pid: int) -> str | None:
+    if not sys.platform.startswith("linux"):  # a refusal, never a pass: nothing is reflected unchecked
+        return "the check of the sensor's listening sockets is written for Linux only"
     return refusal(ports, uid, pid, listening_sockets(), socket_inodes(pid))
 
 
