@@ -202,9 +202,11 @@ async def record_events(args, make_backend, *, label: str, parent_pipe: bool = F
     from oisp.spec import load_spec
 
     spec = load_spec(args.spec)
+    # `oisp sensor` has no --proxy-port (the redirector says where to listen): only 443 is
+    # reserved then; under `oisp record --single-process` the proxy's own port too.
+    reserved = {443, getattr(args, "proxy_port", 443)}
     try:
-        spec, plain = plain_ports(spec, args.plain, local=not args.no_local,
-                                  reserved={443, getattr(args, "proxy_port", 443)})
+        spec, plain = plain_ports(spec, args.plain, local=not args.no_local, reserved=reserved)
     except (PlainSpecError, KeyError) as e:
         print(f"{label}: --plain: {e}", file=sys.stderr)
         return 2

@@ -5,9 +5,8 @@ For each accepted connection:
    process or over the IPC) where the client meant to go, registering that
    socket's port in the same question, so our own connection is never reflected
    back to us;
-2. connect upstream, and meanwhile peek at the ClientHello (SNI, ALPN) without
-   consuming it;
-3. (the upstream connect is under way from 2);
+2. start connecting upstream;
+3. meanwhile, peek at the ClientHello (SNI, ALPN) without consuming it;
 4. if the SNI names an AI host and this client program has not shown it pins
    certificates (pinning.py): TLS to upstream offering the client's ALPN list, then TLS to
    the client with a leaf for that SNI offering exactly what upstream chose;
@@ -15,7 +14,7 @@ For each accepted connection:
 5. otherwise relay the bytes untouched, so the client sees the real server.
 
 A plaintext listener (`start(..., plain=True)`: local model servers, see
-oisp/redirect/plain.py) skips 2 and 4: the relay starts at once (a server that
+oisp/redirect/plain.py) skips 3 and 4: the relay starts at once (a server that
 speaks first is not kept waiting) and the client's bytes are decoded as HTTP
 unless they open with a TLS record; its events are emitted once the connection
 has carried an AI exchange, so other HTTP on these ports leaves no trace.
