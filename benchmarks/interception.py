@@ -110,6 +110,20 @@ def cpu_seconds(pid) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def tree_cpu_seconds(pid) -> float:
+    """cpu_seconds of a process and its live descendants: a split `oisp record` does its
+    proxy work in its sensor child (the guardians, its other children, sleep)."""
+    import psutil
+
+    total = cpu_seconds(pid)
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            total += cpu_seconds(child.pid)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
 def thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds of each thread of a process."""
     out = {}
@@ -260,7 +274,7 @@ class Lab:
         proxy_pid = {"direct": None, "oisp": self.oisp and self.oisp.pid, DIAGNOSTIC: self.oisp and self.oisp.pid,
                      "mitmproxy": self.mitm and self.mitm.pid}[path]
         provider0 = cpu_seconds(self.provider.pid)
-        proxy0 = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+        proxy0 = tree_cpu_seconds(proxy_pid) if proxy_pid else 0.0
         done = subprocess.run(self.pair.a.cmd(*argv), capture_output=True, text=True, env=self.env,
                               timeout=seconds * 4 + n * 5 + 120)
         if done.returncode != 0:
@@ -269,7 +283,7 @@ class Lab:
         total = result["requests"] + result.get("warmup", 0)
         if path in ("oisp", DIAGNOSTIC):
             self.oisp_requests += total
-        result["proxy_cpu_ms_per_req"] = ((cpu_seconds(proxy_pid) - proxy0) * 1000 / total) if proxy_pid else 0.0
+        result["proxy_cpu_ms_per_req"] = ((tree_cpu_seconds(proxy_pid) - proxy0) * 1000 / total) if proxy_pid else 0.0
         result["provider_cpu_ms_per_req"] = (cpu_seconds(self.provider.pid) - provider0) * 1000 / total
         return result
 

@@ -47,7 +47,7 @@ sys.path.insert(0, {root!r})
 from oisp.ipc.server import IPCServer, flow_table_handlers
 from oisp.ipc.transport import AccessPolicy
 from oisp.redirect.flows import FlowEntry, FlowTable
-from oisp.redirect.own_ports import OwnPorts
+from oisp.own_ports import OwnPorts
 flows = FlowTable(max_flows={flows} + 1)
 for i in range({flows}):
     flows.open(FlowEntry(client_addr=ipaddress.ip_address("10.200.0.1"), client_port=1024 + i,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.record_lab import record_lab  # noqa: F401 - the `oisp record` lab fixture, for every module
+from tests.record_lab import provider_lab, record_lab, sensor_tmp, sensor_user  # noqa: F401 - the `oisp record` lab fixtures, for every module
 
 REQUIRE_PRIVILEGED = os.environ.get("OISP_REQUIRE_PRIVILEGED") == "1"
 

@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "providers"))
 from provider_cases import load_cases, pair, run_case, validate
 
-from oisp.cli.record import Status
+from oisp.cli.sensor import Status
 from oisp.decode import Direction
 from oisp.events import FlowRecorder, load_schema
 from oisp.events.cost import PriceTable, PriceTableError, bundled, load_prices

@@ -16,7 +16,7 @@ from oisp.ipc import protocol as p
 INFO = p.FlowInfo(client_addr="10.200.0.1", client_port=40000, server_addr="2001:db8::5", server_port=443,
                   created=1764760000.25, token=7, pid=4242, process_name="python3", process_created=1764759990.5)
 CLIENT_SAMPLES = [
-    p.Hello(versions=(1,), software="oisp 0.1.0"),
+    p.Hello(versions=(2,), software="oisp 0.1.0"),
     p.FlowLookup(id=1, peer_addr="::ffff:10.0.0.2", peer_port=443, proxy_port=8443, hold=False, name_owner=True),
     p.FlowRelease(token=7),
     p.PortRegister(id=2, port=61000, family=6),
@@ -25,7 +25,7 @@ CLIENT_SAMPLES = [
     p.Goodbye(reason="stopping"),
 ]
 SERVER_SAMPLES = [
-    p.Welcome(version=1, software="oisp 0.1.0"),
+    p.Welcome(version=2, software="oisp 0.1.0"),
     p.FlowAnswer(id=1, flow=INFO),
     p.FlowAnswer(id=1, flow=None),
     p.FlowAnswer(id=9, flow=p.FlowInfo(client_addr="::1", client_port=1, server_addr="::1", server_port=2, created=0.0)),
@@ -60,10 +60,13 @@ def test_server_messages_round_trip(message):
 
 def test_wire_form_is_the_documented_json():
     """docs/ipc.md shows this frame; an independent JSON parser reads it the same."""
-    data = p.encode(p.FlowLookup(id=5, peer_addr="10.0.0.2", peer_port=51000, proxy_port=8443))
+    data = p.encode(p.FlowLookup(id=5, peer_addr="10.0.0.2", peer_port=51000, proxy_port=8443,
+                                 upstream=p.PortRef(port=40000, family=4)))
     assert struct.unpack(">I", data[:4])[0] == len(data) - 4
+    assert data[:4].hex() == "0000009c"
     assert json.loads(data[4:]) == {"type": "flow.lookup", "id": 5, "peer_addr": "10.0.0.2", "peer_port": 51000,
-                                    "proxy_port": 8443, "hold": True, "name_owner": False}
+                                    "proxy_port": 8443, "hold": True, "name_owner": False,
+                                    "upstream": {"port": 40000, "family": 4}}
 
 
 def test_the_example_in_docs_ipc_md_is_what_the_encoder_writes():
@@ -72,7 +75,8 @@ def test_the_example_in_docs_ipc_md_is_what_the_encoder_writes():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "ipc.md").read_text()
     line = next(line for line in doc.splitlines() if line.startswith("00 00 00 "))
     prefix, body = bytes.fromhex(line[:11]), line[12:].encode()
-    assert prefix + body == p.encode(p.FlowLookup(id=5, peer_addr="10.0.0.2", peer_port=51000, proxy_port=8443))
+    assert prefix + body == p.encode(p.FlowLookup(id=5, peer_addr="10.0.0.2", peer_port=51000, proxy_port=8443,
+                                                  upstream=p.PortRef(port=40000, family=4)))
     assert p.Decoder("server").feed(prefix + body)[0].peer_port == 51000
 
 
@@ -106,7 +110,7 @@ def test_any_split_gives_the_same_messages(data):
     (b'{"type": "flow.lookup", "id": "1", "peer_addr": "10.0.0.1", "peer_port": 1, "proxy_port": 2}', "bad_field"),
     (b'{"type": "port.register", "id": 1, "port": 1, "family": 5}', "bad_field"),
     (b'{"type": "hello", "versions": []}', "bad_field"),
-    (b'{"type": "hello", "versions": [1], "proto": "other"}', "bad_field"),
+    (b'{"type": "hello", "versions": [2], "proto": "other"}', "bad_field"),
     (b'{"type": "goodbye", "reason": "' + b"x" * 257 + b'"}', "bad_field"),
 ])
 def test_server_side_refusals(body, code):
@@ -158,9 +162,35 @@ def test_encode_refuses_what_no_peer_would_take():
 
 
 def test_version_negotiation():
-    assert p.negotiate([1]) == 1
-    assert p.negotiate([1, 2, 3]) == 1
-    assert p.negotiate([2, 3]) is None
+    # Version 1 had no listeners.set: a sensor of version 1 could never be reflected to.
+    assert p.negotiate([1]) is None
+    assert p.negotiate([1, 2, 3]) == 2
+    assert p.negotiate([3]) is None
+
+
+def test_version_2_messages_and_their_bounds():
+    lookup = p.FlowLookup(id=1, peer_addr="10.0.0.2", peer_port=51000, proxy_port=8443,
+                          upstream=p.PortRef(port=40000, family=6))
+    assert p.Decoder("server").feed(p.encode(lookup)) == [lookup]
+    listeners = p.ListenersSet(id=2, listeners=(p.Listen(server_port=443, listener_port=8443),))
+    assert p.Decoder("server").feed(p.encode(listeners)) == [listeners]
+    welcome = p.Welcome(version=2, listen=(p.Listen(server_port=11434, listener_port=40001),))
+    refused = p.QuicRefused(client_addr="10.0.0.1", client_port=5000, server_addr="fd00::2", server_port=443, ts=1.5)
+    assert p.Decoder("client").feed(p.encode(welcome) + p.encode(refused)) == [welcome, refused]
+    for body, code in [
+        (b'{"type":"flow.lookup","id":1,"peer_addr":"10.0.0.2","peer_port":1,"proxy_port":1,'
+         b'"upstream":{"port":1,"family":5}}', "bad_field"),
+        (b'{"type":"flow.lookup","id":1,"peer_addr":"10.0.0.2","peer_port":1,"proxy_port":1,'
+         b'"upstream":{"port":1,"family":4,"extra":1}}', "bad_field"),
+        (b'{"type":"listeners.set","id":1,"listeners":[' + b",".join(
+            b'{"server_port":1,"listener_port":2}' for _ in range(p.MAX_LISTENERS + 1)) + b"]}", "bad_field"),
+        (b'{"type":"listeners.set","id":1,"listeners":[{"server_port":0,"listener_port":2}]}', "bad_field"),
+        (b'{"type":"quic.refused","client_addr":"x","client_port":1,"server_addr":"::1","server_port":1,"ts":0}',
+         "unknown_type"),  # a server's message
+    ]:
+        with pytest.raises(p.ProtocolError) as caught:
+            p.Decoder("server").feed(p.HEADER.pack(len(body)) + body)
+        assert caught.value.code == code, body[:80]
 
 
 def test_flatten_counters_keeps_integers_under_schema_names():

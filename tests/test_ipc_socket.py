@@ -27,7 +27,7 @@ from oisp.ipc.client import IPCClient, IPCUnavailable
 from oisp.ipc.server import IPCServer, flow_table_handlers
 from oisp.ipc.transport import AccessPolicy, TransportError, listen_unix
 from oisp.redirect.flows import FlowEntry, FlowTable
-from oisp.redirect.own_ports import OwnPorts
+from oisp.own_ports import OwnPorts
 
 ME = frozenset({os.getuid()})
 
@@ -88,6 +88,80 @@ async def connected_client(address, **kw) -> IPCClient:
     return client
 
 
+def test_a_lookup_registers_its_upstream_port_in_the_same_round_trip(lab):
+    """Protocol v2: the lookup's `upstream` is registered before the answer (so the
+    connect that follows it is never reflected), only on a hit, and undone with the
+    connection like any registered port."""
+    lab.flows.open(entry())
+
+    async def run():
+        client = await connected_client(lab.address)
+        try:
+            miss = await client.lookup("10.200.0.2", 40999, 8443, upstream=(41000, 4))
+            assert miss is None and not lab.own_ports.holds(41000, socket.AF_INET)
+            flow = await client.lookup("10.200.0.2", 40000, 8443, upstream=(41001, 6))
+            assert flow.client_port == 40000 and flow.token
+            assert lab.own_ports.holds(41001, socket.AF_INET6) and not lab.own_ports.holds(41001, socket.AF_INET)
+            client.unregister_port(41001, 6)
+            until(lambda: not lab.own_ports.holds(41001, socket.AF_INET6))
+            await client.lookup("10.200.0.2", 40000, 8443, upstream=(41002, 4))
+            assert lab.own_ports.holds(41002, socket.AF_INET)
+        finally:
+            await client.close()
+        until(lambda: not lab.own_ports.holds(41002, socket.AF_INET))  # the connection went: so did its port
+
+    asyncio.run(run())
+
+
+def test_listeners_are_believed_only_when_ours_and_dropped_with_the_connection(ipc_dir):
+    """listeners.set against oisp.redirect.listeners' real check: a port this process
+    listens on is believed, one nobody listens on is refused (the connection stays), and
+    the gate closes the moment the sensor's connection does."""
+    from oisp.ipc.client import IPCRequestError
+    from oisp.ipc.server import ListenersRefused
+    from oisp.redirect.listeners import ListenerGate
+
+    ours = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    ours.bind(("::", 0))
+    ours.listen()
+    nobody = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    nobody.bind(("::", 0))  # bound, never listening
+    opened: list[bool] = []
+    gate = ListenerGate({443: ours.getsockname()[1], 11434: nobody.getsockname()[1]}, opened.append)
+    lab = Lab(ipc_dir / "ipc.sock")
+
+    def set_listeners(session, peer, wanted):
+        try:
+            gate.set(session, peer, wanted)
+        except ValueError as e:
+            raise ListenersRefused(str(e)) from None
+
+    lab.server.handlers.set_listeners, lab.server.handlers.listeners_dropped = set_listeners, gate.dropped
+    lab.server.handlers.listen = dict(gate.expected)
+    try:
+        async def run():
+            client = await connected_client(lab.address)
+            try:
+                assert client.listen == gate.expected  # the welcome says where to listen
+                with pytest.raises(IPCRequestError) as refused:
+                    await client.set_listeners(dict(gate.expected))
+                assert refused.value.code == "refused" and "nothing listens" in str(refused.value)
+                assert opened == [] and client.connected
+                gate.expected = {443: ours.getsockname()[1]}
+                await client.set_listeners(dict(gate.expected))
+                assert opened == [True]
+            finally:
+                await client.close()
+            until(lambda: opened == [True, False])
+
+        asyncio.run(run())
+        assert lab.server.stats["listeners_refused"] == 1
+    finally:
+        lab.stop()
+        ours.close()
+        nobody.close()
+
+
 # -- raw sockets: the wire format by hand -------------------------------------------------------
 def raw(address) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -101,7 +175,7 @@ def frame(obj) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
-HELLO = frame({"type": "hello", "versions": [1]})
+HELLO = frame({"type": "hello", "versions": [2]})
 
 
 def read_until_closed(sock: socket.socket) -> list[p.Message]:
@@ -495,7 +569,7 @@ def test_a_request_without_an_answer_fails_in_time(ipc_dir):
         conn, _ = listener.accept()
         held.append(conn)
         conn.recv(65536)  # the hello
-        conn.sendall(p.encode(p.Welcome(version=1)))
+        conn.sendall(p.encode(p.Welcome(version=2)))
 
     thread = threading.Thread(target=mute, daemon=True)
     thread.start()
@@ -631,7 +705,7 @@ try:
 except PermissionError:
     print(json.dumps({"uid": os.getuid(), "result": "EACCES"})); sys.exit()
 try:
-    sock.sendall(frame({"type": "hello", "versions": [1], "software": "raw"}))
+    sock.sendall(frame({"type": "hello", "versions": [2], "software": "raw"}))
     welcome = read(sock)
     if welcome is None:
         print(json.dumps({"uid": os.getuid(), "result": "closed"})); sys.exit()
@@ -681,7 +755,7 @@ def test_only_the_allowed_user_gets_in(ipc_dir):
             lab.flows.open(entry())
             got = _as(*allowed, address)
             assert got["uid"] == allowed[0] and got["result"] == "answered"
-            assert got["welcome"]["type"] == "welcome" and got["welcome"]["version"] == 1
+            assert got["welcome"]["type"] == "welcome" and got["welcome"]["version"] == 2
             assert got["answer"]["flow"]["client_port"] == 40000 and got["answer"]["flow"]["process_name"] == "python3"
             assert _as(*other, address) == {"uid": other[0], "result": "EACCES"}  # the socket is 0600, the allowed user's
             os.chmod(address, 0o666)  # as if the mode were wrong: the peer check still holds

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from oisp.cli import main
+from tests.fixed_flows import FixedFlows
 from tests.netns import agent_args
 
 
@@ -23,7 +24,7 @@ def test_distinct_client_alpn_lists_share_a_handful_of_upstream_contexts():
 
     from oisp.proxy.server import TransparentProxy
 
-    proxy = TransparentProxy(lookup=lambda addr, port: None, issuer=None)
+    proxy = TransparentProxy(flows=FixedFlows(lambda addr, port: None), issuer=None)
     rng = random.Random(11)
     offered_seen = set()
     for _ in range(1000):

@@ -9,6 +9,7 @@ import asyncio
 import json
 
 from oisp.proxy.server import Destination, TransparentProxy
+from tests.fixed_flows import FixedFlows
 
 CHAT = json.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}).encode()
 REPLY = json.dumps({"model": "llama3.2", "message": {"role": "assistant", "content": "hello"}, "done": True,
@@ -35,8 +36,8 @@ async def start(server_behaviour):
     from oisp.spec import default_spec
 
     spec = default_spec().with_port_providers({server_port: "ollama"})
-    proxy = TransparentProxy(lookup=lambda a, p: None, issuer=None, spec=spec, on_events=events.extend)
-    port = await proxy.start(0, "127.0.0.1", plain=True, lookup=lookup)
+    proxy = TransparentProxy(flows=FixedFlows(lookup), issuer=None, spec=spec, on_events=events.extend)
+    port = await proxy.start(0, "127.0.0.1", plain=True)
     return server, proxy, port, events, lookups
 
 

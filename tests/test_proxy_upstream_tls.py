@@ -20,6 +20,7 @@ from oisp.proxy.ca import CertificateAuthority
 from oisp.proxy.certs import LeafIssuer
 from oisp.proxy.server import Destination, TransparentProxy
 from tests.fakeprovider import make_test_pki
+from tests.fixed_flows import FixedFlows
 
 BODY = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini",
                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "resumed?"},
@@ -80,7 +81,8 @@ def run_proxy(tmp_path, upstream_ca: str, upstream_port: int, body):
     """Run a TransparentProxy (every connection goes to the upstream) while `body(port)`
     runs in this thread; returns (body's result, the proxy's stats)."""
     ca = CertificateAuthority.load_or_create(tmp_path / "ca")
-    proxy = TransparentProxy(lookup=lambda addr, port: Destination(client=(addr, port), server=("127.0.0.1", upstream_port)),
+    proxy = TransparentProxy(flows=FixedFlows(lambda addr, port: Destination(client=(addr, port),
+                                                                             server=("127.0.0.1", upstream_port))),
                              issuer=LeafIssuer(ca), upstream_cafile=upstream_ca)
 
     async def main():

@@ -14,10 +14,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.record_lab import HERE, read_events, run_client, start_client, stop_sensor
+from tests.record_lab import HERE, read_events, run_client, sensor_of, start_client, stop_sensor
 
 pytestmark = pytest.mark.privileged
 
@@ -240,3 +241,44 @@ def test_a_kept_alive_connection_idle_past_the_flow_timeout_still_works(record_l
     assert stop_sensor(record_lab) == 0
     requests = [e for e in read_events(record_lab) if e["event_type"] == "ai.request"]
     assert [r["data"]["messages"][-1]["content"] for r in requests] == ["again", "again"]
+
+
+def test_the_sensor_runs_as_the_user_without_privileges_and_writes_the_users_files(record_lab):
+    """`oisp record --user NAME` (what sudo's SUDO_UID gives too): the redirector stays root,
+    the sensor is the user's, with no capability, no supplementary group and no way to gain
+    privilege, read from /proc; what it writes belongs to the user."""
+    user = record_lab["user"]
+    sensor = sensor_of(record_lab["sensor"])
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{sensor}/status").read_text().splitlines())
+    assert status["Uid"].split() == [str(user.pw_uid)] * 4 and status["Gid"].split() == [str(user.pw_gid)] * 4
+    assert status["Groups"].strip() == ""
+    assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0 and int(status["CapAmb"], 16) == 0
+    assert status["NoNewPrivs"].strip() == "1"
+    record = dict(line.split(":", 1) for line in Path(f"/proc/{record_lab['sensor'].pid}/status").read_text().splitlines())
+    assert record["Uid"].split()[1] == "0"  # the redirector: root
+    done = run_client(record_lab, "openai_sync")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert stop_sensor(record_lab) == 0
+    assert [e["data"]["model"]["id"] for e in read_events(record_lab) if e["event_type"] == "ai.request"] == ["gpt-4o-mini"]
+    for path in (record_lab["events"], Path(record_lab["our_ca"]), Path(record_lab["our_ca"]).parent / "oisp-ca-key.pem"):
+        assert path.stat().st_uid == user.pw_uid, path
+
+
+@pytest.mark.parametrize("how", ["--single-process", "as root without SUDO_UID"])
+def test_one_process_records_as_before(record_lab, how):
+    """--single-process, and root with no user to run the sensor as (a root shell, CI):
+    one process, no sensor child; the same banner and events; the latter says why."""
+    assert stop_sensor(record_lab) == 0
+    record = record_lab["sensor"] = record_lab["start_sensor"](*([how] if how.startswith("--") else []), user=False)
+    import psutil
+
+    assert not [c for c in psutil.Process(record.pid).children() if "sensor" in c.cmdline()]  # guardians only
+    said = "".join(record.banner)
+    assert ("note: running as one root process: there is no user to run the sensor as" in said) == (
+        not how.startswith("--")), said
+    done = run_client(record_lab, "anthropic", "https://api.anthropic.com")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert stop_sensor(record_lab) == 0
+    requests = [e for e in read_events(record_lab) if e["event_type"] == "ai.request"]
+    assert [r["data"]["provider"]["name"] for r in requests] == ["anthropic"]
+    assert requests[0]["process"]["pid"] > 0

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.privileged
 
 
 @pytest.fixture(params=["loopback-4", "loopback-6", "lan-4", "lan-6"])
-def lab(tmp_path, request):
+def lab(sensor_tmp, request, sensor_user):
+    tmp_path = sensor_tmp  # the sensor's, as the user (see tests/record_lab.py)
     where, family = request.param.split("-")
     pair = VethPair.create()
     if where == "loopback":
@@ -54,7 +55,7 @@ def lab(tmp_path, request):
     events = tmp_path / "events.jsonl"
 
     def start_sensor(*options: str) -> subprocess.Popen:
-        sensor = pair.a.popen(sys.executable, "-m", "oisp", "record", "-o", str(events), *options,
+        sensor = pair.a.popen(sys.executable, "-m", "oisp", "record", "-o", str(events), "--user", sensor_user.pw_name, *options,
                               stderr=subprocess.PIPE, text=True, env=env)
         processes.append(sensor)
         await_recording(sensor)

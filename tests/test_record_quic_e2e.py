@@ -31,7 +31,8 @@ pytestmark = pytest.mark.privileged
 
 
 @pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
-def lab(tmp_path, request):
+def lab(sensor_tmp, request, sensor_user):
+    tmp_path = sensor_tmp  # the sensor's, as the user (see tests/record_lab.py)
     pair = VethPair.create()
     family = request.param
     ai = pair.b_ip4 if family == 4 else pair.b_ip6
@@ -52,6 +53,7 @@ def lab(tmp_path, request):
 
     def start_sensor() -> subprocess.Popen:
         sensor = pair.a.popen(sys.executable, "-m", "oisp", "record", "-o", str(events), "--no-local",
+                              "--user", sensor_user.pw_name,
                               stderr=subprocess.PIPE, text=True, env=env)
         processes.append(sensor)
         await_recording(sensor)

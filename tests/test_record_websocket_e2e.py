@@ -32,7 +32,8 @@ pytestmark = pytest.mark.privileged
 
 
 @pytest.fixture
-def lab(tmp_path):
+def lab(sensor_tmp, sensor_user):
+    tmp_path = sensor_tmp  # the sensor's, as the user (see tests/record_lab.py)
     pair = VethPair.create()
     hosts_dir = Path("/etc/netns") / pair.a.name
     hosts_dir.mkdir(parents=True, exist_ok=True)
@@ -45,7 +46,8 @@ def lab(tmp_path):
     try:
         assert server.stdout.readline().startswith("serving")
         sensor = pair.a.popen(sys.executable, "-m", "oisp", "record", "-o", str(tmp_path / "events.jsonl"),
-                              "--upstream-ca", upstream_ca, stderr=subprocess.PIPE, text=True, env=env)
+                              "--upstream-ca", upstream_ca, "--user", sensor_user.pw_name, stderr=subprocess.PIPE, text=True,
+                              env=env)
         processes.append(sensor)
         await_recording(sensor)
         yield {"pair": pair, "sensor": sensor, "our_ca": str(tmp_path / "data" / "oisp" / "oisp-ca.pem"),

@@ -8,7 +8,8 @@ import importlib
 import sys
 
 # Subcommand modules under oisp.cli, in the order `oisp --help` lists them.
-COMMANDS = ["demo", "check", "decode", "replay", "capture", "flows", "ca", "record", "ui", "service"]
+COMMANDS = ["demo", "check", "decode", "replay", "capture", "flows", "ca", "record", "redirector", "sensor", "ui",
+            "service"]
 
 
 def build_parser() -> argparse.ArgumentParser:

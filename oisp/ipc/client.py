@@ -61,13 +61,15 @@ class IPCClient:
                  server_sids: frozenset[str] | None = None,
                  software: str = "oisp", backoff: tuple[float, float] = (0.05, 2.0), request_timeout: float = 2.0,
                  hello_timeout: float = 5.0, on_note: Callable[[p.Note], None] | None = None,
-                 on_state: Callable[[bool], None] | None = None):
+                 on_state: Callable[[bool], None] | None = None,
+                 on_quic_refused: Callable[[p.QuicRefused], None] | None = None):
         self.address, self.server_uids, self.software = address, server_uids, p.clip(software, 64)
         self.server_sids = server_sids  # Windows: the SIDs the pipe's server may run as (e.g. S-1-5-18)
         self.backoff, self.request_timeout, self.hello_timeout = backoff, request_timeout, hello_timeout
-        self.on_note, self.on_state = on_note, on_state
+        self.on_note, self.on_state, self.on_quic_refused = on_note, on_state, on_quic_refused
         self.notes: deque[p.Note] = deque(maxlen=KEPT_NOTES)
         self.version: int | None = None
+        self.listen: dict[int, int] = {}  # from the welcome: server port → the listener port it is reflected to
         self.server: Peer | None = None
         self.last_error: str | None = None  # why the last connection failed or ended
         self.stats = {"connects": 0, "connect_failures": 0, "disconnects": 0, "timeouts": 0, "protocol_errors": 0,
@@ -112,11 +114,17 @@ class IPCClient:
 
     # -- requests -----------------------------------------------------------------------------
     async def lookup(self, peer_addr: str, peer_port: int, proxy_port: int, *, hold: bool = True,
-                     name_owner: bool = False) -> p.FlowInfo | None:
-        """The flow behind an accepted connection, or None when the redirector has no such flow."""
+                     name_owner: bool = False, upstream: tuple[int, int] | None = None) -> p.FlowInfo | None:
+        """The flow behind an accepted connection, or None when the redirector has no such flow.
+        With `upstream` (port, family 4 or 6), that port is registered too when the flow is
+        found (as register_port, in the same round trip): unregister it as usual."""
+        ref = p.PortRef(port=upstream[0], family=upstream[1]) if upstream is not None else None
         answer = await self._request(lambda i: p.FlowLookup(id=i, peer_addr=peer_addr, peer_port=peer_port,
-                                                            proxy_port=proxy_port, hold=hold, name_owner=name_owner))
+                                                            proxy_port=proxy_port, hold=hold, name_owner=name_owner,
+                                                            upstream=ref))
         flow = answer.flow
+        if flow is not None and upstream is not None:
+            self._ports[upstream] = self._ports.get(upstream, 0) + 1
         if flow is not None and flow.token:
             # The caller gets a token of ours, unique across connections: the server's count
             # from 1 on every connection, so its own would be ambiguous after a reconnect.
@@ -152,6 +160,14 @@ class IPCClient:
             self._ports[key] = count - 1
         if self.connected:
             self._protocol.send(p.PortUnregister(port=port, family=family))
+
+    async def set_listeners(self, listeners: dict[int, int]) -> None:
+        """Tell the redirector where this sensor listens (server port → listener port); it
+        reflects new connections there once it has checked they are ours (IPCRequestError
+        `refused` if not). Empty: reflect nothing new. Not kept across reconnections: the
+        caller sends them again (on_state(True))."""
+        await self._request(lambda i: p.ListenersSet(id=i, listeners=tuple(
+            p.Listen(server_port=server, listener_port=listener) for server, listener in sorted(listeners.items()))))
 
     async def counters(self) -> dict[str, int]:
         return dict((await self._request(lambda i: p.CountersGet(id=i))).values)
@@ -228,6 +244,7 @@ class IPCClient:
             transport.abort()
             raise IPCRequestError(done.code, done.message)
         self.version = done.version
+        self.listen = {entry.server_port: entry.listener_port for entry in done.listen}
         self._connected.set()
         self.stats["connects"] += 1
         try:
@@ -274,6 +291,12 @@ class IPCClient:
                     self.on_note(message)
                 except Exception:  # noqa: BLE001 - the connection must not die of its listener
                     log.exception("IPC client: on_note failed")
+        elif isinstance(message, p.QuicRefused):
+            if self.on_quic_refused is not None:
+                try:
+                    self.on_quic_refused(message)
+                except Exception:  # noqa: BLE001 - the connection must not die of its listener
+                    log.exception("IPC client: on_quic_refused failed")
         elif isinstance(message, p.Goodbye):
             self.last_error = f"the redirector said goodbye: {message.reason}"
 

@@ -40,8 +40,11 @@ from typing import Annotated, Literal, Union
 import msgspec
 
 PROTO = "oisp-ipc"
-VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+VERSION = 2
+# Version 1 had no listeners.set: a redirector that must not reflect before a sensor has
+# shown it holds the listening ports cannot serve a client of version 1 usefully.
+SUPPORTED_VERSIONS = (2,)
+MAX_LISTENERS = 64  # the HTTPS proxy port and one per plaintext model-server port
 MAX_FRAME = 65536  # bytes of one message's JSON; the largest (counters) stays well under
 HEADER = struct.Struct(">I")
 
@@ -69,6 +72,7 @@ ErrorCode = Literal[
     "unsupported_version",  # hello offered no version the server speaks
     "not_ready",            # anything but hello before the welcome
     "busy",                 # the server has as many clients as it takes
+    "refused",              # listeners.set named a port the sensor does not hold (the connection stays)
     "internal",             # the server failed answering this request (the connection stays)
 ]
 NoteLevel = Literal["info", "degraded", "failure"]
@@ -87,17 +91,34 @@ class Hello(Message, tag="hello"):
     software: ShortText = ""  # e.g. "oisp 0.1.0", for the server's log
 
 
+class PortRef(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A local TCP port in one address family."""
+    port: Port
+    family: Family
+
+
+class Listen(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Connections to `server_port` are reflected to the sensor's `listener_port`."""
+    server_port: Port
+    listener_port: Port
+
+
 class FlowLookup(Message, tag="flow.lookup"):
     """Where the connection the proxy accepted from (peer_addr, peer_port) on its local
     proxy_port was going. With `hold`, the flow is kept while the sensor holds the token
     (a pooled keep-alive connection may idle far longer than a packet timeout); with
-    `name_owner`, a flow whose process was not named yet is named now (slower: /proc)."""
+    `name_owner`, a flow whose process was not named yet is named now (slower: /proc).
+    With `upstream` (version 2), the port of the upstream socket the sensor has bound for
+    this connection is registered as port.register would, before the answer, when the
+    flow is found: one round trip per new connection instead of two. It stays registered
+    until port.unregister (a miss registers nothing)."""
     id: RequestId
     peer_addr: IpText
     peer_port: Port
     proxy_port: Port
     hold: bool = True
     name_owner: bool = False
+    upstream: PortRef | None = None
 
     def __post_init__(self):
         _check_ip(self.peer_addr)
@@ -122,6 +143,15 @@ class PortUnregister(Message, tag="port.unregister"):
     family: Family
 
 
+class ListenersSet(Message, tag="listeners.set"):
+    """Where this sensor listens (version 2): the redirector reflects new connections to
+    these ports only once it has checked that the sensor's own process holds each
+    listening socket; answered `ok`, or `error` `refused` (nothing changes). An empty list
+    stops the reflecting of new connections (a sensor that is stopping)."""
+    id: RequestId
+    listeners: Annotated[tuple[Listen, ...], msgspec.Meta(max_length=MAX_LISTENERS)]
+
+
 class CountersGet(Message, tag="counters.get"):
     id: RequestId
 
@@ -137,6 +167,8 @@ class Welcome(Message, tag="welcome"):
     proto: Literal["oisp-ipc"] = PROTO
     software: ShortText = ""
     max_frame: Annotated[int, msgspec.Meta(ge=1024, le=MAX_FRAME)] = MAX_FRAME
+    # Version 2: where the redirector reflects each server port; the sensor listens there.
+    listen: Annotated[tuple[Listen, ...], msgspec.Meta(max_length=MAX_LISTENERS)] = ()
 
 
 class FlowInfo(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -179,6 +211,20 @@ class Note(Message, tag="note"):
     ts: Seconds = 0.0
 
 
+class QuicRefused(Message, tag="quic.refused"):
+    """Version 2, pushed: a QUIC connection attempt to an AI address was refused (the
+    client falls back to TCP, where it is recorded); the sensor records it as an event."""
+    client_addr: IpText
+    client_port: Port
+    server_addr: IpText
+    server_port: Port
+    ts: Seconds
+
+    def __post_init__(self):
+        _check_ip(self.client_addr)
+        _check_ip(self.server_addr)
+
+
 class Error(Message, tag="error"):
     """`id` names the request it answers; None: about the connection, which then closes."""
     code: ErrorCode
@@ -186,8 +232,8 @@ class Error(Message, tag="error"):
     id: RequestId | None = None
 
 
-ClientMessage = Union[Hello, FlowLookup, FlowRelease, PortRegister, PortUnregister, CountersGet, Goodbye]
-ServerMessage = Union[Welcome, FlowAnswer, Ok, Counters, Note, Error, Goodbye]
+ClientMessage = Union[Hello, FlowLookup, FlowRelease, PortRegister, PortUnregister, ListenersSet, CountersGet, Goodbye]
+ServerMessage = Union[Welcome, FlowAnswer, Ok, Counters, Note, QuicRefused, Error, Goodbye]
 CLIENT_TYPES = frozenset(t.__struct_config__.tag for t in ClientMessage.__args__)
 SERVER_TYPES = frozenset(t.__struct_config__.tag for t in ServerMessage.__args__)
 

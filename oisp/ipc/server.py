@@ -36,7 +36,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import msgspec
@@ -53,16 +53,26 @@ MAX_SLOW = 64  # name_owner lookups one client may have waiting for the worker
 KEPT_NOTES = 32  # notes replayed to a client that (re)connects
 
 
+class ListenersRefused(Exception):
+    """listeners.set named a listener the sensor does not hold (the message says which)."""
+
+
 @dataclass
 class Handlers:
     """What the server asks the redirector. `lookup` returns the flow (token left 0) and
-    the object `hold`/`release` take, or None."""
+    the object `hold`/`release` take, or None. `set_listeners(session, peer, {server port:
+    listener port})` raises ListenersRefused, or puts them in force for that session;
+    `listeners_dropped(session)` when a session goes (its listeners go with it). `listen`
+    is what the welcome tells: where the redirector reflects each server port."""
     lookup: Callable[[str, int, int, bool], tuple[p.FlowInfo, object] | None]
     hold: Callable[[object], None]
     release: Callable[[object], None]
     register_port: Callable[[int, int], None]
     unregister_port: Callable[[int, int], None]
     counters: Callable[[], dict]
+    set_listeners: Callable[[object, Peer, dict[int, int]], None] | None = None
+    listeners_dropped: Callable[[object], None] = lambda session: None
+    listen: dict[int, int] = field(default_factory=dict)
 
 
 def packed_address(text: str) -> bytes:
@@ -133,7 +143,8 @@ class IPCServer:
         self.max_unsent, self.software = max_unsent, p.clip(software, 64)
         self.stats = {"accepted": 0, "refused_peer": 0, "refused_busy": 0, "protocol_errors": 0, "hello_timeouts": 0,
                       "frame_timeouts": 0, "slow_clients": 0, "handler_errors": 0, "lookups": 0, "lookup_misses": 0,
-                      "ports_registered": 0, "unknown_releases": 0, "disconnected": 0}
+                      "ports_registered": 0, "unknown_releases": 0, "disconnected": 0,
+                      "listeners_refused": 0}
         self.last_refused: Peer | None = None  # for the log and tests
         self.lock = threading.RLock()  # every session call is made under it
         self.sessions: set[Session] = set()
@@ -182,10 +193,17 @@ class IPCServer:
         if self._loop is not None:
             self._loop.call_soon(lambda: self._push(note))
 
-    def _push(self, note: p.Note) -> None:
+    def quic_refused(self, flow: dict) -> None:
+        """A QUIC attempt refused (oisp.redirect.quic's report): pushed to every client, not kept."""
+        message = p.QuicRefused(client_addr=flow["client"][0], client_port=flow["client"][1],
+                                server_addr=flow["server"][0], server_port=flow["server"][1], ts=flow["ts"])
+        if self._loop is not None:
+            self._loop.call_soon(lambda: self._push(message))
+
+    def _push(self, message: p.Message) -> None:
         for session in list(self.sessions):
             if session.welcomed:
-                session.send(note)
+                session.send(message)
 
     def counters(self) -> dict[str, int]:
         return {f"ipc.{k}": v for k, v in self.stats.items()} | {"ipc.clients": len(self.sessions)}
@@ -280,6 +298,7 @@ class Session:
             for _ in range(count):
                 _quietly(handlers.unregister_port, port, family)
         self.ports.clear()
+        _quietly(handlers.listeners_dropped, self)
 
     # -- output -----------------------------------------------------------------------------
     def send(self, message: p.Message) -> None:
@@ -334,7 +353,9 @@ class Session:
                                message=f"the redirector speaks versions {list(p.SUPPORTED_VERSIONS)}"))
             return
         self.welcomed, self.deadline = True, None
-        self.send(p.Welcome(version=version, software=self.server.software))
+        listen = tuple(p.Listen(server_port=server, listener_port=listener)
+                       for server, listener in sorted(self.server.handlers.listen.items()))
+        self.send(p.Welcome(version=version, software=self.server.software, listen=listen))
         for note in list(self.server._notes):
             self.send(note)
 
@@ -366,10 +387,15 @@ class Session:
             self.send(p.FlowAnswer(id=request.id))
             return
         info, handle = found
+        if request.hold and len(self.held) >= MAX_HELD:
+            self.send(p.Error(code="busy", message=f"{MAX_HELD} flows held already", id=request.id))
+            return
+        # Registered before the answer leaves, so the sensor's connect that follows it is
+        # never reflected (as port.register's ok).
+        if request.upstream is not None and not self._add_port(request.upstream.port, request.upstream.family):
+            self.send(p.Error(code="busy", message=f"{MAX_PORTS} ports registered already", id=request.id))
+            return
         if request.hold:
-            if len(self.held) >= MAX_HELD:
-                self.send(p.Error(code="busy", message=f"{MAX_HELD} flows held already", id=request.id))
-                return
             token = next(self._tokens)
             self.server.handlers.hold(handle)
             self.held[token] = handle
@@ -384,13 +410,34 @@ class Session:
         self.server.handlers.release(handle)
 
     def _register(self, request: p.PortRegister) -> None:
-        key = (request.port, request.family)
-        if key not in self.ports and len(self.ports) >= MAX_PORTS:
+        if not self._add_port(request.port, request.family):
             self.send(p.Error(code="busy", message=f"{MAX_PORTS} ports registered already", id=request.id))
             return
-        self.server.handlers.register_port(request.port, request.family)
+        self.send(p.Ok(id=request.id))
+
+    def _add_port(self, port: int, family: int) -> bool:
+        """Register an upstream port for this session (port.register, or a lookup's
+        `upstream`); False past MAX_PORTS."""
+        key = (port, family)
+        if key not in self.ports and len(self.ports) >= MAX_PORTS:
+            return False
+        self.server.handlers.register_port(port, family)
         self.ports[key] = self.ports.get(key, 0) + 1
         self.server.stats["ports_registered"] += 1
+        return True
+
+    def _listeners(self, request: p.ListenersSet) -> None:
+        set_listeners = self.server.handlers.set_listeners
+        if set_listeners is None:
+            self.send(p.Error(code="refused", message="this redirector takes no listeners", id=request.id))
+            return
+        wanted = {entry.server_port: entry.listener_port for entry in request.listeners}
+        try:
+            set_listeners(self, self.link.peer, wanted)
+        except ListenersRefused as e:
+            self.server.stats["listeners_refused"] += 1
+            self.send(p.Error(code="refused", message=p.clip(str(e), 256), id=request.id))
+            return
         self.send(p.Ok(id=request.id))
 
     def _unregister(self, message: p.PortUnregister) -> None:
@@ -416,7 +463,8 @@ class Session:
 
 
 _HANDLERS = {p.FlowLookup: Session._lookup, p.FlowRelease: Session._release, p.PortRegister: Session._register,
-             p.PortUnregister: Session._unregister, p.CountersGet: Session._counters, p.Goodbye: Session._goodbye}
+             p.PortUnregister: Session._unregister, p.ListenersSet: Session._listeners, p.CountersGet: Session._counters,
+             p.Goodbye: Session._goodbye}
 
 
 def _quietly(fn, *args) -> None:

@@ -1,10 +1,12 @@
 """The transparent proxy: accepts reflected connections, decrypts the AI ones.
 
 For each accepted connection:
-1. look up where the client meant to go (the redirector's flow table);
-2. peek at the ClientHello (SNI, ALPN) without consuming it;
-3. connect upstream from a port registered with the redirector, so our own
-   connection is never reflected back to us;
+1. bind the upstream socket, then ask the redirector (flow_source.py: in this
+   process or over the IPC) where the client meant to go, registering that
+   socket's port in the same question, so our own connection is never reflected
+   back to us;
+2. start connecting upstream;
+3. meanwhile, peek at the ClientHello (SNI, ALPN) without consuming it;
 4. if the SNI names an AI host and this client program has not shown it pins
    certificates (pinning.py): TLS to upstream offering the client's ALPN list, then TLS to
    the client with a leaf for that SNI offering exactly what upstream chose;
@@ -12,7 +14,7 @@ For each accepted connection:
 5. otherwise relay the bytes untouched, so the client sees the real server.
 
 A plaintext listener (`start(..., plain=True)`: local model servers, see
-oisp/redirect/plain.py) skips 2 and 4: the relay starts at once (a server that
+oisp/redirect/plain.py) skips 3 and 4: the relay starts at once (a server that
 speaks first is not kept waiting) and the client's bytes are decoded as HTTP
 unless they open with a TLS record; its events are emitted once the connection
 has carried an AI exchange, so other HTTP on these ports leaves no trace.
@@ -30,7 +32,7 @@ import os
 import socket
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from typing import Callable
 
@@ -38,7 +40,8 @@ from oisp.decode import Direction, FlowContext
 from oisp.divert.address import unmapped
 from oisp.events import FlowRecorder, ProcessAttributor
 from oisp.events.builder import certificate_rejected_event
-from oisp.redirect.own_ports import OwnPorts, upstream_socket
+from oisp.own_ports import bound_socket
+from oisp.proxy.flow_source import Destination, FlowSource
 from oisp.proxy.clienthello import MAX_HELLO, ClientHello, NotTLS, hello_complete, parse_client_hello
 from oisp.proxy.deferred import DeferredFeed
 from oisp.proxy.pinning import PinningPolicy, rejects_certificate
@@ -70,27 +73,17 @@ PLAIN_PENDING_MAX = 1 << 20
 _NO_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
-@dataclass(frozen=True)
-class Destination:
-    """Where an accepted connection was going, from the flow table."""
-
-    client: tuple[str, int]
-    server: tuple[str, int]
-    pid: int | None = None
-    process_name: str | None = None
-    flow: object = field(default=None, compare=False)  # the flow table's entry, for on_connection
+__all__ = ["Destination", "FlowSource", "Listener", "TransparentProxy", "known_alpn"]
 
 
 @dataclass
 class Listener:
-    """One listening socket: its port, whether it takes plaintext connections, and the
-    flow lookups for connections reflected to it (None: the proxy's own)."""
+    """One listening socket: its port (the flows reflected to it name it) and whether it
+    takes plaintext connections."""
 
     sock: socket.socket
     port: int
     plain: bool = False
-    lookup: Callable[[str, int], Destination | None] | None = None
-    name_owner: Callable[[str, int], Destination | None] | None = None
     task: Any = None
 
 
@@ -112,25 +105,18 @@ async def _ready(sock: socket.socket, *, write: bool, timeout: float, what: str)
 
 
 class TransparentProxy:
-    def __init__(self, *, lookup: Callable[[str, int], Destination | None], issuer, spec=None,
-                 name_owner: Callable[[str, int], Destination | None] | None = None,
-                 own_ports: OwnPorts | None = None,
+    def __init__(self, *, flows: FlowSource, issuer, spec=None,
                  upstream_verify: bool = True, upstream_cafile: str | None = None, keylog: str | None = None,
                  on_events: Callable[[list[dict]], None] = lambda events: None,
                  recorder_options: dict | None = None, pinning: PinningPolicy | None = None,
-                 on_failure: Callable[[str], None] = lambda why: None, accept_give_up: float = ACCEPT_GIVE_UP,
-                 on_connection: Callable[[Destination, bool], None] = lambda target, open_: None):
+                 on_failure: Callable[[str], None] = lambda why: None, accept_give_up: float = ACCEPT_GIVE_UP):
         from oisp.spec import default_spec
 
-        # lookup(peer address, peer port) runs on the event loop: a table lookup, it must not
-        # block. name_owner, the same with the owner found if need be, runs in a thread.
-        # on_connection(target, True) when a connection's flow is found, (target, False)
-        # when it is closed: the flow table keeps the flow while it is open.
-        self.lookup, self.name_owner, self.on_connection = lookup, name_owner, on_connection
+        # What the redirector knows (flow_source.py): each connection's flow, held while the
+        # connection is open, and our upstream ports, which it must leave alone.
+        self.flows = flows
         self.issuer = issuer
         self.spec = spec or default_spec()
-        # The redirector's registry, so it never takes our upstreams (an empty one is falsy: no `or`).
-        self.own_ports = own_ports if own_ports is not None else OwnPorts()
         self.on_events = on_events
         # One attributor for every flow: it caches each process's description (psutil reads
         # six /proc files, ~0.25 ms, which a recorder of its own paid per connection).
@@ -168,12 +154,9 @@ class TransparentProxy:
         return context
 
     # -- listening ----------------------------------------------------------------
-    async def start(self, port: int, host: str = "::", *, plain: bool = False,
-                    lookup: Callable[[str, int], Destination | None] | None = None,
-                    name_owner: Callable[[str, int], Destination | None] | None = None) -> int:
+    async def start(self, port: int, host: str = "::", *, plain: bool = False) -> int:
         """Listen on `port` (dual-stack by default; 0: any free port); returns the bound
-        port. May be called again for more ports, e.g. plaintext ones (`plain`), each with
-        its own flow lookups."""
+        port. May be called again for more ports, e.g. plaintext ones (`plain`)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -182,7 +165,7 @@ class TransparentProxy:
         listener.bind((host, port))
         listener.listen(1024)
         listener.setblocking(False)
-        entry = Listener(listener, listener.getsockname()[1], plain, lookup, name_owner)
+        entry = Listener(listener, listener.getsockname()[1], plain)
         entry.task = asyncio.get_running_loop().create_task(self._accept_loop(entry))
         entry.task.add_done_callback(self._accept_ended)
         self.listeners.append(entry)
@@ -196,9 +179,14 @@ class TransparentProxy:
 
     async def stop(self) -> None:
         """Stop accepting; connections in flight go on (see drain)."""
-        for listener in self.listeners:
-            listener.task.cancel()
-            listener.sock.close()
+        for listener in list(self.listeners):
+            self.close_listener(listener)
+
+    def close_listener(self, listener: Listener) -> None:
+        """Stop accepting on one listener (its connections in flight go on)."""
+        listener.task.cancel()
+        listener.sock.close()
+        self.listeners.remove(listener)
 
     async def drain(self, timeout: float) -> None:
         """Give connections in flight up to `timeout` seconds to finish, then cut them
@@ -289,7 +277,7 @@ class TransparentProxy:
             log.exception("proxy: on_failure failed")
 
     # -- one connection -----------------------------------------------------------
-    async def _serve(self, conn: socket.socket, listener: Listener | None = None) -> None:
+    async def _serve(self, conn: socket.socket, listener: Listener) -> None:
         self.stats["connections"] += 1
         upstream, upstream_port, held = None, None, None
         try:
@@ -298,17 +286,18 @@ class TransparentProxy:
             # holds them for the peer's delayed ACK (measured: ~40 ms on every other request).
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = (str(unmapped(peer_addr)), peer_port)  # the dual-stack listener's view of an IPv4 peer
-            target = (listener.lookup if listener and listener.lookup else self.lookup)(*peer)
+            # Bound first, so the flow's lookup registers its port too (one round trip over
+            # the IPC). The peer of a reflected connection is the server's address: its family.
+            upstream = bound_socket(socket.AF_INET6 if ":" in peer[0] else socket.AF_INET)
+            target = await self.flows.open(*peer, listener.port, upstream)
             if target is None:
                 self.stats["no_flow"] += 1
                 return
-            self.on_connection(target, True)
-            held = target
+            held, upstream_port = target, upstream.getsockname()[1]
             # Both paths go upstream: dial now, while the ClientHello is on its way.
-            upstream = self._dial_upstream(target.server)
-            upstream_port = upstream.getsockname()[1]
+            self._dial_upstream(upstream, target.server)
             self._untroubled()
-            if listener is not None and listener.plain:
+            if listener.plain:
                 await self._connected(upstream, target.server)
                 await self._record_plain(conn, upstream, target, peer, listener)
                 return
@@ -319,8 +308,8 @@ class TransparentProxy:
                 self.stats["not_tls"] += 1
             await self._connected(upstream, target.server)
             sni = hello.sni if hello else None
-            if sni and self.spec.matches_host(sni) and not await self._pinned(target, peer, sni):
-                await self._intercept(conn, upstream, target, hello, peer)
+            if sni and self.spec.matches_host(sni) and not await self._pinned(target, peer, sni, listener):
+                await self._intercept(conn, upstream, target, hello, peer, listener)
             else:
                 self.stats["passed_through"] += 1
                 await self._pass_through(conn, upstream)
@@ -333,7 +322,7 @@ class TransparentProxy:
             # Unregistered before it is closed, so the port is never registered while
             # another program could bind it (own_ports.py).
             if upstream_port is not None:
-                self.own_ports.unregister(upstream_port, upstream.family)
+                self.flows.unregister(upstream_port, upstream.family)
             # A socket handed to a transport is closed by it (closing it here would free
             # its fd while the event loop still watches it).
             for sock in (conn, upstream):
@@ -341,7 +330,7 @@ class TransparentProxy:
                     sock.close()
                 self._owned_by_transport.discard(sock)
             if held is not None:
-                self.on_connection(held, False)
+                self.flows.release(held)
 
     async def _peek_hello(self, conn: socket.socket, timeout: float = HANDSHAKE_TIMEOUT) -> ClientHello:
         """Wait until the whole ClientHello is in the socket, and read it without consuming it."""
@@ -365,22 +354,18 @@ class TransparentProxy:
             if loop.time() > deadline:
                 raise TimeoutError("no complete ClientHello")
 
-    def _dial_upstream(self, server: tuple[str, int]) -> socket.socket:
-        """Start connecting to the original destination, from a port registered first, so
-        the redirector knows this connection is ours and leaves it alone. `_connected`
-        waits for it. (By hand rather than loop.sock_connect under wait_for, which costs
-        a task and extra loop passes.) The caller unregisters the port and closes."""
-        sock = upstream_socket(socket.AF_INET6 if ":" in server[0] else socket.AF_INET, self.own_ports)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            error = sock.connect_ex(server)
-            if error not in (0, errno.EINPROGRESS):
-                raise OSError(error, f"connect to {server[0]} port {server[1]}: {os.strerror(error)}")
-        except BaseException:
-            self.own_ports.close(sock)
-            raise
-        return sock
+    @staticmethod
+    def _dial_upstream(sock: socket.socket, server: tuple[str, int]) -> None:
+        """Start connecting to the original destination from `sock`, whose port the
+        redirector has registered, so it knows this connection is ours and leaves it
+        alone. `_connected` waits for it. (By hand rather than loop.sock_connect under
+        wait_for, which costs a task and extra loop passes.) The caller unregisters the
+        port and closes."""
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        error = sock.connect_ex(server)
+        if error not in (0, errno.EINPROGRESS):
+            raise OSError(error, f"connect to {server[0]} port {server[1]}: {os.strerror(error)}")
 
     @staticmethod
     async def _connected(sock: socket.socket, server: tuple[str, int]) -> None:
@@ -402,11 +387,11 @@ class TransparentProxy:
         await self._attach(relay, "upstream", upstream)
         await self._run(relay)
 
-    async def _pinned(self, target: Destination, peer: tuple[str, int], sni: str) -> bool:
+    async def _pinned(self, target: Destination, peer: tuple[str, int], sni: str, listener: Listener) -> bool:
         """Whether this client program passes through to `sni` (counted as a bypass)."""
         if not self.pinning.may_be_pinned(sni):
             return False  # the usual case: no need to name the client
-        if self.pinning.pinned(self._client_of(await self._named(target, peer)), sni, time.monotonic()):
+        if self.pinning.pinned(self._client_of(await self._named(target, peer, listener)), sni, time.monotonic()):
             self.stats["pin_bypassed"] += 1
             return True
         return False
@@ -416,17 +401,14 @@ class TransparentProxy:
         info = self.recorder_options["attributor"].process(target.pid) or {}
         return info.get("exe") or info.get("name") or target.process_name, info.get("user")
 
-    async def _named(self, target: Destination, peer: tuple[str, int], listener: Listener | None = None) -> Destination:
-        """The target with its owner: the flow table's entry is usually named by now (the
-        redirector names owners right after reflecting a SYN); if not, `name_owner` may
-        scan /proc, so it runs in a thread."""
-        lookup, name_owner = self.lookup, self.name_owner
-        if listener is not None and listener.lookup is not None:
-            lookup, name_owner = listener.lookup, listener.name_owner
+    async def _named(self, target: Destination, peer: tuple[str, int], listener: Listener) -> Destination:
+        """The target with its owner: the flow is usually named by now (the redirector
+        names owners right after reflecting a SYN); if not, the redirector names it (which
+        may scan /proc: flow_source.py keeps that off this loop)."""
         if target.pid is None:
-            target = lookup(*peer) or target
-        if target.pid is None and name_owner is not None:
-            target = await asyncio.get_running_loop().run_in_executor(None, name_owner, *peer) or target
+            named = await self.flows.lookup(*peer, listener.port, name_owner=True)
+            if named is not None:  # the held flow's handle stays the one to release
+                target = Destination(target.client, target.server, named.pid, named.process_name, target.handle)
         return target
 
     async def _record_plain(self, conn, upstream, target: Destination, peer: tuple[str, int], listener: Listener) -> None:
@@ -497,7 +479,8 @@ class TransparentProxy:
             if not relay.done.done():
                 relay.close(abort=True)
 
-    async def _intercept(self, conn, upstream, target: Destination, hello: ClientHello, peer: tuple[str, int]) -> None:
+    async def _intercept(self, conn, upstream, target: Destination, hello: ClientHello, peer: tuple[str, int],
+                         listener: Listener) -> None:
         alpn, context = self._with_alpn(hello.alpn)
         relay = Relay(stats=self.stats)
         # When the client offers HTTP/1.1 alone (or no ALPN), upstream's choice cannot change
@@ -517,7 +500,7 @@ class TransparentProxy:
             try:
                 await client.handshake(HANDSHAKE_TIMEOUT)
             except (ssl.SSLError, ConnectionError, TimeoutError, asyncio.TimeoutError) as exc:
-                self._client_rejected(hello.sni, await self._named(target, peer), exc)
+                self._client_rejected(hello.sni, await self._named(target, peer, listener), exc)
                 relay.close()
                 return
         except BaseException:
@@ -526,7 +509,7 @@ class TransparentProxy:
         chosen = client.tls.selected_alpn_protocol()  # what the client speaks
         log.debug("intercepting %s (alpn %s)", hello.sni, chosen)
         self.stats["intercepted"] += 1
-        target = await self._named(target, peer)
+        target = await self._named(target, peer, listener)
         ctx = FlowContext(client=target.client, server=target.server, start_ts=time.time(), pid=target.pid,
                           process_name=target.process_name, sni=hello.sni, alpn=chosen,
                           tls_version=client.tls.version(), cipher=(client.tls.cipher() or (None,))[0])

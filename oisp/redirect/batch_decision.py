@@ -24,7 +24,7 @@ import numpy as np
 from oisp.divert.address import OUTBOUND
 from oisp.divert.engine import Verdict
 from oisp.packet import OK, TCP_ACK, TCP_SYN, reflect
-from oisp.redirect.own_ports import IPV4_BIT, IPV6_BIT, OwnPorts
+from oisp.own_ports import IPV4_BIT, IPV6_BIT, OwnPorts
 from oisp.redirect.targets import TargetSet
 
 SMALL_BATCH = 8  # up to this many rows, decide row by row (see BatchDecider._small)

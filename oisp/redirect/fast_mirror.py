@@ -94,6 +94,10 @@ class FastMirror:
         for fast in self._paths():
             fast.open_syns(False)
 
+    def resume_opening(self) -> None:
+        for fast in self._paths():
+            fast.open_syns(self.open_syns)
+
     # -- from the rings ---------------------------------------------------------------------
     def adopt(self) -> None:
         """Take the flows the rings opened on clients' SYNs into the flow table, oldest

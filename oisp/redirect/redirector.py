@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from oisp.divert.errors import DivertError
 from oisp.redirect.flows import FlowTable
-from oisp.redirect.own_ports import OwnPorts
+from oisp.own_ports import OwnPorts
 from oisp.divert.process_filter import ProcessFilter
 from oisp.redirect.processes import ProcessResolver
 from oisp.redirect.reflector import DEFAULT_PORTS, Reflector
@@ -38,10 +38,12 @@ class Redirector:
                  resolve_timeout: float = 5.0, sniff_dns: bool = True, process_events: bool = True,
                  max_flows: int = 65536, idle_timeout: float = 300.0, watchdog: float | None = 5.0,
                  address_ttl: float | None = 3600.0, refresh: float | None = 600.0, plain=None,
-                 refuse_quic: bool = False, on_quic_refused=None):
+                 refuse_quic: bool = False, on_quic_refused=None, opening: bool = True):
         """`plain`: the plaintext model servers' ports (oisp.redirect.plain.PlainPorts),
         each also in `proxy_ports`. `refuse_quic`: QUIC to the AI addresses is refused
-        (oisp.redirect.quic), each refused flow told to `on_quic_refused`."""
+        (oisp.redirect.quic), each refused flow told to `on_quic_refused`. Without
+        `opening`, nothing new is reflected until `opening_changed(True)` (a sensor in
+        another process has shown it listens: oisp.redirect.listeners)."""
         if spec is None:
             from oisp.spec import default_spec
 
@@ -67,6 +69,7 @@ class Redirector:
         self.reflector: Reflector | None = None
         self.resolution: dict = {}
         self.notes: list[str] = []  # what runs degraded, and why
+        self._opening = opening
 
     def start(self) -> Redirector:
         try:
@@ -82,7 +85,8 @@ class Redirector:
             # Set before it starts, so a DNS answer arriving meanwhile already waits for it.
             self.reflector = Reflector(self.targets, self.flows, self.own_ports, ports=self.proxy_ports,
                                        processes=self.processes, process_filter=self.process_filter,
-                                       watchdog=self.watchdog, address_ttl=self.address_ttl, plain=self.plain)
+                                       watchdog=self.watchdog, address_ttl=self.address_ttl, plain=self.plain,
+                                       opening=self._opening)
             self.reflector.start()
             if self.refuse_quic:
                 from oisp.redirect.quic import QuicRefuser
@@ -102,6 +106,13 @@ class Redirector:
             self.stop()
             raise
         return self
+
+    def opening_changed(self, opening: bool) -> None:
+        """Take new connections (True) or let them go straight to their servers (False);
+        flows already open are reflected either way."""
+        self._opening = opening
+        if self.reflector is not None:
+            (self.reflector.resume_opening if opening else self.reflector.stop_opening)()
 
     def _ai_ports(self) -> list[int]:
         return sorted(p for p in self.proxy_ports if not (self.plain and p in self.plain))

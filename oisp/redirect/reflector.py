@@ -48,7 +48,7 @@ from oisp.divert.engine import Engine
 from oisp.redirect.batch_decision import BatchDecider, PortMap, apply
 from oisp.redirect.fast_mirror import FastMirror
 from oisp.redirect.flows import FlowEntry, FlowTable, key_address
-from oisp.redirect.own_ports import OwnPorts
+from oisp.own_ports import OwnPorts
 from oisp.divert.process_filter import ProcessFilter
 from oisp.redirect.plain import PlainPorts
 from oisp.redirect.processes import ProcessResolver
@@ -67,7 +67,7 @@ class Reflector:
                  process_filter: ProcessFilter | None = None, priority: int = 0, watchdog: float | None = 5.0,
                  fast_path: bool = True, address_filter: bool = True,
                  max_filter_addresses: int = MAX_FILTER_ADDRESSES, address_ttl: float | None = None,
-                 plain: PlainPorts | None = None):
+                 plain: PlainPorts | None = None, opening: bool = True):
         self.targets, self.flows, self.own_ports = targets, flows, own_ports
         self.ports = dict(ports or DEFAULT_PORTS)
         # Plaintext model servers' ports: every destination the filter lets through is taken.
@@ -95,7 +95,7 @@ class Reflector:
         self._unnamed: list[FlowEntry] = []  # opened in this batch, owner not known yet
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._opening = True  # new flows are taken (see stop_opening)
+        self._opening = opening  # new flows are taken (see stop_opening)
         self.error: BaseException | None = None  # the last error redirection survived
         self.failure: BaseException | None = None  # what ended it: the handles are closed (failed open)
         self.counts = {"reflected_to_proxy": 0, "reflected_to_client": 0, "own_upstream": 0, "excluded": 0,
@@ -129,9 +129,15 @@ class Reflector:
 
     def stop_opening(self) -> None:
         """New connections go straight to their servers from now on; flows already open
-        are still reflected (a clean stop lets the proxy finish or cut them first)."""
+        are still reflected (a clean stop lets the proxy finish or cut them first; a
+        sensor that died has its connections' resets reflected back to their clients)."""
         self._opening = False
         self.mirror.stop_opening()
+
+    def resume_opening(self) -> None:
+        """New connections are taken again (a sensor listens once more)."""
+        self._opening = True
+        self.mirror.resume_opening()
 
     def stop(self) -> None:
         self._stopping.set()

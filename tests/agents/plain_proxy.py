@@ -15,12 +15,13 @@ import resource
 import sys
 
 from oisp.proxy.server import Destination, TransparentProxy
+from tests.fixed_flows import FixedFlows
 
 
 async def main(upstream_host, upstream_port, nofile, give_up):
     told = []
     proxy = TransparentProxy(
-        lookup=lambda addr, port: Destination(client=(addr, port), server=(upstream_host, upstream_port)),
+        flows=FixedFlows(lambda addr, port: Destination(client=(addr, port), server=(upstream_host, upstream_port))),
         issuer=None, accept_give_up=give_up, on_failure=told.append)
     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
     print("ready", await proxy.start(0, "127.0.0.1"), flush=True)

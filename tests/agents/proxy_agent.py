@@ -15,6 +15,7 @@ import signal
 from oisp.proxy.ca import CertificateAuthority
 from oisp.proxy.certs import LeafIssuer
 from oisp.proxy.server import Destination, TransparentProxy
+from tests.fixed_flows import FixedFlows
 
 
 async def main(data_dir, port, upstream_host, upstream_port, upstream_ca, events_path):
@@ -28,8 +29,8 @@ async def main(data_dir, port, upstream_host, upstream_port, upstream_ca, events
         out.flush()
 
     proxy = TransparentProxy(
-        lookup=lambda addr, port_: Destination(client=(addr, port_), server=(upstream_host, upstream_port), pid=os.getpid(),
-                                          process_name="test-client"),
+        flows=FixedFlows(lambda addr, port_: Destination(client=(addr, port_), server=(upstream_host, upstream_port),
+                                                         pid=os.getpid(), process_name="test-client")),
         issuer=issuer, upstream_cafile=upstream_ca, on_events=write)
     bound = await proxy.start(port)
     print("ready", bound, flush=True)

@@ -1,5 +1,9 @@
 """The proxy's own upstream sockets, so the reflector never takes their connections.
 
+A neutral module (neither oisp.redirect nor oisp.proxy): the reflector reads the mask,
+the proxy's in-process flow source (oisp.proxy.flow_source) and the IPC server
+(oisp.ipc.server, for a sensor in another process) register into it.
+
 The proxy's upstream connection to a server's port 443 would match the
 reflector's filter exactly like a client's. It is told apart by its local port:
 the proxy binds the socket (port 0: the kernel picks a free one), registers
@@ -100,13 +104,24 @@ class OwnPorts:
         sock.close()
 
 
-def upstream_socket(family: int, own_ports: OwnPorts) -> socket.socket:
-    """A TCP socket bound to a port the kernel chose, registered before any connect."""
+def bound_socket(family: int) -> socket.socket:
+    """A TCP socket bound to a port the kernel chose, not yet registered: register its
+    port (`getsockname()[1]`) before connecting it."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # Windows: no socket may bind over this one
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def upstream_socket(family: int, own_ports: OwnPorts) -> socket.socket:
+    """A TCP socket bound to a port the kernel chose, registered before any connect."""
+    sock = bound_socket(family)
+    try:
         own_ports.register(sock.getsockname()[1], family)
     except BaseException:
         sock.close()
