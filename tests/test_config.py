@@ -74,8 +74,8 @@ def test_a_good_file_gives_each_option_its_value(tmp_path):
     assert args.webhook == "@/etc/oisp/webhook.url"
     assert args.ui == config.UI_DEFAULT_PORT and args.ui_host == "127.0.0.1"  # [output.ui] alone turns it on
     assert args.otlp == "http://127.0.0.1:4318" and args.otlp_protocol == "grpc" and args.otlp_content is True
-    assert args.config_file.get("service.user") == "alice"  # record has no --user: the sensor's key, left alone
-    assert not hasattr(args, "user")
+    assert args.config_file.get("service.user") == "alice"
+    assert args.user == "alice"  # record's --user names the sensor's user, as [service] user does
 
 
 def test_the_ui_default_port_is_the_servers():
