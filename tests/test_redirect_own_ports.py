@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from oisp.redirect import OwnPorts, ProcessFilter, connect_upstream, open_upstream
+from oisp.redirect import OwnPorts, connect_upstream, open_upstream
 from oisp.redirect.succession import reflector_filter
 
 
@@ -99,24 +99,6 @@ def test_a_port_shared_by_two_sockets_stays_registered_until_both_go():
     own.unregister(5000, socket.AF_INET6)
     assert own.mask[5000] == 0
     assert len(own) == 0
-
-
-def test_process_filter_rules():
-    everyone = ProcessFilter()
-    assert not everyone.active
-    assert everyone.allows(None, None)
-    only = ProcessFilter(include="python,node")
-    assert only.allows(1, "Python")
-    assert only.allows(2, "node")
-    assert not only.allows(3, "chrome")
-    assert not only.allows(None, None)  # unknown owner: not in the include list
-    but_not = ProcessFilter(include="python", exclude=["42"])
-    assert but_not.allows(41, "python")
-    assert not but_not.allows(42, "python")
-    no_chrome = ProcessFilter(exclude="chrome, 7")
-    assert no_chrome.allows(None, None)
-    assert not no_chrome.allows(5, "chrome")
-    assert not no_chrome.allows(7, "x")
 
 
 def test_reflector_filter_names_every_server_and_proxy_port():
