@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Destination:
     handle: object = field(default=None, compare=False)  # the source's own: what `release` takes
 
 
-class FlowSource:
+class FlowSource(Protocol):
     """The seam. `open` is the one call on a new connection's path; `lookup` asks again
     later (the owner named, if need be); `release` and `unregister` undo what `open` did."""
 
@@ -45,18 +46,18 @@ class FlowSource:
         """The flow of a connection accepted from (peer_addr, peer_port) on `proxy_port`,
         held until `release`, with `upstream`'s bound port registered (until `unregister`)
         when it is found; None: no such flow (nothing registered)."""
-        raise NotImplementedError
+        ...
 
     async def lookup(self, peer_addr: str, peer_port: int, proxy_port: int,
                      name_owner: bool = False) -> Destination | None:
-        raise NotImplementedError
+        ...
 
     def release(self, target: Destination) -> None:
-        raise NotImplementedError
+        ...
 
     def unregister(self, port: int, family: int) -> None:
         """Before the upstream socket bound to `port` is closed, never after (own_ports.py)."""
-        raise NotImplementedError
+        ...
 
 
 class LocalFlows(FlowSource):
